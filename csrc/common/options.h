@@ -1,0 +1,35 @@
+// Option enums shared by every backend, parsed once from the op's string arguments.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace moe_infer {
+
+// How router logits become routing scores (topk_gating's `scoring`).
+enum class Scoring : int8_t {
+  kSoftmax,      // softmax over all E experts, then top-k (Mixtral, Qwen, OLMoE, NLLB, Switch)
+  kSoftmaxTopk,  // top-k over the raw logits, then softmax over the k chosen (GPT-OSS)
+  kSigmoid,      // sigmoid scores; bias only steers selection (DeepSeek-V3)
+};
+
+// The expert FFN's activation (grouped_mlp's `activation`).
+enum class Activation : int8_t {
+  kRelu,
+  kGelu,      // erf form
+  kGeluTanh,  // tanh approximation
+  kSilu,
+  kSiluGlu,       // silu(gate) * up; gate = first half of fc1's output, up = second half
+  kGptOssSwiglu,  // GPT-OSS: interleaved gate/up columns, clamped, (up + 1) * gate * sigmoid(alpha
+                  // * gate)
+};
+
+Scoring parse_scoring(const std::string& name);
+Activation parse_activation(const std::string& name);
+
+// True for activations whose first projection has 2 * ffn_size outputs.
+inline bool is_gated(Activation activation) {
+  return activation == Activation::kSiluGlu || activation == Activation::kGptOssSwiglu;
+}
+
+}  // namespace moe_infer

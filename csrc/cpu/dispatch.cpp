@@ -1,0 +1,122 @@
+// CPU dispatch plan (parallel stable counting sort), permute and unpermute_combine.
+#include "dispatch.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common/checks.h"
+
+namespace moe_infer {
+
+namespace {
+
+// Runs fn(i) for i in [0, n) on ATen's intra-op thread pool.
+struct AtenParallelFor {
+  template <typename Fn>
+  void operator()(int64_t n, Fn&& fn) const {
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) fn(i);
+    });
+  }
+};
+
+// Rows per parallel task so that each task moves at least ~64 KiB.
+int64_t row_grain(int64_t row_bytes) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1));
+}
+
+void check_index_range(const char* op, const char* name, const at::Tensor& index, int64_t limit) {
+  if (index.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(index);
+  const int64_t lo_value = lo.item<int64_t>();
+  const int64_t hi_value = hi.item<int64_t>();
+  TORCH_CHECK(lo_value >= 0 && hi_value < limit, op, ": ", name, " has values in [", lo_value, ", ",
+              hi_value, "], expected [0, ", limit, "); pass the output of dispatch_plan");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cpu(
+    const at::Tensor& expert_ids, int64_t num_experts, bool /*validate*/) {
+  const PlanSizes sizes = check_dispatch_plan(expert_ids, num_experts);
+  const at::Tensor ids = expert_ids.contiguous();
+  const auto int_options = expert_ids.options().dtype(at::kInt);
+  auto sorted_pair_ids = at::empty({sizes.num_pairs}, int_options);
+  auto row_of_pair = at::empty({sizes.num_pairs}, int_options);
+  auto tokens_per_expert = at::empty({num_experts}, int_options);
+  auto expert_offsets = at::empty({num_experts + 1}, int_options);
+
+  // One chunk per thread once there is enough work for it; the scan is O(chunks * E).
+  const int64_t num_chunks =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), sizes.num_pairs / 16384));
+  std::vector<int32_t> chunk_counts(num_chunks * (num_experts + 1));
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "dispatch_plan", [&] {
+    const index_t* ids_ptr = ids.data_ptr<index_t>();
+    const int64_t bad = find_invalid_expert_id(ids_ptr, sizes.num_pairs, num_experts);
+    TORCH_CHECK(bad < 0, "dispatch_plan: expert_ids[", bad / sizes.top_k, ", ", bad % sizes.top_k,
+                "] = ", bad < 0 ? 0 : static_cast<int64_t>(ids_ptr[bad]),
+                " is out of range: expected 0 <= id < num_experts (", num_experts,
+                "), or -1 for an unrouted pair");
+    counting_sort_pairs(ids_ptr, sizes.num_pairs, num_experts, num_chunks, chunk_counts.data(),
+                        sorted_pair_ids.data_ptr<int32_t>(), row_of_pair.data_ptr<int32_t>(),
+                        tokens_per_expert.data_ptr<int32_t>(), expert_offsets.data_ptr<int32_t>(),
+                        AtenParallelFor{});
+  });
+  return {sorted_pair_ids, row_of_pair, tokens_per_expert, expert_offsets};
+}
+
+at::Tensor permute_cpu(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids, int64_t top_k) {
+  const RowSizes sizes = check_permute(hidden, sorted_pair_ids, top_k);
+  const int64_t num_rows = sizes.num_tokens * top_k;
+  check_index_range("permute", "sorted_pair_ids", sorted_pair_ids, num_rows);
+  const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
+  const at::Tensor pair_ids = sorted_pair_ids.contiguous();
+  auto out = at::empty({num_rows, sizes.hidden_size}, hidden.options());
+  const int64_t element_bytes = static_cast<int64_t>(hidden.element_size());
+  const int64_t row_bytes = sizes.hidden_size * element_bytes;
+  const char* src = static_cast<const char*>(rows.const_data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int32_t* pair_ptr = pair_ids.const_data_ptr<int32_t>();
+  const int64_t src_stride_bytes = rows.stride(0) * element_bytes;
+  at::parallel_for(0, num_rows, row_grain(row_bytes), [&](int64_t begin, int64_t end) {
+    permute_rows(src, src_stride_bytes, row_bytes, pair_ptr, top_k, begin, end, dst);
+  });
+  return out;
+}
+
+at::Tensor unpermute_combine_cpu(const at::Tensor& expert_out, const at::Tensor& topk_weights,
+                                 const at::Tensor& row_of_pair) {
+  const RowSizes sizes = check_unpermute_combine(expert_out, topk_weights, row_of_pair);
+  check_index_range("unpermute_combine", "row_of_pair", row_of_pair, expert_out.size(0));
+  const at::Tensor rows = expert_out.contiguous();
+  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+  const at::Tensor pair_rows = row_of_pair.contiguous();
+  auto out = at::empty({sizes.num_tokens, sizes.hidden_size}, expert_out.options());
+  const int64_t hidden_size = sizes.hidden_size;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, rows.scalar_type(), "unpermute_combine", [&] {
+        const scalar_t* rows_ptr = rows.const_data_ptr<scalar_t>();
+        const float* weights_ptr = weights.const_data_ptr<float>();
+        const int32_t* pair_rows_ptr = pair_rows.const_data_ptr<int32_t>();
+        scalar_t* out_ptr = out.data_ptr<scalar_t>();
+        const int64_t grain = row_grain(hidden_size * sizes.top_k * sizeof(scalar_t));
+        at::parallel_for(0, sizes.num_tokens, grain, [&](int64_t begin, int64_t end) {
+          std::vector<float> accumulator(hidden_size);
+          combine_tokens(rows_ptr, hidden_size, weights_ptr, pair_rows_ptr, sizes.top_k, begin, end,
+                         accumulator.data(), out_ptr);
+        });
+      });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(moe_infer, CPU, m) {
+  m.impl("dispatch_plan", &dispatch_plan_cpu);
+  m.impl("permute", &permute_cpu);
+  m.impl("unpermute_combine", &unpermute_combine_cpu);
+}
+
+}  // namespace moe_infer

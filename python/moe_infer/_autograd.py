@@ -1,0 +1,180 @@
+"""Backward formulas for every op, so a layer called with gradients enabled returns true gradients.
+
+Inference is the product: these favour clarity over speed (grouped_mlp's backward recomputes the
+expert FFNs with plain PyTorch ops, one expert at a time).
+"""
+
+import torch
+
+from .reference import activation_fn
+
+# ---- topk_gating ----------------------------------------------------------------------------
+
+
+def _gating_setup(ctx, inputs, output):
+    router_logits, _k, scoring, renormalize, _bias, scaling_factor, *_ = inputs
+    weights, ids = output
+    ctx.scoring = scoring
+    ctx.renormalize = renormalize
+    ctx.scaling_factor = scaling_factor
+    ctx.save_for_backward(router_logits, weights, ids)
+
+
+def _gating_grads(grad_logits):
+    # One entry per op argument: only router_logits is differentiable.
+    return (grad_logits,) + (None,) * 8
+
+
+def _gating_backward(ctx, grad_weights, _grad_ids):
+    router_logits, weights, ids = ctx.saved_tensors
+    logits = router_logits.float()
+    ids = ids.long()
+    g = grad_weights.float() * ctx.scaling_factor
+    if ctx.scoring == "softmax_topk":
+        # w = softmax over the chosen logits
+        w = weights.float() / ctx.scaling_factor
+        grad_chosen = w * (g - (g * w).sum(-1, keepdim=True))
+        return _gating_grads(torch.zeros_like(logits).scatter_add_(1, ids, grad_chosen).to(router_logits.dtype))
+    scores = torch.softmax(logits, dim=-1) if ctx.scoring == "softmax" else torch.sigmoid(logits)
+    chosen = scores.gather(1, ids)
+    if ctx.renormalize:
+        total = chosen.sum(-1, keepdim=True)
+        normalized = chosen / total
+        grad_chosen = (g - (g * normalized).sum(-1, keepdim=True)) / total
+    else:
+        grad_chosen = g
+    grad_scores = torch.zeros_like(scores).scatter_add_(1, ids, grad_chosen)
+    if ctx.scoring == "softmax":
+        grad_logits = scores * (grad_scores - (grad_scores * scores).sum(-1, keepdim=True))
+    else:
+        grad_logits = grad_scores * scores * (1 - scores)
+    return _gating_grads(grad_logits.to(router_logits.dtype))
+
+
+torch.library.register_autograd("moe_infer::topk_gating", _gating_backward, setup_context=_gating_setup)
+
+# ---- dispatch_plan: integer outputs, no gradient ---------------------------------------------
+
+# ---- permute ----------------------------------------------------------------------------------
+
+
+def _permute_setup(ctx, inputs, output):
+    hidden, sorted_pair_ids, top_k = inputs
+    ctx.top_k = top_k
+    ctx.hidden_shape = hidden.shape
+    ctx.save_for_backward(sorted_pair_ids)
+
+
+def _permute_backward(ctx, grad_rows):
+    (sorted_pair_ids,) = ctx.saved_tensors
+    tokens = torch.div(sorted_pair_ids.long(), ctx.top_k, rounding_mode="floor")
+    grad_hidden = grad_rows.new_zeros(ctx.hidden_shape, dtype=torch.float32)
+    grad_hidden.index_add_(0, tokens, grad_rows.float())
+    return grad_hidden.to(grad_rows.dtype), None, None
+
+
+torch.library.register_autograd("moe_infer::permute", _permute_backward, setup_context=_permute_setup)
+
+# ---- unpermute_combine ------------------------------------------------------------------------
+
+
+def _combine_setup(ctx, inputs, output):
+    expert_out, topk_weights, row_of_pair = inputs
+    ctx.save_for_backward(expert_out, topk_weights, row_of_pair)
+
+
+def _combine_backward(ctx, grad_out):
+    expert_out, topk_weights, row_of_pair = ctx.saved_tensors
+    num_tokens, top_k = topk_weights.shape
+    rows = row_of_pair.long()
+    grad_expert_out = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        per_pair = topk_weights.float().unsqueeze(-1) * grad_out.float().unsqueeze(1)
+        grad_expert_out = torch.zeros(expert_out.shape, dtype=torch.float32, device=expert_out.device)
+        grad_expert_out.index_copy_(0, rows, per_pair.reshape(num_tokens * top_k, expert_out.shape[1]))
+        grad_expert_out = grad_expert_out.to(expert_out.dtype)
+    if ctx.needs_input_grad[1]:
+        gathered = expert_out.float().index_select(0, rows).view(num_tokens, top_k, expert_out.shape[1])
+        grad_weights = (gathered * grad_out.float().unsqueeze(1)).sum(-1).to(topk_weights.dtype)
+    return grad_expert_out, grad_weights, None
+
+
+torch.library.register_autograd("moe_infer::unpermute_combine", _combine_backward, setup_context=_combine_setup)
+
+# ---- grouped_mlp ----------------------------------------------------------------------------
+
+
+@torch.library.impl("moe_infer::grouped_mlp_backward", "CompositeExplicitAutograd")
+def _grouped_mlp_backward_impl(
+    grad_out,
+    hidden,
+    expert_offsets,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    activation,
+    weights_transposed,
+    swiglu_alpha,
+    swiglu_limit,
+):
+    # An opaque op, so reading the offsets on the host is fine here: recompute each expert's FFN
+    # with plain PyTorch ops and let autograd differentiate it.
+    act = activation_fn(activation, swiglu_alpha, swiglu_limit)
+    x, w1, w2 = (t.detach().requires_grad_(True) for t in (hidden, fc1_weight, fc2_weight))
+    b1 = fc1_bias.detach().requires_grad_(True) if fc1_bias is not None else None
+    b2 = fc2_bias.detach().requires_grad_(True) if fc2_bias is not None else None
+    leaves = [t for t in (x, w1, b1, w2, b2) if t is not None]
+    bounds = expert_offsets.tolist()
+    outputs, grads_in = [], []
+    with torch.enable_grad():
+        for e in range(len(bounds) - 1):
+            begin, end = bounds[e], bounds[e + 1]
+            if end == begin:
+                continue
+            h = x[begin:end] @ (w1[e] if weights_transposed else w1[e].t())
+            if b1 is not None:
+                h = h + b1[e]
+            y = act(h) @ (w2[e] if weights_transposed else w2[e].t())
+            if b2 is not None:
+                y = y + b2[e]
+            outputs.append(y)
+            grads_in.append(grad_out[begin:end])
+        grads = torch.autograd.grad(outputs, leaves, grads_in, allow_unused=True) if outputs else [None] * len(leaves)
+    by_leaf = {id(leaf): (torch.zeros_like(leaf) if g is None else g) for leaf, g in zip(leaves, grads)}
+    empty = hidden.new_empty(0)
+    return (
+        by_leaf[id(x)],
+        by_leaf[id(w1)],
+        by_leaf[id(b1)] if b1 is not None else empty,
+        by_leaf[id(w2)],
+        by_leaf[id(b2)] if b2 is not None else empty,
+    )
+
+
+def _mlp_setup(ctx, inputs, output):
+    hidden, offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation, transposed, alpha, limit = inputs
+    ctx.options = (activation, transposed, alpha, limit)
+    ctx.save_for_backward(hidden, offsets, fc1_w, fc1_b, fc2_w, fc2_b)
+
+
+def _mlp_backward(ctx, grad_out):
+    hidden, offsets, fc1_w, fc1_b, fc2_w, fc2_b = ctx.saved_tensors
+    grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.moe_infer.grouped_mlp_backward(
+        grad_out.contiguous(), hidden, offsets, fc1_w, fc1_b, fc2_w, fc2_b, *ctx.options
+    )
+    return (
+        grad_x,
+        None,
+        grad_w1,
+        grad_b1 if fc1_b is not None else None,
+        grad_w2,
+        grad_b2 if fc2_b is not None else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("moe_infer::grouped_mlp", _mlp_backward, setup_context=_mlp_setup)

@@ -1,0 +1,149 @@
+"""Fake (meta) implementations of every op, so torch.compile and FakeTensor can trace them.
+
+They mirror the shape and dtype checks of csrc/common/checks.cpp with torch._check, and give the
+same static output shapes as the C++ kernels.
+"""
+
+import torch
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_GATED = ("silu_glu", "gpt_oss_swiglu")
+
+
+def _check_float(op, name, t):
+    torch._check(t.dtype in _FLOATS, lambda: f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+@torch.library.register_fake("moe_infer::topk_gating")
+def _topk_gating_fake(
+    router_logits,
+    k,
+    scoring="softmax",
+    renormalize=False,
+    selection_bias=None,
+    scaling_factor=1.0,
+    n_group=1,
+    topk_group=1,
+    validate=True,
+):
+    op = "topk_gating"
+    torch._check(router_logits.dim() == 2, lambda: f"{op}: router_logits must be 2-D [num_tokens, num_experts]")
+    _check_float(op, "router_logits", router_logits)
+    num_experts = router_logits.shape[1]
+    torch._check(k >= 1, lambda: f"{op}: k ({k}) must be >= 1")
+    torch._check(k <= num_experts, lambda: f"{op}: k ({k}) must be <= num_experts ({num_experts})")
+    torch._check(scoring in ("softmax", "softmax_topk", "sigmoid"), lambda: f"{op}: unknown scoring '{scoring}'")
+    torch._check(n_group >= 1 and num_experts % n_group == 0, lambda: f"{op}: bad n_group ({n_group})")
+    if selection_bias is not None:
+        torch._check(selection_bias.shape == (num_experts,), lambda: f"{op}: selection_bias must be [num_experts]")
+    num_tokens = router_logits.shape[0]
+    weights = router_logits.new_empty((num_tokens, k), dtype=torch.float32)
+    ids = router_logits.new_empty((num_tokens, k), dtype=torch.int32)
+    return weights, ids
+
+
+@torch.library.register_fake("moe_infer::dispatch_plan")
+def _dispatch_plan_fake(expert_ids, num_experts, validate=True):
+    op = "dispatch_plan"
+    torch._check(expert_ids.dim() == 2, lambda: f"{op}: expert_ids must be 2-D [num_tokens, top_k]")
+    torch._check(expert_ids.dtype in (torch.int32, torch.int64), lambda: f"{op}: expert_ids must be int32 or int64")
+    torch._check(num_experts >= 1, lambda: f"{op}: num_experts ({num_experts}) must be >= 1")
+    num_pairs = expert_ids.numel()
+    sorted_pair_ids = expert_ids.new_empty((num_pairs,), dtype=torch.int32)
+    row_of_pair = expert_ids.new_empty((num_pairs,), dtype=torch.int32)
+    tokens_per_expert = expert_ids.new_empty((num_experts,), dtype=torch.int32)
+    expert_offsets = expert_ids.new_empty((num_experts + 1,), dtype=torch.int32)
+    return sorted_pair_ids, row_of_pair, tokens_per_expert, expert_offsets
+
+
+@torch.library.register_fake("moe_infer::permute")
+def _permute_fake(hidden, sorted_pair_ids, top_k):
+    op = "permute"
+    torch._check(hidden.dim() == 2, lambda: f"{op}: hidden must be 2-D [num_tokens, hidden_size]")
+    _check_float(op, "hidden", hidden)
+    torch._check(sorted_pair_ids.dtype == torch.int32, lambda: f"{op}: sorted_pair_ids must be int32")
+    torch._check(top_k >= 1, lambda: f"{op}: top_k ({top_k}) must be >= 1")
+    num_rows = hidden.shape[0] * top_k
+    torch._check(
+        sorted_pair_ids.shape == (num_rows,), lambda: f"{op}: sorted_pair_ids must have num_tokens * top_k entries"
+    )
+    return hidden.new_empty((num_rows, hidden.shape[1]))
+
+
+@torch.library.register_fake("moe_infer::unpermute_combine")
+def _unpermute_combine_fake(expert_out, topk_weights, row_of_pair):
+    op = "unpermute_combine"
+    torch._check(expert_out.dim() == 2, lambda: f"{op}: expert_out must be 2-D")
+    torch._check(topk_weights.dim() == 2, lambda: f"{op}: topk_weights must be 2-D [num_tokens, top_k]")
+    _check_float(op, "expert_out", expert_out)
+    _check_float(op, "topk_weights", topk_weights)
+    torch._check(row_of_pair.dtype == torch.int32, lambda: f"{op}: row_of_pair must be int32")
+    num_tokens, top_k = topk_weights.shape
+    torch._check(
+        expert_out.shape[0] == num_tokens * top_k, lambda: f"{op}: expert_out must have num_tokens * top_k rows"
+    )
+    torch._check(
+        row_of_pair.shape == (num_tokens * top_k,), lambda: f"{op}: row_of_pair must have num_tokens * top_k entries"
+    )
+    return expert_out.new_empty((num_tokens, expert_out.shape[1]))
+
+
+@torch.library.register_fake("moe_infer::grouped_mlp")
+def _grouped_mlp_fake(
+    hidden,
+    expert_offsets,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    activation,
+    weights_transposed=False,
+    swiglu_alpha=1.702,
+    swiglu_limit=7.0,
+):
+    op = "grouped_mlp"
+    torch._check(hidden.dim() == 2, lambda: f"{op}: hidden must be 2-D [num_rows, hidden_size]")
+    _check_float(op, "hidden", hidden)
+    torch._check(expert_offsets.dtype == torch.int32, lambda: f"{op}: expert_offsets must be int32")
+    torch._check(fc1_weight.dim() == 3 and fc2_weight.dim() == 3, lambda: f"{op}: weights must be 3-D")
+    num_experts = expert_offsets.shape[0] - 1
+    torch._check(fc1_weight.shape[0] == num_experts, lambda: f"{op}: fc1_weight expert count mismatch")
+    torch._check(fc2_weight.shape[0] == num_experts, lambda: f"{op}: fc2_weight expert count mismatch")
+    hidden_size = hidden.shape[1]
+    fc1_in = fc1_weight.shape[1] if weights_transposed else fc1_weight.shape[2]
+    fc2_out = fc2_weight.shape[2] if weights_transposed else fc2_weight.shape[1]
+    torch._check(fc1_in == hidden_size, lambda: f"{op}: fc1_weight does not match hidden_size")
+    torch._check(fc2_out == hidden_size, lambda: f"{op}: fc2_weight does not match hidden_size")
+    ffn = fc2_weight.shape[1] if weights_transposed else fc2_weight.shape[2]
+    fc1_out = fc1_weight.shape[2] if weights_transposed else fc1_weight.shape[1]
+    torch._check(fc1_out == (2 * ffn if activation in _GATED else ffn), lambda: f"{op}: fc1/fc2 widths disagree")
+    torch._check(
+        fc1_weight.dtype == hidden.dtype and fc2_weight.dtype == hidden.dtype,
+        lambda: f"{op}: weight dtype must match hidden",
+    )
+    return hidden.new_empty((hidden.shape[0], hidden_size))
+
+
+@torch.library.register_fake("moe_infer::grouped_mlp_backward")
+def _grouped_mlp_backward_fake(
+    grad_out,
+    hidden,
+    expert_offsets,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    activation,
+    weights_transposed,
+    swiglu_alpha,
+    swiglu_limit,
+):
+    torch._check(grad_out.shape == hidden.shape, lambda: "grouped_mlp_backward: grad_out must match hidden")
+    empty = hidden.new_empty(0)
+    return (
+        torch.empty_like(hidden),
+        torch.empty_like(fc1_weight),
+        torch.empty_like(fc1_bias) if fc1_bias is not None else empty,
+        torch.empty_like(fc2_weight),
+        torch.empty_like(fc2_bias) if fc2_bias is not None else empty,
+    )

@@ -1,0 +1,203 @@
+"""MoELayer: a capacity-free (dynamic gating) Mixture-of-Experts layer over the moe_infer ops.
+
+Parameters are laid out like transformers v5 (``gate.weight`` [E, H], ``experts.gate_up_proj``
+[E, 2I, H], ``experts.down_proj`` [E, H, I]), so HF state dicts map onto it by name.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops
+
+_GATED = ("silu_glu", "gpt_oss_swiglu")
+
+
+class MoEExperts(nn.Module):
+    """E expert FFNs as stacked 3-D parameters, computed with :func:`moe_infer.ops.grouped_mlp`.
+
+    Shapes (``weights_transposed=False``, transformers' default):
+        gate_up_proj [E, F1, H], down_proj [E, H, I], gate_up_proj_bias [E, F1], down_proj_bias [E, H]
+    with F1 = 2*I for gated activations ("silu_glu", "gpt_oss_swiglu"), else I. With
+    ``weights_transposed=True`` (GPT-OSS layout): gate_up_proj [E, H, F1], down_proj [E, I, H].
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        ffn_size: int,
+        activation: str = "silu_glu",
+        bias: bool = False,
+        weights_transposed: bool = False,
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ):
+        super().__init__()
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(f"MoEExperts: activation must be one of {ops.ACTIVATIONS}, got '{activation}'")
+        for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size), ("ffn_size", ffn_size)):
+            if value < 1:
+                raise ValueError(f"MoEExperts: {name} ({value}) must be >= 1")
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.ffn_size = ffn_size
+        self.activation = activation
+        self.weights_transposed = weights_transposed
+        self.swiglu_alpha = swiglu_alpha
+        self.swiglu_limit = swiglu_limit
+        fc1_outputs = 2 * ffn_size if activation in _GATED else ffn_size
+        factory = {"dtype": dtype, "device": device}
+        fc1_shape = (
+            (num_experts, hidden_size, fc1_outputs) if weights_transposed else (num_experts, fc1_outputs, hidden_size)
+        )
+        fc2_shape = (num_experts, ffn_size, hidden_size) if weights_transposed else (num_experts, hidden_size, ffn_size)
+        self.gate_up_proj = nn.Parameter(torch.empty(fc1_shape, **factory))
+        self.down_proj = nn.Parameter(torch.empty(fc2_shape, **factory))
+        if bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, fc1_outputs, **factory))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
+        else:
+            self.register_parameter("gate_up_proj_bias", None)
+            self.register_parameter("down_proj_bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default initialisation, per expert.
+        for weight, fan_in, bias in (
+            (self.gate_up_proj, self.hidden_size, self.gate_up_proj_bias),
+            (self.down_proj, self.ffn_size, self.down_proj_bias),
+        ):
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(weight, -bound, bound)
+            if bias is not None:
+                nn.init.uniform_(bias, -bound, bound)
+
+    def forward(self, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+        """rows [N, H] grouped by expert, expert_offsets [E+1] int32 -> [N, H]."""
+        return ops.grouped_mlp(
+            rows,
+            expert_offsets,
+            self.gate_up_proj,
+            self.gate_up_proj_bias,
+            self.down_proj,
+            self.down_proj_bias,
+            self.activation,
+            self.weights_transposed,
+            self.swiglu_alpha,
+            self.swiglu_limit,
+        )
+
+
+class MoELayer(nn.Module):
+    """A dropless top-k MoE layer: gating, counting-sort dispatch, grouped experts, weighted combine.
+
+    Args:
+        hidden_size, ffn_size, num_experts, top_k: H, I, E, k.
+        activation: see :data:`moe_infer.ops.ACTIVATIONS` (default SiLU-GLU, as Mixtral/Qwen/OLMoE).
+        scoring, renormalize, scaling_factor, n_group, topk_group: routing, as
+            :func:`moe_infer.ops.topk_gating`.
+        selection_bias: keep a [E] ``selection_bias`` buffer (DeepSeek-V3's score correction).
+        router_bias, expert_bias: biases on the router and on both expert projections.
+        weights_transposed: store experts as [E, H, F1] / [E, I, H] (GPT-OSS layout).
+        validate: on CUDA, check router logits for NaN with one device sync (CPU always checks).
+
+    forward(hidden [..., H]) -> [..., H] in hidden's dtype.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_size: int,
+        num_experts: int,
+        top_k: int,
+        activation: str = "silu_glu",
+        scoring: str = "softmax",
+        renormalize: bool = False,
+        scaling_factor: float = 1.0,
+        n_group: int = 1,
+        topk_group: int = 1,
+        selection_bias: bool = False,
+        router_bias: bool = False,
+        expert_bias: bool = False,
+        weights_transposed: bool = False,
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+        validate: bool = True,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"MoELayer: top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
+        if scoring not in ops.SCORINGS:
+            raise ValueError(f"MoELayer: scoring must be one of {ops.SCORINGS}, got '{scoring}'")
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.activation = activation
+        self.scoring = scoring
+        self.renormalize = renormalize
+        self.scaling_factor = scaling_factor
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.swiglu_alpha = swiglu_alpha
+        self.swiglu_limit = swiglu_limit
+        self.validate = validate
+        factory = {"dtype": dtype, "device": device}
+        self.gate = nn.Linear(hidden_size, num_experts, bias=router_bias, **factory)
+        self.experts = MoEExperts(
+            num_experts,
+            hidden_size,
+            ffn_size,
+            activation,
+            expert_bias,
+            weights_transposed,
+            swiglu_alpha,
+            swiglu_limit,
+            **factory,
+        )
+        if selection_bias:
+            self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
+        else:
+            self.selection_bias = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [S, H] -> (router_logits [S, E], topk_weights [S, k] float32, expert_ids [S, k] int32)."""
+        router_logits = self.gate(x)
+        weights, ids = ops.topk_gating(
+            router_logits,
+            self.top_k,
+            self.scoring,
+            self.renormalize,
+            self.selection_bias,
+            self.scaling_factor,
+            self.n_group,
+            self.topk_group,
+            self.validate,
+        )
+        return router_logits, weights, ids
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"MoELayer: hidden's last dimension ({hidden.shape[-1]}) must be hidden_size ({self.hidden_size})"
+            )
+        shape = hidden.shape
+        x = hidden.reshape(-1, self.hidden_size)
+        _, weights, ids = self.route(x)
+        # Ids made by topk_gating are in range: no need for the device-side id check.
+        plan = ops.dispatch_plan(ids, self.num_experts, validate=False)
+        rows = ops.permute(x, plan.sorted_pair_ids, self.top_k)
+        expert_rows = self.experts(rows, plan.expert_offsets)
+        return ops.unpermute_combine(expert_rows, weights, plan.row_of_pair).view(shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, ffn_size={self.experts.ffn_size}, num_experts={self.num_experts}, "
+            f"top_k={self.top_k}, activation={self.activation}, scoring={self.scoring}"
+        )

@@ -1,0 +1,233 @@
+"""Plain-PyTorch reference of the moe_infer ops and layer (a loop over experts).
+
+It shares no code with the C++ ops. The tests use it as the independent reference and the
+benchmarks as the baseline. Everything here is differentiable and runs on any device.
+"""
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def activation_fn(
+    name: str, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fc1 output [..., F1] -> activation output [..., I], in the input's dtype."""
+    if name == "relu":
+        return F.relu
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "silu":
+        return F.silu
+    if name == "silu_glu":
+
+        def silu_glu(x):
+            gate, up = x.chunk(2, dim=-1)
+            return F.silu(gate) * up
+
+        return silu_glu
+    if name == "gpt_oss_swiglu":
+
+        def gpt_oss_swiglu(x):
+            gate, up = x[..., ::2], x[..., 1::2]
+            gate = gate.clamp(max=swiglu_limit)
+            up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * swiglu_alpha))
+
+        return gpt_oss_swiglu
+    raise ValueError(f"unknown activation '{name}'")
+
+
+def topk_gating(
+    router_logits: torch.Tensor,
+    k: int,
+    scoring: str = "softmax",
+    renormalize: bool = False,
+    selection_bias: Optional[torch.Tensor] = None,
+    scaling_factor: float = 1.0,
+    n_group: int = 1,
+    topk_group: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (weights [S, k] float32, ids [S, k] int64), best first, as the HF routers compute them."""
+    logits = router_logits.float()
+    if scoring == "softmax_topk":
+        top_logits, ids = torch.topk(logits, k, dim=-1)
+        return torch.softmax(top_logits, dim=-1) * scaling_factor, ids
+    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+    choice = scores if selection_bias is None else scores + selection_bias.float()
+    if n_group > 1:
+        num_tokens, num_experts = choice.shape
+        group_scores = choice.view(num_tokens, n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = (
+            group_mask.unsqueeze(-1).expand(num_tokens, n_group, num_experts // n_group).reshape(num_tokens, -1)
+        )
+        choice = choice.masked_fill(~score_mask.bool(), 0.0)
+    ids = torch.topk(choice, k, dim=-1)[1]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * scaling_factor, ids
+
+
+def dispatch_plan(expert_ids: torch.Tensor, num_experts: int):
+    """(sorted_pair_ids, row_of_pair, tokens_per_expert, expert_offsets), int64, by a stable argsort."""
+    flat = expert_ids.reshape(-1).long()
+    bucket = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
+    sorted_pair_ids = torch.sort(bucket, stable=True).indices
+    row_of_pair = torch.empty_like(sorted_pair_ids)
+    row_of_pair[sorted_pair_ids] = torch.arange(flat.numel(), device=flat.device)
+    tokens_per_expert = torch.bincount(bucket, minlength=num_experts + 1)[:num_experts]
+    expert_offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    expert_offsets[1:] = torch.cumsum(tokens_per_expert, 0)
+    return sorted_pair_ids, row_of_pair, tokens_per_expert, expert_offsets
+
+
+def permute(hidden: torch.Tensor, sorted_pair_ids: torch.Tensor, top_k: int) -> torch.Tensor:
+    return hidden[sorted_pair_ids.long() // top_k]
+
+
+def unpermute_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, row_of_pair: torch.Tensor) -> torch.Tensor:
+    num_tokens, top_k = topk_weights.shape
+    acc = torch.promote_types(expert_out.dtype, torch.float32)
+    rows = expert_out.to(acc)[row_of_pair.long()].view(num_tokens, top_k, expert_out.shape[1])
+    return (rows * topk_weights.to(acc).unsqueeze(-1)).sum(1).to(expert_out.dtype)
+
+
+def expert_ffn(
+    x,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    activation,
+    weights_transposed=False,
+    swiglu_alpha=1.702,
+    swiglu_limit=7.0,
+):
+    """One expert's FFN on rows x [n, H] with that expert's (2-D) weights."""
+    w1 = fc1_weight if weights_transposed else fc1_weight.t()
+    w2 = fc2_weight if weights_transposed else fc2_weight.t()
+    h = x @ w1
+    if fc1_bias is not None:
+        h = h + fc1_bias
+    y = activation_fn(activation, swiglu_alpha, swiglu_limit)(h) @ w2
+    if fc2_bias is not None:
+        y = y + fc2_bias
+    return y
+
+
+def grouped_mlp(
+    hidden,
+    expert_offsets,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    activation,
+    weights_transposed=False,
+    swiglu_alpha=1.702,
+    swiglu_limit=7.0,
+):
+    out = torch.zeros_like(hidden)
+    bounds = expert_offsets.tolist()
+    for e in range(len(bounds) - 1):
+        begin, end = bounds[e], bounds[e + 1]
+        if end > begin:
+            out[begin:end] = expert_ffn(
+                hidden[begin:end],
+                fc1_weight[e],
+                None if fc1_bias is None else fc1_bias[e],
+                fc2_weight[e],
+                None if fc2_bias is None else fc2_bias[e],
+                activation,
+                weights_transposed,
+                swiglu_alpha,
+                swiglu_limit,
+            )
+    return out
+
+
+def moe_forward(
+    hidden: torch.Tensor,
+    router_weight: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    top_k: int,
+    activation: str = "silu_glu",
+    router_bias: Optional[torch.Tensor] = None,
+    fc1_bias: Optional[torch.Tensor] = None,
+    fc2_bias: Optional[torch.Tensor] = None,
+    weights_transposed: bool = False,
+    scoring: str = "softmax",
+    renormalize: bool = False,
+    selection_bias: Optional[torch.Tensor] = None,
+    scaling_factor: float = 1.0,
+    n_group: int = 1,
+    topk_group: int = 1,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+) -> torch.Tensor:
+    """A whole MoE layer as transformers' eager experts compute it: route, then loop over experts.
+
+    hidden [..., H] -> [..., H]; outputs are accumulated in float32 and cast to hidden's dtype.
+    """
+    shape = hidden.shape
+    x = hidden.reshape(-1, shape[-1])
+    logits = F.linear(x, router_weight, router_bias)
+    weights, ids = topk_gating(logits, top_k, scoring, renormalize, selection_bias, scaling_factor, n_group, topk_group)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(fc1_weight.shape[0]):
+        token_idx, slot_idx = torch.where(ids == e)
+        if token_idx.numel() == 0:
+            continue
+        y = expert_ffn(
+            x[token_idx],
+            fc1_weight[e],
+            None if fc1_bias is None else fc1_bias[e],
+            fc2_weight[e],
+            None if fc2_bias is None else fc2_bias[e],
+            activation,
+            weights_transposed,
+            swiglu_alpha,
+            swiglu_limit,
+        )
+        out.index_add_(0, token_idx, y.float() * weights[token_idx, slot_idx].unsqueeze(-1))
+    return out.to(hidden.dtype).reshape(shape)
+
+
+def layer_forward(layer, hidden: torch.Tensor, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Runs the reference on a :class:`moe_infer.MoELayer`'s own parameters and options.
+
+    With ``compute_dtype``, the inputs and parameters are cast to it first (e.g. float64 for a
+    high-precision reference of a bf16 layer); the result is in ``compute_dtype``.
+    """
+
+    def cast(t):
+        return t if t is None or compute_dtype is None else t.to(compute_dtype)
+
+    experts = layer.experts
+    return moe_forward(
+        cast(hidden),
+        cast(layer.gate.weight),
+        cast(experts.gate_up_proj),
+        cast(experts.down_proj),
+        layer.top_k,
+        layer.activation,
+        router_bias=cast(layer.gate.bias),
+        fc1_bias=cast(experts.gate_up_proj_bias),
+        fc2_bias=cast(experts.down_proj_bias),
+        weights_transposed=experts.weights_transposed,
+        scoring=layer.scoring,
+        renormalize=layer.renormalize,
+        selection_bias=layer.selection_bias,
+        scaling_factor=layer.scaling_factor,
+        n_group=layer.n_group,
+        topk_group=layer.topk_group,
+        swiglu_alpha=layer.swiglu_alpha,
+        swiglu_limit=layer.swiglu_limit,
+    )

@@ -1,0 +1,43 @@
+import os
+import zlib
+
+import pytest
+import torch
+
+import moe_infer  # noqa: F401  (registers the ops)
+
+
+def _devices():
+    devices = ["cpu"]
+    if torch.cuda.is_available() and moe_infer.built_with_cuda():
+        devices.append("cuda")
+    return devices
+
+
+DEVICES = _devices()
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Random inputs, reproducible per test (its name), varied with MOE_INFER_TEST_SEED.
+    seed = int(os.environ.get("MOE_INFER_TEST_SEED", "0")) ^ zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+
+
+def tolerance(dtype):
+    """(rtol, atol) for comparing against the float32/float64 reference."""
+    return {
+        torch.float32: (1e-5, 1e-5),
+        torch.float16: (2e-2, 2e-2),
+        torch.bfloat16: (5e-2, 5e-2),
+    }[dtype]
+
+
+def relative_error(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()

@@ -1,0 +1,178 @@
+"""Bad input gets a clear error that names the argument; an empty batch gets an empty result."""
+
+import pytest
+import torch
+
+import moe_infer
+from moe_infer import ops
+
+
+def ids_of(rows, device="cpu"):
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda d: ops.topk_gating(torch.randn(4, 8, 2, device=d), 2), r"router_logits must be 2-D"),
+        (lambda d: ops.topk_gating(torch.randn(4, 8, device=d).long(), 2), r"router_logits must be float32"),
+        (lambda d: ops.topk_gating(torch.randn(4, 8, device=d), 0), r"k \(0\) must be >= 1"),
+        (lambda d: ops.topk_gating(torch.randn(4, 8, device=d), 9), r"k \(9\) must be <= num_experts \(8\)"),
+        (lambda d: ops.topk_gating(torch.randn(4, 8, device=d), 2, "argmax"), r"scoring must be one of"),
+        (
+            lambda d: ops.topk_gating(torch.randn(4, 8, device=d), 2, "sigmoid", False, torch.zeros(7, device=d)),
+            r"selection_bias has 7 entries",
+        ),
+        (
+            lambda d: ops.topk_gating(torch.randn(4, 8, device=d), 2, "sigmoid", False, None, 1.0, 3, 1),
+            r"divisible by n_group \(3\)",
+        ),
+        (
+            lambda d: ops.topk_gating(torch.randn(4, 8, device=d), 2, "sigmoid", False, None, 1.0, 4, 5),
+            r"topk_group \(5\)",
+        ),
+        (
+            lambda d: ops.topk_gating(torch.randn(4, 8, device=d), 2, "softmax", False, None, float("nan")),
+            r"scaling_factor must be finite",
+        ),
+        (lambda d: ops.dispatch_plan(torch.zeros(4, device=d, dtype=torch.int32), 8), r"expert_ids must be 2-D"),
+        (lambda d: ops.dispatch_plan(torch.zeros(4, 2, device=d), 8), r"expert_ids must be int32 or int64"),
+        (lambda d: ops.dispatch_plan(ids_of([[0, 8]], d), 8), r"expert_ids\[0, 1\] = 8 is out of range"),
+        (lambda d: ops.dispatch_plan(ids_of([[0, 1], [-2, 3]], d), 8), r"expert_ids\[1, 0\] = -2 is out of range"),
+        (lambda d: ops.dispatch_plan(ids_of([[0, 1]], d), 0), r"num_experts \(0\) must be >= 1"),
+        (
+            lambda d: ops.permute(torch.randn(3, 4, device=d), ids_of([0, 1], d), 2),
+            r"sorted_pair_ids has 2 entries, expected num_tokens \* top_k",
+        ),
+        (
+            lambda d: ops.permute(torch.randn(3, 4, device=d), ids_of([0, 1, 2, 3, 4, 6], d), 2),
+            r"sorted_pair_ids has values in \[0, 6\], expected \[0, 6\)",
+        ),
+        (
+            lambda d: ops.permute(torch.randn(3, 4, device=d), ids_of([0, 1, 2, 3, 4, 5], d).long(), 2),
+            r"sorted_pair_ids must be int32",
+        ),
+        (
+            lambda d: ops.unpermute_combine(
+                torch.randn(5, 4, device=d), torch.rand(3, 2, device=d), ids_of(range(6), d)
+            ),
+            r"expert_out has 5 rows, expected num_tokens \* top_k = 6",
+        ),
+        (
+            lambda d: ops.unpermute_combine(
+                torch.randn(6, 4, device=d), torch.rand(3, 2, device=d), ids_of([0, 1, 2, 3, 4, 9], d)
+            ),
+            r"row_of_pair has values in \[0, 9\]",
+        ),
+        (
+            lambda d: ops.unpermute_combine(
+                torch.randn(6, 4, device=d), torch.rand(3, 2, device=d).long(), ids_of(range(6), d)
+            ),
+            r"topk_weights must be float32",
+        ),
+    ],
+)
+def test_op_argument_errors(device, call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def mlp_args(device, **overrides):
+    num_experts, hidden_size, ffn_size = 4, 8, 6
+    args = dict(
+        hidden=torch.randn(10, hidden_size, device=device),
+        expert_offsets=torch.tensor([0, 3, 3, 7, 10], dtype=torch.int32, device=device),
+        fc1_weight=torch.randn(num_experts, 2 * ffn_size, hidden_size, device=device),
+        fc1_bias=None,
+        fc2_weight=torch.randn(num_experts, hidden_size, ffn_size, device=device),
+        fc2_bias=None,
+        activation="silu_glu",
+    )
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(activation="swish"), r"activation must be one of"),
+        (dict(fc1_weight=torch.randn(4, 12, 9)), r"fc1_weight \[4, 12, 9\] does not match hidden_size 8"),
+        (
+            dict(fc1_weight=torch.randn(4, 10, 8)),
+            r"fc1_weight has 10 outputs but activation 'silu_glu' with ffn_size 6 .* needs 12",
+        ),
+        (dict(fc2_weight=torch.randn(3, 8, 6)), r"fc2_weight has 3 experts but expert_offsets describes 4"),
+        (
+            dict(fc1_weight=torch.randn(4, 12, 8).double()),
+            r"fc1_weight must be 3-D|fc1_weight is Double but hidden is Float",
+        ),
+        (dict(fc1_bias=torch.randn(4, 11)), r"fc1_bias must have shape \[4, 12\]"),
+        (dict(expert_offsets=torch.tensor([0, 3, 3, 7, 10])), r"expert_offsets must be int32"),
+        (
+            dict(expert_offsets=torch.tensor([0, 3, 2, 7, 10], dtype=torch.int32)),
+            r"expert_offsets must be non-decreasing",
+        ),
+        (
+            dict(expert_offsets=torch.tensor([0, 3, 3, 7, 11], dtype=torch.int32)),
+            r"expert_offsets\[-1\] \(11\) exceeds the number of rows in hidden \(10\)",
+        ),
+        (dict(hidden=torch.randn(10, 8, 1)), r"hidden must be 2-D"),
+    ],
+)
+def test_grouped_mlp_argument_errors(overrides, message):
+    args = mlp_args("cpu", **overrides)
+    with pytest.raises(RuntimeError, match=message):
+        ops.grouped_mlp(**args)
+
+
+def test_mixed_devices_named():
+    if not torch.cuda.is_available() or not moe_infer.built_with_cuda():
+        pytest.skip("needs a CUDA device to put arguments on two devices")
+    args = mlp_args("cuda", expert_offsets=torch.tensor([0, 3, 3, 7, 10], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"expert_offsets is on cpu but hidden is on cuda"):
+        ops.grouped_mlp(**args)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_logits_are_an_error(device, bad):
+    logits = torch.randn(6, 8, device=device)
+    logits[4, 2] = bad
+    with pytest.raises(RuntimeError, match=r"router_logits row 4 contains NaN or \+inf"):
+        ops.topk_gating(logits, 2)
+
+
+def test_layer_nan_input_is_an_error(device):
+    layer = moe_infer.MoELayer(16, 8, 4, 2, device=device)
+    x = torch.randn(3, 16, device=device)
+    x[1, 0] = float("nan")
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"router_logits row 1 contains NaN"):
+        layer(x)
+
+
+def test_layer_configuration_errors():
+    with pytest.raises(ValueError, match=r"top_k \(5\) must be in \[1, num_experts \(4\)\]"):
+        moe_infer.MoELayer(16, 8, 4, 5)
+    with pytest.raises(ValueError, match=r"activation must be one of"):
+        moe_infer.MoELayer(16, 8, 4, 2, activation="tanh")
+    with pytest.raises(ValueError, match=r"scoring must be one of"):
+        moe_infer.MoELayer(16, 8, 4, 2, scoring="max")
+    layer = moe_infer.MoELayer(16, 8, 4, 2)
+    with pytest.raises(ValueError, match=r"last dimension \(15\) must be hidden_size \(16\)"):
+        layer(torch.randn(2, 15))
+    with pytest.raises(RuntimeError, match=r"expected m1 and m2 to have the same dtype|dtype"):
+        layer(torch.randn(2, 16, dtype=torch.float64))
+
+
+def test_empty_batch_gives_empty_result(device):
+    layer = moe_infer.MoELayer(16, 8, 4, 2, device=device)
+    with torch.no_grad():
+        out = layer(torch.randn(0, 16, device=device))
+        assert out.shape == (0, 16)
+        out = layer(torch.randn(2, 0, 16, device=device))
+        assert out.shape == (2, 0, 16)
+    weights, ids = ops.topk_gating(torch.randn(0, 4, device=device), 2)
+    assert weights.shape == ids.shape == (0, 2)
+    plan = ops.dispatch_plan(ids, 4)
+    assert plan.tokens_per_expert.tolist() == [0] * 4 and plan.expert_offsets.tolist() == [0] * 5
