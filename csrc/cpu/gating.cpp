@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/composite.h"
 
 namespace moe_infer {
 
@@ -133,10 +134,14 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logi
                                                    const std::string& scoring, bool renormalize,
                                                    const std::optional<at::Tensor>& selection_bias,
                                                    double scaling_factor, int64_t n_group,
-                                                   int64_t topk_group, bool /*validate*/) {
-  // On the CPU the checks cost nothing extra, so they always run.
+                                                   int64_t topk_group, bool validate) {
   const GatingSizes sizes = check_topk_gating(router_logits, k, scoring, selection_bias,
                                               scaling_factor, n_group, topk_group);
+  if (!kernels_enabled()) {
+    return composite::topk_gating(router_logits, sizes, renormalize, selection_bias, scaling_factor,
+                                  validate);
+  }
+  // The kernel finds NaN logits as it goes, so on the CPU the check always runs.
   const GatingConfig config{sizes.num_experts,
                             sizes.top_k,
                             sizes.scoring,

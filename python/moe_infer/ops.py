@@ -11,9 +11,12 @@ The pipeline of one dynamic-gating MoE layer (S tokens, hidden size H, E experts
 No capacity, no dropped tokens, no placeholder rows: every buffer has exactly S*k rows.
 """
 
-from typing import NamedTuple, Optional
+import contextlib
+from typing import Iterator, NamedTuple, Optional
 
 import torch
+
+from . import _C
 
 _ops = torch.ops.moe_infer
 
@@ -145,3 +148,27 @@ def grouped_mlp(
         swiglu_alpha,
         swiglu_limit,
     )
+
+
+def set_kernels(enabled: bool) -> None:
+    """Run the hand-written kernels (default) or the composite fallback built from ATen ops.
+
+    The fallback exists on every device; comparing the two (and the reference) is how the tests
+    check the kernels. Process-wide.
+    """
+    _C.set_kernels_enabled(bool(enabled))
+
+
+def kernels_enabled() -> bool:
+    return bool(_C.kernels_enabled())
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool) -> Iterator[None]:
+    """Context manager form of :func:`set_kernels`."""
+    previous = kernels_enabled()
+    set_kernels(enabled)
+    try:
+        yield
+    finally:
+        set_kernels(previous)

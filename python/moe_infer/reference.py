@@ -171,14 +171,16 @@ def moe_forward(
     topk_group: int = 1,
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
+    router_logits: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """A whole MoE layer as transformers' eager experts compute it: route, then loop over experts.
 
     hidden [..., H] -> [..., H]; outputs are accumulated in float32 and cast to hidden's dtype.
+    ``router_logits`` [S, E], if given, replaces the router (to route exactly as another run did).
     """
     shape = hidden.shape
     x = hidden.reshape(-1, shape[-1])
-    logits = F.linear(x, router_weight, router_bias)
+    logits = F.linear(x, router_weight, router_bias) if router_logits is None else router_logits
     weights, ids = topk_gating(logits, top_k, scoring, renormalize, selection_bias, scaling_factor, n_group, topk_group)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(fc1_weight.shape[0]):
@@ -200,7 +202,12 @@ def moe_forward(
     return out.to(hidden.dtype).reshape(shape)
 
 
-def layer_forward(layer, hidden: torch.Tensor, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def layer_forward(
+    layer,
+    hidden: torch.Tensor,
+    compute_dtype: Optional[torch.dtype] = None,
+    router_logits: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Runs the reference on a :class:`moe_infer.MoELayer`'s own parameters and options.
 
     With ``compute_dtype``, the inputs and parameters are cast to it first (e.g. float64 for a
@@ -230,4 +237,5 @@ def layer_forward(layer, hidden: torch.Tensor, compute_dtype: Optional[torch.dty
         topk_group=layer.topk_group,
         swiglu_alpha=layer.swiglu_alpha,
         swiglu_limit=layer.swiglu_limit,
+        router_logits=cast(router_logits),
     )

@@ -22,6 +22,13 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(params=["kernels", "composite"])
+def impl(request):
+    """Runs a test on the hand-written kernels and on the composite ATen fallback."""
+    with moe_infer.ops.use_kernels(request.param == "kernels"):
+        yield request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # Random inputs, reproducible per test (its name), varied with MOE_INFER_TEST_SEED.

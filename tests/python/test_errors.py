@@ -72,7 +72,7 @@ def ids_of(rows, device="cpu"):
         ),
     ],
 )
-def test_op_argument_errors(device, call, message):
+def test_op_argument_errors(device, impl, call, message):
     with pytest.raises(RuntimeError, match=message):
         call(device)
         if device.type == "cuda":
@@ -121,7 +121,7 @@ def mlp_args(device, **overrides):
         (dict(hidden=torch.randn(10, 8, 1)), r"hidden must be 2-D"),
     ],
 )
-def test_grouped_mlp_argument_errors(overrides, message):
+def test_grouped_mlp_argument_errors(impl, overrides, message):
     args = mlp_args("cpu", **overrides)
     with pytest.raises(RuntimeError, match=message):
         ops.grouped_mlp(**args)
@@ -136,7 +136,7 @@ def test_mixed_devices_named():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nan_logits_are_an_error(device, bad):
+def test_nan_logits_are_an_error(device, impl, bad):
     logits = torch.randn(6, 8, device=device)
     logits[4, 2] = bad
     with pytest.raises(RuntimeError, match=r"router_logits row 4 contains NaN or \+inf"):

@@ -61,7 +61,7 @@ def test_topk_gating_softmax_grid(device, num_tokens, num_experts, k):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scoring", ["softmax", "softmax_topk", "sigmoid"])
 @pytest.mark.parametrize("renormalize", [False, True])
-def test_topk_gating_variants(device, dtype, scoring, renormalize):
+def test_topk_gating_variants(device, impl, dtype, scoring, renormalize):
     num_tokens, num_experts, k = 257, 64, 4
     logits = (torch.randn(num_tokens, num_experts, device=device) * 3).to(dtype)
     scale = 2.5
@@ -73,7 +73,7 @@ def test_topk_gating_variants(device, dtype, scoring, renormalize):
 
 
 @pytest.mark.parametrize("n_group,topk_group", [(1, 1), (8, 4), (4, 1)])
-def test_topk_gating_deepseek(device, n_group, topk_group):
+def test_topk_gating_deepseek(device, impl, n_group, topk_group):
     """Sigmoid scores, a selection-only bias, group-limited top-k, scaling (DeepSeek-V3)."""
     num_tokens, num_experts, k = 300, 64, 6 if topk_group > 1 else 4
     logits = torch.randn(num_tokens, num_experts, device=device)
@@ -133,7 +133,7 @@ def test_dispatch_plan_grid(device, num_tokens, num_experts, k):
 
 
 @pytest.mark.parametrize("num_tokens", [1, 1000, 40000])
-def test_dispatch_plan_skewed_and_unrouted(device, num_tokens):
+def test_dispatch_plan_skewed_and_unrouted(device, impl, num_tokens):
     """All pairs on one expert, empty experts, and -1 (unrouted) pairs sorted after every expert."""
     num_experts, k = 16, 2
     ids = torch.full((num_tokens, k), 3, device=device)
@@ -154,7 +154,7 @@ def test_dispatch_plan_skewed_and_unrouted(device, num_tokens):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden_size", [1, 37, 64])
 @pytest.mark.parametrize("num_tokens,k", [(0, 2), (1, 1), (7, 8), (1000, 2)])
-def test_permute_and_combine(device, dtype, hidden_size, num_tokens, k):
+def test_permute_and_combine(device, impl, dtype, hidden_size, num_tokens, k):
     num_experts = 8
     ids = random_ids(num_tokens, num_experts, k, device)
     plan = ops.dispatch_plan(ids, num_experts)
@@ -206,7 +206,7 @@ def upcast(t):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", list(ops.ACTIVATIONS))
 @pytest.mark.parametrize("bias,transposed", [(False, False), (True, True), (True, False)])
-def test_grouped_mlp(device, dtype, activation, bias, transposed):
+def test_grouped_mlp(device, impl, dtype, activation, bias, transposed):
     num_experts, hidden_size, ffn_size = 6, 37, 20
     counts = torch.tensor([5, 0, 17, 1, 0, 9])  # empty experts included
     offsets = torch.zeros(num_experts + 1, dtype=torch.int32)
@@ -238,7 +238,7 @@ def test_grouped_mlp_all_rows_one_expert_and_none(device):
     assert empty.shape == (0, hidden_size)
 
 
-def test_opcheck_every_op(device):
+def test_opcheck_every_op(device, impl):
     """Schema, fake implementation, autograd registration and AOT dispatch agree for every op."""
     num_tokens, num_experts, k, hidden_size, ffn_size = 9, 6, 2, 12, 8
     logits = torch.randn(num_tokens, num_experts, device=device, requires_grad=True)

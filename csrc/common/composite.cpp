@@ -1,0 +1,207 @@
+#include "common/composite.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <limits>
+
+namespace moe_infer {
+
+namespace {
+std::atomic<bool> g_kernels_enabled{true};
+}  // namespace
+
+bool kernels_enabled() { return g_kernels_enabled.load(std::memory_order_relaxed); }
+void set_kernels_enabled(bool enabled) { g_kernels_enabled.store(enabled); }
+
+void check_finite_logits(const at::Tensor& router_logits, Scoring scoring) {
+  if (router_logits.numel() == 0) return;
+  const at::Tensor logits = router_logits.to(at::kFloat);
+  at::Tensor bad = at::isnan(logits) | at::isposinf(logits);
+  bad = bad.any(1);
+  if (scoring == Scoring::kSoftmax) bad = bad | at::isneginf(logits).all(1);
+  const at::Tensor rows = at::nonzero(bad);
+  TORCH_CHECK(rows.size(0) == 0, "topk_gating: router_logits row ",
+              rows.numel() ? rows[0][0].item<int64_t>() : 0,
+              " contains NaN or +inf (or only -inf, which has no softmax); check the hidden states "
+              "and router weights");
+}
+
+void check_expert_id_range(const at::Tensor& expert_ids, const PlanSizes& sizes) {
+  if (expert_ids.numel() == 0) return;
+  const at::Tensor flat = expert_ids.reshape(-1);
+  const at::Tensor bad = at::nonzero((flat < -1) | (flat >= sizes.num_experts));
+  if (bad.size(0) == 0) return;
+  const int64_t pair = bad[0][0].item<int64_t>();
+  TORCH_CHECK(false, "dispatch_plan: expert_ids[", pair / sizes.top_k, ", ", pair % sizes.top_k,
+              "] = ", flat[pair].item<int64_t>(),
+              " is out of range: expected 0 <= id < num_experts (", sizes.num_experts,
+              "), or -1 for an unrouted pair");
+}
+
+std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64_t num_rows) {
+  const at::Tensor offsets = expert_offsets.to(at::kCPU).contiguous();
+  const int32_t* ptr = offsets.const_data_ptr<int32_t>();
+  std::vector<int32_t> host(ptr, ptr + offsets.numel());
+  TORCH_CHECK(host.front() == 0, "grouped_mlp: expert_offsets[0] (", host.front(), ") must be 0");
+  for (size_t e = 1; e < host.size(); ++e) {
+    TORCH_CHECK(host[e] >= host[e - 1], "grouped_mlp: expert_offsets must be non-decreasing, but ",
+                "expert_offsets[", e, "] (", host[e], ") < expert_offsets[", e - 1, "] (",
+                host[e - 1], ")");
+  }
+  TORCH_CHECK(host.back() <= num_rows, "grouped_mlp: expert_offsets[-1] (", host.back(),
+              ") exceeds the number of rows in hidden (", num_rows, ")");
+  return host;
+}
+
+at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<int32_t>& offsets,
+                                  const at::Tensor& fc1_weight,
+                                  const std::optional<at::Tensor>& fc1_bias,
+                                  const at::Tensor& fc2_weight,
+                                  const std::optional<at::Tensor>& fc2_bias,
+                                  bool weights_transposed, const MlpSizes& sizes,
+                                  const ActivateFn& activate) {
+  auto out = at::empty({sizes.num_rows, sizes.hidden_size}, hidden.options());
+  int64_t max_rows = 0;
+  for (int64_t e = 0; e < sizes.num_experts; ++e) {
+    max_rows = std::max<int64_t>(max_rows, offsets[e + 1] - offsets[e]);
+  }
+  // Scratch sized for the busiest expert, reused by every expert.
+  auto fc1_buffer = at::empty({max_rows, sizes.fc1_outputs}, hidden.options());
+  auto act_buffer = at::empty({max_rows, sizes.ffn_size}, hidden.options());
+  for (int64_t e = 0; e < sizes.num_experts; ++e) {
+    const int64_t begin = offsets[e];
+    const int64_t rows = offsets[e + 1] - begin;
+    if (rows == 0) continue;
+    const at::Tensor x = hidden.narrow(0, begin, rows);
+    // [H, F1] and [I, H] views of the expert's weights; the GEMMs read the transposes in place.
+    const at::Tensor fc1 =
+        weights_transposed ? fc1_weight.select(0, e) : fc1_weight.select(0, e).t();
+    const at::Tensor fc2 =
+        weights_transposed ? fc2_weight.select(0, e) : fc2_weight.select(0, e).t();
+    at::Tensor fc1_out = fc1_buffer.narrow(0, 0, rows);
+    if (fc1_bias.has_value()) {
+      at::addmm_out(fc1_out, fc1_bias->select(0, e), x, fc1);
+    } else {
+      at::mm_out(fc1_out, x, fc1);
+    }
+    at::Tensor act = act_buffer.narrow(0, 0, rows);
+    activate(fc1_out, act);
+    at::Tensor y = out.narrow(0, begin, rows);
+    if (fc2_bias.has_value()) {
+      at::addmm_out(y, fc2_bias->select(0, e), act, fc2);
+    } else {
+      at::mm_out(y, act, fc2);
+    }
+  }
+  // Rows after every expert (unrouted pairs) are defined as zeros.
+  if (offsets.back() < sizes.num_rows) {
+    out.narrow(0, offsets.back(), sizes.num_rows - offsets.back()).zero_();
+  }
+  return out;
+}
+
+namespace composite {
+
+std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& router_logits,
+                                               const GatingSizes& sizes, bool renormalize,
+                                               const std::optional<at::Tensor>& selection_bias,
+                                               double scaling_factor, bool validate) {
+  if (validate) check_finite_logits(router_logits, sizes.scoring);
+  const at::Tensor logits = router_logits.to(at::kFloat);
+  at::Tensor weights;
+  at::Tensor ids;
+  if (sizes.scoring == Scoring::kSoftmaxTopk) {
+    auto [top_logits, top_ids] = at::topk(logits, sizes.top_k, -1);
+    weights = at::softmax(top_logits, -1);
+    ids = top_ids;
+  } else {
+    const at::Tensor scores =
+        sizes.scoring == Scoring::kSoftmax ? at::softmax(logits, -1) : at::sigmoid(logits);
+    at::Tensor choice =
+        selection_bias.has_value() ? scores + selection_bias->to(at::kFloat) : scores;
+    if (sizes.n_group > 1) {
+      const at::Tensor grouped = choice.view({sizes.num_tokens, sizes.n_group, -1});
+      const at::Tensor group_scores = std::get<0>(at::topk(grouped, 2, -1)).sum(-1);
+      const at::Tensor best_groups = std::get<1>(at::topk(group_scores, sizes.topk_group, -1));
+      const at::Tensor group_mask = at::zeros_like(group_scores).scatter_(1, best_groups, 1.0);
+      const at::Tensor expert_mask =
+          group_mask.unsqueeze(-1).expand_as(grouped).reshape({sizes.num_tokens, -1});
+      choice = choice.masked_fill(expert_mask == 0, 0.0);  // as transformers does
+    }
+    ids = std::get<1>(at::topk(choice, sizes.top_k, -1));
+    weights = scores.gather(1, ids);
+    if (renormalize) weights = weights / weights.sum(-1, true);
+  }
+  if (scaling_factor != 1.0) weights = weights * scaling_factor;
+  return {weights.contiguous(), ids.to(at::kInt)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan(
+    const at::Tensor& expert_ids, const PlanSizes& sizes, bool validate) {
+  if (validate) check_expert_id_range(expert_ids, sizes);
+  const at::Tensor flat = expert_ids.reshape(-1).to(at::kLong);
+  // Unrouted (-1) and, when not validated, invalid ids go to the trailing bucket E.
+  const at::Tensor bucket = at::where((flat < 0) | (flat >= sizes.num_experts),
+                                      at::full_like(flat, sizes.num_experts), flat);
+  const at::Tensor order = std::get<1>(at::sort(bucket, /*stable=*/true, 0, false));
+  const at::Tensor rows = at::arange(sizes.num_pairs, flat.options());
+  const at::Tensor row_of_pair = at::empty_like(order).scatter_(0, order, rows);
+  const at::Tensor counts = at::zeros({sizes.num_experts + 1}, flat.options())
+                                .scatter_add_(0, bucket, at::ones_like(bucket));
+  at::Tensor offsets = at::zeros({sizes.num_experts + 1}, flat.options());
+  offsets.narrow(0, 1, sizes.num_experts)
+      .copy_(at::cumsum(counts.narrow(0, 0, sizes.num_experts), 0));
+  return {order.to(at::kInt), row_of_pair.to(at::kInt),
+          counts.narrow(0, 0, sizes.num_experts).to(at::kInt), offsets.to(at::kInt)};
+}
+
+at::Tensor permute(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids, int64_t top_k) {
+  return hidden.index_select(0, at::floor_divide(sorted_pair_ids.to(at::kLong), top_k));
+}
+
+at::Tensor unpermute_combine(const at::Tensor& expert_out, const at::Tensor& topk_weights,
+                             const at::Tensor& row_of_pair) {
+  const int64_t num_tokens = topk_weights.size(0);
+  const int64_t top_k = topk_weights.size(1);
+  const at::Tensor rows = expert_out.index_select(0, row_of_pair.to(at::kLong))
+                              .to(at::kFloat)
+                              .view({num_tokens, top_k, expert_out.size(1)});
+  return (rows * topk_weights.to(at::kFloat).unsqueeze(-1)).sum(1).to(expert_out.scalar_type());
+}
+
+void activate(const at::Tensor& fc1_out, const ActivationParams& params, const at::Tensor& act) {
+  const int64_t ffn_size = act.size(1);
+  const at::Tensor x = fc1_out.to(at::kFloat);
+  at::Tensor result;
+  switch (params.activation) {
+    case Activation::kRelu:
+      result = at::relu(x);
+      break;
+    case Activation::kGelu:
+      result = at::gelu(x);
+      break;
+    case Activation::kGeluTanh:
+      result = at::gelu(x, "tanh");
+      break;
+    case Activation::kSilu:
+      result = at::silu(x);
+      break;
+    case Activation::kSiluGlu:
+      result = at::silu(x.narrow(1, 0, ffn_size)) * x.narrow(1, ffn_size, ffn_size);
+      break;
+    case Activation::kGptOssSwiglu: {
+      const at::Tensor gate = at::clamp_max(x.slice(1, 0, 2 * ffn_size, 2), params.swiglu_limit);
+      const at::Tensor up =
+          at::clamp(x.slice(1, 1, 2 * ffn_size, 2), -params.swiglu_limit, params.swiglu_limit);
+      result = (up + 1) * gate * at::sigmoid(gate * params.swiglu_alpha);
+      break;
+    }
+  }
+  act.copy_(result);
+}
+
+}  // namespace composite
+
+}  // namespace moe_infer

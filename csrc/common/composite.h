@@ -1,0 +1,66 @@
+// Composite implementations of every op, built from ATen ops only, so they run on any device.
+// They are the selectable fallback of the hand-written kernels (moe_infer.ops.set_kernels(False)),
+// which lets the tests compare kernel, fallback and reference on each device. Arguments are
+// checked by the caller (common/checks.h) before these run.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "experts.h"
+
+namespace moe_infer {
+
+// Whether ops run their hand-written kernels (default) or the composite fallback.
+bool kernels_enabled();
+void set_kernels_enabled(bool enabled);
+
+namespace composite {
+
+std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& router_logits,
+                                               const GatingSizes& sizes, bool renormalize,
+                                               const std::optional<at::Tensor>& selection_bias,
+                                               double scaling_factor, bool validate);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan(
+    const at::Tensor& expert_ids, const PlanSizes& sizes, bool validate);
+
+at::Tensor permute(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids, int64_t top_k);
+
+at::Tensor unpermute_combine(const at::Tensor& expert_out, const at::Tensor& topk_weights,
+                             const at::Tensor& row_of_pair);
+
+// fc1_out [n, F1] -> act [n, I] with ATen ops.
+void activate(const at::Tensor& fc1_out, const ActivationParams& params, const at::Tensor& act);
+
+}  // namespace composite
+
+// Raises the CPU kernels' error for NaN/+inf/all -inf router logits if `router_logits` has any
+// (one reduction; on CUDA a device sync).
+void check_finite_logits(const at::Tensor& router_logits, Scoring scoring);
+
+// Raises dispatch_plan's out-of-range error naming the first bad id, if there is one.
+void check_expert_id_range(const at::Tensor& expert_ids, const PlanSizes& sizes);
+
+// The expert offsets on the host, checked: offsets[0] == 0, non-decreasing, offsets[E] <= rows.
+std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64_t num_rows);
+
+// The per-expert GEMM loop shared by every device and by the fallback: for each non-empty expert,
+// fc1 (+bias) -> activate(fc1_out, act) -> fc2 (+bias) straight into the output rows; rows outside
+// every expert are zeros. Weights are read in place through views.
+using ActivateFn = std::function<void(const at::Tensor& fc1_out, const at::Tensor& act)>;
+at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<int32_t>& offsets,
+                                  const at::Tensor& fc1_weight,
+                                  const std::optional<at::Tensor>& fc1_bias,
+                                  const at::Tensor& fc2_weight,
+                                  const std::optional<at::Tensor>& fc2_bias,
+                                  bool weights_transposed, const MlpSizes& sizes,
+                                  const ActivateFn& activate);
+
+}  // namespace moe_infer
