@@ -4,73 +4,27 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
 
+#include "common/activation.h"
 #include "common/options.h"
 
 namespace moe_infer {
 
 // ---- torch-free core ------------------------------------------------------------------------
 
-struct ActivationParams {
-  Activation activation = Activation::kSilu;
-  float swiglu_alpha = 1.702f;  // GPT-OSS only
-  float swiglu_limit = 7.0f;    // GPT-OSS only
-};
-
-inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
-
 // Applies the activation to one row: `fc1_row` has 2 * ffn_size (gated) or ffn_size values,
-// `out_row` gets ffn_size values. Math in float32.
+// `out_row` gets ffn_size values. Math in float32 (common/activation.h, shared with CUDA).
 template <typename T>
 void activate_row(const T* fc1_row, int64_t ffn_size, const ActivationParams& params, T* out_row) {
-  constexpr float kSqrtHalf = 0.70710678118654752f;
-  constexpr float kSqrtTwoOverPi = 0.79788456080286536f;
-  switch (params.activation) {
-    case Activation::kRelu:
-      for (int64_t i = 0; i < ffn_size; ++i) {
-        const float x = static_cast<float>(fc1_row[i]);
-        out_row[i] = static_cast<T>(x > 0.0f ? x : 0.0f);
-      }
-      break;
-    case Activation::kGelu:
-      for (int64_t i = 0; i < ffn_size; ++i) {
-        const float x = static_cast<float>(fc1_row[i]);
-        out_row[i] = static_cast<T>(0.5f * x * (1.0f + std::erf(x * kSqrtHalf)));
-      }
-      break;
-    case Activation::kGeluTanh:
-      for (int64_t i = 0; i < ffn_size; ++i) {
-        const float x = static_cast<float>(fc1_row[i]);
-        const float inner = kSqrtTwoOverPi * (x + 0.044715f * x * x * x);
-        out_row[i] = static_cast<T>(0.5f * x * (1.0f + std::tanh(inner)));
-      }
-      break;
-    case Activation::kSilu:
-      for (int64_t i = 0; i < ffn_size; ++i) {
-        out_row[i] = static_cast<T>(silu(static_cast<float>(fc1_row[i])));
-      }
-      break;
-    case Activation::kSiluGlu:
-      for (int64_t i = 0; i < ffn_size; ++i) {
-        const float gate = static_cast<float>(fc1_row[i]);
-        const float up = static_cast<float>(fc1_row[ffn_size + i]);
-        out_row[i] = static_cast<T>(silu(gate) * up);
-      }
-      break;
-    case Activation::kGptOssSwiglu:
-      for (int64_t i = 0; i < ffn_size; ++i) {
-        const float gate = std::min(static_cast<float>(fc1_row[2 * i]), params.swiglu_limit);
-        const float up =
-            std::min(std::max(static_cast<float>(fc1_row[2 * i + 1]), -params.swiglu_limit),
-                     params.swiglu_limit);
-        const float glu = gate / (1.0f + std::exp(-params.swiglu_alpha * gate));
-        out_row[i] = static_cast<T>((up + 1.0f) * glu);
-      }
-      break;
+  const bool gated = is_gated(params.activation);
+  for (int64_t i = 0; i < ffn_size; ++i) {
+    const float gate = static_cast<float>(fc1_row[gate_column(params.activation, i)]);
+    const float up =
+        gated ? static_cast<float>(fc1_row[up_column(params.activation, i, ffn_size)]) : 0.0f;
+    out_row[i] = static_cast<T>(activate_value(params, gate, up));
   }
 }
 

@@ -102,6 +102,18 @@ GatingSizes check_topk_gating(const at::Tensor& router_logits, int64_t top_k,
   return sizes;
 }
 
+void fail_nonfinite_logits(int64_t row) {
+  TORCH_CHECK(false, "topk_gating: router_logits row ", row,
+              " contains NaN or +inf (or only -inf, which has no softmax); check the hidden states "
+              "and router weights");
+}
+
+void fail_expert_id(int64_t pair, int64_t value, const PlanSizes& sizes) {
+  TORCH_CHECK(false, "dispatch_plan: expert_ids[", pair / sizes.top_k, ", ", pair % sizes.top_k,
+              "] = ", value, " is out of range: expected 0 <= id < num_experts (",
+              sizes.num_experts, "), or -1 for an unrouted pair");
+}
+
 PlanSizes check_dispatch_plan(const at::Tensor& expert_ids, int64_t num_experts) {
   constexpr const char* op = "dispatch_plan";
   check_dim(op, "expert_ids", expert_ids, 2, "[num_tokens, top_k]");

@@ -59,6 +59,10 @@ MlpSizes check_grouped_mlp(const at::Tensor& hidden, const at::Tensor& expert_of
                            const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
                            const std::string& activation, bool weights_transposed);
 
+// Errors of the data-dependent checks, in the same words on every backend.
+[[noreturn]] void fail_nonfinite_logits(int64_t row);
+[[noreturn]] void fail_expert_id(int64_t pair, int64_t value, const PlanSizes& sizes);
+
 // Largest number of (token, slot) pairs the int32 index tensors can address.
 constexpr int64_t kMaxPairs = (int64_t{1} << 31) - 1;
 

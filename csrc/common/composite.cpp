@@ -34,10 +34,7 @@ void check_expert_id_range(const at::Tensor& expert_ids, const PlanSizes& sizes)
   const at::Tensor bad = at::nonzero((flat < -1) | (flat >= sizes.num_experts));
   if (bad.size(0) == 0) return;
   const int64_t pair = bad[0][0].item<int64_t>();
-  TORCH_CHECK(false, "dispatch_plan: expert_ids[", pair / sizes.top_k, ", ", pair % sizes.top_k,
-              "] = ", flat[pair].item<int64_t>(),
-              " is out of range: expected 0 <= id < num_experts (", sizes.num_experts,
-              "), or -1 for an unrouted pair");
+  fail_expert_id(pair, flat[pair].item<int64_t>(), sizes);
 }
 
 std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64_t num_rows) {

@@ -60,10 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cpu(
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "dispatch_plan", [&] {
     const index_t* ids_ptr = ids.data_ptr<index_t>();
     const int64_t bad = find_invalid_expert_id(ids_ptr, sizes.num_pairs, num_experts);
-    TORCH_CHECK(bad < 0, "dispatch_plan: expert_ids[", bad / sizes.top_k, ", ", bad % sizes.top_k,
-                "] = ", bad < 0 ? 0 : static_cast<int64_t>(ids_ptr[bad]),
-                " is out of range: expected 0 <= id < num_experts (", num_experts,
-                "), or -1 for an unrouted pair");
+    if (bad >= 0) fail_expert_id(bad, static_cast<int64_t>(ids_ptr[bad]), sizes);
     counting_sort_pairs(ids_ptr, sizes.num_pairs, num_experts, num_chunks, chunk_counts.data(),
                         sorted_pair_ids.data_ptr<int32_t>(), row_of_pair.data_ptr<int32_t>(),
                         tokens_per_expert.data_ptr<int32_t>(), expert_offsets.data_ptr<int32_t>(),

@@ -174,10 +174,7 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logi
       }
     }
   });
-  TORCH_CHECK(bad_token.load() == sizes.num_tokens, "topk_gating: router_logits row ",
-              bad_token.load(),
-              " contains NaN or +inf (or only -inf, which has no softmax); check the hidden states "
-              "and router weights");
+  if (bad_token.load() != sizes.num_tokens) fail_nonfinite_logits(bad_token.load());
   return {topk_weights, expert_ids};
 }
 

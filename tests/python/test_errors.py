@@ -44,9 +44,10 @@ def ids_of(rows, device="cpu"):
             lambda d: ops.permute(torch.randn(3, 4, device=d), ids_of([0, 1], d), 2),
             r"sorted_pair_ids has 2 entries, expected num_tokens \* top_k",
         ),
-        (
+        pytest.param(
             lambda d: ops.permute(torch.randn(3, 4, device=d), ids_of([0, 1, 2, 3, 4, 6], d), 2),
             r"sorted_pair_ids has values in \[0, 6\], expected \[0, 6\)",
+            marks=pytest.mark.cpu_values,
         ),
         (
             lambda d: ops.permute(torch.randn(3, 4, device=d), ids_of([0, 1, 2, 3, 4, 5], d).long(), 2),
@@ -58,11 +59,12 @@ def ids_of(rows, device="cpu"):
             ),
             r"expert_out has 5 rows, expected num_tokens \* top_k = 6",
         ),
-        (
+        pytest.param(
             lambda d: ops.unpermute_combine(
                 torch.randn(6, 4, device=d), torch.rand(3, 2, device=d), ids_of([0, 1, 2, 3, 4, 9], d)
             ),
             r"row_of_pair has values in \[0, 9\]",
+            marks=pytest.mark.cpu_values,
         ),
         (
             lambda d: ops.unpermute_combine(
@@ -72,7 +74,11 @@ def ids_of(rows, device="cpu"):
         ),
     ],
 )
-def test_op_argument_errors(device, impl, call, message):
+def test_op_argument_errors(request, device, impl, call, message):
+    if device.type == "cuda" and request.node.get_closest_marker("cpu_values"):
+        pytest.skip(
+            "on CUDA the values of index tensors from dispatch_plan are not checked (no host sync); see test_cuda.py"
+        )
     with pytest.raises(RuntimeError, match=message):
         call(device)
         if device.type == "cuda":

@@ -1,0 +1,55 @@
+// Helpers for the CUDA glue: launch checks, capture detection, dtype mapping to CUDA types.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+// Dispatch over the three floating dtypes the ops accept (float32, bfloat16, float16).
+#define MOE_INFER_DISPATCH_FLOATS(TYPE, NAME, ...)                               \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE( \
+                         at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace moe_infer {
+
+// True while the current stream is being captured into a CUDA graph: host syncs are illegal then,
+// so data-dependent validation is skipped (the kernels stay memory-safe).
+inline bool stream_is_capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+// The CUDA type of an ATen floating dtype, for the torch-free kernels.
+template <typename AtenT>
+struct CudaType {
+  using type = AtenT;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+};
+
+template <typename AtenT>
+auto* cuda_ptr(const at::Tensor& t) {
+  return reinterpret_cast<typename CudaType<AtenT>::type*>(t.data_ptr<AtenT>());
+}
+
+template <typename AtenT>
+const auto* cuda_const_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename CudaType<AtenT>::type*>(t.const_data_ptr<AtenT>());
+}
+
+// Blocks for a grid-stride kernel: enough to fill the device, never more than the work.
+inline int grid_size(int64_t work_items, int64_t per_block = 1) {
+  const int64_t blocks = (work_items + per_block - 1) / per_block;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 65535)));
+}
+
+}  // namespace moe_infer

@@ -1,0 +1,175 @@
+// CUDA glue for dispatch_plan (CUB stable radix sort by expert, no host sync unless validating),
+// permute and unpermute_combine.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cub/device/device_radix_sort.cuh>
+#include <limits>
+
+#include "common/checks.h"
+#include "common/composite.h"
+#include "common/cuda_utils.h"
+#include "kernels/dispatch.cuh"
+
+namespace moe_infer {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+int bits_for(int64_t max_key) {
+  int bits = 1;
+  while ((int64_t{1} << bits) <= max_key) ++bits;
+  return bits;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cuda(
+    const at::Tensor& expert_ids, int64_t num_experts, bool validate) {
+  const PlanSizes sizes = check_dispatch_plan(expert_ids, num_experts);
+  const c10::cuda::CUDAGuard guard(expert_ids.device());
+  const bool check = validate && !stream_is_capturing();
+  if (!kernels_enabled()) return composite::dispatch_plan(expert_ids, sizes, check);
+
+  const at::Tensor ids = expert_ids.contiguous();
+  const auto int_options = ids.options().dtype(at::kInt);
+  const int64_t n = sizes.num_pairs;
+  auto keys = at::empty({n}, int_options);
+  auto values = at::empty({n}, int_options);
+  auto sorted_keys = at::empty({n}, int_options);
+  auto sorted_pair_ids = at::empty({n}, int_options);
+  auto row_of_pair = at::empty({n}, int_options);
+  auto tokens_per_expert = at::empty({num_experts}, int_options);
+  auto expert_offsets = at::empty({num_experts + 1}, int_options);
+  auto first_bad = at::full({1}, std::numeric_limits<int32_t>::max(), int_options);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int E = static_cast<int>(num_experts);
+
+  if (n > 0) {
+    AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "dispatch_plan", [&] {
+      kernels::plan_keys_kernel<<<grid_size(n, kThreads), kThreads, 0, stream>>>(
+          ids.const_data_ptr<index_t>(), n, E, keys.data_ptr<int32_t>(), values.data_ptr<int32_t>(),
+          first_bad.data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    // LSD radix sort is stable: pairs of one expert keep their (token, slot) order.
+    const int end_bit = bits_for(num_experts);
+    size_t temp_bytes = 0;
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+        nullptr, temp_bytes, keys.data_ptr<int32_t>(), sorted_keys.data_ptr<int32_t>(),
+        values.data_ptr<int32_t>(), sorted_pair_ids.data_ptr<int32_t>(), static_cast<int>(n), 0,
+        end_bit, stream));
+    auto temp = at::empty({static_cast<int64_t>(temp_bytes)}, ids.options().dtype(at::kByte));
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+        temp.data_ptr(), temp_bytes, keys.data_ptr<int32_t>(), sorted_keys.data_ptr<int32_t>(),
+        values.data_ptr<int32_t>(), sorted_pair_ids.data_ptr<int32_t>(), static_cast<int>(n), 0,
+        end_bit, stream));
+  }
+  kernels::plan_offsets_kernel<<<grid_size(n + 1, kThreads), kThreads, 0, stream>>>(
+      sorted_keys.const_data_ptr<int32_t>(), sorted_pair_ids.const_data_ptr<int32_t>(), n, E,
+      row_of_pair.data_ptr<int32_t>(), expert_offsets.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  kernels::plan_counts_kernel<<<grid_size(num_experts, kThreads), kThreads, 0, stream>>>(
+      expert_offsets.const_data_ptr<int32_t>(), E, tokens_per_expert.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  if (check && n > 0) {
+    const int32_t bad = first_bad.item<int32_t>();
+    if (bad != std::numeric_limits<int32_t>::max()) {
+      fail_expert_id(bad, ids.reshape(-1)[bad].item<int64_t>(), sizes);
+    }
+  }
+  return {sorted_pair_ids, row_of_pair, tokens_per_expert, expert_offsets};
+}
+
+at::Tensor permute_cuda(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids,
+                        int64_t top_k) {
+  const RowSizes sizes = check_permute(hidden, sorted_pair_ids, top_k);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  if (!kernels_enabled()) return composite::permute(hidden, sorted_pair_ids, top_k);
+  const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
+  const at::Tensor pair_ids = sorted_pair_ids.contiguous();
+  const int64_t num_rows = sizes.num_tokens * top_k;
+  auto out = at::empty({num_rows, sizes.hidden_size}, hidden.options());
+  if (num_rows == 0 || sizes.hidden_size == 0) return out;
+  const int64_t element_bytes = static_cast<int64_t>(hidden.element_size());
+  const int64_t row_bytes = sizes.hidden_size * element_bytes;
+  const int64_t stride_bytes = rows.stride(0) * element_bytes;
+  const auto address = reinterpret_cast<uintptr_t>(rows.const_data_ptr());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto vector_tag) {
+    using VecT = decltype(vector_tag);
+    const int64_t vectors = row_bytes / static_cast<int64_t>(sizeof(VecT));
+    const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, vectors)));
+    kernels::permute_kernel<VecT><<<grid_size(num_rows), threads, 0, stream>>>(
+        static_cast<const char*>(rows.const_data_ptr()), stride_bytes, vectors,
+        pair_ids.const_data_ptr<int32_t>(), static_cast<int>(top_k), sizes.num_tokens, num_rows,
+        static_cast<char*>(out.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  // The widest access that every row start allows.
+  auto aligned = [&](int64_t bytes) {
+    return row_bytes % bytes == 0 && stride_bytes % bytes == 0 && address % bytes == 0;
+  };
+  if (aligned(16)) {
+    launch(uint4{});
+  } else if (aligned(8)) {
+    launch(uint2{});
+  } else if (aligned(4)) {
+    launch(uint32_t{});
+  } else if (aligned(2)) {
+    launch(uint16_t{});
+  } else {
+    launch(uint8_t{});
+  }
+  return out;
+}
+
+at::Tensor unpermute_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weights,
+                                  const at::Tensor& row_of_pair) {
+  const RowSizes sizes = check_unpermute_combine(expert_out, topk_weights, row_of_pair);
+  const c10::cuda::CUDAGuard guard(expert_out.device());
+  if (!kernels_enabled())
+    return composite::unpermute_combine(expert_out, topk_weights, row_of_pair);
+  const at::Tensor rows = expert_out.contiguous();
+  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+  const at::Tensor pair_rows = row_of_pair.contiguous();
+  auto out = at::empty({sizes.num_tokens, sizes.hidden_size}, expert_out.options());
+  if (sizes.num_tokens == 0 || sizes.hidden_size == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  MOE_INFER_DISPATCH_FLOATS(rows.scalar_type(), "unpermute_combine", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    constexpr int kVector = 16 / sizeof(T);
+    const bool vectorize = sizes.hidden_size % kVector == 0 &&
+                           reinterpret_cast<uintptr_t>(rows.const_data_ptr()) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+    const int64_t per_thread = vectorize ? kVector : 1;
+    const int threads = static_cast<int>(
+        std::min<int64_t>(256, std::max<int64_t>(32, sizes.hidden_size / per_thread)));
+    auto launch = [&](auto vector) {
+      constexpr int N = decltype(vector)::value;
+      kernels::unpermute_combine_kernel<T, N><<<grid_size(sizes.num_tokens), threads, 0, stream>>>(
+          cuda_const_ptr<scalar_t>(rows), sizes.hidden_size, rows.size(0),
+          weights.const_data_ptr<float>(), pair_rows.const_data_ptr<int32_t>(),
+          static_cast<int>(sizes.top_k), sizes.num_tokens, cuda_ptr<scalar_t>(out));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (vectorize) {
+      launch(std::integral_constant<int, kVector>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(moe_infer, CUDA, m) {
+  m.impl("dispatch_plan", &dispatch_plan_cuda);
+  m.impl("permute", &permute_cuda);
+  m.impl("unpermute_combine", &unpermute_combine_cuda);
+}
+
+}  // namespace moe_infer

@@ -1,0 +1,46 @@
+"""Runs every CUDA kernel once on small awkward inputs: for compute-sanitizer (memcheck, racecheck).
+
+Covers S = 0 and 1, unaligned hidden sizes, empty experts, unrouted pairs, all scoring variants,
+the grouped-GEMM and the per-expert paths. Exits non-zero if a result disagrees with the CPU.
+"""
+
+import torch
+
+import moe_infer
+from moe_infer import ops
+
+assert torch.cuda.is_available() and moe_infer.built_with_cuda(), "needs a CUDA device and a CUDA build"
+cuda = torch.device("cuda")
+torch.manual_seed(0)
+
+for num_tokens in (0, 1, 37):
+    for scoring, groups in (("softmax", (1, 1)), ("softmax_topk", (1, 1)), ("sigmoid", (4, 2))):
+        logits = torch.randn(num_tokens, 16)
+        bias = torch.randn(16) if scoring == "sigmoid" else None
+        w_cpu, ids_cpu = ops.topk_gating(logits, 3, scoring, True, bias, 1.0, *groups)
+        w, ids = ops.topk_gating(
+            logits.to(cuda), 3, scoring, True, None if bias is None else bias.to(cuda), 1.0, *groups
+        )
+        assert torch.equal(ids.cpu(), ids_cpu), (num_tokens, scoring)
+    ids = torch.randint(-1, 16, (num_tokens, 3))
+    plan_cpu = ops.dispatch_plan(ids, 16)
+    plan = ops.dispatch_plan(ids.to(cuda), 16)
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(plan_cpu, plan))
+    for dtype, hidden_size in ((torch.float32, 37), (torch.bfloat16, 64), (torch.float16, 3)):
+        hidden = torch.randn(num_tokens, hidden_size, device=cuda).to(dtype)
+        rows = ops.permute(hidden, plan.sorted_pair_ids, 3)
+        weights = torch.rand(num_tokens, 3, device=cuda)
+        out = ops.unpermute_combine(rows, weights, plan.row_of_pair)
+        assert torch.allclose(
+            out.cpu().float(), ops.unpermute_combine(rows.cpu(), weights.cpu(), plan_cpu.row_of_pair).float(), atol=1e-2
+        )
+        for activation, ffn in (("silu_glu", 32), ("gpt_oss_swiglu", 16), ("relu", 8)):
+            fc1_out = 2 * ffn if activation != "relu" else ffn
+            fc1 = torch.randn(16, fc1_out, hidden_size, device=cuda).to(dtype)
+            fc2 = torch.randn(16, hidden_size, ffn, device=cuda).to(dtype)
+            b1 = torch.randn(16, fc1_out, device=cuda).to(dtype)
+            b2 = torch.randn(16, hidden_size, device=cuda).to(dtype)
+            y = ops.grouped_mlp(rows, plan.expert_offsets, fc1, b1, fc2, b2, activation)
+            assert y.shape == rows.shape
+torch.cuda.synchronize()
+print("cuda_kernel_smoke: ok")

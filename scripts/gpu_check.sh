@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The GPU check, run from the repository root on a machine with a CUDA GPU (the lent H200: its own
+# python3 with torch + CUDA, nvcc, no internet). Builds the extension against the installed torch,
+# runs the whole pytest suite with CUDA, compute-sanitizer (memcheck, racecheck) on a short run of
+# every kernel, and the GPU benchmarks. Writes logs and tables to $OUT (when set) and to
+# bench/results/gpu/, and prints a summary table last. Sized for under 8 minutes.
+#   GPU_CHECK_STEPS="build pytest sanitizer bench"   the steps to run (default: all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$(pwd)/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+results=bench/results/gpu
+out=${OUT:-$results}
+mkdir -p "$results" "$out"
+steps=${GPU_CHECK_STEPS:-"build pytest sanitizer bench"}
+summary=()
+failed=0
+
+run_step() {  # run_step NAME LOG TIMEOUT COMMAND...
+  local name=$1 log=$2 limit=$3; shift 3
+  local start=$SECONDS status
+  echo "==== [gpu_check] $name (log: $out/$log)"
+  timeout "$limit" "$@" >"$out/$log" 2>&1
+  status=$?
+  tail -n 25 "$out/$log"
+  local verdict=ok
+  if ((status == 124)); then verdict="TIMEOUT"; elif ((status != 0)); then verdict="FAILED($status)"; fi
+  [[ $verdict == ok ]] || failed=1
+  summary+=("$(printf '| %-26s | %-11s | %5ss |' "$name" "$verdict" $((SECONDS - start)))")
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+  "$py" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  nvcc --version | tail -n 2
+} >"$out/env.log" 2>&1
+cat "$out/env.log"
+
+has() { [[ " $steps " == *" $1 "* ]]; }
+if has build; then
+  arch=$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  run_step "build (setup.py)" build.log 400 env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST="$arch" \
+    "$py" setup.py build_ext --inplace
+  "$py" -c "import moe_infer; assert moe_infer.built_with_cuda(), 'extension built without CUDA'" >>"$out/build.log" 2>&1 ||
+    { echo "the extension has no CUDA kernels"; failed=1; }
+fi
+if has pytest; then
+  run_step "pytest (CPU + CUDA)" pytest.log 330 "$py" -m pytest tests/python -q -p no:cacheprovider \
+    -o addopts="" --timeout 240 -x --maxfail=20
+fi
+if has sanitizer; then
+  # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
+  run_step "compute-sanitizer memcheck" sanitizer.log 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool memcheck --error-exitcode 3 "$py" scripts/cuda_kernel_smoke.py
+  run_step "compute-sanitizer racecheck" racecheck.log 150 \
+    compute-sanitizer --tool racecheck --error-exitcode 3 "$py" scripts/cuda_kernel_smoke.py
+fi
+if has bench; then
+  run_step "bench/gpu_layer.py" bench.log 240 "$py" bench/gpu_layer.py --quick
+  [[ -f $results/layer_h200.md && "$out" != "$results" ]] && cp "$results/layer_h200.md" "$out/" 2>/dev/null
+fi
+
+{
+  echo "| step                       | result      |  time |"
+  echo "|----------------------------|-------------|-------|"
+  printf '%s\n' "${summary[@]}"
+} >"$out/summary.md"
+if [[ "$out" != "$results" ]]; then cp "$out"/*.md "$out"/*.log "$results/" 2>/dev/null; fi
+echo
+echo "==== [gpu_check] summary"
+cat "$out/summary.md"
+exit $failed
