@@ -55,18 +55,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cuda(
           first_bad.data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    // LSD radix sort is stable: pairs of one expert keep their (token, slot) order.
+    // LSD radix sort is stable: pairs of one expert keep their (token, slot) order. Keys are in
+    // [0, E], sorted as unsigned over their low bits only.
     const int end_bit = bits_for(num_experts);
+    const auto* keys_in = reinterpret_cast<const uint32_t*>(keys.const_data_ptr<int32_t>());
+    auto* keys_out = reinterpret_cast<uint32_t*>(sorted_keys.data_ptr<int32_t>());
     size_t temp_bytes = 0;
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-        nullptr, temp_bytes, keys.data_ptr<int32_t>(), sorted_keys.data_ptr<int32_t>(),
-        values.data_ptr<int32_t>(), sorted_pair_ids.data_ptr<int32_t>(), static_cast<int>(n), 0,
-        end_bit, stream));
+        nullptr, temp_bytes, keys_in, keys_out, values.data_ptr<int32_t>(),
+        sorted_pair_ids.data_ptr<int32_t>(), static_cast<int>(n), 0, end_bit, stream));
     auto temp = at::empty({static_cast<int64_t>(temp_bytes)}, ids.options().dtype(at::kByte));
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-        temp.data_ptr(), temp_bytes, keys.data_ptr<int32_t>(), sorted_keys.data_ptr<int32_t>(),
-        values.data_ptr<int32_t>(), sorted_pair_ids.data_ptr<int32_t>(), static_cast<int>(n), 0,
-        end_bit, stream));
+        temp.data_ptr(), temp_bytes, keys_in, keys_out, values.data_ptr<int32_t>(),
+        sorted_pair_ids.data_ptr<int32_t>(), static_cast<int>(n), 0, end_bit, stream));
   }
   kernels::plan_offsets_kernel<<<grid_size(n + 1, kThreads), kThreads, 0, stream>>>(
       sorted_keys.const_data_ptr<int32_t>(), sorted_pair_ids.const_data_ptr<int32_t>(), n, E,
