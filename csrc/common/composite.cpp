@@ -28,6 +28,12 @@ void check_finite_logits(const at::Tensor& router_logits, Scoring scoring) {
               "and router weights");
 }
 
+void check_finite_bias(const at::Tensor& selection_bias) {
+  const at::Tensor bad = at::nonzero(~at::isfinite(selection_bias));
+  TORCH_CHECK(bad.size(0) == 0, "topk_gating: selection_bias must be finite, but entry ",
+              bad.size(0) ? bad[0][0].item<int64_t>() : 0, " is not");
+}
+
 void check_expert_id_range(const at::Tensor& expert_ids, const PlanSizes& sizes) {
   if (expert_ids.numel() == 0) return;
   const at::Tensor flat = expert_ids.reshape(-1);
@@ -105,7 +111,10 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& router_logits,
                                                const GatingSizes& sizes, bool renormalize,
                                                const std::optional<at::Tensor>& selection_bias,
                                                double scaling_factor, bool validate) {
-  if (validate) check_finite_logits(router_logits, sizes.scoring);
+  if (validate) {
+    check_finite_logits(router_logits, sizes.scoring);
+    if (selection_bias.has_value()) check_finite_bias(*selection_bias);
+  }
   const at::Tensor logits = router_logits.to(at::kFloat);
   at::Tensor weights;
   at::Tensor ids;
@@ -125,7 +134,8 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& router_logits,
       const at::Tensor group_mask = at::zeros_like(group_scores).scatter_(1, best_groups, 1.0);
       const at::Tensor expert_mask =
           group_mask.unsqueeze(-1).expand_as(grouped).reshape({sizes.num_tokens, -1});
-      choice = choice.masked_fill(expert_mask == 0, 0.0);  // as transformers does
+      // Experts of unchosen groups are out of the running, as in transformers v5.
+      choice = choice.masked_fill(expert_mask == 0, -std::numeric_limits<float>::infinity());
     }
     ids = std::get<1>(at::topk(choice, sizes.top_k, -1));
     weights = scores.gather(1, ids);

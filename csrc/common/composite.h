@@ -45,6 +45,9 @@ void activate(const at::Tensor& fc1_out, const ActivationParams& params, const a
 // (one reduction; on CUDA a device sync).
 void check_finite_logits(const at::Tensor& router_logits, Scoring scoring);
 
+// Raises topk_gating's error if selection_bias has a NaN or infinite entry (on CUDA a sync).
+void check_finite_bias(const at::Tensor& selection_bias);
+
 // Raises dispatch_plan's out-of-range error naming the first bad id, if there is one.
 void check_expert_id_range(const at::Tensor& expert_ids, const PlanSizes& sizes);
 

@@ -69,12 +69,15 @@ bool route_token(const float* logits, const float* selection_bias, const GatingC
       break;
   }
   for (int64_t e = 0; e < num_experts; ++e) {
-    choice[e] = scores[e] + (selection_bias != nullptr ? selection_bias[e] : 0.0f);
+    // NaN marks "taken" below, so a NaN choice (an unvalidated NaN bias) counts as -inf.
+    const float v = scores[e] + (selection_bias != nullptr ? selection_bias[e] : 0.0f);
+    choice[e] = std::isnan(v) ? -std::numeric_limits<float>::infinity() : v;
   }
 
   if (config.n_group > 1) {
     // DeepSeek-V3: a group scores the sum of its two best choices; experts outside the best
-    // topk_group groups get a choice of 0 (as transformers does), not -inf.
+    // topk_group groups get a choice of -inf (as transformers v5 does), so a chosen group's expert
+    // wins even when the selection bias makes its choice score negative.
     const int64_t group_size = num_experts / config.n_group;
     for (int64_t g = 0; g < config.n_group; ++g) {
       const float* group = choice + g * group_size;
@@ -88,7 +91,8 @@ bool route_token(const float* logits, const float* selection_bias, const GatingC
           second = group[i];
         }
       }
-      group_scores[g] = first + second;
+      const float sum = first + second;
+      group_scores[g] = std::isnan(sum) ? -std::numeric_limits<float>::infinity() : sum;
     }
     // Mark chosen groups by replacing their score with NaN; the rest are masked.
     for (int64_t j = 0; j < config.topk_group; ++j) {
@@ -97,7 +101,9 @@ bool route_token(const float* logits, const float* selection_bias, const GatingC
     }
     for (int64_t g = 0; g < config.n_group; ++g) {
       if (std::isnan(group_scores[g])) continue;
-      for (int64_t i = 0; i < group_size; ++i) choice[g * group_size + i] = 0.0f;
+      for (int64_t i = 0; i < group_size; ++i) {
+        choice[g * group_size + i] = -std::numeric_limits<float>::infinity();
+      }
     }
   }
 
@@ -141,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logi
     return composite::topk_gating(router_logits, sizes, renormalize, selection_bias, scaling_factor,
                                   validate);
   }
-  // The kernel finds NaN logits as it goes, so on the CPU the check always runs.
+  // The kernel finds NaN logits as it goes, so on the CPU the checks always run.
+  if (selection_bias.has_value()) check_finite_bias(*selection_bias);
   const GatingConfig config{sizes.num_experts,
                             sizes.top_k,
                             sizes.scoring,

@@ -38,11 +38,14 @@ bool grouped_mm_operand_ok(const at::Tensor& b) {
   return aligned16(b) && (k_major || n_major);
 }
 
+// Where torch._grouped_mm has its CUTLASS fast path (sm90, sm100); elsewhere it syncs.
 bool device_has_grouped_gemm(const at::Tensor& t) {
   int major = 0;
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.device().index()));
-  return major == 9 || major == 10;
+  int minor = 0;
+  const int device = t.device().index();
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return (major == 9 && minor == 0) || (major == 10 && minor == 0);
 }
 
 // With no offsets, every row is activated and there is no bias (the per-expert path's addmm
@@ -82,24 +85,36 @@ at::Tensor grouped_mlp_cuda(const at::Tensor& hidden, const at::Tensor& expert_o
   const at::Tensor fc2 = weights_transposed ? fc2_weight : fc2_weight.transpose(1, 2);
 
 #ifdef MOE_INFER_HAS_GROUPED_MM
+  // torch._grouped_mm's fast path: bf16, 16-byte aligned rows and operands, < 1024 groups.
+  const at::Tensor x = hidden.contiguous();
   const bool grouped = kernels_enabled() && hidden.scalar_type() == at::kBFloat16 &&
-                       device_has_grouped_gemm(hidden) && sizes.hidden_size % 8 == 0 &&
-                       sizes.ffn_size % 8 == 0 && grouped_mm_operand_ok(fc1) &&
+                       device_has_grouped_gemm(hidden) && sizes.num_experts < 1024 &&
+                       sizes.hidden_size > 0 && sizes.hidden_size % 8 == 0 &&
+                       sizes.ffn_size % 8 == 0 && aligned16(x) && grouped_mm_operand_ok(fc1) &&
                        grouped_mm_operand_ok(fc2);
   if (grouped) {
-    const at::Tensor x = hidden.contiguous();
-    const at::Tensor group_ends = offsets.narrow(0, 1, sizes.num_experts);
-    auto act = at::empty({sizes.num_rows, sizes.ffn_size}, hidden.options());
     if (sizes.num_rows == 0) return at::empty({0, sizes.hidden_size}, hidden.options());
-    const at::Tensor fc1_out = at::_grouped_mm(x, fc1, group_ends);
-    launch_bias_activation(fc1_out, fc1_bias, &offsets, params, act);
-    at::Tensor out = at::_grouped_mm(act, fc2, group_ends);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    // Offsets the GEMMs and kernels can trust without a host check (clamped, non-decreasing).
+    auto clean = at::empty_like(offsets);
+    kernels::sanitize_offsets_kernel<<<1, 1, 0, stream>>>(
+        offsets.const_data_ptr<int32_t>(), static_cast<int>(sizes.num_experts), sizes.num_rows,
+        clean.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor group_ends = clean.narrow(0, 1, sizes.num_experts);
+    // The kernels index biases densely.
+    std::optional<at::Tensor> fc1_b, fc2_b;
+    if (fc1_bias.has_value()) fc1_b = fc1_bias->contiguous();
+    if (fc2_bias.has_value()) fc2_b = fc2_bias->contiguous();
+    auto act = at::empty({sizes.num_rows, sizes.ffn_size}, hidden.options());
+    const at::Tensor fc1_out = at::_grouped_mm(x, fc1, group_ends);
+    launch_bias_activation(fc1_out, fc1_b, &clean, params, act);
+    at::Tensor out = at::_grouped_mm(act, fc2, group_ends);
     MOE_INFER_DISPATCH_FLOATS(out.scalar_type(), "grouped_mlp_finalize", [&] {
       kernels::finalize_rows_kernel<<<grid_size(sizes.num_rows), kThreads, 0, stream>>>(
           cuda_ptr<scalar_t>(out), sizes.num_rows, sizes.hidden_size,
-          fc2_bias.has_value() ? cuda_const_ptr<scalar_t>(*fc2_bias) : nullptr,
-          offsets.const_data_ptr<int32_t>(), static_cast<int>(sizes.num_experts));
+          fc2_b.has_value() ? cuda_const_ptr<scalar_t>(*fc2_b) : nullptr,
+          clean.const_data_ptr<int32_t>(), static_cast<int>(sizes.num_experts));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return out;

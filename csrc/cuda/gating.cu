@@ -27,14 +27,15 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& router_log
     return composite::topk_gating(router_logits, sizes, renormalize, selection_bias, scaling_factor,
                                   check);
   }
-  TORCH_CHECK(k <= kernels::kWarpSize, "topk_gating: k (", k, ") must be <= ", kernels::kWarpSize,
-              " on CUDA");
   const int64_t floats_per_warp =
       kernels::gating_shared_floats_per_warp(static_cast<int>(sizes.num_experts), n_group);
   const int64_t shared_bytes = floats_per_warp * kernels::kGatingWarpsPerBlock * sizeof(float);
-  TORCH_CHECK(shared_bytes <= 48 * 1024, "topk_gating: num_experts (", sizes.num_experts,
-              ") is too large for the CUDA kernel (at most about 1500)");
-
+  if (k > kernels::kWarpSize || shared_bytes > 48 * 1024) {
+    // Beyond the warp kernel's reach (k > 32, or about 1500+ experts): the composite version.
+    return composite::topk_gating(router_logits, sizes, renormalize, selection_bias, scaling_factor,
+                                  check);
+  }
+  if (check && selection_bias.has_value()) check_finite_bias(*selection_bias);
   const at::Tensor logits = router_logits.contiguous();
   at::Tensor bias;
   if (selection_bias.has_value()) bias = selection_bias->to(at::kFloat).contiguous();

@@ -44,8 +44,10 @@ __global__ void plan_offsets_kernel(const int32_t* __restrict__ sorted_keys,
 
 __global__ void plan_counts_kernel(const int32_t* __restrict__ expert_offsets, int num_experts,
                                    int32_t* __restrict__ tokens_per_expert) {
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e < num_experts) tokens_per_expert[e] = expert_offsets[e + 1] - expert_offsets[e];
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < num_experts;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    tokens_per_expert[e] = expert_offsets[e + 1] - expert_offsets[e];
+  }
 }
 
 // out[r] = hidden[sorted_pair_ids[r] / top_k]; VecT is the widest access the row alignment

@@ -9,6 +9,21 @@
 
 namespace moe_infer::kernels {
 
+// clean[0] = 0, clean[e] = clamp(offsets[e], clean[e - 1], num_rows): offsets the grouped GEMMs
+// and the kernels below can trust whatever the caller passed (no host sync to check them).
+__global__ void sanitize_offsets_kernel(const int32_t* __restrict__ offsets, int num_experts,
+                                        int64_t num_rows, int32_t* __restrict__ clean) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  int64_t previous = 0;
+  clean[0] = 0;
+  for (int e = 1; e <= num_experts; ++e) {
+    int64_t value = offsets[e];
+    value = value < previous ? previous : (value > num_rows ? num_rows : value);
+    clean[e] = static_cast<int32_t>(value);
+    previous = value;
+  }
+}
+
 // act[r, i] = activation(fc1_out[r, :] + fc1_bias[e(r), :])[i] for the rows of every expert
 // (r < offsets[E]; all num_rows rows when there are no offsets, which needs no bias either);
 // fc1_out rows have `fc1_row_stride` elements. One block per row.
@@ -18,7 +33,9 @@ __global__ void bias_activation_kernel(const T* __restrict__ fc1_out, int64_t fc
                                        const T* __restrict__ fc1_bias, int64_t fc1_outputs,
                                        const int32_t* __restrict__ expert_offsets, int num_experts,
                                        T* __restrict__ act) {
-  const int64_t routed_rows = expert_offsets != nullptr ? expert_offsets[num_experts] : num_rows;
+  const int64_t routed_rows = expert_offsets != nullptr
+                                  ? min(static_cast<int64_t>(expert_offsets[num_experts]), num_rows)
+                                  : num_rows;
   const bool gated =
       params.activation == Activation::kSiluGlu || params.activation == Activation::kGptOssSwiglu;
   for (int64_t r = blockIdx.x; r < routed_rows; r += gridDim.x) {
@@ -46,7 +63,7 @@ template <typename T>
 __global__ void finalize_rows_kernel(T* __restrict__ out, int64_t num_rows, int64_t hidden_size,
                                      const T* __restrict__ fc2_bias,
                                      const int32_t* __restrict__ expert_offsets, int num_experts) {
-  const int64_t routed_rows = expert_offsets[num_experts];
+  const int64_t routed_rows = min(static_cast<int64_t>(expert_offsets[num_experts]), num_rows);
   for (int64_t r = blockIdx.x; r < num_rows; r += gridDim.x) {
     T* row = out + r * hidden_size;
     if (r >= routed_rows) {

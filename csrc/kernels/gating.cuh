@@ -100,13 +100,15 @@ __global__ void topk_gating_kernel(const T* __restrict__ logits, int64_t num_tok
       scores[e] = 1.0f / (1.0f + expf(-scores[e]));
   }
   for (int e = lane; e < num_experts; e += kWarpSize) {
-    choice[e] = scores[e] + (selection_bias != nullptr ? selection_bias[e] : 0.0f);
+    // NaN marks "taken" below, so a NaN choice (an unvalidated NaN bias) counts as -inf.
+    const float v = scores[e] + (selection_bias != nullptr ? selection_bias[e] : 0.0f);
+    choice[e] = isnan(v) ? -INFINITY : v;
   }
   __syncwarp();
 
   if (p.n_group > 1) {
     // A group scores the sum of its two best choices; experts outside the best topk_group groups
-    // get a choice of 0, as transformers does.
+    // get a choice of -inf, as transformers v5 does.
     const int group_size = num_experts / p.n_group;
     for (int g = lane; g < p.n_group; g += kWarpSize) {
       float first = -INFINITY, second = -INFINITY;
@@ -119,16 +121,18 @@ __global__ void topk_gating_kernel(const T* __restrict__ logits, int64_t num_tok
           second = v;
         }
       }
-      group_scores[g] = first + second;
+      const float sum = first + second;
+      group_scores[g] = isnan(sum) ? -INFINITY : sum;
     }
     __syncwarp();
     for (int j = 0; j < p.topk_group; ++j) {
       const int best = warp_argmax_skip_nan(group_scores, p.n_group, lane);
-      if (lane == 0) group_scores[best] = NAN;  // chosen
+      __syncwarp();  // every lane has read group_scores before lane 0 marks the winner
+      if (lane == 0 && best >= 0) group_scores[best] = NAN;  // chosen
       __syncwarp();
     }
     for (int e = lane; e < num_experts; e += kWarpSize) {
-      if (!isnan(group_scores[e / group_size])) choice[e] = 0.0f;
+      if (!isnan(group_scores[e / group_size])) choice[e] = -INFINITY;
     }
     __syncwarp();
   }
@@ -136,7 +140,7 @@ __global__ void topk_gating_kernel(const T* __restrict__ logits, int64_t num_tok
   int my_id = 0;
   float my_weight = 0.0f;
   for (int j = 0; j < p.top_k; ++j) {
-    const int best = warp_argmax_skip_nan(choice, num_experts, lane);
+    const int best = warp_argmax_skip_nan(choice, num_experts, lane);  // >= 0: k <= E
     if (lane == j) {
       my_id = best;
       my_weight = scores[best];

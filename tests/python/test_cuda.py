@@ -61,15 +61,15 @@ def test_topk_gating_cuda_equals_cpu(dtype, scoring, renormalize, groups, num_to
     logits = (torch.randn(num_tokens, num_experts) * 2).to(dtype)
     bias = torch.randn(num_experts) * 0.1 if scoring == "sigmoid" else None
     args = (k, scoring, renormalize, bias, 2.0, n_group, topk_group)
+    gpu_args = (k, scoring, renormalize, None if bias is None else bias.to(CUDA), 2.0, n_group, topk_group)
     w_cpu, id_cpu = ops.topk_gating(logits, *args)
-    w_gpu, id_gpu = ops.topk_gating(
-        logits.to(CUDA), k, scoring, renormalize, None if bias is None else bias.to(CUDA), 2.0, n_group, topk_group
-    )
+    w_gpu, id_gpu = ops.topk_gating(logits.to(CUDA), *gpu_args)
     same = (id_cpu == id_gpu.cpu()).all(-1)
-    assert same.float().mean() >= 0.99  # float rounding may flip exact near-ties only
+    assert num_tokens == 0 or same.float().mean() >= 0.99  # float rounding may flip near-ties only
     torch.testing.assert_close(w_gpu.cpu()[same], w_cpu[same], rtol=2e-6, atol=2e-6)
-    ref_w, ref_ids = ref.topk_gating(logits.to(CUDA), *args)
-    assert (ref_ids.sort(-1).values == id_gpu.long().sort(-1).values).all(-1).float().mean() >= 0.99
+    ref_w, ref_ids = ref.topk_gating(logits.to(CUDA), *gpu_args)
+    agree = (ref_ids.sort(-1).values == id_gpu.long().sort(-1).values).all(-1)
+    assert num_tokens == 0 or agree.float().mean() >= 0.99
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -85,7 +85,7 @@ def test_permute_combine_cuda_equals_cpu(dtype, hidden_size, num_tokens, k):
     weights = torch.rand(num_tokens, k)
     out_cpu = ops.unpermute_combine(rows_cpu, weights, plan.row_of_pair)
     out_gpu = ops.unpermute_combine(rows_gpu, weights.to(CUDA), plan.row_of_pair.to(CUDA))
-    # Both accumulate in float32 in the same order; only the final rounding can differ.
+    # Both accumulate in float32 in the same order (the GPU may fuse multiply-adds).
     torch.testing.assert_close(
         out_gpu.cpu().float(), out_cpu.float(), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-5
     )
