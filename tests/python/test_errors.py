@@ -35,6 +35,16 @@ def ids_of(rows, device="cpu"):
             lambda d: ops.topk_gating(torch.randn(4, 8, device=d), 2, "softmax", False, None, float("nan")),
             r"scaling_factor must be finite",
         ),
+        (
+            lambda d: ops.topk_gating(
+                torch.randn(4, 8, device=d),
+                2,
+                "sigmoid",
+                False,
+                torch.tensor([0.0, float("nan")] + [0.0] * 6, device=d),
+            ),
+            r"selection_bias must be finite, but entry 1 is not",
+        ),
         (lambda d: ops.dispatch_plan(torch.zeros(4, device=d, dtype=torch.int32), 8), r"expert_ids must be 2-D"),
         (lambda d: ops.dispatch_plan(torch.zeros(4, 2, device=d), 8), r"expert_ids must be int32 or int64"),
         (lambda d: ops.dispatch_plan(ids_of([[0, 8]], d), 8), r"expert_ids\[0, 1\] = 8 is out of range"),
