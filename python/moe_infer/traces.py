@@ -75,7 +75,9 @@ class RoutingTrace:
         """Raises ValueError if any batch has the wrong shape or out-of-range ids."""
         for layer, batches in enumerate(self.layers):
             if len(batches) != self.num_batches:
-                raise ValueError(f"RoutingTrace: layer {layer} has {len(batches)} batches, layer 0 has {self.num_batches}")
+                raise ValueError(
+                    f"RoutingTrace: layer {layer} has {len(batches)} batches, layer 0 has {self.num_batches}"
+                )
             for b, ids in enumerate(batches):
                 if ids.dim() != 2 or ids.shape[1] != self.top_k:
                     raise ValueError(
