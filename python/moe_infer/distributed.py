@@ -361,9 +361,13 @@ class ExpertParallelExperts(nn.Module):
             slot_offsets = torch.tensor([0, num_received], dtype=torch.int32, device=hidden.device)
             expert_out = self._compute(received, slot_offsets)
         else:
-            local_slot = torch.arange(slots_per_rank, dtype=torch.int32, device=hidden.device).repeat(ranks)
-            row_slot = local_slot.repeat_interleave(recv_counts.long(), output_size=num_received).view(-1, 1)
-            local_plan = ops.dispatch_plan(row_slot, slots_per_rank, validate=False)
+            # Block (source, slot) b starts at row block_start[b]; a row's block is the number of
+            # blocks starting at or before it, minus one (empty blocks share the next one's start).
+            block_start = torch.cumsum(recv_counts, 0, dtype=torch.int32) - recv_counts
+            starts = torch.zeros(num_received + 1, dtype=torch.int32, device=hidden.device)
+            starts.index_add_(0, block_start, torch.ones_like(block_start))
+            row_slot = (starts[:num_received].cumsum(0, dtype=torch.int32) - 1) % slots_per_rank
+            local_plan = ops.dispatch_plan(row_slot.view(-1, 1), slots_per_rank, validate=False)
             grouped = ops.permute(received, local_plan.sorted_pair_ids, 1)
             expert_out = ops.permute(self._compute(grouped, local_plan.expert_offsets), local_plan.row_of_pair, 1)
 

@@ -76,14 +76,12 @@ class Placement:
         self.num_experts = num_experts
         self.replica_count = replicas.to(torch.int32)
         # expert_slots[e, j]: physical slot of expert e's j-th replica (in slot order), -1 padded.
+        slots_of = [[] for _ in range(num_experts)]
+        for slot, expert in enumerate(flat.tolist()):
+            if expert >= 0:
+                slots_of[expert].append(slot)
         max_replicas = int(replicas.max())
-        order = torch.argsort(flat * flat.numel() + torch.arange(flat.numel()))  # by expert, then slot
-        order = order[flat[order] >= 0]
-        first = torch.cumsum(replicas, 0) - replicas
-        replica_index = torch.arange(order.numel()) - first.repeat_interleave(replicas)
-        expert_slots = torch.full((num_experts, max_replicas), -1, dtype=torch.int32)
-        expert_slots[flat[order], replica_index] = order.to(torch.int32)
-        self.expert_slots = expert_slots
+        self.expert_slots = torch.tensor([s + [-1] * (max_replicas - len(s)) for s in slots_of], dtype=torch.int32)
 
     @property
     def num_ranks(self) -> int:
