@@ -171,10 +171,6 @@ class ExpertParallelExperts(nn.Module):
                 self.register_parameter(name, None)
         self._set_placement(placement)
 
-    @classmethod
-    def from_experts(cls, experts: MoEExperts, placement: Optional[Placement] = None, group=None, **options):
-        return cls(experts, placement, group, **options)
-
     # -- placement bookkeeping ----------------------------------------------------------------
 
     def _set_placement(self, placement: Placement) -> None:
@@ -243,7 +239,10 @@ class ExpertParallelExperts(nn.Module):
             MODES.index(self.mode),
             placement.fingerprint(),
         ]
-        mine = torch.tensor(values, dtype=torch.int64, device=reference.device)
+        # NCCL only moves CUDA tensors; gloo moves CPU (and some CUDA) tensors.
+        nccl = dist.get_backend(self.group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else reference.device
+        mine = torch.tensor(values, dtype=torch.int64, device=device)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         self._collective(f"handshake ({step})", dist.all_gather, gathered, mine)
         for rank, theirs in enumerate(gathered):
@@ -492,8 +491,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 class ExpertParallelMoELayer(nn.Module):
     """A :class:`moe_infer.MoELayer` whose experts are spread over a process group.
 
-    The router is replicated (every rank routes its own tokens with the same gate); the experts
-    are an :class:`ExpertParallelExperts`. ``forward(hidden [..., H]) -> [..., H]``, collective.
+    The router is replicated (every rank routes its own tokens with the same gate, shared with
+    ``layer``); the experts are an :class:`ExpertParallelExperts` (``options`` go to it).
+    ``forward(hidden [..., H]) -> [..., H]``, collective.
     """
 
     route = MoELayer.route  # the very routing of MoELayer (same gate, same options)
@@ -520,6 +520,8 @@ class ExpertParallelMoELayer(nn.Module):
             self.register_buffer("selection_bias", layer.selection_bias)
         else:
             self.selection_bias = None
+        # Ids come from topk_gating, always in range: the experts need not check them again.
+        options.setdefault("validate", False)
         self.experts = ExpertParallelExperts(layer.experts, placement, group, **options)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

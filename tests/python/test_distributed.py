@@ -239,7 +239,7 @@ def _errors_worker(rank, world_size):
             messages.append(str(error))
         else:
             raise AssertionError(f"no error for {pattern}")
-    ep = expert_parallel(layer)  # the group still works after the refused constructions
+    ep = expert_parallel(layer, validate=True)  # the group still works after the refused constructions
     x = torch.randn(3, HIDDEN)
     for call, error_type, pattern in [
         (lambda: ep(x.clone().requires_grad_()), RuntimeError, "inference-only"),
