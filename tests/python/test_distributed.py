@@ -150,6 +150,17 @@ def _equivalence_worker(rank, world_size):
                     per_replica = [int((slots[ids == e] == s).sum()) for s in replicas.tolist()]
                     assert sum(per_replica) == int((ids == e).sum())
                     assert max(per_replica) - min(per_replica) <= 1, (name, e, per_replica)
+        # Every rank without tokens: both all-to-alls run empty.
+        for mode in ("dynamic", "static"):
+            empty = expert_parallel(layer, placements_for(world_size)["greedy+replicas"], mode=mode)
+            assert empty(torch.zeros(0, HIDDEN)).shape == (0, HIDDEN)
+        # GPT-OSS's layout: transposed stacked weights, biases, clamped swiGLU, top-k then softmax.
+        torch.manual_seed(1)
+        gpt_oss = moe_infer.MoELayer(
+            HIDDEN, FFN, EXPERTS, TOP_K, "gpt_oss_swiglu", "softmax_topk", expert_bias=True, weights_transposed=True
+        ).eval()
+        placement = placements_for(world_size)["anti_correlation+replicas"]
+        torch.testing.assert_close(expert_parallel(gpt_oss, placement)(x), gpt_oss(x), msg="gpt-oss layout")
     return "ok"
 
 
