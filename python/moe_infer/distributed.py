@@ -410,12 +410,12 @@ class ExpertParallelExperts(nn.Module):
         weights = topk_weights * kept.view(num_tokens, top_k)
         row_of_pair = torch.arange(num_tokens * top_k, dtype=torch.int32, device=hidden.device)
         block_rows = slots_per_rank * capacity
-        routed = int((slots >= 0).sum())
+        dropped = int((slots.view(-1) >= 0).sum() - kept.sum())
         self.last_stats = ExchangeStats(
             rows_sent=self.num_slots * capacity,
             rows_received=self.num_slots * capacity,
             bytes_sent=2 * (ranks - 1) * block_rows * hidden_size * hidden.element_size(),
-            dropped_pairs=routed - int(kept.sum()),
+            dropped_pairs=dropped,
             capacity=capacity,
         )
         return ops.unpermute_combine(pair_rows, weights, row_of_pair)

@@ -310,9 +310,11 @@ class LoadRecorder:
 
     def record(self, layer: int, expert_ids: torch.Tensor) -> None:
         """Adds one batch of one layer: expert ids [tokens, k] (-1 = unrouted, ignored)."""
-        flat = expert_ids.reshape(-1).long()
-        counts = torch.bincount(flat[flat >= 0], minlength=self.num_experts)
-        self.record_counts(layer, counts)
+        # Bin 0 collects the unrouted pairs; index_add_ keeps it free of host syncs on CUDA.
+        flat = expert_ids.reshape(-1).long() + 1
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=flat.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))
+        self.record_counts(layer, counts[1:])
 
     def record_counts(self, layer: int, counts: torch.Tensor) -> None:
         """Adds one batch of one layer as per-expert token counts [E]."""
