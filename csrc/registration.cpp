@@ -34,4 +34,14 @@ TORCH_LIBRARY(moe_infer, m) {
       "fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, str activation, bool "
       "weights_transposed, float swiglu_alpha, float swiglu_limit) -> (Tensor grad_hidden, Tensor "
       "grad_fc1_weight, Tensor grad_fc1_bias, Tensor grad_fc2_weight, Tensor grad_fc2_bias)");
+
+  // ---- placement (issue 6) ----
+  // Expert load [E] -> slot_expert [num_ranks, slots_per_rank] int32: the logical expert in each
+  // physical slot (-1 = empty; an expert in several slots is replicated). Algorithms: "contiguous",
+  // "greedy", "anti_correlation" (needs correlation [E, E]); replicate fills spare slots with
+  // replicas of hot experts; num_nodes > 1 places expert groups on nodes first, then on GPUs.
+  m.def(
+      "expert_placement(Tensor expert_load, int num_ranks, int slots_per_rank, str "
+      "algorithm=\"greedy\", bool replicate=False, Tensor? correlation=None, float "
+      "correlation_weight=0.5, int num_nodes=1, Tensor? expert_group=None) -> Tensor");
 }

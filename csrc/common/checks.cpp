@@ -232,4 +232,71 @@ MlpSizes check_grouped_mlp(const at::Tensor& hidden, const at::Tensor& expert_of
   return sizes;
 }
 
+// ---- placement (issue 6) ----
+
+PlacementAlgorithm parse_placement_algorithm(const std::string& name) {
+  if (name == "contiguous") return PlacementAlgorithm::kContiguous;
+  if (name == "greedy") return PlacementAlgorithm::kGreedy;
+  if (name == "anti_correlation") return PlacementAlgorithm::kAntiCorrelation;
+  TORCH_CHECK(false,
+              "expert_placement: algorithm must be one of 'contiguous', 'greedy', "
+              "'anti_correlation', got '",
+              name, "'");
+}
+
+PlacementSizes check_expert_placement(const at::Tensor& expert_load, int64_t num_ranks,
+                                      int64_t slots_per_rank, const std::string& algorithm,
+                                      bool replicate, const std::optional<at::Tensor>& correlation,
+                                      double correlation_weight, int64_t num_nodes,
+                                      const std::optional<at::Tensor>& expert_group) {
+  constexpr const char* op = "expert_placement";
+  check_dim(op, "expert_load", expert_load, 1, "[num_experts]");
+  TORCH_CHECK(expert_load.scalar_type() == at::kFloat || expert_load.scalar_type() == at::kDouble,
+              op, ": expert_load must be float32 or float64, got ", expert_load.scalar_type());
+  TORCH_CHECK(expert_load.device().is_cpu(), op, ": expert_load must be on the CPU, got ",
+              expert_load.device(), " (placement is planned on the host)");
+  PlacementSizes sizes{expert_load.size(0), num_ranks, slots_per_rank, num_nodes,
+                       parse_placement_algorithm(algorithm)};
+  TORCH_CHECK(sizes.num_experts >= 1, op, ": expert_load must have at least one expert");
+  TORCH_CHECK(num_ranks >= 1, op, ": num_ranks (", num_ranks, ") must be >= 1");
+  TORCH_CHECK(slots_per_rank >= 1, op, ": slots_per_rank (", slots_per_rank, ") must be >= 1");
+  TORCH_CHECK(num_ranks <= kMaxPairs / slots_per_rank, op,
+              ": num_ranks * slots_per_rank is too large");
+  TORCH_CHECK(sizes.num_experts <= num_ranks * slots_per_rank, op, ": ", sizes.num_experts,
+              " experts do not fit on ", num_ranks, " ranks x ", slots_per_rank,
+              " slots per rank (", num_ranks * slots_per_rank, " slots)");
+  TORCH_CHECK(num_nodes >= 1 && num_ranks % num_nodes == 0, op, ": num_nodes (", num_nodes,
+              ") must be >= 1 and divide num_ranks (", num_ranks, ")");
+  TORCH_CHECK(!(replicate && sizes.algorithm == PlacementAlgorithm::kContiguous), op,
+              ": replicate needs a load-aware algorithm ('greedy' or 'anti_correlation'), not "
+              "'contiguous'");
+  TORCH_CHECK(std::isfinite(correlation_weight), op, ": correlation_weight must be finite, got ",
+              correlation_weight);
+  if (sizes.algorithm == PlacementAlgorithm::kAntiCorrelation) {
+    TORCH_CHECK(correlation.has_value(), op,
+                ": algorithm 'anti_correlation' needs a correlation matrix [num_experts, "
+                "num_experts]");
+  }
+  if (correlation.has_value()) {
+    const at::Tensor& corr = *correlation;
+    TORCH_CHECK(
+        corr.dim() == 2 && corr.size(0) == sizes.num_experts && corr.size(1) == sizes.num_experts,
+        op, ": correlation must have shape [", sizes.num_experts, ", ", sizes.num_experts,
+        "], got ", corr.sizes());
+    TORCH_CHECK(corr.scalar_type() == at::kFloat || corr.scalar_type() == at::kDouble, op,
+                ": correlation must be float32 or float64, got ", corr.scalar_type());
+    check_same_device(op, "correlation", corr, expert_load, "expert_load");
+  }
+  if (expert_group.has_value()) {
+    const at::Tensor& group = *expert_group;
+    check_dim(op, "expert_group", group, 1, "[num_experts]");
+    TORCH_CHECK(is_index_type(group.scalar_type()), op,
+                ": expert_group must be int32 or int64, got ", group.scalar_type());
+    TORCH_CHECK(group.size(0) == sizes.num_experts, op, ": expert_group has ", group.size(0),
+                " entries but expert_load has ", sizes.num_experts, " experts");
+    check_same_device(op, "expert_group", group, expert_load, "expert_load");
+  }
+  return sizes;
+}
+
 }  // namespace moe_infer

@@ -66,4 +66,21 @@ MlpSizes check_grouped_mlp(const at::Tensor& hidden, const at::Tensor& expert_of
 // Largest number of (token, slot) pairs the int32 index tensors can address.
 constexpr int64_t kMaxPairs = (int64_t{1} << 31) - 1;
 
+// ---- placement (issue 6) ----
+
+struct PlacementSizes {
+  int64_t num_experts;
+  int64_t num_ranks;
+  int64_t slots_per_rank;
+  int64_t num_nodes;
+  PlacementAlgorithm algorithm;
+};
+
+// Shapes, dtypes and sizes of expert_placement's arguments (values are checked by the kernel).
+PlacementSizes check_expert_placement(const at::Tensor& expert_load, int64_t num_ranks,
+                                      int64_t slots_per_rank, const std::string& algorithm,
+                                      bool replicate, const std::optional<at::Tensor>& correlation,
+                                      double correlation_weight, int64_t num_nodes,
+                                      const std::optional<at::Tensor>& expert_group);
+
 }  // namespace moe_infer

@@ -32,4 +32,13 @@ inline bool is_gated(Activation activation) {
   return activation == Activation::kSiluGlu || activation == Activation::kGptOssSwiglu;
 }
 
+// How expert_placement assigns experts to ranks (its `algorithm`).
+enum class PlacementAlgorithm : int8_t {
+  kContiguous,       // rank r holds experts [r*E/R, (r+1)*E/R): the default everyone uses
+  kGreedy,           // the paper's: experts by load, descending, each to the least-loaded rank
+  kAntiCorrelation,  // greedy whose cost adds weight x Pearson correlation with the rank's experts
+};
+
+PlacementAlgorithm parse_placement_algorithm(const std::string& name);
+
 }  // namespace moe_infer

@@ -147,3 +147,38 @@ def _grouped_mlp_backward_fake(
         torch.empty_like(fc2_weight),
         torch.empty_like(fc2_bias) if fc2_bias is not None else empty,
     )
+
+
+# ---- placement (issue 6) ----
+
+
+@torch.library.register_fake("moe_infer::expert_placement")
+def _expert_placement_fake(
+    expert_load,
+    num_ranks,
+    slots_per_rank,
+    algorithm="greedy",
+    replicate=False,
+    correlation=None,
+    correlation_weight=0.5,
+    num_nodes=1,
+    expert_group=None,
+):
+    op = "expert_placement"
+    torch._check(expert_load.dim() == 1, lambda: f"{op}: expert_load must be 1-D [num_experts]")
+    torch._check(
+        expert_load.dtype in (torch.float32, torch.float64), lambda: f"{op}: expert_load must be float32 or float64"
+    )
+    num_experts = expert_load.shape[0]
+    torch._check(num_ranks >= 1 and slots_per_rank >= 1, lambda: f"{op}: num_ranks and slots_per_rank must be >= 1")
+    torch._check(
+        num_experts <= num_ranks * slots_per_rank,
+        lambda: f"{op}: {num_experts} experts do not fit on {num_ranks} ranks x {slots_per_rank} slots per rank",
+    )
+    torch._check(
+        algorithm in ("contiguous", "greedy", "anti_correlation"), lambda: f"{op}: unknown algorithm '{algorithm}'"
+    )
+    torch._check(num_nodes >= 1 and num_ranks % num_nodes == 0, lambda: f"{op}: num_nodes must divide num_ranks")
+    if algorithm == "anti_correlation":
+        torch._check(correlation is not None, lambda: f"{op}: 'anti_correlation' needs a correlation matrix")
+    return expert_load.new_empty((num_ranks, slots_per_rank), dtype=torch.int32)

@@ -1,0 +1,392 @@
+"""Expert load balancing (the paper's Technique 3) and expert parallelism over torch.distributed.
+
+Part 1, simulation (the paper's protocol): for each synthetic routing trace, plan every placement
+on the first half of the batches and measure it on the second half: Max Load (the largest share
+of a batch's tokens on one rank), Avg Max Load (its mean over batches and layers) and
+balancedness (mean / max tokens per rank), for 4, 8 and 16 ranks. A replicated expert's tokens are
+split evenly over its replicas. "online" replans every few batches from a sliding window of the
+batches just seen (as vLLM/SGLang do) instead of once from the first half.
+
+Part 2, real processes: the expert-parallel layer on gloo process groups of 2 and 4 ranks on this
+machine, routing ids from a skewed trace: time per layer (the slowest rank, median over batches),
+bytes each rank sends to the others, the busiest rank's rows, pairs dropped, for dynamic vs static
+(fairseq's fixed-size all-to-all) and for each placement; and the cost of rebalancing.
+
+Prints tables, writes bench/results/placement_cpu[_quick].md and .png.
+
+    python bench/placement.py [--quick] [--skip-real]
+"""
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS_DIR, Progress, machine_description, markdown_table, write_result  # noqa: E402
+from moe_infer.placement import LoadRecorder, Placement, load_metrics, plan_placement, rank_loads  # noqa: E402
+from moe_infer.traces import synthetic_trace  # noqa: E402
+
+# name: (experts, top_k, layers, tokens per batch, batches, skew, locality, coactivation, description)
+TRACES = {
+    "LM-like": (512, 2, 12, 2048, 40, 1.8, 0.999, 0.5, "fairseq MoE LM: 512 experts, 12 MoE layers, top-2"),
+    "MT-like": (128, 2, 12, 2048, 40, 1.2, 0.99, 0.5, "NLLB-MoE: 128 experts, 12 MoE layers, top-2"),
+    "drifting": (64, 2, 4, 1024, 60, 1.5, 0.9, 0.5, "hot set drifts fast (locality 0.9)"),
+    "group-limited": (64, 2, 4, 1024, 40, 1.2, 0.99, 0.98, "a token's experts mostly from one group of 8"),
+}
+QUICK_TRACES = {
+    "LM-like": (512, 2, 3, 1024, 24, 1.8, 0.999, 0.5, "fairseq MoE LM: 512 experts, top-2 (3 layers)"),
+    "drifting": (64, 2, 2, 512, 40, 1.5, 0.9, 0.5, "hot set drifts fast (locality 0.9)"),
+    "group-limited": (64, 2, 2, 512, 24, 1.2, 0.99, 0.98, "a token's experts mostly from one group of 8"),
+}
+CLUSTER_SIZE = {"group-limited": 8}  # default 4
+RANKS = [4, 8, 16]
+ONLINE_EVERY = 5  # batches between replans in the online rows (window of the same length)
+
+
+def spare_slots(num_experts, num_ranks):
+    """Slots per rank with ~12.5% redundant experts (at least one spare slot per rank)."""
+    base = -(-num_experts // num_ranks)
+    return base + max(1, -(-base // 8))
+
+
+def algorithms(num_experts, num_ranks):
+    """name -> plan_placement options (slots_per_rank None = ceil(E / R))."""
+    replicated = spare_slots(num_experts, num_ranks)
+    nodes = 2
+    return {
+        "contiguous": dict(algorithm="contiguous"),
+        "greedy": dict(algorithm="greedy"),
+        "anti-correlation": dict(algorithm="anti_correlation"),
+        "greedy + replicas": dict(algorithm="greedy", replicate=True, slots_per_rank=replicated),
+        "anti-corr + replicas": dict(algorithm="anti_correlation", replicate=True, slots_per_rank=replicated),
+        f"hierarchical ({nodes} nodes) + replicas": dict(
+            algorithm="greedy", replicate=True, slots_per_rank=replicated, num_nodes=nodes, groups=True
+        ),
+    }
+
+
+def plan(recorder, layer, num_ranks, options, clusters):
+    options = dict(options)
+    if options.pop("groups", False):
+        options["expert_group"] = torch.tensor(clusters[layer])
+    return recorder.plan(layer, num_ranks, **options)
+
+
+def one_node_share(placement, ids_batches, num_nodes):
+    """Share of tokens whose top-k experts all have a replica on one common node (what a transport
+    that sends a token once per node, then fans out inside it, would keep off the network)."""
+    ranks_per_node = placement.num_ranks // num_nodes
+    node_mask = torch.zeros(placement.num_experts, dtype=torch.long)
+    for rank in range(placement.num_ranks):
+        for expert in placement.rank_experts(rank):
+            if expert >= 0:
+                node_mask[expert] |= 1 << (rank // ranks_per_node)
+    ids = torch.cat(ids_batches).long()
+    common = node_mask[ids[:, 0]]
+    for j in range(1, ids.shape[1]):
+        common = common & node_mask[ids[:, j]]
+    return (common != 0).double().mean().item()
+
+
+def simulate(traces, progress):
+    rows, summary = [], {}
+    for trace_name, (experts, top_k, layers, tokens, batches, skew, locality, coact, _) in traces.items():
+        cluster_size = CLUSTER_SIZE.get(trace_name, 4)
+        trace = synthetic_trace(experts, top_k, batches, tokens, layers, skew, locality, coact, cluster_size, seed=0)
+        half = batches // 2
+        recorder = LoadRecorder.from_trace(trace, range(half))
+        counts = [trace.expert_counts(layer).double() for layer in range(layers)]
+        clusters = trace.meta["clusters"]
+        for num_ranks in RANKS:
+            for name, options in algorithms(experts, num_ranks).items():
+                placements = [plan(recorder, layer, num_ranks, options, clusters) for layer in range(layers)]
+                loads = torch.cat([rank_loads(p, counts[layer][half:]) for layer, p in enumerate(placements)])
+                metrics = load_metrics(loads)
+                slots = placements[0].slots_per_rank
+                one_node = statistics.mean(
+                    one_node_share(p, trace.layers[layer][half:], 2) for layer, p in enumerate(placements)
+                )
+                rows.append(
+                    [
+                        trace_name,
+                        num_ranks,
+                        name,
+                        slots,
+                        f"{metrics.max_load:.3f}",
+                        f"{metrics.avg_max_load:.3f}",
+                        f"{metrics.balancedness:.3f}",
+                        f"{one_node:.2f}",
+                    ]
+                )
+                summary[(trace_name, num_ranks, name)] = metrics
+            # Online: replan every ONLINE_EVERY batches from the last ONLINE_EVERY batches.
+            options = algorithms(experts, num_ranks)["greedy + replicas"]
+            loads = []
+            for layer in range(layers):
+                for start in range(half, batches, ONLINE_EVERY):
+                    window = LoadRecorder.from_trace(trace, range(start - ONLINE_EVERY, start))
+                    placement = plan(window, layer, num_ranks, options, clusters)
+                    loads.append(rank_loads(placement, counts[layer][start : start + ONLINE_EVERY]))
+            metrics = load_metrics(torch.cat(loads))
+            name = f"greedy + replicas, online (every {ONLINE_EVERY})"
+            rows.append(
+                [
+                    trace_name,
+                    num_ranks,
+                    name,
+                    options["slots_per_rank"],
+                    f"{metrics.max_load:.3f}",
+                    f"{metrics.avg_max_load:.3f}",
+                    f"{metrics.balancedness:.3f}",
+                    "",
+                ]
+            )
+            summary[(trace_name, num_ranks, name)] = metrics
+            progress.step(f"{trace_name} R={num_ranks}")
+    return rows, summary
+
+
+# ---- part 2: real gloo processes ----------------------------------------------------------------
+
+REAL = dict(experts=16, hidden=256, ffn=512, top_k=2, tokens=512, batches=16, skew=1.8, locality=0.999)
+QUICK_REAL = dict(experts=16, hidden=128, ffn=256, top_k=2, tokens=256, batches=8, skew=1.8, locality=0.999)
+
+
+def real_configs(world_size, load):
+    experts = load.numel()
+    greedy = plan_placement(load, world_size)
+    replicated = plan_placement(load, world_size, spare_slots(experts, world_size), replicate=True)
+    return {
+        ("contiguous", "dynamic"): (Placement.contiguous(experts, world_size), dict(mode="dynamic")),
+        ("greedy", "dynamic"): (greedy, dict(mode="dynamic")),
+        ("greedy + replicas", "dynamic"): (replicated, dict(mode="dynamic")),
+        ("contiguous", "static cf=1"): (Placement.contiguous(experts, world_size), dict(mode="static")),
+        ("contiguous", "static no-drop"): (
+            Placement.contiguous(experts, world_size),
+            dict(mode="static", capacity_fraction=1.0),
+        ),
+        ("greedy + replicas", "static cf=1"): (replicated, dict(mode="static")),
+    }
+
+
+def _real_worker(rank, world_size, store, config, results):
+    import torch.distributed as dist
+
+    import moe_infer
+    from moe_infer.distributed import expert_parallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120)
+    )
+    try:
+        c = config
+        trace = synthetic_trace(
+            c["experts"], c["top_k"], 2 * c["batches"], world_size * c["tokens"], 1, c["skew"], c["locality"], seed=1
+        )
+        load = LoadRecorder.from_trace(trace, range(c["batches"])).load(0)
+        torch.manual_seed(0)
+        layer = moe_infer.MoELayer(c["hidden"], c["ffn"], c["experts"], c["top_k"]).eval()
+        configs = real_configs(world_size, load)
+        layers = {key: expert_parallel(layer.experts, p, **opts) for key, (p, opts) in configs.items()}
+        gen = torch.Generator().manual_seed(100 + rank)
+        samples = {key: [] for key in configs}
+        stats = {key: [] for key in configs}
+        with torch.no_grad():
+            for b in range(c["batches"] - 1, 2 * c["batches"]):  # the first one warms up
+                ids = trace.layers[0][b][rank * c["tokens"] : (rank + 1) * c["tokens"]]
+                x = torch.randn(c["tokens"], c["hidden"], generator=gen)
+                weights = torch.rand(c["tokens"], c["top_k"], generator=gen)
+                for key, ep in layers.items():
+                    dist.barrier()
+                    start = time.perf_counter()
+                    ep(x, weights, ids)
+                    elapsed = time.perf_counter() - start
+                    if b >= c["batches"]:
+                        samples[key].append(elapsed)
+                        s = ep.last_stats
+                        stats[key].append((s.bytes_sent, s.rows_received, s.dropped_pairs, s.rows_sent))
+            # Rebalancing cost: contiguous -> greedy + replicas on a running layer.
+            moving = expert_parallel(layer.experts, Placement.contiguous(c["experts"], world_size))
+            dist.barrier()
+            start = time.perf_counter()
+            report = moving.rebalance(configs[("greedy + replicas", "dynamic")][0])
+            rebalance_s = time.perf_counter() - start
+        results.put((rank, samples, stats, (report.experts_moved, report.bytes_moved, rebalance_s)))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_real(world_size, config):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    store = tempfile.mktemp(prefix="moe_infer_bench_store_")
+    procs = [ctx.Process(target=_real_worker, args=(r, world_size, store, config, results)) for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=600) for _ in range(world_size)]
+    for proc in procs:
+        proc.join()
+    if os.path.exists(store):
+        os.remove(store)
+    by_rank = {rank: (samples, stats, rebalance) for rank, samples, stats, rebalance in outcomes}
+    rows, times = [], {}
+    keys = list(by_rank[0][0])
+    baseline = None
+    for key in keys:
+        # The layer is as slow as its slowest rank: max over ranks, then median over batches.
+        per_batch = [max(by_rank[r][0][key][i] for r in range(world_size)) for i in range(len(by_rank[0][0][key]))]
+        median = statistics.median(per_batch)
+        baseline = baseline or median
+        bytes_sent = statistics.mean(s[0] for r in range(world_size) for s in by_rank[r][1][key])
+        busiest = statistics.mean(
+            max(by_rank[r][1][key][i][1] for r in range(world_size)) for i in range(len(per_batch))
+        )
+        dropped = sum(s[2] for r in range(world_size) for s in by_rank[r][1][key])
+        routed = len(per_batch) * world_size * config["tokens"] * config["top_k"]
+        times[key] = median
+        rows.append(
+            [
+                world_size,
+                key[0],
+                key[1],
+                f"{median * 1e3:.1f}",
+                f"{baseline / median:.2f}x",
+                f"{bytes_sent / 1e6:.2f}",
+                f"{busiest:.0f}",
+                f"{100 * dropped / routed:.1f}%",
+            ]
+        )
+    moved, moved_bytes, rebalance_s = by_rank[0][2]
+    rebalance = [world_size, moved, f"{moved_bytes / 1e6:.2f}", f"{max(by_rank[r][2][2] for r in by_rank) * 1e3:.1f}"]
+    return rows, rebalance, times
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def plot(summary, traces, real_times, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(algorithms(64, 8)) + [f"greedy + replicas, online (every {ONLINE_EVERY})"]
+    panels = len(traces) + (1 if real_times else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5), squeeze=False)
+    for ax, trace_name in zip(axes[0], traces):
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            values = [summary[(trace_name, r, name)].avg_max_load for r in RANKS]
+            peaks = [summary[(trace_name, r, name)].max_load for r in RANKS]
+            xs = [j + i * width for j in range(len(RANKS))]
+            ax.bar(xs, values, width, label=name)
+            ax.scatter(xs, peaks, marker="_", color="black", s=40, zorder=3)
+        ax.plot([-0.2, len(RANKS)], [0.4, 0.4], "k:", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(RANKS))], [f"{r} ranks" for r in RANKS])
+        ax.set_ylabel("Avg Max Load (bars), Max Load (ticks)")
+        ax.set_title(f"{trace_name} trace")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=8)
+    if real_times:
+        ax = axes[0][-1]
+        for world_size, times in real_times.items():
+            labels = [f"{k[0]}\n{k[1]}" for k in times]
+            ax.barh([f"{world_size} ranks: {label}" for label in labels], [t * 1e3 for t in times.values()])
+        ax.set_xlabel("ms per layer (slowest rank, median)")
+        ax.tick_params(axis="y", labelsize=6)
+        ax.set_title("gloo, this machine")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller traces and layers (a couple of minutes)")
+    parser.add_argument("--skip-real", action="store_true", help="simulation only (no gloo processes)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    traces = QUICK_TRACES if args.quick else TRACES
+    real_config = QUICK_REAL if args.quick else REAL
+    worlds = [] if args.skip_real else [2, 4]
+    progress = Progress(len(traces) * len(RANKS) + len(worlds), "bench/placement")
+    sim_rows, summary = simulate(traces, progress)
+    real_rows, rebalance_rows, real_times = [], [], {}
+    for world_size in worlds:
+        rows, rebalance, times = run_real(world_size, real_config)
+        real_rows += rows
+        rebalance_rows.append(rebalance)
+        real_times[world_size] = times
+        progress.step(f"gloo x{world_size}")
+
+    trace_lines = "\n".join(
+        f"- **{name}**: {d[8]}; E={d[0]}, top-{d[1]}, {d[2]} layers, {d[3]} tokens/batch, {d[4]} batches, "
+        f"Zipf skew {d[5]}, locality {d[6]}, co-activation {d[7]} (clusters of {CLUSTER_SIZE.get(name, 4)})"
+        for name, d in traces.items()
+    )
+    sim_table = markdown_table(
+        ["trace", "ranks", "placement", "slots/rank", "Max Load", "Avg Max Load", "balancedness", "one-node tokens"],
+        sim_rows,
+    )
+    text = (
+        f"# Expert placement and expert parallelism ({'quick' if args.quick else 'full'})\n\n"
+        f"Machine: {machine_description(torch.device('cpu'))}\n\n"
+        "## Load balance (simulation, the paper's protocol)\n\n"
+        "Each placement is planned on the first half of the batches of a synthetic routing trace "
+        "(moe_infer.traces.synthetic_trace) and measured on the second half, layer by layer. "
+        "Max Load: the largest share of one batch's tokens on one rank; Avg Max Load: its mean over "
+        "batches and layers (1/ranks is perfect); balancedness: mean / max tokens per rank, averaged. "
+        "'+ replicas' uses ~12.5% extra expert slots (slots/rank). Hierarchical: ranks in 2 nodes, "
+        "co-activation clusters kept on one node. 'one-node tokens': share of tokens whose experts "
+        "all have a replica on one common node (traffic a per-node deduplicating transport would keep "
+        f"inside a node; 2 nodes). 'online' replans every {ONLINE_EVERY} batches from the last "
+        f"{ONLINE_EVERY}.\n\n{trace_lines}\n\n{sim_table}\n"
+    )
+    if real_rows:
+        cfg = real_config
+        real_table = markdown_table(
+            [
+                "ranks",
+                "placement",
+                "all-to-all",
+                "ms/layer",
+                "vs first row",
+                "MB sent/rank",
+                "busiest rank rows",
+                "dropped",
+            ],
+            real_rows,
+        )
+        rebalance_table = markdown_table(["ranks", "experts moved", "MB moved", "ms"], rebalance_rows)
+        text += (
+            "\n## Expert-parallel layer on gloo processes (this machine)\n\n"
+            f"ExpertParallelExperts, E={cfg['experts']}, H={cfg['hidden']}, ffn={cfg['ffn']} (SiLU-GLU), "
+            f"top-{cfg['top_k']}, {cfg['tokens']} tokens per rank per batch, float32, one thread per rank; "
+            f"routing ids from a trace (skew {cfg['skew']}, locality {cfg['locality']}), placement planned "
+            f"on its first {cfg['batches']} batches, measured on the next {cfg['batches']} (interleaved, "
+            "a barrier before each call). ms/layer: the slowest rank, median over batches. MB sent/rank: "
+            "rows sent to other ranks by the dispatch and return all-to-alls. busiest rank rows: rows "
+            "the busiest rank computes (static: its slots x capacity, placeholders included). static "
+            "cf=1: fairseq's capacity (k * ceil(S/E) per expert and source rank); static no-drop: a "
+            f"capacity of S.\n\n{real_table}\n\nRebalancing a running layer (contiguous -> greedy + "
+            f"replicas, point-to-point):\n\n{rebalance_table}\n"
+        )
+    suffix = "_quick" if args.quick else ""
+    png = os.path.join(RESULTS_DIR, f"placement_cpu{suffix}.png")
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    plot(summary, traces, real_times, png)
+    text += f"\n![placement](placement_cpu{suffix}.png)\n"
+    print(text)
+    print(f"written: {write_result(f'placement_cpu{suffix}.md', text)}, {png}")
+
+
+if __name__ == "__main__":
+    main()
