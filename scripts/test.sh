@@ -46,8 +46,8 @@ step "lint (ruff, clang-format)" lint
 step "pytest" "$py" -m pytest -q -p no:cacheprovider "$@"
 step "ctest (Catch2)" cmake_tests build/cmake
 if [[ "${MOE_INFER_QUICK:-0}" != "1" ]]; then
-  step "ctest (ASan+UBSan)" env ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
-    cmake_tests build/cmake-asan -DMOE_INFER_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug
+  export ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1
+  step "ctest (ASan+UBSan)" cmake_tests build/cmake-asan -DMOE_INFER_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug
   step "nvcc compile (every .cu)" scripts/check_cuda_compile.sh
 fi
 
