@@ -12,6 +12,14 @@ abi=$("$py" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
 mapfile -t includes < <("$py" -c "from torch.utils.cpp_extension import include_paths; print('\n'.join(include_paths()))")
 out=build/nvcc_check
 mkdir -p "$out"
+# A CPU build of torch ships the c10/cuda headers but not their CMake-generated config header.
+has_macros=0
+for dir in "${includes[@]}"; do [[ -f "$dir/c10/cuda/impl/cuda_cmake_macros.h" ]] && has_macros=1; done
+if ((!has_macros)); then
+  mkdir -p "$out/stub/c10/cuda/impl"
+  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
+  includes+=("$(pwd)/$out/stub")
+fi
 shopt -s nullglob
 sources=(csrc/cuda/*.cu)
 ((${#sources[@]})) || { echo "[nvcc] no CUDA sources"; exit 0; }
