@@ -289,6 +289,7 @@ class ExpertBuffer : public torch::CustomClassHolder {
   std::tuple<at::Tensor, at::Tensor, int64_t, int64_t, bool> next_round();
   void wait_round();
   void end_round();
+  void cancel_batch();
 
   int64_t prefetch(std::vector<int64_t> experts, bool is_prediction);
   void warm_start(std::vector<int64_t> experts, const at::Tensor& use_counts);

@@ -57,6 +57,7 @@ TORCH_LIBRARY(moe_infer, m) {
       .def("next_round", &ExpertBuffer::next_round)
       .def("wait_round", &ExpertBuffer::wait_round)
       .def("end_round", &ExpertBuffer::end_round)
+      .def("cancel_batch", &ExpertBuffer::cancel_batch)
       .def("prefetch", &ExpertBuffer::prefetch)
       .def("warm_start", &ExpertBuffer::warm_start)
       .def("clear", &ExpertBuffer::clear)

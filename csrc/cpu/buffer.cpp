@@ -319,6 +319,18 @@ void ExpertBuffer::end_round() {
   round_open_ = false;
 }
 
+void ExpertBuffer::cancel_batch() {
+  if (round_open_) {
+    // Whatever compute was issued for this round must finish before its slots are refilled.
+    std::vector<int64_t> slots = slots_of(round_ready_);
+    const std::vector<int64_t> loaded = slots_of(round_loading_);
+    slots.insert(slots.end(), loaded.begin(), loaded.end());
+    copier_->release(slots);
+  }
+  round_open_ = false;
+  in_batch_ = false;
+}
+
 int64_t ExpertBuffer::prefetch(std::vector<int64_t> experts, bool is_prediction) {
   check_idle("prefetch");
   std::vector<char> wanted(num_experts(), 0);
