@@ -540,6 +540,7 @@ class ExpertBuffer:
                     )
         self._core.finalize()
         first = self.pools["fc1_weight"]
+        self.device = first.device  # with its index ("cuda" -> "cuda:0")
         self.hidden_size = first.shape[1] if weights_transposed else first.shape[2]
 
     # -- compute --
@@ -547,6 +548,7 @@ class ExpertBuffer:
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return self.forward(hidden, top_k_index, top_k_weights)
 
+    @torch.compiler.disable  # host-side cache decisions: a graph break under torch.compile
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], top_k_index [T, k] (ids in [0, E) or -1), top_k_weights [T, k] -> [T, H]."""
         self._check_inputs(hidden, top_k_index, top_k_weights)
@@ -620,7 +622,7 @@ class ExpertBuffer:
             raise ValueError(f"ExpertBuffer: hidden must be [tokens, {self.hidden_size}], got {list(hidden.shape)}")
         if hidden.dtype != self.store.dtype:
             raise ValueError(f"ExpertBuffer: hidden is {hidden.dtype} but the experts are {self.store.dtype}")
-        if hidden.device != self.device and not (hidden.device.type == self.device.type == "cuda"):
+        if hidden.device != self.device:
             raise ValueError(
                 f"ExpertBuffer: hidden is on {hidden.device} but the slot pool is on {self.device} "
                 "(attach the buffer after moving the model)"

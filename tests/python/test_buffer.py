@@ -398,6 +398,21 @@ def test_moe_layer_expert_buffer_option():
     assert moe_infer.MoELayer(**options, expert_buffer=100).expert_buffer.num_slots == 8  # at most E slots
 
 
+def test_buffered_layer_under_torch_compile():
+    # The buffer decides on the host which experts to copy: a graph break, and the same output.
+    torch.manual_seed(2)
+    plain = moe_infer.MoELayer(32, 32, 8, 2)
+    layer = moe_infer.MoELayer(32, 32, 8, 2, expert_buffer=3)
+    layer.load_state_dict(plain.state_dict())
+    layer.expert_buffer.clear()
+    compiled = torch.compile(layer)
+    with torch.no_grad():
+        for num_tokens in (5, 9):
+            x = torch.randn(num_tokens, 32)
+            assert torch.equal(compiled(x), plain(x))
+    torch._dynamo.reset()
+
+
 def test_simulate_entry_point_and_bytes():
     trace = synthetic_trace(8, 2, 10, 6, num_layers=2, skew=1.0, seed=0)
     result = simulate(trace, cache_sizes=[2, 8], policies=["paper", "belady"], expert_bytes=1000)
