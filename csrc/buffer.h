@@ -290,6 +290,8 @@ class ExpertBuffer : public torch::CustomClassHolder {
   void wait_round();
   void end_round();
   void cancel_batch();
+  // The open round's experts: (ready, loading), in walk (increasing id) order.
+  std::tuple<c10::List<int64_t>, c10::List<int64_t>> round_experts() const;
 
   int64_t prefetch(std::vector<int64_t> experts, bool is_prediction);
   void warm_start(std::vector<int64_t> experts, const at::Tensor& use_counts);

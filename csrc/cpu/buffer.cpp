@@ -319,6 +319,10 @@ void ExpertBuffer::end_round() {
   round_open_ = false;
 }
 
+std::tuple<c10::List<int64_t>, c10::List<int64_t>> ExpertBuffer::round_experts() const {
+  return {c10::List<int64_t>(round_ready_), c10::List<int64_t>(round_loading_)};
+}
+
 void ExpertBuffer::cancel_batch() {
   if (round_open_) {
     // Whatever compute was issued for this round must finish before its slots are refilled.

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .traces import is_transformers_experts
 
 POLICIES = ("paper", "fifo", "lru", "lfu", "belady")
 LIVE_POLICIES = ("paper", "fifo", "lru", "lfu")
@@ -553,7 +554,7 @@ class ExpertBuffer:
         """hidden [T, H], top_k_index [T, k] (ids in [0, E) or -1), top_k_weights [T, k] -> [T, H]."""
         self._check_inputs(hidden, top_k_index, top_k_weights)
         ids = top_k_index if top_k_index.dtype == torch.int32 else top_k_index.to(torch.int32)
-        num_tokens, top_k = ids.shape
+        top_k = ids.shape[1]
         # The one host sync: which experts the batch needs (id -1 counts in bucket 0, dropped).
         try:
             counts = torch.bincount(ids.reshape(-1).long() + 1, minlength=self.num_experts + 1).cpu()
@@ -563,44 +564,59 @@ class ExpertBuffer:
             raise ValueError(f"ExpertBuffer: top_k_index has ids outside [-1, {self.num_experts})")
         self._core.begin_batch(counts[1:])
         try:
-            return self._run_batch(hidden, ids, top_k_weights, num_tokens, top_k)
+            return self._run_batch(hidden, ids, top_k_weights, counts[1:], top_k)
         except BaseException:
             self._core.cancel_batch()
             raise
 
-    def _run_batch(self, hidden, ids, weights, num_tokens, top_k):
-        pair_rows = None  # [S*k, H] outputs in (token, slot) order once the batch takes > 1 compute
+    def _run_batch(self, hidden, ids, weights, counts, top_k):
+        pair_rows = None  # [S*k, H] expert outputs in (token, slot) order, once a batch takes > 1 compute
         first = True
         while True:
             ready, loading, num_ready, num_loading, last = self._core.next_round()
-            if num_loading == 0:
-                groups = [ready]
-            elif self.overlap and num_ready > 0:
-                groups = [ready, None, loading]  # None: wait for the copies here
-            else:
-                self._core.wait_round()
-                groups = [torch.maximum(ready, loading)]
-            if first and last and len(groups) == 1:
-                rows, row_of_pair = self._compute(hidden, ids, groups[0], top_k)
+            if first and last and (num_loading == 0 or not self.overlap or num_ready == 0):
+                # The common case: one compute over the whole batch, exactly the resident layer's ops.
+                if num_loading:
+                    self._core.wait_round()
+                table = ready if num_loading == 0 else torch.maximum(ready, loading)
+                rows, row_of_pair = self._compute(hidden, table[ids], top_k)
                 self._core.end_round()
                 return ops.unpermute_combine(rows, weights, row_of_pair)
-            for table in groups:
-                if table is None:
-                    self._core.wait_round()
-                    continue
-                rows, row_of_pair = self._compute(hidden, ids, table, top_k)
-                in_group = (table[ids] >= 0).reshape(-1, 1)
-                gathered = rows[row_of_pair.long()]
-                pair_rows = torch.where(in_group, gathered, 0.0 if pair_rows is None else pair_rows)
+            if pair_rows is None:
+                pair_rows = hidden.new_zeros(ids.numel(), hidden.shape[1])
+            ready_experts, loading_experts = self._core.round_experts()
+            if num_loading and not (self.overlap and num_ready):
+                self._core.wait_round()
+                ready_experts, loading_experts = sorted(ready_experts + loading_experts), []
+                ready = torch.maximum(ready, loading)
+            self._compute_into(pair_rows, hidden, ids, ready, ready_experts, counts, top_k)
+            if loading_experts:
+                self._core.wait_round()  # the resident experts were computed while these copied
+                self._compute_into(pair_rows, hidden, ids, loading, loading_experts, counts, top_k)
             self._core.end_round()
             first = False
             if last:
                 break
-        identity = torch.arange(num_tokens * top_k, dtype=torch.int32, device=hidden.device)
+        identity = torch.arange(ids.numel(), dtype=torch.int32, device=hidden.device)
         return ops.unpermute_combine(pair_rows, weights, identity)
 
-    def _compute(self, hidden, ids, table, top_k):
-        slot_ids = table[ids]  # table[-1] is -1: unrouted pairs stay unrouted
+    def _compute_into(self, pair_rows, hidden, ids, table, experts, counts, top_k):
+        """Computes the pairs routed to ``experts`` (slots in ``table``) into their rows of pair_rows.
+
+        Only those pairs are gathered (their number is known on the host), each as a one-slot token,
+        so a batch cut into many rounds costs O(S*k*H) in all, not per round. Within an expert the
+        pairs keep their order, so each expert's GEMM sees the resident layer's rows.
+        """
+        num_pairs = int(sum(int(counts[e]) for e in experts))
+        if num_pairs == 0:
+            return
+        slot_ids = table[ids].reshape(-1)
+        pairs = torch.nonzero_static(slot_ids >= 0, size=num_pairs).reshape(-1)
+        rows, row_of_pair = self._compute(hidden[pairs // top_k], slot_ids[pairs].reshape(-1, 1), 1)
+        pair_rows.index_copy_(0, pairs, rows.index_select(0, row_of_pair.long()))
+
+    def _compute(self, hidden, slot_ids, top_k):
+        """grouped_mlp over the pool for pairs routed to slots: (expert rows, row_of_pair)."""
         plan = ops.dispatch_plan(slot_ids, self.num_slots, validate=False)
         rows = ops.permute(hidden, plan.sorted_pair_ids, top_k)
         out = ops.grouped_mlp(
@@ -896,11 +912,7 @@ def attach_expert_buffers(
     for name, module in list(model.named_modules()):
         if isinstance(module, MoELayer):
             target, target_name = module.experts, f"{name}.experts" if name else "experts"
-        elif (
-            type(module).__name__.endswith("Experts")
-            and hasattr(module, "down_proj")
-            and not hasattr(module, "weights_transposed")
-        ):
+        elif is_transformers_experts(module):
             target, target_name = module, name
         else:
             continue

@@ -176,7 +176,7 @@ def _draw_batch(popularity, cluster_of, top_k, num_tokens, boost, gen) -> torch.
     return ids
 
 
-def _is_hf_experts(module: torch.nn.Module) -> bool:
+def is_transformers_experts(module: torch.nn.Module) -> bool:
     """A transformers v5 experts module: called as experts(hidden, top_k_index, top_k_weights)."""
     down = getattr(module, "down_proj", None)
     return (
@@ -207,7 +207,7 @@ class RoutingRecorder:
         for name, module in model.named_modules():
             if isinstance(module, MoELayer):
                 self._hooks.append((name, module, "moe_infer"))
-            elif _is_hf_experts(module):
+            elif is_transformers_experts(module):
                 self._hooks.append((name, module, "hf"))
         if not self._hooks:
             raise ValueError(
