@@ -6,7 +6,7 @@ import torch
 
 import moe_infer
 from moe_infer import reference as ref
-from moe_infer.buffer import attach_expert_buffers, simulate
+from moe_infer.buffer import NextLayerPrefetcher, attach_expert_buffers, simulate
 from moe_infer.traces import RoutingRecorder, RoutingTrace
 
 
@@ -71,10 +71,13 @@ def test_records_a_transformers_model_and_its_buffered_twin():
     for layer, logits in enumerate(out.router_logits):  # HF's own record of each router
         expected = torch.topk(torch.softmax(logits.float(), -1), 2).indices.to(torch.int32)
         assert torch.equal(trace.layers[layer][0], expected)
-    attach_expert_buffers(model, 2)
+    buffers = attach_expert_buffers(model, 2)
+    prefetcher = NextLayerPrefetcher([layer.mlp for layer in model.model.layers])  # the HF routers
     with RoutingRecorder(model) as buffered_recorder, torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, out.logits, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(buffered_recorder.trace.layers, trace.layers))
+    assert [a["predictions"] for a in prefetcher.accuracy()] == [1]
+    assert buffers["model.layers.1.mlp.experts"].stats()["prefetches"] > 0
 
 
 def test_recorder_errors():
