@@ -874,7 +874,14 @@ def attach_expert_buffer(
     _keep_on_host(experts)
     experts.expert_buffer = buffer
     if not hasattr(experts, "weights_transposed"):  # a transformers module: route its forward to the buffer
-        experts.forward = buffer.forward
+
+        def forward(hidden_states, top_k_index=None, top_k_weights=None, **kwargs):
+            # GPT-OSS names the routing arguments router_indices / routing_weights.
+            top_k_index = kwargs.pop("router_indices", top_k_index)
+            top_k_weights = kwargs.pop("routing_weights", top_k_weights)
+            return buffer(hidden_states, top_k_index, top_k_weights)
+
+        experts.forward = forward
     return buffer
 
 
