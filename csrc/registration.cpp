@@ -1,6 +1,9 @@
 // The one schema block of the moe_infer library: every op is declared here, and only here.
 // Backends (csrc/cpu, csrc/cuda) register implementations with TORCH_LIBRARY_IMPL.
+#include <torch/custom_class.h>
 #include <torch/library.h>
+
+#include "buffer.h"
 
 TORCH_LIBRARY(moe_infer, m) {
   // Router logits [S, E] -> (topk_weights [S, k] float32, expert_ids [S, k] int32), best first.
@@ -44,4 +47,36 @@ TORCH_LIBRARY(moe_infer, m) {
       "expert_placement(Tensor expert_load, int num_ranks, int slots_per_rank, str "
       "algorithm=\"greedy\", bool replicate=False, Tensor? correlation=None, float "
       "correlation_weight=0.5, int num_nodes=1, Tensor? expert_group=None) -> Tensor");
+  // ---- expert buffering (issue 5) ----
+  // Replays a flattened routing trace (each batch's active experts, increasing, in `accesses`;
+  // batch b is accesses[batch_offsets[b]:batch_offsets[b+1]]) against every policy and cache
+  // size: int64 [num_policies, num_cache_sizes, 3] = (hits, misses, evictions). CPU only.
+  m.def(
+      "simulate_expert_cache(Tensor accesses, Tensor batch_offsets, int num_experts, int[] "
+      "cache_sizes, str[] policies) -> Tensor");
+
+  // One MoE layer's expert slot pool and cache (see csrc/buffer.h); owned by
+  // moe_infer.buffer.ExpertBuffer.
+  using moe_infer::ExpertBuffer;
+  m.class_<ExpertBuffer>("ExpertBuffer")
+      .def(torch::init<int64_t, int64_t, std::string, std::vector<at::Tensor>, int64_t>())
+      .def("add_segment", &ExpertBuffer::add_segment)
+      .def("finalize", &ExpertBuffer::finalize)
+      .def("begin_batch", &ExpertBuffer::begin_batch)
+      .def("next_round", &ExpertBuffer::next_round)
+      .def("wait_round", &ExpertBuffer::wait_round)
+      .def("end_round", &ExpertBuffer::end_round)
+      .def("cancel_batch", &ExpertBuffer::cancel_batch)
+      .def("round_experts", &ExpertBuffer::round_experts)
+      .def("prefetch", &ExpertBuffer::prefetch)
+      .def("warm_start", &ExpertBuffer::warm_start)
+      .def("clear", &ExpertBuffer::clear)
+      .def("synchronize", &ExpertBuffer::synchronize)
+      .def("stats", &ExpertBuffer::stats)
+      .def("reset_stats", &ExpertBuffer::reset_stats)
+      .def("slot_table", &ExpertBuffer::slot_table)
+      .def("activation_counts", &ExpertBuffer::activation_counts)
+      .def("expert_bytes", &ExpertBuffer::expert_bytes)
+      .def("num_slots", &ExpertBuffer::num_slots)
+      .def("num_experts", &ExpertBuffer::num_experts);
 }

@@ -55,6 +55,17 @@ Activation parse_activation(const std::string& name) {
               name, "'");
 }
 
+EvictionPolicy parse_eviction_policy(const std::string& name) {
+  if (name == "paper") return EvictionPolicy::kPaper;
+  if (name == "fifo") return EvictionPolicy::kFifo;
+  if (name == "lru") return EvictionPolicy::kLru;
+  if (name == "lfu") return EvictionPolicy::kLfu;
+  if (name == "belady") return EvictionPolicy::kBelady;
+  TORCH_CHECK(false,
+              "expert buffer: policy must be one of 'paper', 'fifo', 'lru', 'lfu', 'belady', got '",
+              name, "'");
+}
+
 GatingSizes check_topk_gating(const at::Tensor& router_logits, int64_t top_k,
                               const std::string& scoring,
                               const std::optional<at::Tensor>& selection_bias,
@@ -297,6 +308,84 @@ PlacementSizes check_expert_placement(const at::Tensor& expert_load, int64_t num
     check_same_device(op, "expert_group", group, expert_load, "expert_load");
   }
   return sizes;
+}
+
+// ---- expert buffering (issue 5) ----
+
+SimulationSizes check_simulate_expert_cache(const at::Tensor& accesses,
+                                            const at::Tensor& batch_offsets, int64_t num_experts,
+                                            at::IntArrayRef cache_sizes,
+                                            const std::vector<std::string>& policies) {
+  constexpr const char* op = "simulate_expert_cache";
+  check_dim(op, "accesses", accesses, 1, "[num_accesses]");
+  TORCH_CHECK(is_index_type(accesses.scalar_type()), op, ": accesses must be int32 or int64, got ",
+              accesses.scalar_type());
+  check_dim(op, "batch_offsets", batch_offsets, 1, "[num_batches + 1]");
+  TORCH_CHECK(batch_offsets.scalar_type() == at::kLong, op, ": batch_offsets must be int64, got ",
+              batch_offsets.scalar_type());
+  TORCH_CHECK(batch_offsets.size(0) >= 1, op, ": batch_offsets must have num_batches + 1 >= 1 ",
+              "entries");
+  TORCH_CHECK(accesses.device().is_cpu() && batch_offsets.device().is_cpu(), op,
+              ": accesses and batch_offsets must be CPU tensors (the simulator runs on the host)");
+  TORCH_CHECK(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
+  TORCH_CHECK(!cache_sizes.empty(), op, ": cache_sizes must not be empty");
+  for (const int64_t size : cache_sizes) {
+    TORCH_CHECK(size >= 1, op, ": every cache size must be >= 1, got ", size);
+  }
+  TORCH_CHECK(!policies.empty(), op, ": policies must not be empty");
+  SimulationSizes sizes{accesses.size(0), batch_offsets.size(0) - 1, {}};
+  for (const std::string& name : policies) sizes.policies.push_back(parse_eviction_policy(name));
+  return sizes;
+}
+
+EvictionPolicy check_expert_buffer(int64_t num_experts, int64_t num_slots,
+                                   const std::string& policy, const std::vector<at::Tensor>& pools,
+                                   int64_t copy_threads) {
+  constexpr const char* op = "ExpertBuffer";
+  TORCH_CHECK(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
+  TORCH_CHECK(num_slots >= 1, op, ": num_slots (", num_slots, ") must be >= 1");
+  TORCH_CHECK(copy_threads >= 1 && copy_threads <= 64, op, ": copy_threads (", copy_threads,
+              ") must be in [1, 64]");
+  const EvictionPolicy parsed = parse_eviction_policy(policy);
+  TORCH_CHECK(parsed != EvictionPolicy::kBelady, op,
+              ": policy 'belady' needs the future routing and exists only in the simulator "
+              "(moe_infer.buffer.simulate); use 'paper', 'fifo', 'lru' or 'lfu'");
+  TORCH_CHECK(!pools.empty(), op, ": pools must hold at least one tensor");
+  for (size_t p = 0; p < pools.size(); ++p) {
+    const at::Tensor& pool = pools[p];
+    TORCH_CHECK(pool.dim() >= 1 && pool.size(0) == num_slots, op, ": pools[", p,
+                "] must have shape [num_slots (", num_slots, "), ...], got ", pool.sizes());
+    TORCH_CHECK(pool.is_contiguous(), op, ": pools[", p, "] must be contiguous");
+    TORCH_CHECK(pool.device() == pools[0].device(), op, ": pools[", p, "] is on ", pool.device(),
+                " but pools[0] is on ", pools[0].device(), "; all pools must be on one device");
+    TORCH_CHECK(pool.device().is_cpu() || pool.device().is_cuda(), op, ": pools[", p, "] is on ",
+                pool.device(), "; the buffer supports cpu and cuda");
+    TORCH_CHECK(pool.numel() > 0, op, ": pools[", p, "] is empty");
+  }
+  return parsed;
+}
+
+void check_buffer_segment(int64_t num_experts, const std::vector<at::Tensor>& pools, int64_t expert,
+                          int64_t pool, const at::Tensor& source, int64_t source_offset,
+                          int64_t dest_offset, int64_t num_bytes) {
+  constexpr const char* op = "ExpertBuffer.add_segment";
+  TORCH_CHECK(expert >= 0 && expert < num_experts, op, ": expert (", expert,
+              ") must be in [0, num_experts (", num_experts, "))");
+  TORCH_CHECK(pool >= 0 && pool < static_cast<int64_t>(pools.size()), op, ": pool (", pool,
+              ") must be in [0, ", pools.size(), ")");
+  TORCH_CHECK(source.device().is_cpu(), op, ": source must be a host (CPU) tensor, got ",
+              source.device());
+  TORCH_CHECK(source.is_contiguous(), op, ": source must be contiguous");
+  const int64_t source_bytes = static_cast<int64_t>(source.nbytes());
+  TORCH_CHECK(num_bytes >= 1, op, ": num_bytes (", num_bytes, ") must be >= 1");
+  TORCH_CHECK(source_offset >= 0 && source_offset + num_bytes <= source_bytes, op,
+              ": source bytes [", source_offset, ", ", source_offset + num_bytes,
+              ") fall outside the source's ", source_bytes, " bytes");
+  const at::Tensor& target = pools[pool];
+  const int64_t row_bytes = static_cast<int64_t>(target.nbytes()) / target.size(0);
+  TORCH_CHECK(dest_offset >= 0 && dest_offset + num_bytes <= row_bytes, op, ": slot bytes [",
+              dest_offset, ", ", dest_offset + num_bytes, ") fall outside pools[", pool,
+              "]'s slot of ", row_bytes, " bytes");
 }
 
 }  // namespace moe_infer

@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "common/options.h"
 
@@ -62,6 +63,30 @@ MlpSizes check_grouped_mlp(const at::Tensor& hidden, const at::Tensor& expert_of
 // Errors of the data-dependent checks, in the same words on every backend.
 [[noreturn]] void fail_nonfinite_logits(int64_t row);
 [[noreturn]] void fail_expert_id(int64_t pair, int64_t value, const PlanSizes& sizes);
+// ---- expert buffering (issue 5) ----
+
+// simulate_expert_cache: the accesses and batch offsets of a flattened routing trace.
+struct SimulationSizes {
+  int64_t num_accesses;
+  int64_t num_batches;
+  std::vector<EvictionPolicy> policies;
+};
+
+SimulationSizes check_simulate_expert_cache(const at::Tensor& accesses,
+                                            const at::Tensor& batch_offsets, int64_t num_experts,
+                                            at::IntArrayRef cache_sizes,
+                                            const std::vector<std::string>& policies);
+
+// ExpertBuffer's constructor: sizes, a live policy (not Belady), pools [num_slots, ...] on one
+// device, contiguous. Returns the parsed policy.
+EvictionPolicy check_expert_buffer(int64_t num_experts, int64_t num_slots,
+                                   const std::string& policy, const std::vector<at::Tensor>& pools,
+                                   int64_t copy_threads);
+
+// ExpertBuffer::add_segment: a host source range that lands inside one slot row of one pool.
+void check_buffer_segment(int64_t num_experts, const std::vector<at::Tensor>& pools, int64_t expert,
+                          int64_t pool, const at::Tensor& source, int64_t source_offset,
+                          int64_t dest_offset, int64_t num_bytes);
 
 // Largest number of (token, slot) pairs the int32 index tensors can address.
 constexpr int64_t kMaxPairs = (int64_t{1} << 31) - 1;

@@ -24,8 +24,18 @@ enum class Activation : int8_t {
                   // * gate)
 };
 
+// Which resident expert an expert cache evicts to make room (expert buffering).
+enum class EvictionPolicy : int8_t {
+  kPaper,   // the paper's: experts inactive in the current batch first, then LIFO (last loaded)
+  kFifo,    // first loaded
+  kLru,     // least recently used
+  kLfu,     // least frequently used (batches active), ties to the least recently used
+  kBelady,  // Belady's MIN: next use furthest in the future (needs the future: simulation only)
+};
+
 Scoring parse_scoring(const std::string& name);
 Activation parse_activation(const std::string& name);
+EvictionPolicy parse_eviction_policy(const std::string& name);
 
 // True for activations whose first projection has 2 * ffn_size outputs.
 inline bool is_gated(Activation activation) {

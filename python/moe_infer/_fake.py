@@ -182,3 +182,17 @@ def _expert_placement_fake(
     if algorithm == "anti_correlation":
         torch._check(correlation is not None, lambda: f"{op}: 'anti_correlation' needs a correlation matrix")
     return expert_load.new_empty((num_ranks, slots_per_rank), dtype=torch.int32)
+# ---- expert buffering (issue 5) ----
+
+
+@torch.library.register_fake("moe_infer::simulate_expert_cache")
+def _simulate_expert_cache_fake(accesses, batch_offsets, num_experts, cache_sizes, policies):
+    op = "simulate_expert_cache"
+    torch._check(accesses.dim() == 1, lambda: f"{op}: accesses must be 1-D [num_accesses]")
+    torch._check(accesses.dtype in (torch.int32, torch.int64), lambda: f"{op}: accesses must be int32 or int64")
+    torch._check(batch_offsets.dim() == 1, lambda: f"{op}: batch_offsets must be 1-D [num_batches + 1]")
+    torch._check(batch_offsets.dtype == torch.int64, lambda: f"{op}: batch_offsets must be int64")
+    torch._check(num_experts >= 1, lambda: f"{op}: num_experts ({num_experts}) must be >= 1")
+    torch._check(len(cache_sizes) >= 1 and min(cache_sizes) >= 1, lambda: f"{op}: every cache size must be >= 1")
+    torch._check(len(policies) >= 1, lambda: f"{op}: policies must not be empty")
+    return accesses.new_empty((len(policies), len(cache_sizes), 3), dtype=torch.int64)

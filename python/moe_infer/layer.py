@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .buffer import attach_expert_buffer
 
 _GATED = ("silu_glu", "gpt_oss_swiglu")
 
@@ -105,6 +106,12 @@ class MoELayer(nn.Module):
         router_bias, expert_bias: biases on the router and on both expert projections.
         weights_transposed: store experts as [E, H, F1] / [E, I, H] (GPT-OSS layout).
         validate: on CUDA, check router logits for NaN with one device sync (CPU always checks).
+        expert_buffer: keep the experts off the compute device (host memory, or ``expert_store``)
+            with a pool of this many expert slots on ``device`` (expert buffering, see
+            :mod:`moe_infer.buffer`); None = every expert resident (the default).
+        buffer_policy: the buffer's eviction policy ("paper", "fifo", "lru", "lfu").
+        expert_store: where a buffered layer's experts live (e.g.
+            ``ExpertStore.from_safetensors(path, prefix)``); default: its own weights, in host memory.
 
     forward(hidden [..., H]) -> [..., H] in hidden's dtype.
     """
@@ -130,6 +137,9 @@ class MoELayer(nn.Module):
         validate: bool = True,
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
+        expert_buffer: Optional[int] = None,
+        buffer_policy: str = "paper",
+        expert_store=None,
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -159,8 +169,15 @@ class MoELayer(nn.Module):
             weights_transposed,
             swiglu_alpha,
             swiglu_limit,
-            **factory,
+            dtype=dtype,
+            # A buffered layer's experts live on the host (or nowhere yet, when a store brings them).
+            device=device if expert_buffer is None else ("meta" if expert_store is not None else "cpu"),
         )
+        self.expert_buffer = None
+        if expert_buffer is not None:
+            self.expert_buffer = attach_expert_buffer(
+                self.experts, expert_buffer, buffer_policy, expert_store, device or torch.device("cpu")
+            )
         if selection_bias:
             self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
         else:
@@ -191,6 +208,8 @@ class MoELayer(nn.Module):
         x = hidden.reshape(-1, self.hidden_size)
         _, weights, ids = self.route(x)
         # Ids made by topk_gating are in range: no need for the device-side id check.
+        if self.expert_buffer is not None:
+            return self.expert_buffer(x, ids, weights).view(shape)
         plan = ops.dispatch_plan(ids, self.num_experts, validate=False)
         rows = ops.permute(x, plan.sorted_pair_ids, self.top_k)
         expert_rows = self.experts(rows, plan.expert_offsets)

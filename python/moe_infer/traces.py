@@ -174,3 +174,110 @@ def _draw_batch(popularity, cluster_of, top_k, num_tokens, boost, gen) -> torch.
         rest = torch.multinomial(weights, top_k - 1, replacement=False, generator=gen)
         ids[:, 1:] = rest.to(torch.int32)
     return ids
+
+
+def is_transformers_experts(module: torch.nn.Module) -> bool:
+    """A transformers v5 experts module: called as experts(hidden, top_k_index, top_k_weights)."""
+    down = getattr(module, "down_proj", None)
+    return (
+        type(module).__name__.endswith("Experts")
+        and isinstance(down, torch.Tensor)
+        and down.dim() == 3
+        and not hasattr(module, "weights_transposed")  # moe_infer.MoEExperts is called differently
+    )
+
+
+class RoutingRecorder:
+    """Records which experts each MoE layer chose, batch by batch, into a :class:`RoutingTrace`.
+
+    One forward call of a layer is one batch. Works on moe_infer :class:`~moe_infer.MoELayer`
+    (a hook on its router recomputes the layer's top-k with the same op, so the ids are the
+    layer's own) and on transformers v5 models (a pre-hook on each experts module reads the
+    ``top_k_index`` its sparse block passes in). Layers are ordered as ``model.named_modules()``.
+
+        with RoutingRecorder(model) as recorder:
+            model(inputs)
+        recorder.trace.save("trace.pt")
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        from .layer import MoELayer  # imported here: the rest of this module needs only torch
+
+        self._hooks = []  # (name, module, kind) of every MoE layer
+        for name, module in model.named_modules():
+            if isinstance(module, MoELayer):
+                self._hooks.append((name, module, "moe_infer"))
+            elif is_transformers_experts(module):
+                self._hooks.append((name, module, "hf"))
+        if not self._hooks:
+            raise ValueError(
+                "RoutingRecorder: the model has no MoE layer (moe_infer.MoELayer or a transformers experts module)"
+            )
+        self.names = [name for name, _, _ in self._hooks]
+        self.num_experts: Optional[int] = None
+        self.top_k: Optional[int] = None
+        self.batches: list[list[torch.Tensor]] = [[] for _ in self._hooks]
+        self._handles = []
+
+    def _record(self, layer: int, ids: torch.Tensor, num_experts: int) -> None:
+        ids = ids.detach().reshape(-1, ids.shape[-1]).to("cpu", torch.int32)
+        if self.num_experts is None:
+            self.num_experts, self.top_k = num_experts, ids.shape[1]
+        elif (num_experts, ids.shape[1]) != (self.num_experts, self.top_k):
+            raise ValueError(
+                f"RoutingRecorder: layer '{self.names[layer]}' has E={num_experts}, k={ids.shape[1]} but earlier "
+                f"layers have E={self.num_experts}, k={self.top_k}; a trace holds one shape"
+            )
+        self.batches[layer].append(ids)
+
+    def start(self) -> "RoutingRecorder":
+        from . import ops
+
+        for index, (_, module, kind) in enumerate(self._hooks):
+            if kind == "moe_infer":
+
+                def on_logits(gate, args, logits, layer=module, index=index):
+                    _, ids = ops.topk_gating(
+                        logits,
+                        layer.top_k,
+                        layer.scoring,
+                        layer.renormalize,
+                        layer.selection_bias,
+                        layer.scaling_factor,
+                        layer.n_group,
+                        layer.topk_group,
+                    )
+                    self._record(index, ids, layer.num_experts)
+
+                self._handles.append(module.gate.register_forward_hook(on_logits))
+            else:
+
+                def on_experts(experts, args, kwargs, index=index):
+                    ids = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+                    self._record(index, ids, experts.down_proj.shape[0])
+
+                self._handles.append(module.register_forward_pre_hook(on_experts, with_kwargs=True))
+        return self
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "RoutingRecorder":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def trace(self) -> RoutingTrace:
+        """The batches recorded so far (every layer must have run the same number of batches)."""
+        counts = {len(b) for b in self.batches}
+        if len(counts) > 1:
+            raise ValueError(
+                f"RoutingRecorder: layers recorded different numbers of batches {dict(zip(self.names, map(len, self.batches)))}"
+            )
+        trace = RoutingTrace(self.num_experts or 0, self.top_k or 0, [list(b) for b in self.batches])
+        trace.meta = dict(kind="recorded", layers=list(self.names))
+        return trace

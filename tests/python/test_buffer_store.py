@@ -1,0 +1,287 @@
+"""Expert stores: safetensors read through mmap (stacked and per-expert keys, HF save_pretrained),
+clear errors for broken files, and a disk-backed store that does not grow the resident set."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import moe_infer
+from moe_infer import ops
+from moe_infer.buffer import ExpertBuffer, ExpertStore, SafetensorsFile, attach_expert_buffer, attach_expert_buffers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny shapes: intra-op threads only add synchronisation (and stall on a loaded machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PREFIX = "model.layers.0.mlp.experts."
+
+
+def resident(fc1, fc2, fc1_bias, fc2_bias, activation, x, ids, w, transposed=False):
+    plan = ops.dispatch_plan(ids, fc1.shape[0])
+    rows = ops.permute(x, plan.sorted_pair_ids, ids.shape[1])
+    out = ops.grouped_mlp(rows, plan.expert_offsets, fc1, fc1_bias, fc2, fc2_bias, activation, transposed)
+    return ops.unpermute_combine(out, w, plan.row_of_pair)
+
+
+def check_store(store, fc1, fc2, fc1_bias=None, fc2_bias=None, activation="silu_glu", transposed=False, slots=2):
+    """The store's stacked tensors equal the originals and a buffer over it is exact."""
+    assert torch.equal(store.stacked("fc1_weight"), fc1) and torch.equal(store.stacked("fc2_weight"), fc2)
+    buffer = ExpertBuffer(store, slots, "cpu", "paper", activation, transposed)
+    num_experts, hidden = fc1.shape[0], fc2.shape[2] if transposed else fc2.shape[1]
+    for _ in range(3):
+        ids = torch.stack([torch.randperm(num_experts)[:2] for _ in range(9)]).to(torch.int32)
+        x, w = torch.randn(9, hidden), torch.rand(9, 2)
+        with torch.no_grad():
+            expected = resident(fc1, fc2, fc1_bias, fc2_bias, activation, x, ids, w, transposed)
+            assert torch.equal(buffer(x, ids, w), expected)
+    return buffer
+
+
+def test_stacked_file(tmp_path):
+    fc1, fc2 = torch.randn(5, 32, 16), torch.randn(5, 16, 16)
+    path = tmp_path / "experts.safetensors"
+    save_file({PREFIX + "gate_up_proj": fc1, PREFIX + "down_proj": fc2, "other.weight": torch.ones(3)}, str(path))
+    store = ExpertStore.from_safetensors(str(path), PREFIX, dtype=torch.float32, num_experts=5)
+    assert store.file_backed and store.num_experts == 5 and store.parts == ["fc1_weight", "fc2_weight"]
+    check_store(store, fc1, fc2)
+
+
+@pytest.mark.parametrize("naming", ["hf", "mixtral", "fairseq"])
+def test_per_expert_keys(tmp_path, naming):
+    num_experts, hidden, ffn = 4, 16, 16
+    gate, up = torch.randn(num_experts, ffn, hidden), torch.randn(num_experts, ffn, hidden)
+    down, b1, b2 = (
+        torch.randn(num_experts, hidden, ffn),
+        torch.randn(num_experts, ffn),
+        torch.randn(num_experts, hidden),
+    )
+    tensors = {}
+    for e in range(num_experts):
+        p = f"{PREFIX}{e}."
+        if naming == "hf":
+            tensors.update(
+                {p + "gate_proj.weight": gate[e], p + "up_proj.weight": up[e], p + "down_proj.weight": down[e]}
+            )
+        elif naming == "mixtral":
+            tensors.update({p + "w1.weight": gate[e], p + "w3.weight": up[e], p + "w2.weight": down[e]})
+        else:
+            tensors.update(
+                {p + "fc1.weight": up[e], p + "fc1.bias": b1[e], p + "fc2.weight": down[e], p + "fc2.bias": b2[e]}
+            )
+    path = tmp_path / "experts.safetensors"
+    save_file(tensors, str(path))
+    store = ExpertStore.from_safetensors(str(path), PREFIX)
+    if naming == "fairseq":
+        check_store(store, up, down, b1, b2, activation="relu")
+    else:
+        check_store(store, torch.cat([gate, up], dim=1), down)  # transformers' gate_up_proj layout
+
+
+def _write_raw(path, header, data=b""):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda p, good: p.write_bytes(good[:5]), r"is truncated: 5 bytes"),
+        (lambda p, good: p.write_bytes(good[:-8]), r"is truncated: tensor '.*' ends at data byte"),
+        (lambda p, good: p.write_bytes(struct.pack("<Q", 1 << 40) + good[8:]), r"header claims \d+ bytes"),
+        (lambda p, good: p.write_bytes(good[:8] + b"#" + good[9:]), r"header is not valid JSON"),
+        (lambda p, good: _write_raw(p, [1, 2]), r"header is not a JSON object"),
+        (lambda p, good: _write_raw(p, {"t": {"dtype": "F32", "shape": [2]}}), r"lacks dtype/shape/data_offsets"),
+        (
+            lambda p, good: _write_raw(p, {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, bytes(8)),
+            r"needs 8 bytes but its data_offsets are \[0, 4\]",
+        ),
+        (
+            lambda p, good: _write_raw(
+                p,
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+                },
+                bytes(12),
+            ),
+            r"tensors 'a' and 'b' overlap",
+        ),
+        (
+            lambda p, good: _write_raw(p, {"t": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 1]}}, bytes(1)),
+            r"unsupported dtype 'Q4'",
+        ),
+    ],
+    ids=[
+        "too_short",
+        "truncated_data",
+        "bad_length",
+        "bad_json",
+        "not_object",
+        "no_offsets",
+        "bad_size",
+        "overlap",
+        "dtype",
+    ],
+)
+def test_corrupt_or_truncated_file(tmp_path, damage, message):
+    path = tmp_path / "experts.safetensors"
+    save_file({PREFIX + "gate_up_proj": torch.randn(2, 8, 4), PREFIX + "down_proj": torch.randn(2, 4, 4)}, str(path))
+    good = path.read_bytes()
+    damage(path, good)
+    with pytest.raises(ValueError, match=message):
+        SafetensorsFile(str(path))
+    with pytest.raises(ValueError, match=message):
+        ExpertStore.from_safetensors(str(path), PREFIX)
+
+
+def test_missing_tensors_and_dtype_mismatch(tmp_path):
+    path = tmp_path / "a.safetensors"
+    save_file({PREFIX + "gate_up_proj": torch.randn(2, 8, 4)}, str(path))
+    with pytest.raises(ValueError, match=r"found '.*gate_up_proj' but no tensor '.*down_proj'"):
+        ExpertStore.from_safetensors(str(path), PREFIX)
+    with pytest.raises(ValueError, match=r"no expert tensors found \(missing tensor: tried"):
+        ExpertStore.from_safetensors(str(path), "model.layers.1.mlp.experts.")
+
+    tensors = {
+        f"{PREFIX}{e}.{n}.weight": torch.randn(4, 4) for e in range(3) for n in ("gate_proj", "up_proj", "down_proj")
+    }
+    del tensors[f"{PREFIX}1.up_proj.weight"]
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=r"missing tensor '.*experts\.1\.up_proj\.weight'"):
+        ExpertStore.from_safetensors(str(path), PREFIX)
+    with pytest.raises(
+        ValueError, match=r"missing tensor '.*experts\.3\.gate_proj\.weight' \(expected 4 experts, found 3\)"
+    ):
+        ExpertStore.from_safetensors(str(path), PREFIX, num_experts=4)
+
+    save_file(
+        {PREFIX + "gate_up_proj": torch.randn(2, 8, 4).half(), PREFIX + "down_proj": torch.randn(2, 4, 4).half()},
+        str(path),
+    )
+    with pytest.raises(ValueError, match=r"dtype mismatch: tensor '.*gate_up_proj' is torch.float16 but torch.float32"):
+        ExpertStore.from_safetensors(str(path), PREFIX, dtype=torch.float32)
+    save_file(
+        {PREFIX + "gate_up_proj": torch.randn(2, 8, 4), PREFIX + "down_proj": torch.randn(2, 4, 4).half()}, str(path)
+    )
+    with pytest.raises(ValueError, match=r"dtype mismatch: tensor '.*down_proj' is torch.float16"):
+        ExpertStore.from_safetensors(str(path), PREFIX)
+    save_file({PREFIX + "gate_up_proj": torch.randn(2, 8, 4), PREFIX + "down_proj": torch.randn(2, 4, 4)}, str(path))
+    with pytest.raises(
+        ValueError, match=r"fc2_weight has per-expert shape \(4, 4\) in the checkpoint but the layer expects \(4, 5\)"
+    ):
+        ExpertStore.from_safetensors(str(path), PREFIX, expected_shapes={"fc2_weight": (4, 5)})
+    experts = moe_infer.layer.MoEExperts(2, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"the store is torch.float32 but the module is torch.float64"):
+        attach_expert_buffer(experts, 1, store=ExpertStore.from_safetensors(str(path), PREFIX))
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_disk_store_keeps_the_resident_set_small(tmp_path):
+    """64 experts of 768 KiB in a file; a 2-slot buffer runs batches that touch every expert. The
+    mapped pages are released after each copy, so RSS grows by about the pool, not the file."""
+    num_experts, hidden, ffn = 64, 128, 512
+    path = tmp_path / "big.safetensors"
+    save_file(
+        {
+            PREFIX + "gate_up_proj": torch.randn(num_experts, 2 * ffn, hidden),
+            PREFIX + "down_proj": torch.randn(num_experts, hidden, ffn),
+        },
+        str(path),
+    )
+    store = ExpertStore.from_safetensors(str(path), PREFIX)
+    buffer = ExpertBuffer(store, 2, "cpu", "lru")
+    x, w = torch.randn(4, hidden), torch.rand(4, 2)
+    with torch.no_grad():
+        buffer(x, torch.tensor([[0, 1]] * 4, dtype=torch.int32), w)  # allocator warm-up
+        rss = _rss_bytes()
+        for first in range(0, num_experts, 2):
+            buffer(x, torch.tensor([[first, first + 1]] * 4, dtype=torch.int32), w)
+    assert buffer.stats()["misses"] >= num_experts
+    assert store.total_bytes == 48 << 20
+    assert _rss_bytes() - rss < 12 << 20
+
+
+# ---- transformers checkpoints -----------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_mixtral():
+    config = transformers.MixtralConfig(
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        vocab_size=64,
+    )
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+def test_mixtral_save_pretrained_checkpoint(tmp_path):
+    """transformers v5 saves Mixtral's experts per expert (w1/w3/w2 under block_sparse_moe); buffers
+    read them through mmap and the logits match HF eager and the in-memory buffers bit for bit."""
+    model = tiny_mixtral()
+    model.save_pretrained(str(tmp_path))
+    tokens = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        eager = model(tokens).logits
+        attach_expert_buffers(model, 3)  # from the model's own weights, in host memory
+        in_memory = model(tokens).logits
+    loaded = transformers.MixtralForCausalLM.from_pretrained(str(tmp_path)).eval()
+    buffers = attach_expert_buffers(loaded, 3, policy="lru", checkpoint=str(tmp_path))
+    assert sorted(buffers) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all(b.store.file_backed and "per-expert" in b.store.description for b in buffers.values())
+    assert loaded.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"  # nothing left resident
+    with torch.no_grad():
+        from_file = loaded(tokens).logits
+    assert torch.equal(from_file, in_memory)
+    torch.testing.assert_close(from_file, eager, rtol=1e-5, atol=1e-5)
+    assert sum(b.stats()["misses"] for b in buffers.values()) > 0
+
+
+def test_gpt_oss_stacked_checkpoint(tmp_path):
+    """GPT-OSS saves stacked, transposed experts with biases; its clamped swiGLU is used."""
+    config = transformers.GptOssConfig(
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=64,
+    )
+    torch.manual_seed(1)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(str(tmp_path))
+    tokens = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        eager = model(tokens).logits
+        buffers = attach_expert_buffers(model, 2, checkpoint=str(tmp_path))
+        buffered = model(tokens).logits
+    (buffer,) = buffers.values()
+    assert buffer.activation == "gpt_oss_swiglu" and buffer.weights_transposed
+    assert set(buffer.store.parts) == {"fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"}
+    torch.testing.assert_close(buffered, eager, rtol=1e-5, atol=1e-5)
