@@ -62,4 +62,37 @@ MlpSizes check_grouped_mlp(const at::Tensor& hidden, const at::Tensor& expert_of
 // Largest number of (token, slot) pairs the int32 index tensors can address.
 constexpr int64_t kMaxPairs = (int64_t{1} << 31) - 1;
 
+// ---- static gating (issue 3) ----
+
+struct StaticGatingSizes {
+  int64_t num_tokens;
+  int64_t num_experts;
+  int64_t top_k;
+  SecondExpertPolicy policy;
+};
+
+StaticGatingSizes check_static_gating(const at::Tensor& router_logits, int64_t top_k,
+                                      int64_t capacity,
+                                      const std::optional<at::Tensor>& padding_mask,
+                                      const std::string& second_expert_policy,
+                                      const std::optional<at::Tensor>& second_expert_noise);
+
+struct StaticSlotSizes {
+  int64_t num_tokens;
+  int64_t num_experts;
+  int64_t capacity;
+  int64_t hidden_size;  // 0 where the op has no hidden states
+  int64_t top_k;        // 0 where the op has no per-pair inputs
+};
+
+StaticSlotSizes check_static_routing_tensors(const at::Tensor& expert_ids,
+                                             const at::Tensor& locations,
+                                             const at::Tensor& topk_weights, int64_t num_experts,
+                                             int64_t capacity);
+
+StaticSlotSizes check_static_dispatch(const at::Tensor& hidden, const at::Tensor& dispatch_mask);
+
+StaticSlotSizes check_static_combine(const at::Tensor& expert_out,
+                                     const at::Tensor& combine_weights);
+
 }  // namespace moe_infer

@@ -14,6 +14,9 @@ from . import _C  # registers the ops
 from . import _autograd, _fake, ops, reference  # noqa: F401  (register_autograd / register_fake for every op)
 from .layer import MoELayer
 
+# isort: split
+from . import fairseq  # noqa: F401  (moe_infer.fairseq: the fairseq-compatible MoE layer)
+
 __version__ = "0.1.0"
 
 
@@ -22,4 +25,4 @@ def built_with_cuda() -> bool:
     return bool(_C.built_with_cuda)
 
 
-__all__ = ["MoELayer", "built_with_cuda", "ops", "reference", "__version__"]
+__all__ = ["MoELayer", "built_with_cuda", "fairseq", "ops", "reference", "__version__"]
