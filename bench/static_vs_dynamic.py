@@ -152,6 +152,7 @@ def check_against_fairseq(layer: MOELayer, seq_len: int) -> float:
     got = run_mode(layer, x, "static")
     torch.manual_seed(1)
     want = fairseq_forward(layer, x)
+    run_mode(layer, x, "dynamic")  # warms the dynamic path up too
     error = ((got - want).norm() / want.norm()).item()
     if not error < 1e-5:
         raise SystemExit(f"static gating disagrees with the fairseq re-implementation: relative error {error:.2e}")
@@ -171,6 +172,7 @@ def sweep(workload: str, args, progress: Progress) -> dict:
     cap = args.cap_mib * 2**20
     rows = []
     fits = {"static": True, "dynamic": True}
+    last_seconds = {}
     batch = 1
     while batch <= args.max_batch and (fits["static"] or fits["dynamic"]):
         num_tokens = batch * args.seq_len
@@ -183,12 +185,19 @@ def sweep(workload: str, args, progress: Progress) -> dict:
         row = {"batch": batch, "tokens": num_tokens, "capacity": capacity}
         slowest = 0.0
         for name, fn in fns.items():
+            if last_seconds.get(name, 0.0) < 2.0:
+                fn()  # warm-up, unless the last batch was slow: then the memory run warms up
             start = time.perf_counter()
-            row[f"{name}_peak_bytes"] = peak_memory(fn)  # also the warm-up run
-            slowest = max(slowest, time.perf_counter() - start)
+            row[f"{name}_peak_bytes"] = peak_memory(fn)
+            last_seconds[name] = time.perf_counter() - start
+            slowest = max(slowest, last_seconds[name])
             if name == "static":
                 row["placeholder_fraction"], row["dropped_fraction"] = static_stats(layer.metadata)
-        repeats = 1 if args.quick else max(2, min(5, int(6.0 / max(slowest, 1e-3))))
+        repeats = (
+            max(2, min(4, int(4.0 / max(slowest, 1e-3))))
+            if args.quick
+            else max(3, min(10, int(8.0 / max(slowest, 1e-3))))
+        )
         # Best of the interleaved runs: on a shared machine, noise only ever slows a run down.
         times = time_interleaved(fns, torch.device("cpu"), repeats, warmup=0, statistic=min)
         for name, seconds in times.items():
@@ -365,7 +374,7 @@ def plot(results: dict, cap_mib: int, path_prefix: str) -> list:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one timed run per point, a 128 MiB cap")
+    parser.add_argument("--quick", action="store_true", help="fewer timed runs per point, a 128 MiB cap")
     parser.add_argument("--cap-mib", type=int, default=None, help="memory cap for the largest batch (default 512)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch tried")
@@ -393,7 +402,8 @@ def main():
         f"Workloads (batches of {args.seq_len}-token sequences, moe_infer.fairseq.MOELayer, one set of weights "
         f"for both modes):\n{workload_lines}\n\n"
         f"Memory: peak resident memory of one forward above the resident set before it (weights excluded); "
-        f"cap for the largest batch: {args.cap_mib} MiB. Throughput: best of 2-5 interleaved runs (one with --quick). 'fairseq': "
+        f"cap for the largest batch: {args.cap_mib} MiB. Throughput: best of 3-10 interleaved runs (2-4 with --quick): the "
+        f"machine is shared, and noise only ever slows a run down. 'fairseq': "
         f"moe_infer.reference's plain-PyTorch re-implementation of fairseq's MOELayer (dense einsum "
         f"dispatch/combine), where its [S, E, C] tensors are affordable. Static mode was checked against it "
         f"(relative error {max(r['fairseq_check_error'] for r in results.values()):.1e}).\n\n"
