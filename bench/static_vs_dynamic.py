@@ -180,7 +180,8 @@ def sweep(workload: str, args, progress: Progress) -> dict:
         modes = [m for m in ("static", "dynamic") if fits[m]]
         fns = {m: (lambda m=m, x=x: run_mode(layer, x, m)) for m in modes}
         capacity = layer.gate.capacity(num_tokens)
-        if "static" in modes and num_tokens * layer.gate.num_experts * capacity <= FAIRSEQ_MAX_SEC:
+        affordable = num_tokens * layer.gate.num_experts * capacity <= FAIRSEQ_MAX_SEC
+        if "static" in modes and affordable and not args.quick:
             fns["fairseq"] = lambda x=x: fairseq_forward(layer, x)
         row = {"batch": batch, "tokens": num_tokens, "capacity": capacity}
         slowest = 0.0
@@ -193,11 +194,7 @@ def sweep(workload: str, args, progress: Progress) -> dict:
             slowest = max(slowest, last_seconds[name])
             if name == "static":
                 row["placeholder_fraction"], row["dropped_fraction"] = static_stats(layer.metadata)
-        repeats = (
-            max(2, min(4, int(4.0 / max(slowest, 1e-3))))
-            if args.quick
-            else max(3, min(10, int(8.0 / max(slowest, 1e-3))))
-        )
+        repeats = 2 if args.quick else max(3, min(10, int(8.0 / max(slowest, 1e-3))))
         # Best of the interleaved runs: on a shared machine, noise only ever slows a run down.
         times = time_interleaved(fns, torch.device("cpu"), repeats, warmup=0, statistic=min)
         for name, seconds in times.items():
@@ -374,7 +371,7 @@ def plot(results: dict, cap_mib: int, path_prefix: str) -> list:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer timed runs per point, a 128 MiB cap")
+    parser.add_argument("--quick", action="store_true", help="2 timed runs per point, a 128 MiB cap, no fairseq column")
     parser.add_argument("--cap-mib", type=int, default=None, help="memory cap for the largest batch (default 512)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch tried")
@@ -402,7 +399,7 @@ def main():
         f"Workloads (batches of {args.seq_len}-token sequences, moe_infer.fairseq.MOELayer, one set of weights "
         f"for both modes):\n{workload_lines}\n\n"
         f"Memory: peak resident memory of one forward above the resident set before it (weights excluded); "
-        f"cap for the largest batch: {args.cap_mib} MiB. Throughput: best of 3-10 interleaved runs (2-4 with --quick): the "
+        f"cap for the largest batch: {args.cap_mib} MiB. Throughput: best of 3-10 interleaved runs (2 with --quick): the "
         f"machine is shared, and noise only ever slows a run down. 'fairseq': "
         f"moe_infer.reference's plain-PyTorch re-implementation of fairseq's MOELayer (dense einsum "
         f"dispatch/combine), where its [S, E, C] tensors are affordable. Static mode was checked against it "
