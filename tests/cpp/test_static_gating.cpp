@@ -236,3 +236,41 @@ TEST_CASE("static_gating through the dispatcher: capacity 0 is a clear error", "
   CHECK(weights.sum().item<float>() == Approx(6.0f));  // nothing dropped: each token sums to 1
   CHECK(locations.min().item<int32_t>() >= 0);
 }
+
+TEST_CASE("the static pipeline through the dispatcher equals fairseq's einsums", "[static][ops]") {
+  using Routing = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  auto& dispatcher = c10::Dispatcher::singleton();
+  static auto gating =
+      dispatcher.findSchemaOrThrow("moe_infer::static_gating", "")
+          .typed<Routing(const at::Tensor&, int64_t, int64_t, const std::optional<at::Tensor>&,
+                         const std::string&, const std::optional<at::Tensor>&, bool, bool)>();
+  static auto routing_tensors =
+      dispatcher.findSchemaOrThrow("moe_infer::static_routing_tensors", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, int64_t, int64_t)>();
+  static auto dispatch = dispatcher.findSchemaOrThrow("moe_infer::static_dispatch", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  static auto combine = dispatcher.findSchemaOrThrow("moe_infer::static_combine", "")
+                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  at::manual_seed(5);
+  const int64_t num_tokens = 300, num_experts = 6, capacity = 70, hidden = 9;
+  const at::Tensor logits = at::randn({num_tokens, num_experts});
+  const at::Tensor padding = at::rand({num_tokens}) < 0.1;
+  const at::Tensor uniform = at::rand({num_tokens});
+  for (bool prioritized : {false, true}) {
+    auto [weights, ids, locations, l_aux] =
+        gating.call(logits, 2, capacity, padding, "random", uniform, false, prioritized);
+    auto [combine_weights, mask] =
+        routing_tensors.call(ids, locations, weights, num_experts, capacity);
+    REQUIRE(mask.sum().item<int64_t>() == weights.ne(0).sum().item<int64_t>());
+    REQUIRE(mask.sum(0).le(1).all().item<bool>());  // a slot holds at most one token
+    const at::Tensor x = at::randn({num_tokens, hidden});
+    const at::Tensor rows = dispatch.call(x, mask);
+    REQUIRE(at::equal(rows, at::einsum("sec,sm->ecm", {mask.to(at::kFloat), x})));
+    const at::Tensor expert_out = at::randn({num_experts, capacity, hidden});
+    const at::Tensor out = combine.call(expert_out, combine_weights);
+    REQUIRE(
+        at::allclose(out, at::einsum("sec,ecm->sm", {combine_weights, expert_out}), 1e-5, 1e-5));
+    REQUIRE((out.index({padding}).eq(0)).all().item<bool>());  // padding: no expert output
+  }
+}
