@@ -36,9 +36,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1, min_seconds: float = 0.0
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    repeats: int,
+    warmup: int = 1,
+    min_seconds: float = 0.0,
+    statistic: Callable[[list[float]], float] = statistics.median,
 ) -> dict[str, float]:
-    """Median seconds per call of each function, measured in interleaved rounds (A B C A B C ...).
+    """Median (or ``statistic``) seconds per call of each function, measured in interleaved rounds
+    (A B C A B C ...).
 
     Interleaving spreads the machine's noise over all variants, so their ratios are fair.
     """
@@ -57,7 +63,7 @@ def time_interleaved(
             synchronize(device)
             samples[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: statistic(values) for name, values in samples.items()}
 
 
 def machine_description(device: torch.device) -> str:

@@ -79,4 +79,29 @@ TORCH_LIBRARY(moe_infer, m) {
       .def("expert_bytes", &ExpertBuffer::expert_bytes)
       .def("num_slots", &ExpertBuffer::num_slots)
       .def("num_experts", &ExpertBuffer::num_experts);
+  // ---- static gating (issue 3) ----
+  // GShard / fairseq top-1 or top-2 gating with `capacity` slots per expert. Router logits [S, E]
+  // -> topk_weights [S, k] float32 (0 unless kept), expert_ids [S, k] int32 (the raw choices),
+  // locations [S, k] int32 (each pair's position in its expert's buffer: -1 if not routed
+  // (padding, or a second expert the 'random' policy rejects), >= capacity if dropped), l_aux [].
+  // Policies 'sampling' and 'random' take their noise as an input (see ops.second_expert_noise).
+  m.def(
+      "static_gating(Tensor router_logits, int top_k, int capacity, Tensor? padding_mask=None, "
+      "str second_expert_policy=\"all\", Tensor? second_expert_noise=None, bool "
+      "normalize_before_dropping=False, bool batch_prioritized_routing=False) -> (Tensor "
+      "topk_weights, Tensor expert_ids, Tensor locations, Tensor l_aux)");
+
+  // fairseq's dense routing tensors from the per-pair form: combine_weights [S, E, C] float32 and
+  // dispatch_mask [S, E, C] bool (= combine_weights != 0). Pairs with location outside [0, C) or
+  // weight 0 contribute nothing.
+  m.def(
+      "static_routing_tensors(Tensor expert_ids, Tensor locations, Tensor topk_weights, int "
+      "num_experts, int capacity) -> (Tensor combine_weights, Tensor dispatch_mask)");
+
+  // einsum("sec,sm->ecm"): hidden [S, M] into the capacity buffer [E, C, M]; empty slots
+  // (placeholders) are zeros; a slot may hold at most one token.
+  m.def("static_dispatch(Tensor hidden, Tensor dispatch_mask) -> Tensor");
+
+  // einsum("sec,ecm->sm"): expert_out [E, C, M] back to tokens [S, M], accumulated in float32.
+  m.def("static_combine(Tensor expert_out, Tensor combine_weights) -> Tensor");
 }

@@ -42,6 +42,16 @@ Scoring parse_scoring(const std::string& name) {
               name, "'");
 }
 
+SecondExpertPolicy parse_second_expert_policy(const std::string& name) {
+  if (name == "all") return SecondExpertPolicy::kAll;
+  if (name == "sampling") return SecondExpertPolicy::kSampling;
+  if (name == "random") return SecondExpertPolicy::kRandom;
+  TORCH_CHECK(false,
+              "static_gating: second_expert_policy must be one of 'all', 'sampling', 'random', "
+              "got '",
+              name, "'");
+}
+
 Activation parse_activation(const std::string& name) {
   if (name == "relu") return Activation::kRelu;
   if (name == "gelu") return Activation::kGelu;
@@ -306,6 +316,66 @@ PlacementSizes check_expert_placement(const at::Tensor& expert_load, int64_t num
     TORCH_CHECK(group.size(0) == sizes.num_experts, op, ": expert_group has ", group.size(0),
                 " entries but expert_load has ", sizes.num_experts, " experts");
     check_same_device(op, "expert_group", group, expert_load, "expert_load");
+// ---- static gating (issue 3) ----
+
+StaticGatingSizes check_static_gating(const at::Tensor& router_logits, int64_t top_k,
+                                      int64_t capacity,
+                                      const std::optional<at::Tensor>& padding_mask,
+                                      const std::string& second_expert_policy,
+                                      const std::optional<at::Tensor>& second_expert_noise) {
+  constexpr const char* op = "static_gating";
+  check_dim(op, "router_logits", router_logits, 2, "[num_tokens, num_experts]");
+  check_float(op, "router_logits", router_logits);
+  StaticGatingSizes sizes{router_logits.size(0), router_logits.size(1), top_k,
+                          parse_second_expert_policy(second_expert_policy)};
+  TORCH_CHECK(top_k == 1 || top_k == 2, op, ": top_k (", top_k,
+              ") must be 1 or 2 (fairseq's Top1Gate or Top2Gate)");
+  TORCH_CHECK(sizes.num_experts >= top_k, op, ": top-", top_k,
+              " gating needs num_experts >= ", top_k, ", got ", sizes.num_experts);
+  TORCH_CHECK(capacity >= 1, op, ": capacity (", capacity,
+              ") must be >= 1; a capacity of 0 drops every token (raise capacity_factor or "
+              "eval_capacity_token_fraction)");
+  TORCH_CHECK(capacity <= kMaxPairs, op, ": capacity (", capacity, ") exceeds ", kMaxPairs);
+  // Locations reach 2 * num_tokens (second choices follow all first choices) and are int32.
+  TORCH_CHECK(sizes.num_tokens <= kMaxPairs / 2, op, ": num_tokens (", sizes.num_tokens,
+              ") exceeds ", kMaxPairs / 2);
+  if (padding_mask.has_value()) {
+    check_dim(op, "padding_mask", *padding_mask, 1, "[num_tokens]");
+    TORCH_CHECK(padding_mask->scalar_type() == at::kBool, op, ": padding_mask must be bool, got ",
+                padding_mask->scalar_type());
+    TORCH_CHECK(padding_mask->size(0) == sizes.num_tokens, op, ": padding_mask has ",
+                padding_mask->size(0), " entries but router_logits has ", sizes.num_tokens,
+                " tokens");
+    check_same_device(op, "padding_mask", *padding_mask, router_logits, "router_logits");
+  }
+  const bool needs_noise = top_k == 2 && sizes.policy != SecondExpertPolicy::kAll;
+  if (top_k == 1) {
+    TORCH_CHECK(sizes.policy == SecondExpertPolicy::kAll, op, ": second_expert_policy '",
+                second_expert_policy, "' applies to top-2 gating only; use 'all' with top_k 1");
+  }
+  if (!needs_noise) {
+    TORCH_CHECK(!second_expert_noise.has_value(), op,
+                ": second_expert_noise must be None unless top_k is 2 and second_expert_policy is "
+                "'sampling' or 'random'");
+    return sizes;
+  }
+  const bool sampling = sizes.policy == SecondExpertPolicy::kSampling;
+  TORCH_CHECK(
+      second_expert_noise.has_value(), op, ": second_expert_policy '", second_expert_policy,
+      "' needs second_expert_noise (",
+      sampling ? "[num_tokens, num_experts] Gumbel samples" : "[num_tokens] U(0, 1) samples",
+      "); moe_infer.ops.second_expert_noise draws it");
+  const at::Tensor& noise = *second_expert_noise;
+  check_float(op, "second_expert_noise", noise);
+  check_same_device(op, "second_expert_noise", noise, router_logits, "router_logits");
+  if (sampling) {
+    TORCH_CHECK(noise.sizes() == router_logits.sizes(), op,
+                ": second_expert_noise for policy 'sampling' must have router_logits' shape ",
+                router_logits.sizes(), ", got ", noise.sizes());
+  } else {
+    TORCH_CHECK(noise.dim() == 1 && noise.size(0) == sizes.num_tokens, op,
+                ": second_expert_noise for policy 'random' must have shape [", sizes.num_tokens,
+                "], got ", noise.sizes());
   }
   return sizes;
 }
@@ -386,6 +456,60 @@ void check_buffer_segment(int64_t num_experts, const std::vector<at::Tensor>& po
   TORCH_CHECK(dest_offset >= 0 && dest_offset + num_bytes <= row_bytes, op, ": slot bytes [",
               dest_offset, ", ", dest_offset + num_bytes, ") fall outside pools[", pool,
               "]'s slot of ", row_bytes, " bytes");
+StaticSlotSizes check_static_routing_tensors(const at::Tensor& expert_ids,
+                                             const at::Tensor& locations,
+                                             const at::Tensor& topk_weights, int64_t num_experts,
+                                             int64_t capacity) {
+  constexpr const char* op = "static_routing_tensors";
+  check_dim(op, "expert_ids", expert_ids, 2, "[num_tokens, top_k]");
+  TORCH_CHECK(is_index_type(expert_ids.scalar_type()), op,
+              ": expert_ids must be int32 or int64, got ", expert_ids.scalar_type());
+  check_dim(op, "locations", locations, 2, "[num_tokens, top_k]");
+  TORCH_CHECK(locations.scalar_type() == at::kInt, op, ": locations must be int32, got ",
+              locations.scalar_type());
+  check_dim(op, "topk_weights", topk_weights, 2, "[num_tokens, top_k]");
+  check_float(op, "topk_weights", topk_weights);
+  TORCH_CHECK(locations.sizes() == expert_ids.sizes() && topk_weights.sizes() == expert_ids.sizes(),
+              op, ": expert_ids ", expert_ids.sizes(), ", locations ", locations.sizes(),
+              " and topk_weights ", topk_weights.sizes(), " must have the same shape");
+  check_same_device(op, "locations", locations, expert_ids, "expert_ids");
+  check_same_device(op, "topk_weights", topk_weights, expert_ids, "expert_ids");
+  TORCH_CHECK(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
+  TORCH_CHECK(capacity >= 1, op, ": capacity (", capacity, ") must be >= 1");
+  return StaticSlotSizes{expert_ids.size(0), num_experts, capacity, 0, expert_ids.size(1)};
+}
+
+StaticSlotSizes check_static_dispatch(const at::Tensor& hidden, const at::Tensor& dispatch_mask) {
+  constexpr const char* op = "static_dispatch";
+  check_dim(op, "hidden", hidden, 2, "[num_tokens, hidden_size]");
+  check_float(op, "hidden", hidden);
+  check_dim(op, "dispatch_mask", dispatch_mask, 3, "[num_tokens, num_experts, capacity]");
+  TORCH_CHECK(dispatch_mask.scalar_type() == at::kBool, op, ": dispatch_mask must be bool, got ",
+              dispatch_mask.scalar_type());
+  check_same_device(op, "dispatch_mask", dispatch_mask, hidden, "hidden");
+  TORCH_CHECK(dispatch_mask.size(0) == hidden.size(0), op, ": dispatch_mask has ",
+              dispatch_mask.size(0), " tokens but hidden has ", hidden.size(0));
+  TORCH_CHECK(dispatch_mask.size(1) * dispatch_mask.size(2) <= kMaxPairs, op,
+              ": num_experts * capacity (", dispatch_mask.size(1) * dispatch_mask.size(2),
+              ") exceeds ", kMaxPairs);
+  return StaticSlotSizes{hidden.size(0), dispatch_mask.size(1), dispatch_mask.size(2),
+                         hidden.size(1), 0};
+}
+
+StaticSlotSizes check_static_combine(const at::Tensor& expert_out,
+                                     const at::Tensor& combine_weights) {
+  constexpr const char* op = "static_combine";
+  check_dim(op, "expert_out", expert_out, 3, "[num_experts, capacity, hidden_size]");
+  check_float(op, "expert_out", expert_out);
+  check_dim(op, "combine_weights", combine_weights, 3, "[num_tokens, num_experts, capacity]");
+  check_float(op, "combine_weights", combine_weights);
+  check_same_device(op, "combine_weights", combine_weights, expert_out, "expert_out");
+  TORCH_CHECK(combine_weights.size(1) == expert_out.size(0) &&
+                  combine_weights.size(2) == expert_out.size(1),
+              op, ": combine_weights ", combine_weights.sizes(), " and expert_out ",
+              expert_out.sizes(), " disagree on [num_experts, capacity]");
+  return StaticSlotSizes{combine_weights.size(0), expert_out.size(0), expert_out.size(1),
+                         expert_out.size(2), 0};
 }
 
 }  // namespace moe_infer

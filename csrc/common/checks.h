@@ -107,5 +107,37 @@ PlacementSizes check_expert_placement(const at::Tensor& expert_load, int64_t num
                                       bool replicate, const std::optional<at::Tensor>& correlation,
                                       double correlation_weight, int64_t num_nodes,
                                       const std::optional<at::Tensor>& expert_group);
+// ---- static gating (issue 3) ----
+
+struct StaticGatingSizes {
+  int64_t num_tokens;
+  int64_t num_experts;
+  int64_t top_k;
+  SecondExpertPolicy policy;
+};
+
+StaticGatingSizes check_static_gating(const at::Tensor& router_logits, int64_t top_k,
+                                      int64_t capacity,
+                                      const std::optional<at::Tensor>& padding_mask,
+                                      const std::string& second_expert_policy,
+                                      const std::optional<at::Tensor>& second_expert_noise);
+
+struct StaticSlotSizes {
+  int64_t num_tokens;
+  int64_t num_experts;
+  int64_t capacity;
+  int64_t hidden_size;  // 0 where the op has no hidden states
+  int64_t top_k;        // 0 where the op has no per-pair inputs
+};
+
+StaticSlotSizes check_static_routing_tensors(const at::Tensor& expert_ids,
+                                             const at::Tensor& locations,
+                                             const at::Tensor& topk_weights, int64_t num_experts,
+                                             int64_t capacity);
+
+StaticSlotSizes check_static_dispatch(const at::Tensor& hidden, const at::Tensor& dispatch_mask);
+
+StaticSlotSizes check_static_combine(const at::Tensor& expert_out,
+                                     const at::Tensor& combine_weights);
 
 }  // namespace moe_infer

@@ -50,5 +50,14 @@ enum class PlacementAlgorithm : int8_t {
 };
 
 PlacementAlgorithm parse_placement_algorithm(const std::string& name);
+// How static (fairseq Top2Gate) gating picks a token's second expert (static_gating's
+// `second_expert_policy`).
+enum class SecondExpertPolicy : int8_t {
+  kAll,       // the second-best expert by router logit, always kept
+  kSampling,  // argmax of router logits + Gumbel noise, excluding the first expert
+  kRandom,    // the second-best expert, kept only if 2 * its gate > a U(0, 1) sample
+};
+
+SecondExpertPolicy parse_second_expert_policy(const std::string& name);
 
 }  // namespace moe_infer

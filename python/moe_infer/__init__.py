@@ -15,7 +15,8 @@ from . import _autograd, _fake, ops, reference  # noqa: F401  (register_autograd
 from .layer import MoELayer
 
 # isort: split
-from . import distributed, placement  # noqa: F401  (expert parallelism and load balancing)
+# Expert parallelism, load balancing, and the fairseq-compatible layer (moe_infer.fairseq).
+from . import distributed, fairseq, placement  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,4 @@ def built_with_cuda() -> bool:
     return bool(_C.built_with_cuda)
 
 
-__all__ = ["MoELayer", "built_with_cuda", "distributed", "ops", "placement", "reference", "__version__"]
+__all__ = ["MoELayer", "built_with_cuda", "distributed", "fairseq", "ops", "placement", "reference", "__version__"]

@@ -178,3 +178,106 @@ def _mlp_backward(ctx, grad_out):
 
 
 torch.library.register_autograd("moe_infer::grouped_mlp", _mlp_backward, setup_context=_mlp_setup)
+
+# ---- static gating (issue 3) ----------------------------------------------------------------
+
+
+def _static_gating_setup(ctx, inputs, output):
+    router_logits, _top_k, capacity, _mask, _policy, _noise, normalize_before_dropping, _bpr = inputs
+    _weights, expert_ids, locations, _l_aux = output
+    ctx.options = (capacity, normalize_before_dropping)
+    ctx.save_for_backward(router_logits, expert_ids, locations)
+
+
+def _static_gating_backward(ctx, grad_weights, _grad_ids, _grad_locations, grad_l_aux):
+    # The choices and slots are discrete: recompute the weights and l_aux from the logits with
+    # plain PyTorch ops, for those choices, and let autograd differentiate them.
+    router_logits, expert_ids, locations = ctx.saved_tensors
+    capacity, normalize_before_dropping = ctx.options
+    num_tokens, num_experts = router_logits.shape
+    if num_tokens == 0:
+        return (torch.zeros_like(router_logits),) + (None,) * 7
+    ids = expert_ids.long()
+    routed = locations >= 0
+    kept = (routed & (locations < capacity)).float()
+    eps = torch.finfo(torch.float32).eps
+    with torch.enable_grad():
+        logits = router_logits.detach().float().requires_grad_(True)
+        gates = torch.softmax(logits, dim=-1)
+        chosen = gates.gather(1, ids)
+        if ids.shape[1] == 1:
+            weights = chosen * kept
+        elif normalize_before_dropping:
+            weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(eps) * kept
+        else:
+            kept_gates = chosen * kept
+            weights = kept_gates / kept_gates.sum(-1, keepdim=True).clamp_min(eps)
+        first_counts = torch.zeros(num_experts, device=logits.device).index_add_(0, ids[:, 0], routed[:, 0].float())
+        l_aux = (gates.mean(0) * first_counts / num_tokens).mean() * num_experts * num_experts
+        (grad,) = torch.autograd.grad([weights, l_aux], [logits], [grad_weights, grad_l_aux])
+    return (grad.to(router_logits.dtype),) + (None,) * 7
+
+
+torch.library.register_autograd("moe_infer::static_gating", _static_gating_backward, setup_context=_static_gating_setup)
+
+
+def _routing_tensors_setup(ctx, inputs, output):
+    expert_ids, locations, topk_weights, _num_experts, capacity = inputs
+    ctx.capacity = capacity
+    ctx.weights_dtype = topk_weights.dtype
+    ctx.save_for_backward(expert_ids, locations)
+
+
+def _routing_tensors_backward(ctx, grad_combine, _grad_mask):
+    expert_ids, locations = ctx.saved_tensors
+    capacity = ctx.capacity
+    kept = (locations >= 0) & (locations < capacity)
+    slots = expert_ids.long() * capacity + locations.long().clamp(0, capacity - 1)
+    slots = torch.where(kept, slots, torch.zeros_like(slots))
+    grad = grad_combine.reshape(grad_combine.shape[0], -1).gather(1, slots) * kept
+    return None, None, grad.to(ctx.weights_dtype), None, None
+
+
+torch.library.register_autograd(
+    "moe_infer::static_routing_tensors", _routing_tensors_backward, setup_context=_routing_tensors_setup
+)
+
+
+def _static_dispatch_setup(ctx, inputs, output):
+    _hidden, dispatch_mask = inputs
+    ctx.save_for_backward(dispatch_mask)
+
+
+def _static_dispatch_backward(ctx, grad_out):
+    # The transpose of the dispatch is a combine with the mask as weights.
+    (dispatch_mask,) = ctx.saved_tensors
+    grad_hidden = torch.ops.moe_infer.static_combine(grad_out.contiguous(), dispatch_mask.to(torch.float32))
+    return grad_hidden, None
+
+
+torch.library.register_autograd(
+    "moe_infer::static_dispatch", _static_dispatch_backward, setup_context=_static_dispatch_setup
+)
+
+
+def _static_combine_setup(ctx, inputs, output):
+    expert_out, combine_weights = inputs
+    ctx.save_for_backward(expert_out, combine_weights)
+
+
+def _static_combine_backward(ctx, grad_out):
+    expert_out, combine_weights = ctx.saved_tensors
+    num_experts, capacity, hidden_size = expert_out.shape
+    weights = combine_weights.float().reshape(combine_weights.shape[0], num_experts * capacity)
+    rows = expert_out.float().reshape(num_experts * capacity, hidden_size)
+    grad_expert_out = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        grad_expert_out = (weights.t() @ grad_out.float()).view_as(expert_out).to(expert_out.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_weights = (grad_out.float() @ rows.t()).view_as(combine_weights).to(combine_weights.dtype)
+    return grad_expert_out, grad_weights
+
+
+torch.library.register_autograd(
+    "moe_infer::static_combine", _static_combine_backward, setup_context=_static_combine_setup
+)

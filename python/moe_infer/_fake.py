@@ -196,3 +196,83 @@ def _simulate_expert_cache_fake(accesses, batch_offsets, num_experts, cache_size
     torch._check(len(cache_sizes) >= 1 and min(cache_sizes) >= 1, lambda: f"{op}: every cache size must be >= 1")
     torch._check(len(policies) >= 1, lambda: f"{op}: policies must not be empty")
     return accesses.new_empty((len(policies), len(cache_sizes), 3), dtype=torch.int64)
+# ---- static gating (issue 3) ----------------------------------------------------------------
+
+
+@torch.library.register_fake("moe_infer::static_gating")
+def _static_gating_fake(
+    router_logits,
+    top_k,
+    capacity,
+    padding_mask=None,
+    second_expert_policy="all",
+    second_expert_noise=None,
+    normalize_before_dropping=False,
+    batch_prioritized_routing=False,
+):
+    op = "static_gating"
+    torch._check(router_logits.dim() == 2, lambda: f"{op}: router_logits must be 2-D [num_tokens, num_experts]")
+    _check_float(op, "router_logits", router_logits)
+    torch._check(top_k in (1, 2), lambda: f"{op}: top_k ({top_k}) must be 1 or 2")
+    torch._check(router_logits.shape[1] >= top_k, lambda: f"{op}: top-{top_k} gating needs num_experts >= {top_k}")
+    torch._check(capacity >= 1, lambda: f"{op}: capacity ({capacity}) must be >= 1")
+    torch._check(
+        second_expert_policy in ("all", "sampling", "random"), lambda: f"{op}: unknown policy '{second_expert_policy}'"
+    )
+    if padding_mask is not None:
+        torch._check(padding_mask.dtype == torch.bool, lambda: f"{op}: padding_mask must be bool")
+        torch._check(
+            padding_mask.shape == (router_logits.shape[0],), lambda: f"{op}: padding_mask must be [num_tokens]"
+        )
+    num_tokens = router_logits.shape[0]
+    expert_ids = router_logits.new_empty((num_tokens, top_k), dtype=torch.int32)
+    locations = router_logits.new_empty((num_tokens, top_k), dtype=torch.int32)
+    topk_weights = router_logits.new_empty((num_tokens, top_k), dtype=torch.float32)
+    l_aux = router_logits.new_empty((), dtype=torch.float32)
+    return topk_weights, expert_ids, locations, l_aux
+
+
+@torch.library.register_fake("moe_infer::static_routing_tensors")
+def _static_routing_tensors_fake(expert_ids, locations, topk_weights, num_experts, capacity):
+    op = "static_routing_tensors"
+    torch._check(expert_ids.dim() == 2, lambda: f"{op}: expert_ids must be 2-D [num_tokens, top_k]")
+    torch._check(expert_ids.dtype in (torch.int32, torch.int64), lambda: f"{op}: expert_ids must be int32 or int64")
+    torch._check(locations.dtype == torch.int32, lambda: f"{op}: locations must be int32")
+    _check_float(op, "topk_weights", topk_weights)
+    torch._check(
+        locations.shape == expert_ids.shape and topk_weights.shape == expert_ids.shape,
+        lambda: f"{op}: expert_ids, locations and topk_weights must have the same shape",
+    )
+    torch._check(num_experts >= 1, lambda: f"{op}: num_experts ({num_experts}) must be >= 1")
+    torch._check(capacity >= 1, lambda: f"{op}: capacity ({capacity}) must be >= 1")
+    shape = (expert_ids.shape[0], num_experts, capacity)
+    return topk_weights.new_empty(shape, dtype=torch.float32), topk_weights.new_empty(shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("moe_infer::static_dispatch")
+def _static_dispatch_fake(hidden, dispatch_mask):
+    op = "static_dispatch"
+    torch._check(hidden.dim() == 2, lambda: f"{op}: hidden must be 2-D [num_tokens, hidden_size]")
+    _check_float(op, "hidden", hidden)
+    torch._check(
+        dispatch_mask.dim() == 3, lambda: f"{op}: dispatch_mask must be 3-D [num_tokens, num_experts, capacity]"
+    )
+    torch._check(dispatch_mask.dtype == torch.bool, lambda: f"{op}: dispatch_mask must be bool")
+    torch._check(
+        dispatch_mask.shape[0] == hidden.shape[0], lambda: f"{op}: dispatch_mask and hidden disagree on num_tokens"
+    )
+    return hidden.new_empty((dispatch_mask.shape[1], dispatch_mask.shape[2], hidden.shape[1]))
+
+
+@torch.library.register_fake("moe_infer::static_combine")
+def _static_combine_fake(expert_out, combine_weights):
+    op = "static_combine"
+    torch._check(expert_out.dim() == 3, lambda: f"{op}: expert_out must be 3-D [num_experts, capacity, hidden_size]")
+    torch._check(combine_weights.dim() == 3, lambda: f"{op}: combine_weights must be 3-D")
+    _check_float(op, "expert_out", expert_out)
+    _check_float(op, "combine_weights", combine_weights)
+    torch._check(
+        combine_weights.shape[1] == expert_out.shape[0] and combine_weights.shape[2] == expert_out.shape[1],
+        lambda: f"{op}: combine_weights and expert_out disagree on [num_experts, capacity]",
+    )
+    return expert_out.new_empty((combine_weights.shape[0], expert_out.shape[2]))

@@ -12,6 +12,7 @@ No capacity, no dropped tokens, no placeholder rows: every buffer has exactly S*
 """
 
 import contextlib
+import math
 from typing import Iterator, NamedTuple, Optional
 
 import torch
@@ -172,3 +173,173 @@ def use_kernels(enabled: bool) -> Iterator[None]:
         yield
     finally:
         set_kernels(previous)
+# ---- static gating (issue 3) ----------------------------------------------------------------
+#
+# The capacity-based baseline, GShard / fairseq style (S tokens, E experts, capacity C):
+#
+#     C = static_capacity(S, E, k, capacity_factor, eval_fraction, eval_mode)
+#     noise = second_expert_noise(policy, router_logits)                   # None for 'all'
+#     r = static_gating(router_logits, k, C, padding_mask, policy, noise)  # per-pair routing, l_aux
+#     combine, mask = static_routing_tensors(r.expert_ids, r.locations, r.topk_weights, E, C)
+#     rows = static_dispatch(hidden, mask)                                  # [E, C, H], placeholders 0
+#     rows = grouped_mlp(rows.view(E * C, H), arange(E + 1) * C, ...)      # the same expert compute
+#     out = static_combine(rows.view(E, C, H), combine)                    # [S, H]
+
+SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
+
+
+class StaticRouting(NamedTuple):
+    """The output of :func:`static_gating` (on the logits' device).
+
+    topk_weights: [S, k] float32 combine weights, 0 for pairs that are dropped or not routed
+    expert_ids:   [S, k] int32, each token's raw choices (the first is the argmax of the gates)
+    locations:    [S, k] int32, each pair's position in its expert's buffer: -1 if the pair is not
+                  routed (a padding token, or a second expert the 'random' policy rejected),
+                  >= capacity if it is dropped
+    l_aux:        [] float32, fairseq's load-balancing loss
+    """
+
+    topk_weights: torch.Tensor
+    expert_ids: torch.Tensor
+    locations: torch.Tensor
+    l_aux: torch.Tensor
+
+
+def static_capacity(
+    num_tokens,
+    num_experts: int,
+    top_k: int = 1,
+    capacity_factor: Optional[float] = 1.0,
+    eval_capacity_token_fraction: float = 0.0,
+    eval_mode: bool = False,
+    eval_capacity_length: Optional[int] = None,
+):
+    """fairseq's per-expert capacity C (slots per expert).
+
+    In eval mode with ``eval_capacity_token_fraction`` > 0 it is ``ceil(fraction * S)`` (or
+    ``ceil(fraction * eval_capacity_length)``, fairseq's ``moe_eval_capacity_max_seqlen``);
+    otherwise the training formula ``int(capacity_factor * top_k * ceil(S / E))``, which is
+    fairseq's ``int(capacity_factor * ceil(S / E))`` for Top1Gate and ``2 * ceil(S / E)`` for
+    Top2Gate (whose capacity factor is 1). S counts padding tokens, as in fairseq.
+
+    Raises ValueError when the result would be 0 (every token dropped), and when the training
+    formula is needed but ``capacity_factor`` is None (nothing to fall back on).
+    """
+    if num_experts < 1:
+        raise ValueError(f"static_capacity: num_experts ({num_experts}) must be >= 1")
+    if not eval_capacity_token_fraction == eval_capacity_token_fraction:  # NaN
+        raise ValueError("static_capacity: eval_capacity_token_fraction is NaN")
+    if eval_mode and eval_capacity_token_fraction > 0.0:
+        length = num_tokens if eval_capacity_length is None else eval_capacity_length
+        capacity = math.ceil(eval_capacity_token_fraction * length)
+        formula = f"ceil(eval_capacity_token_fraction {eval_capacity_token_fraction} * {length} tokens)"
+    else:
+        if capacity_factor is None:
+            why = (
+                f"eval_capacity_token_fraction ({eval_capacity_token_fraction}) <= 0 selects the training formula"
+                if eval_mode
+                else "training mode uses the training formula"
+            )
+            raise ValueError(
+                f"static_capacity: {why}, but capacity_factor is None: there is no capacity to fall back on; "
+                "give a capacity_factor or an eval_capacity_token_fraction > 0"
+            )
+        if not capacity_factor > 0.0:
+            raise ValueError(f"static_capacity: capacity_factor ({capacity_factor}) must be > 0")
+        per_expert = -(-num_tokens // num_experts)
+        capacity = int(capacity_factor * top_k * per_expert)
+        formula = f"int(capacity_factor {capacity_factor} * top_k {top_k} * ceil({num_tokens} tokens / {num_experts} experts))"
+    if capacity < 1:
+        raise ValueError(
+            f"static_capacity: capacity is 0 ({formula}), so every token would be dropped; "
+            "raise capacity_factor or eval_capacity_token_fraction"
+        )
+    return capacity
+
+
+def second_expert_noise(
+    second_expert_policy: str, router_logits: torch.Tensor, generator: Optional[torch.Generator] = None
+) -> Optional[torch.Tensor]:
+    """The random input of a top-2 policy, drawn from ``generator`` (default: the global one).
+
+    'sampling': Gumbel(0, 1) samples [S, E] float32, drawn exactly as fairseq draws them (so the
+    same seed picks the same second experts); 'random': U(0, 1) samples [S] float32; 'all': None.
+    fairseq samples in eval mode too, so top-2 'sampling' inference is stochastic unless seeded.
+    """
+    if second_expert_policy not in SECOND_EXPERT_POLICIES:
+        raise ValueError(
+            f"second_expert_noise: policy must be one of {SECOND_EXPERT_POLICIES}, got '{second_expert_policy}'"
+        )
+    device = router_logits.device
+    if second_expert_policy == "all":
+        return None
+    if second_expert_policy == "random":
+        return torch.rand(router_logits.shape[0], generator=generator, dtype=torch.float32, device=device)
+    # torch.distributions.Gumbel(0, 1).rsample: u ~ U(tiny, 1 - eps), then -log(-log(u)).
+    finfo = torch.finfo(torch.float32)
+    low = torch.tensor(finfo.tiny, device=device)
+    high = torch.tensor(1.0 - finfo.eps, device=device)
+    u = torch.rand(router_logits.shape, generator=generator, dtype=torch.float32, device=device)
+    return -torch.log(-torch.log(low + u * (high - low)))
+
+
+def static_gating(
+    router_logits: torch.Tensor,
+    top_k: int,
+    capacity: int,
+    padding_mask: Optional[torch.Tensor] = None,
+    second_expert_policy: str = "all",
+    second_expert_noise: Optional[torch.Tensor] = None,
+    normalize_before_dropping: bool = False,
+    batch_prioritized_routing: bool = False,
+) -> StaticRouting:
+    """fairseq's Top1Gate / Top2Gate routing with ``capacity`` slots per expert, per pair.
+
+    Args:
+        router_logits: [S, E] float32/bfloat16/float16; the math is float32 (fairseq's use_fp32).
+        top_k: 1 (the raw softmax probability is the weight) or 2.
+        capacity: slots per expert, >= 1 (see :func:`static_capacity`). A capacity >= S drops
+            nothing: that is dynamic gating's routing.
+        padding_mask: [S] bool, True for padding: such tokens take no slot and get weight 0 (they
+            still count in S and in l_aux's averages, as in fairseq).
+        second_expert_policy: "all", "sampling" (argmax of logits + Gumbel noise) or "random" (the
+            second expert is kept if 2 * its gate > U(0, 1)); top-2 only.
+        second_expert_noise: the policy's noise (:func:`second_expert_noise`), None for "all".
+        normalize_before_dropping: divide the two gates by their sum before dropping (else after
+            dropping, fairseq's default: a token whose second expert is dropped keeps weight 1).
+        batch_prioritized_routing: tokens take slots in descending order of their best gate
+            (ties by position) instead of in position order.
+    """
+    return StaticRouting(
+        *_ops.static_gating(
+            router_logits,
+            top_k,
+            capacity,
+            padding_mask,
+            second_expert_policy,
+            second_expert_noise,
+            normalize_before_dropping,
+            batch_prioritized_routing,
+        )
+    )
+
+
+def static_routing_tensors(
+    expert_ids: torch.Tensor, locations: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fairseq's dense routing tensors: (combine_weights [S, E, C] float32, dispatch_mask [S, E, C]
+    bool), with ``combine_weights[s, e, c]`` the weight of token s in slot c of expert e and
+    ``dispatch_mask = combine_weights != 0``. O(S * E * C) memory: this is static gating's cost."""
+    return _ops.static_routing_tensors(expert_ids, locations, topk_weights, num_experts, capacity)
+
+
+def static_dispatch(hidden: torch.Tensor, dispatch_mask: torch.Tensor) -> torch.Tensor:
+    """einsum("sec,sm->ecm"): hidden [S, M] -> the capacity buffer [E, C, M] in hidden's dtype;
+    slots no token takes (placeholders) are zeros. A slot may hold at most one token."""
+    return _ops.static_dispatch(hidden, dispatch_mask)
+
+
+def static_combine(expert_out: torch.Tensor, combine_weights: torch.Tensor) -> torch.Tensor:
+    """einsum("sec,ecm->sm"): expert_out [E, C, M] -> [S, M] in expert_out's dtype, accumulated in
+    float32 over the nonzero combine weights [S, E, C]."""
+    return _ops.static_combine(expert_out, combine_weights)

@@ -4,6 +4,7 @@ It shares no code with the C++ ops. The tests use it as the independent referenc
 benchmarks as the baseline. Everything here is differentiable and runs on any device.
 """
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -239,3 +240,166 @@ def layer_forward(
         swiglu_limit=layer.swiglu_limit,
         router_logits=cast(router_logits),
     )
+
+
+# ---- fairseq static gating (issue 3) --------------------------------------------------------
+# An independent re-implementation of fairseq's GShard gates (fairseq/modules/moe/top1gate.py,
+# top2gate.py) and of MOELayer's einsum dispatch and combine, with plain PyTorch ops on dense
+# [S, E, C] tensors: the reference the static ops are tested against, and the "fairseq" column of
+# bench/static_vs_dynamic.py.
+
+
+def fairseq_capacity(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    capacity_factor: float = 1.0,
+    eval_mode: bool = False,
+    eval_capacity_token_fraction: float = 0.25,
+) -> int:
+    """fairseq's capacity: ceil(fraction * S) in eval mode when fraction > 0, else the training
+    formula, int(capacity_factor * ceil(S / E)) for top-1 and 2 * ceil(S / E) for top-2."""
+    if eval_mode and eval_capacity_token_fraction > 0.0:
+        return math.ceil(eval_capacity_token_fraction * num_tokens)
+    if top_k == 1:
+        return int(capacity_factor * math.ceil(num_tokens / num_experts))
+    return 2 * math.ceil(num_tokens / num_experts)
+
+
+def fairseq_gumbel_noise(shape) -> torch.Tensor:
+    """Gumbel(0, 1) samples drawn from the global generator exactly as fairseq draws them."""
+    zero, one = torch.tensor(0.0), torch.tensor(1.0)
+    return torch.distributions.gumbel.Gumbel(zero, one).rsample(shape)
+
+
+def _fairseq_one_hot(index: torch.Tensor, num_classes: int) -> torch.Tensor:
+    out = torch.zeros(index.shape + (num_classes,), dtype=torch.long, device=index.device)
+    return out.scatter_(-1, index.unsqueeze(-1).long(), 1)
+
+
+def _fairseq_sec(gate_s, mask_se, location_s, capacity):
+    """einsum("s,se,sc->sec"): a token's gate at (its expert, its slot)."""
+    weighted = gate_s.unsqueeze(-1) * mask_se.to(gate_s.dtype)
+    return weighted.unsqueeze(-1) * _fairseq_one_hot(location_s, capacity).to(gate_s.dtype).unsqueeze(1)
+
+
+def _fairseq_l_aux(gates, mask1):
+    num_experts = gates.shape[1]
+    return (gates.mean(0) * mask1.to(gates.dtype).mean(0)).mean() * num_experts * num_experts
+
+
+def fairseq_top1gating(
+    logits: torch.Tensor,
+    input_mask: Optional[torch.Tensor] = None,
+    capacity_factor: float = 1.0,
+    eval_mode: bool = False,
+    eval_capacity_token_fraction: float = 0.25,
+):
+    """fairseq's top1gating on router logits [S, E] (in float32) ->
+    (l_aux, combine_weights [S, E, C], dispatch_mask [S, E, C] bool, capacity)."""
+    gates = torch.softmax(logits.float(), dim=1)
+    num_tokens, num_experts = gates.shape
+    capacity = fairseq_capacity(num_tokens, num_experts, 1, capacity_factor, eval_mode, eval_capacity_token_fraction)
+    mask1 = _fairseq_one_hot(gates.argmax(dim=1), num_experts)
+    if input_mask is not None:
+        mask1 = mask1 * (~input_mask).unsqueeze(-1).long()
+    gates1 = (gates * mask1).sum(dim=1)
+    locations1 = torch.cumsum(mask1, dim=0) - 1
+    l_aux = _fairseq_l_aux(gates, mask1)
+    mask1 = mask1 * (locations1 < capacity).long()
+    combine = _fairseq_sec(gates1, mask1, (locations1 * mask1).sum(dim=1), capacity)
+    return l_aux, combine, combine.bool(), capacity
+
+
+def fairseq_top2gating(
+    logits: torch.Tensor,
+    input_mask: Optional[torch.Tensor] = None,
+    second_expert_policy: str = "sampling",
+    normalize_gate_prob_before_dropping: bool = False,
+    eval_mode: bool = False,
+    eval_capacity_token_fraction: float = 0.25,
+    batch_prioritized_routing: bool = False,
+    second_expert_noise: Optional[torch.Tensor] = None,
+):
+    """fairseq's top2gating on router logits [S, E] (in float32) ->
+    (l_aux, combine_weights [S, E, C], dispatch_mask [S, E, C] bool, capacity).
+
+    The 'sampling' policy's Gumbel noise [S, E] and the 'random' policy's uniforms [S] are drawn
+    from the global generator as fairseq draws them, unless given as ``second_expert_noise``.
+    """
+    logits = logits.float()
+    gates = torch.softmax(logits, dim=1)
+    num_tokens, num_experts = gates.shape
+    capacity = fairseq_capacity(num_tokens, num_experts, 2, 1.0, eval_mode, eval_capacity_token_fraction)
+    mask1 = _fairseq_one_hot(gates.argmax(dim=1), num_experts)
+    noisy = logits
+    if second_expert_policy == "sampling":
+        noise = fairseq_gumbel_noise(logits.shape) if second_expert_noise is None else second_expert_noise
+        noisy = logits + noise.to(logits.device)
+    mask2 = _fairseq_one_hot(noisy.masked_fill(mask1.bool(), float("-inf")).argmax(dim=1), num_experts)
+    gates1 = (gates * mask1).sum(dim=1)
+    gates2 = (gates * mask2).sum(dim=1)
+    eps = torch.finfo(gates.dtype).eps
+    if normalize_gate_prob_before_dropping:
+        denom = (gates1 + gates2).clamp(min=eps)
+        gates1, gates2 = gates1 / denom, gates2 / denom
+    if second_expert_policy == "random":
+        uniform = torch.rand_like(gates2) if second_expert_noise is None else second_expert_noise.to(gates2)
+        mask2 = mask2 * (2 * gates2 > uniform).long().unsqueeze(-1)
+    if input_mask is not None:
+        keep = (~input_mask).unsqueeze(-1).long()
+        mask1, mask2 = mask1 * keep, mask2 * keep
+    if batch_prioritized_routing:
+        order = torch.sort(-gates.max(dim=1).values, stable=True).indices
+        inverse = torch.argsort(order)
+        locations1 = (torch.cumsum(mask1[order], dim=0) - 1)[inverse]
+        locations2 = (torch.cumsum(mask2[order], dim=0) - 1)[inverse]
+    else:
+        locations1 = torch.cumsum(mask1, dim=0) - 1
+        locations2 = torch.cumsum(mask2, dim=0) - 1
+    locations2 = locations2 + mask1.sum(dim=0, keepdim=True)
+    l_aux = _fairseq_l_aux(gates, mask1)
+    mask1 = mask1 * (locations1 < capacity).long()
+    mask2 = mask2 * (locations2 < capacity).long()
+    if not normalize_gate_prob_before_dropping:
+        gates1 = (gates * mask1).sum(dim=1)
+        gates2 = (gates * mask2).sum(dim=1)
+        denom = (gates1 + gates2).clamp(min=eps)
+        gates1, gates2 = gates1 / denom, gates2 / denom
+    combine = _fairseq_sec(gates1, mask1, (locations1 * mask1).sum(dim=1), capacity) + _fairseq_sec(
+        gates2, mask2, (locations2 * mask2).sum(dim=1), capacity
+    )
+    return l_aux, combine, combine.bool(), capacity
+
+
+def fairseq_moe_forward(
+    hidden: torch.Tensor,
+    combine_weights: torch.Tensor,
+    dispatch_mask: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    activation: str = "relu",
+) -> torch.Tensor:
+    """fairseq MOELayer's compute for one process: einsum("sec,sm->ecm") dispatch with a dense
+    matrix product, every expert's FFN over its whole [C, M] buffer (placeholders included), and
+    einsum("sec,ecm->sm") combine. hidden [S, M] -> [S, M]."""
+    num_tokens, num_experts, capacity = dispatch_mask.shape
+    mask = dispatch_mask.to(hidden.dtype).permute(1, 2, 0).reshape(num_experts * capacity, num_tokens)
+    dispatched = (mask @ hidden).view(num_experts, capacity, -1)
+    expert_out = torch.stack(
+        [
+            expert_ffn(
+                dispatched[e],
+                fc1_weight[e],
+                None if fc1_bias is None else fc1_bias[e],
+                fc2_weight[e],
+                None if fc2_bias is None else fc2_bias[e],
+                activation,
+            )
+            for e in range(num_experts)
+        ]
+    )
+    combine = combine_weights.to(hidden.dtype).reshape(num_tokens, num_experts * capacity)
+    return combine @ expert_out.reshape(num_experts * capacity, -1)

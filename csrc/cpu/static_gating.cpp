@@ -1,0 +1,256 @@
+// CPU static (capacity-based) gating: fairseq's gates, its [S, E, C] routing tensors, and the
+// einsum dispatch and combine, done sparsely (each visits only the occupied slots' rows).
+#include "static_gating.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace moe_infer {
+
+namespace {
+
+// Chunks of [0, n) for work that keeps per-chunk partial results: one per thread once each
+// gets at least `min_per_chunk` items.
+int64_t num_chunks_for(int64_t n, int64_t min_per_chunk) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / min_per_chunk));
+}
+
+std::pair<int64_t, int64_t> chunk_range(int64_t chunk, int64_t num_chunks, int64_t n) {
+  const int64_t size = (n + num_chunks - 1) / num_chunks;
+  const int64_t begin = std::min(n, chunk * size);
+  return {begin, std::min(n, begin + size)};
+}
+
+// Records `value` in `first` if it is smaller (the first bad index wins, whatever the threads do).
+void keep_smallest(std::atomic<int64_t>& first, int64_t value) {
+  int64_t seen = first.load();
+  while (value < seen && !first.compare_exchange_weak(seen, value)) {
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating_cpu(
+    const at::Tensor& router_logits, int64_t top_k, int64_t capacity,
+    const std::optional<at::Tensor>& padding_mask, const std::string& second_expert_policy,
+    const std::optional<at::Tensor>& second_expert_noise, bool normalize_before_dropping,
+    bool batch_prioritized_routing) {
+  const StaticGatingSizes sizes = check_static_gating(router_logits, top_k, capacity, padding_mask,
+                                                      second_expert_policy, second_expert_noise);
+  const StaticGatingConfig config{sizes.num_experts, top_k, capacity, sizes.policy,
+                                  normalize_before_dropping};
+  const int64_t num_tokens = sizes.num_tokens;
+  const int64_t num_experts = sizes.num_experts;
+  const at::Tensor logits = router_logits.to(at::kFloat).contiguous();
+  at::Tensor noise;
+  if (second_expert_noise.has_value()) noise = second_expert_noise->to(at::kFloat).contiguous();
+  at::Tensor padding;
+  if (padding_mask.has_value()) padding = padding_mask->contiguous();
+
+  const auto options = router_logits.options();
+  auto expert_ids = at::empty({num_tokens, top_k}, options.dtype(at::kInt));
+  auto locations = at::empty({num_tokens, top_k}, options.dtype(at::kInt));
+  auto topk_weights = at::empty({num_tokens, top_k}, options.dtype(at::kFloat));
+  auto l_aux = at::empty({}, options.dtype(at::kFloat));
+
+  const float* logits_ptr = logits.const_data_ptr<float>();
+  const bool sampling = sizes.policy == SecondExpertPolicy::kSampling && top_k == 2;
+  const float* noise_ptr = noise.defined() ? noise.const_data_ptr<float>() : nullptr;
+  const bool* padding_ptr = padding.defined() ? padding.const_data_ptr<bool>() : nullptr;
+  int32_t* ids_ptr = expert_ids.data_ptr<int32_t>();
+  int32_t* locations_ptr = locations.data_ptr<int32_t>();
+  float* weights_ptr = topk_weights.data_ptr<float>();
+  std::vector<float> best_gate(num_tokens);
+
+  // 1. Each token's choices, and per-chunk sums of the gates (for l_aux).
+  const int64_t num_chunks = num_chunks_for(num_tokens, 256);
+  std::vector<double> chunk_gate_sums(num_chunks * num_experts, 0.0);
+  std::atomic<int64_t> bad_token{num_tokens};
+  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<float> gates(num_experts);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      double* gate_sums = chunk_gate_sums.data() + chunk * num_experts;
+      const auto [begin, end] = chunk_range(chunk, num_chunks, num_tokens);
+      for (int64_t s = begin; s < end; ++s) {
+        bool routed[2];
+        const float* token_noise = sampling ? noise_ptr + s * num_experts : nullptr;
+        const float uniform = noise_ptr != nullptr && !sampling ? noise_ptr[s] : 0.0f;
+        const bool is_padding = padding_ptr != nullptr && padding_ptr[s];
+        if (!choose_static_experts(logits_ptr + s * num_experts, token_noise, uniform, is_padding,
+                                   config, gates.data(), ids_ptr + s * top_k,
+                                   weights_ptr + s * top_k, routed, &best_gate[s])) {
+          keep_smallest(bad_token, s);
+          return;
+        }
+        for (int64_t j = 0; j < top_k; ++j) locations_ptr[s * top_k + j] = routed[j] ? 0 : -1;
+        for (int64_t e = 0; e < num_experts; ++e) gate_sums[e] += gates[e];
+      }
+    }
+  });
+  TORCH_CHECK(bad_token.load() == num_tokens, "static_gating: router_logits row ", bad_token.load(),
+              " contains NaN or +inf (or only -inf, which has no softmax); check the hidden states "
+              "and router weights");
+
+  // 2. Positions in the expert buffers: a sequential scan, O(num_tokens * top_k).
+  std::vector<int32_t> order(num_tokens);
+  std::vector<int32_t> first_counts(num_experts);
+  std::vector<int32_t> counts(num_experts);
+  assign_static_locations(ids_ptr, num_tokens, config,
+                          batch_prioritized_routing ? best_gate.data() : nullptr, locations_ptr,
+                          order.data(), first_counts.data(), counts.data());
+
+  // 3. Drops and normalisation.
+  at::parallel_for(0, num_tokens, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      finalize_static_weights(locations_ptr + s * top_k, config, weights_ptr + s * top_k);
+    }
+  });
+
+  std::vector<double> gate_sums(num_experts, 0.0);
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    for (int64_t e = 0; e < num_experts; ++e) {
+      gate_sums[e] += chunk_gate_sums[chunk * num_experts + e];
+    }
+  }
+  l_aux.fill_(
+      static_load_balancing_loss(gate_sums.data(), first_counts.data(), num_tokens, num_experts));
+  return {topk_weights, expert_ids, locations, l_aux};
+}
+
+std::tuple<at::Tensor, at::Tensor> static_routing_tensors_cpu(const at::Tensor& expert_ids,
+                                                              const at::Tensor& locations,
+                                                              const at::Tensor& topk_weights,
+                                                              int64_t num_experts,
+                                                              int64_t capacity) {
+  const StaticSlotSizes sizes =
+      check_static_routing_tensors(expert_ids, locations, topk_weights, num_experts, capacity);
+  const int64_t num_tokens = sizes.num_tokens;
+  const int64_t top_k = sizes.top_k;
+  const int64_t num_slots = num_experts * capacity;
+  const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
+  const at::Tensor pair_locations = locations.contiguous();
+  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+  const auto options = topk_weights.options();
+  auto combine_weights = at::empty({num_tokens, num_experts, capacity}, options.dtype(at::kFloat));
+  auto dispatch_mask = at::empty({num_tokens, num_experts, capacity}, options.dtype(at::kBool));
+
+  const int64_t* ids_ptr = ids.const_data_ptr<int64_t>();
+  const int32_t* locations_ptr = pair_locations.const_data_ptr<int32_t>();
+  const float* weights_ptr = weights.const_data_ptr<float>();
+  float* combine_ptr = combine_weights.data_ptr<float>();
+  bool* mask_ptr = dispatch_mask.data_ptr<bool>();
+  std::atomic<int64_t> bad_pair{num_tokens * top_k};
+  // Each token writes (and first touches) its own [E * C] rows: zeros plus at most top_k entries.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(num_slots, 1));
+  at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      float* combine_row = combine_ptr + s * num_slots;
+      bool* mask_row = mask_ptr + s * num_slots;
+      std::fill(combine_row, combine_row + num_slots, 0.0f);
+      std::fill(mask_row, mask_row + num_slots, false);
+      for (int64_t j = 0; j < top_k; ++j) {
+        const int64_t pair = s * top_k + j;
+        const int64_t location = locations_ptr[pair];
+        if (location < 0 || location >= capacity || weights_ptr[pair] == 0.0f) continue;
+        const int64_t expert = ids_ptr[pair];
+        if (expert < 0 || expert >= num_experts) {
+          keep_smallest(bad_pair, pair);
+          return;
+        }
+        const int64_t slot = expert * capacity + location;
+        combine_row[slot] += weights_ptr[pair];
+        mask_row[slot] = combine_row[slot] != 0.0f;
+      }
+    }
+  });
+  const int64_t bad = bad_pair.load();
+  TORCH_CHECK(bad == num_tokens * top_k, "static_routing_tensors: expert_ids[", bad / top_k, ", ",
+              bad % top_k, "] = ", bad < num_tokens * top_k ? ids_ptr[bad] : 0,
+              " is out of range for a kept pair: expected 0 <= id < num_experts (", num_experts,
+              ")");
+  return {combine_weights, dispatch_mask};
+}
+
+at::Tensor static_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& dispatch_mask) {
+  const StaticSlotSizes sizes = check_static_dispatch(hidden, dispatch_mask);
+  const int64_t num_slots = sizes.num_experts * sizes.capacity;
+  const at::Tensor mask = dispatch_mask.contiguous();
+  const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
+  auto out = at::empty({sizes.num_experts, sizes.capacity, sizes.hidden_size}, hidden.options());
+  const int64_t element_bytes = static_cast<int64_t>(hidden.element_size());
+  const int64_t row_bytes = sizes.hidden_size * element_bytes;
+  const int64_t src_stride_bytes = rows.stride(0) * element_bytes;
+  const char* src = static_cast<const char*>(rows.const_data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const bool* mask_ptr = mask.const_data_ptr<bool>();
+
+  // Blocks of slots: each scans every token's mask row over its block, then fills its rows.
+  constexpr int64_t kBlock = 4096;
+  const int64_t num_blocks = (num_slots + kBlock - 1) / kBlock;
+  std::vector<SlotConflict> conflicts(num_blocks);
+  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<int32_t> owner(kBlock);
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t begin = block * kBlock;
+      const int64_t end = std::min(num_slots, begin + kBlock);
+      conflicts[block] =
+          find_slot_owners(mask_ptr, sizes.num_tokens, num_slots, begin, end, owner.data());
+      if (conflicts[block].slot >= 0) continue;
+      for (int64_t slot = begin; slot < end; ++slot) {
+        const int32_t token = owner[slot - begin];
+        if (token >= 0) {
+          std::memcpy(dst + slot * row_bytes, src + token * src_stride_bytes, row_bytes);
+        } else {
+          std::memset(dst + slot * row_bytes, 0, row_bytes);
+        }
+      }
+    }
+  });
+  for (const SlotConflict& conflict : conflicts) {
+    TORCH_CHECK(conflict.slot < 0, "static_dispatch: dispatch_mask puts tokens ",
+                conflict.first_token, " and ", conflict.second_token, " in slot ",
+                conflict.slot % sizes.capacity, " of expert ", conflict.slot / sizes.capacity,
+                "; a capacity slot holds at most one token");
+  }
+  return out;
+}
+
+at::Tensor static_combine_cpu(const at::Tensor& expert_out, const at::Tensor& combine_weights) {
+  const StaticSlotSizes sizes = check_static_combine(expert_out, combine_weights);
+  const int64_t num_slots = sizes.num_experts * sizes.capacity;
+  const at::Tensor rows = expert_out.contiguous();
+  const at::Tensor weights = combine_weights.to(at::kFloat).contiguous();
+  auto out = at::empty({sizes.num_tokens, sizes.hidden_size}, expert_out.options());
+  const int64_t hidden_size = sizes.hidden_size;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, rows.scalar_type(), "static_combine", [&] {
+        const scalar_t* rows_ptr = rows.const_data_ptr<scalar_t>();
+        const float* weights_ptr = weights.const_data_ptr<float>();
+        scalar_t* out_ptr = out.data_ptr<scalar_t>();
+        // A token scans its E * C weights: give each task at least ~64K of them.
+        const int64_t grain =
+            std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(num_slots, 1));
+        at::parallel_for(0, sizes.num_tokens, grain, [&](int64_t begin, int64_t end) {
+          std::vector<float> accumulator(hidden_size);
+          combine_static_tokens(rows_ptr, hidden_size, weights_ptr, num_slots, begin, end,
+                                accumulator.data(), out_ptr);
+        });
+      });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(moe_infer, CPU, m) {
+  m.impl("static_gating", &static_gating_cpu);
+  m.impl("static_routing_tensors", &static_routing_tensors_cpu);
+  m.impl("static_dispatch", &static_dispatch_cpu);
+  m.impl("static_combine", &static_combine_cpu);
+}
+
+}  // namespace moe_infer

@@ -1,0 +1,1 @@
+"""Drop-in integrations of moe_infer with other libraries' MoE layers."""
