@@ -182,6 +182,8 @@ def _expert_placement_fake(
     if algorithm == "anti_correlation":
         torch._check(correlation is not None, lambda: f"{op}: 'anti_correlation' needs a correlation matrix")
     return expert_load.new_empty((num_ranks, slots_per_rank), dtype=torch.int32)
+
+
 # ---- expert buffering (issue 5) ----
 
 
@@ -196,6 +198,8 @@ def _simulate_expert_cache_fake(accesses, batch_offsets, num_experts, cache_size
     torch._check(len(cache_sizes) >= 1 and min(cache_sizes) >= 1, lambda: f"{op}: every cache size must be >= 1")
     torch._check(len(policies) >= 1, lambda: f"{op}: policies must not be empty")
     return accesses.new_empty((len(policies), len(cache_sizes), 3), dtype=torch.int64)
+
+
 # ---- static gating (issue 3) ----------------------------------------------------------------
 
 

@@ -173,6 +173,8 @@ def use_kernels(enabled: bool) -> Iterator[None]:
         yield
     finally:
         set_kernels(previous)
+
+
 # ---- static gating (issue 3) ----------------------------------------------------------------
 #
 # The capacity-based baseline, GShard / fairseq style (S tokens, E experts, capacity C):
