@@ -316,203 +316,206 @@ PlacementSizes check_expert_placement(const at::Tensor& expert_load, int64_t num
     TORCH_CHECK(group.size(0) == sizes.num_experts, op, ": expert_group has ", group.size(0),
                 " entries but expert_load has ", sizes.num_experts, " experts");
     check_same_device(op, "expert_group", group, expert_load, "expert_load");
-    // ---- static gating (issue 3) ----
+  }
+  return sizes;
+}
 
-    StaticGatingSizes check_static_gating(
-        const at::Tensor& router_logits, int64_t top_k, int64_t capacity,
-        const std::optional<at::Tensor>& padding_mask, const std::string& second_expert_policy,
-        const std::optional<at::Tensor>& second_expert_noise) {
-      constexpr const char* op = "static_gating";
-      check_dim(op, "router_logits", router_logits, 2, "[num_tokens, num_experts]");
-      check_float(op, "router_logits", router_logits);
-      StaticGatingSizes sizes{router_logits.size(0), router_logits.size(1), top_k,
-                              parse_second_expert_policy(second_expert_policy)};
-      TORCH_CHECK(top_k == 1 || top_k == 2, op, ": top_k (", top_k,
-                  ") must be 1 or 2 (fairseq's Top1Gate or Top2Gate)");
-      TORCH_CHECK(sizes.num_experts >= top_k, op, ": top-", top_k,
-                  " gating needs num_experts >= ", top_k, ", got ", sizes.num_experts);
-      TORCH_CHECK(capacity >= 1, op, ": capacity (", capacity,
-                  ") must be >= 1; a capacity of 0 drops every token (raise capacity_factor or "
-                  "eval_capacity_token_fraction)");
-      TORCH_CHECK(capacity <= kMaxPairs, op, ": capacity (", capacity, ") exceeds ", kMaxPairs);
-      // Locations reach 2 * num_tokens (second choices follow all first choices) and are int32.
-      TORCH_CHECK(sizes.num_tokens <= kMaxPairs / 2, op, ": num_tokens (", sizes.num_tokens,
-                  ") exceeds ", kMaxPairs / 2);
-      if (padding_mask.has_value()) {
-        check_dim(op, "padding_mask", *padding_mask, 1, "[num_tokens]");
-        TORCH_CHECK(padding_mask->scalar_type() == at::kBool, op,
-                    ": padding_mask must be bool, got ", padding_mask->scalar_type());
-        TORCH_CHECK(padding_mask->size(0) == sizes.num_tokens, op, ": padding_mask has ",
-                    padding_mask->size(0), " entries but router_logits has ", sizes.num_tokens,
-                    " tokens");
-        check_same_device(op, "padding_mask", *padding_mask, router_logits, "router_logits");
-      }
-      const bool needs_noise = top_k == 2 && sizes.policy != SecondExpertPolicy::kAll;
-      if (top_k == 1) {
-        TORCH_CHECK(sizes.policy == SecondExpertPolicy::kAll, op, ": second_expert_policy '",
-                    second_expert_policy, "' applies to top-2 gating only; use 'all' with top_k 1");
-      }
-      if (!needs_noise) {
-        TORCH_CHECK(
-            !second_expert_noise.has_value(), op,
-            ": second_expert_noise must be None unless top_k is 2 and second_expert_policy is "
-            "'sampling' or 'random'");
-        return sizes;
-      }
-      const bool sampling = sizes.policy == SecondExpertPolicy::kSampling;
-      TORCH_CHECK(
-          second_expert_noise.has_value(), op, ": second_expert_policy '", second_expert_policy,
-          "' needs second_expert_noise (",
-          sampling ? "[num_tokens, num_experts] Gumbel samples" : "[num_tokens] U(0, 1) samples",
-          "); moe_infer.ops.second_expert_noise draws it");
-      const at::Tensor& noise = *second_expert_noise;
-      check_float(op, "second_expert_noise", noise);
-      check_same_device(op, "second_expert_noise", noise, router_logits, "router_logits");
-      if (sampling) {
-        TORCH_CHECK(noise.sizes() == router_logits.sizes(), op,
-                    ": second_expert_noise for policy 'sampling' must have router_logits' shape ",
-                    router_logits.sizes(), ", got ", noise.sizes());
-      } else {
-        TORCH_CHECK(noise.dim() == 1 && noise.size(0) == sizes.num_tokens, op,
-                    ": second_expert_noise for policy 'random' must have shape [", sizes.num_tokens,
-                    "], got ", noise.sizes());
-      }
-      return sizes;
-    }
+// ---- expert buffering (issue 5) ----
 
-    // ---- expert buffering (issue 5) ----
+SimulationSizes check_simulate_expert_cache(const at::Tensor& accesses,
+                                            const at::Tensor& batch_offsets, int64_t num_experts,
+                                            at::IntArrayRef cache_sizes,
+                                            const std::vector<std::string>& policies) {
+  constexpr const char* op = "simulate_expert_cache";
+  check_dim(op, "accesses", accesses, 1, "[num_accesses]");
+  TORCH_CHECK(is_index_type(accesses.scalar_type()), op, ": accesses must be int32 or int64, got ",
+              accesses.scalar_type());
+  check_dim(op, "batch_offsets", batch_offsets, 1, "[num_batches + 1]");
+  TORCH_CHECK(batch_offsets.scalar_type() == at::kLong, op, ": batch_offsets must be int64, got ",
+              batch_offsets.scalar_type());
+  TORCH_CHECK(batch_offsets.size(0) >= 1, op, ": batch_offsets must have num_batches + 1 >= 1 ",
+              "entries");
+  TORCH_CHECK(accesses.device().is_cpu() && batch_offsets.device().is_cpu(), op,
+              ": accesses and batch_offsets must be CPU tensors (the simulator runs on the host)");
+  TORCH_CHECK(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
+  TORCH_CHECK(!cache_sizes.empty(), op, ": cache_sizes must not be empty");
+  for (const int64_t size : cache_sizes) {
+    TORCH_CHECK(size >= 1, op, ": every cache size must be >= 1, got ", size);
+  }
+  TORCH_CHECK(!policies.empty(), op, ": policies must not be empty");
+  SimulationSizes sizes{accesses.size(0), batch_offsets.size(0) - 1, {}};
+  for (const std::string& name : policies) sizes.policies.push_back(parse_eviction_policy(name));
+  return sizes;
+}
 
-    SimulationSizes check_simulate_expert_cache(
-        const at::Tensor& accesses, const at::Tensor& batch_offsets, int64_t num_experts,
-        at::IntArrayRef cache_sizes, const std::vector<std::string>& policies) {
-      constexpr const char* op = "simulate_expert_cache";
-      check_dim(op, "accesses", accesses, 1, "[num_accesses]");
-      TORCH_CHECK(is_index_type(accesses.scalar_type()), op,
-                  ": accesses must be int32 or int64, got ", accesses.scalar_type());
-      check_dim(op, "batch_offsets", batch_offsets, 1, "[num_batches + 1]");
-      TORCH_CHECK(batch_offsets.scalar_type() == at::kLong, op,
-                  ": batch_offsets must be int64, got ", batch_offsets.scalar_type());
-      TORCH_CHECK(batch_offsets.size(0) >= 1, op, ": batch_offsets must have num_batches + 1 >= 1 ",
-                  "entries");
-      TORCH_CHECK(
-          accesses.device().is_cpu() && batch_offsets.device().is_cpu(), op,
-          ": accesses and batch_offsets must be CPU tensors (the simulator runs on the host)");
-      TORCH_CHECK(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
-      TORCH_CHECK(!cache_sizes.empty(), op, ": cache_sizes must not be empty");
-      for (const int64_t size : cache_sizes) {
-        TORCH_CHECK(size >= 1, op, ": every cache size must be >= 1, got ", size);
-      }
-      TORCH_CHECK(!policies.empty(), op, ": policies must not be empty");
-      SimulationSizes sizes{accesses.size(0), batch_offsets.size(0) - 1, {}};
-      for (const std::string& name : policies)
-        sizes.policies.push_back(parse_eviction_policy(name));
-      return sizes;
-    }
+EvictionPolicy check_expert_buffer(int64_t num_experts, int64_t num_slots,
+                                   const std::string& policy, const std::vector<at::Tensor>& pools,
+                                   int64_t copy_threads) {
+  constexpr const char* op = "ExpertBuffer";
+  TORCH_CHECK(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
+  TORCH_CHECK(num_slots >= 1, op, ": num_slots (", num_slots, ") must be >= 1");
+  TORCH_CHECK(copy_threads >= 1 && copy_threads <= 64, op, ": copy_threads (", copy_threads,
+              ") must be in [1, 64]");
+  const EvictionPolicy parsed = parse_eviction_policy(policy);
+  TORCH_CHECK(parsed != EvictionPolicy::kBelady, op,
+              ": policy 'belady' needs the future routing and exists only in the simulator "
+              "(moe_infer.buffer.simulate); use 'paper', 'fifo', 'lru' or 'lfu'");
+  TORCH_CHECK(!pools.empty(), op, ": pools must hold at least one tensor");
+  for (size_t p = 0; p < pools.size(); ++p) {
+    const at::Tensor& pool = pools[p];
+    TORCH_CHECK(pool.dim() >= 1 && pool.size(0) == num_slots, op, ": pools[", p,
+                "] must have shape [num_slots (", num_slots, "), ...], got ", pool.sizes());
+    TORCH_CHECK(pool.is_contiguous(), op, ": pools[", p, "] must be contiguous");
+    TORCH_CHECK(pool.device() == pools[0].device(), op, ": pools[", p, "] is on ", pool.device(),
+                " but pools[0] is on ", pools[0].device(), "; all pools must be on one device");
+    TORCH_CHECK(pool.device().is_cpu() || pool.device().is_cuda(), op, ": pools[", p, "] is on ",
+                pool.device(), "; the buffer supports cpu and cuda");
+    TORCH_CHECK(pool.numel() > 0, op, ": pools[", p, "] is empty");
+  }
+  return parsed;
+}
 
-    EvictionPolicy check_expert_buffer(int64_t num_experts, int64_t num_slots,
-                                       const std::string& policy,
-                                       const std::vector<at::Tensor>& pools, int64_t copy_threads) {
-      constexpr const char* op = "ExpertBuffer";
-      TORCH_CHECK(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
-      TORCH_CHECK(num_slots >= 1, op, ": num_slots (", num_slots, ") must be >= 1");
-      TORCH_CHECK(copy_threads >= 1 && copy_threads <= 64, op, ": copy_threads (", copy_threads,
-                  ") must be in [1, 64]");
-      const EvictionPolicy parsed = parse_eviction_policy(policy);
-      TORCH_CHECK(parsed != EvictionPolicy::kBelady, op,
-                  ": policy 'belady' needs the future routing and exists only in the simulator "
-                  "(moe_infer.buffer.simulate); use 'paper', 'fifo', 'lru' or 'lfu'");
-      TORCH_CHECK(!pools.empty(), op, ": pools must hold at least one tensor");
-      for (size_t p = 0; p < pools.size(); ++p) {
-        const at::Tensor& pool = pools[p];
-        TORCH_CHECK(pool.dim() >= 1 && pool.size(0) == num_slots, op, ": pools[", p,
-                    "] must have shape [num_slots (", num_slots, "), ...], got ", pool.sizes());
-        TORCH_CHECK(pool.is_contiguous(), op, ": pools[", p, "] must be contiguous");
-        TORCH_CHECK(pool.device() == pools[0].device(), op, ": pools[", p, "] is on ",
-                    pool.device(), " but pools[0] is on ", pools[0].device(),
-                    "; all pools must be on one device");
-        TORCH_CHECK(pool.device().is_cpu() || pool.device().is_cuda(), op, ": pools[", p,
-                    "] is on ", pool.device(), "; the buffer supports cpu and cuda");
-        TORCH_CHECK(pool.numel() > 0, op, ": pools[", p, "] is empty");
-      }
-      return parsed;
-    }
+void check_buffer_segment(int64_t num_experts, const std::vector<at::Tensor>& pools, int64_t expert,
+                          int64_t pool, const at::Tensor& source, int64_t source_offset,
+                          int64_t dest_offset, int64_t num_bytes) {
+  constexpr const char* op = "ExpertBuffer.add_segment";
+  TORCH_CHECK(expert >= 0 && expert < num_experts, op, ": expert (", expert,
+              ") must be in [0, num_experts (", num_experts, "))");
+  TORCH_CHECK(pool >= 0 && pool < static_cast<int64_t>(pools.size()), op, ": pool (", pool,
+              ") must be in [0, ", pools.size(), ")");
+  TORCH_CHECK(source.device().is_cpu(), op, ": source must be a host (CPU) tensor, got ",
+              source.device());
+  TORCH_CHECK(source.is_contiguous(), op, ": source must be contiguous");
+  const int64_t source_bytes = static_cast<int64_t>(source.nbytes());
+  TORCH_CHECK(num_bytes >= 1, op, ": num_bytes (", num_bytes, ") must be >= 1");
+  TORCH_CHECK(source_offset >= 0 && source_offset + num_bytes <= source_bytes, op,
+              ": source bytes [", source_offset, ", ", source_offset + num_bytes,
+              ") fall outside the source's ", source_bytes, " bytes");
+  const at::Tensor& target = pools[pool];
+  const int64_t row_bytes = static_cast<int64_t>(target.nbytes()) / target.size(0);
+  TORCH_CHECK(dest_offset >= 0 && dest_offset + num_bytes <= row_bytes, op, ": slot bytes [",
+              dest_offset, ", ", dest_offset + num_bytes, ") fall outside pools[", pool,
+              "]'s slot of ", row_bytes, " bytes");
+}
 
-    void check_buffer_segment(int64_t num_experts, const std::vector<at::Tensor>& pools,
-                              int64_t expert, int64_t pool, const at::Tensor& source,
-                              int64_t source_offset, int64_t dest_offset, int64_t num_bytes) {
-      constexpr const char* op = "ExpertBuffer.add_segment";
-      TORCH_CHECK(expert >= 0 && expert < num_experts, op, ": expert (", expert,
-                  ") must be in [0, num_experts (", num_experts, "))");
-      TORCH_CHECK(pool >= 0 && pool < static_cast<int64_t>(pools.size()), op, ": pool (", pool,
-                  ") must be in [0, ", pools.size(), ")");
-      TORCH_CHECK(source.device().is_cpu(), op, ": source must be a host (CPU) tensor, got ",
-                  source.device());
-      TORCH_CHECK(source.is_contiguous(), op, ": source must be contiguous");
-      const int64_t source_bytes = static_cast<int64_t>(source.nbytes());
-      TORCH_CHECK(num_bytes >= 1, op, ": num_bytes (", num_bytes, ") must be >= 1");
-      TORCH_CHECK(source_offset >= 0 && source_offset + num_bytes <= source_bytes, op,
-                  ": source bytes [", source_offset, ", ", source_offset + num_bytes,
-                  ") fall outside the source's ", source_bytes, " bytes");
-      const at::Tensor& target = pools[pool];
-      const int64_t row_bytes = static_cast<int64_t>(target.nbytes()) / target.size(0);
-      TORCH_CHECK(dest_offset >= 0 && dest_offset + num_bytes <= row_bytes, op, ": slot bytes [",
-                  dest_offset, ", ", dest_offset + num_bytes, ") fall outside pools[", pool,
-                  "]'s slot of ", row_bytes, " bytes");
-      StaticSlotSizes check_static_routing_tensors(
-          const at::Tensor& expert_ids, const at::Tensor& locations, const at::Tensor& topk_weights,
-          int64_t num_experts, int64_t capacity) {
-        constexpr const char* op = "static_routing_tensors";
-        check_dim(op, "expert_ids", expert_ids, 2, "[num_tokens, top_k]");
-        TORCH_CHECK(is_index_type(expert_ids.scalar_type()), op,
-                    ": expert_ids must be int32 or int64, got ", expert_ids.scalar_type());
-        check_dim(op, "locations", locations, 2, "[num_tokens, top_k]");
-        TORCH_CHECK(locations.scalar_type() == at::kInt, op, ": locations must be int32, got ",
-                    locations.scalar_type());
-        check_dim(op, "topk_weights", topk_weights, 2, "[num_tokens, top_k]");
-        check_float(op, "topk_weights", topk_weights);
-        TORCH_CHECK(
-            locations.sizes() == expert_ids.sizes() && topk_weights.sizes() == expert_ids.sizes(),
-            op, ": expert_ids ", expert_ids.sizes(), ", locations ", locations.sizes(),
-            " and topk_weights ", topk_weights.sizes(), " must have the same shape");
-        check_same_device(op, "locations", locations, expert_ids, "expert_ids");
-        check_same_device(op, "topk_weights", topk_weights, expert_ids, "expert_ids");
-        TORCH_CHECK(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
-        TORCH_CHECK(capacity >= 1, op, ": capacity (", capacity, ") must be >= 1");
-        return StaticSlotSizes{expert_ids.size(0), num_experts, capacity, 0, expert_ids.size(1)};
-      }
+// ---- static gating (issue 3) ----
 
-      StaticSlotSizes check_static_dispatch(const at::Tensor& hidden,
-                                            const at::Tensor& dispatch_mask) {
-        constexpr const char* op = "static_dispatch";
-        check_dim(op, "hidden", hidden, 2, "[num_tokens, hidden_size]");
-        check_float(op, "hidden", hidden);
-        check_dim(op, "dispatch_mask", dispatch_mask, 3, "[num_tokens, num_experts, capacity]");
-        TORCH_CHECK(dispatch_mask.scalar_type() == at::kBool, op,
-                    ": dispatch_mask must be bool, got ", dispatch_mask.scalar_type());
-        check_same_device(op, "dispatch_mask", dispatch_mask, hidden, "hidden");
-        TORCH_CHECK(dispatch_mask.size(0) == hidden.size(0), op, ": dispatch_mask has ",
-                    dispatch_mask.size(0), " tokens but hidden has ", hidden.size(0));
-        TORCH_CHECK(dispatch_mask.size(1) * dispatch_mask.size(2) <= kMaxPairs, op,
-                    ": num_experts * capacity (", dispatch_mask.size(1) * dispatch_mask.size(2),
-                    ") exceeds ", kMaxPairs);
-        return StaticSlotSizes{hidden.size(0), dispatch_mask.size(1), dispatch_mask.size(2),
-                               hidden.size(1), 0};
-      }
+StaticGatingSizes check_static_gating(const at::Tensor& router_logits, int64_t top_k,
+                                      int64_t capacity,
+                                      const std::optional<at::Tensor>& padding_mask,
+                                      const std::string& second_expert_policy,
+                                      const std::optional<at::Tensor>& second_expert_noise) {
+  constexpr const char* op = "static_gating";
+  check_dim(op, "router_logits", router_logits, 2, "[num_tokens, num_experts]");
+  check_float(op, "router_logits", router_logits);
+  StaticGatingSizes sizes{router_logits.size(0), router_logits.size(1), top_k,
+                          parse_second_expert_policy(second_expert_policy)};
+  TORCH_CHECK(top_k == 1 || top_k == 2, op, ": top_k (", top_k,
+              ") must be 1 or 2 (fairseq's Top1Gate or Top2Gate)");
+  TORCH_CHECK(sizes.num_experts >= top_k, op, ": top-", top_k,
+              " gating needs num_experts >= ", top_k, ", got ", sizes.num_experts);
+  TORCH_CHECK(capacity >= 1, op, ": capacity (", capacity,
+              ") must be >= 1; a capacity of 0 drops every token (raise capacity_factor or "
+              "eval_capacity_token_fraction)");
+  TORCH_CHECK(capacity <= kMaxPairs, op, ": capacity (", capacity, ") exceeds ", kMaxPairs);
+  // Locations reach 2 * num_tokens (second choices follow all first choices) and are int32.
+  TORCH_CHECK(sizes.num_tokens <= kMaxPairs / 2, op, ": num_tokens (", sizes.num_tokens,
+              ") exceeds ", kMaxPairs / 2);
+  if (padding_mask.has_value()) {
+    check_dim(op, "padding_mask", *padding_mask, 1, "[num_tokens]");
+    TORCH_CHECK(padding_mask->scalar_type() == at::kBool, op, ": padding_mask must be bool, got ",
+                padding_mask->scalar_type());
+    TORCH_CHECK(padding_mask->size(0) == sizes.num_tokens, op, ": padding_mask has ",
+                padding_mask->size(0), " entries but router_logits has ", sizes.num_tokens,
+                " tokens");
+    check_same_device(op, "padding_mask", *padding_mask, router_logits, "router_logits");
+  }
+  const bool needs_noise = top_k == 2 && sizes.policy != SecondExpertPolicy::kAll;
+  if (top_k == 1) {
+    TORCH_CHECK(sizes.policy == SecondExpertPolicy::kAll, op, ": second_expert_policy '",
+                second_expert_policy, "' applies to top-2 gating only; use 'all' with top_k 1");
+  }
+  if (!needs_noise) {
+    TORCH_CHECK(!second_expert_noise.has_value(), op,
+                ": second_expert_noise must be None unless top_k is 2 and second_expert_policy is "
+                "'sampling' or 'random'");
+    return sizes;
+  }
+  const bool sampling = sizes.policy == SecondExpertPolicy::kSampling;
+  TORCH_CHECK(
+      second_expert_noise.has_value(), op, ": second_expert_policy '", second_expert_policy,
+      "' needs second_expert_noise (",
+      sampling ? "[num_tokens, num_experts] Gumbel samples" : "[num_tokens] U(0, 1) samples",
+      "); moe_infer.ops.second_expert_noise draws it");
+  const at::Tensor& noise = *second_expert_noise;
+  check_float(op, "second_expert_noise", noise);
+  check_same_device(op, "second_expert_noise", noise, router_logits, "router_logits");
+  if (sampling) {
+    TORCH_CHECK(noise.sizes() == router_logits.sizes(), op,
+                ": second_expert_noise for policy 'sampling' must have router_logits' shape ",
+                router_logits.sizes(), ", got ", noise.sizes());
+  } else {
+    TORCH_CHECK(noise.dim() == 1 && noise.size(0) == sizes.num_tokens, op,
+                ": second_expert_noise for policy 'random' must have shape [", sizes.num_tokens,
+                "], got ", noise.sizes());
+  }
+  return sizes;
+}
 
-      StaticSlotSizes check_static_combine(const at::Tensor& expert_out,
-                                           const at::Tensor& combine_weights) {
-        constexpr const char* op = "static_combine";
-        check_dim(op, "expert_out", expert_out, 3, "[num_experts, capacity, hidden_size]");
-        check_float(op, "expert_out", expert_out);
-        check_dim(op, "combine_weights", combine_weights, 3, "[num_tokens, num_experts, capacity]");
-        check_float(op, "combine_weights", combine_weights);
-        check_same_device(op, "combine_weights", combine_weights, expert_out, "expert_out");
-        TORCH_CHECK(combine_weights.size(1) == expert_out.size(0) &&
-                        combine_weights.size(2) == expert_out.size(1),
-                    op, ": combine_weights ", combine_weights.sizes(), " and expert_out ",
-                    expert_out.sizes(), " disagree on [num_experts, capacity]");
-        return StaticSlotSizes{combine_weights.size(0), expert_out.size(0), expert_out.size(1),
-                               expert_out.size(2), 0};
-      }
+StaticSlotSizes check_static_routing_tensors(const at::Tensor& expert_ids,
+                                             const at::Tensor& locations,
+                                             const at::Tensor& topk_weights, int64_t num_experts,
+                                             int64_t capacity) {
+  constexpr const char* op = "static_routing_tensors";
+  check_dim(op, "expert_ids", expert_ids, 2, "[num_tokens, top_k]");
+  TORCH_CHECK(is_index_type(expert_ids.scalar_type()), op,
+              ": expert_ids must be int32 or int64, got ", expert_ids.scalar_type());
+  check_dim(op, "locations", locations, 2, "[num_tokens, top_k]");
+  TORCH_CHECK(locations.scalar_type() == at::kInt, op, ": locations must be int32, got ",
+              locations.scalar_type());
+  check_dim(op, "topk_weights", topk_weights, 2, "[num_tokens, top_k]");
+  check_float(op, "topk_weights", topk_weights);
+  TORCH_CHECK(locations.sizes() == expert_ids.sizes() && topk_weights.sizes() == expert_ids.sizes(),
+              op, ": expert_ids ", expert_ids.sizes(), ", locations ", locations.sizes(),
+              " and topk_weights ", topk_weights.sizes(), " must have the same shape");
+  check_same_device(op, "locations", locations, expert_ids, "expert_ids");
+  check_same_device(op, "topk_weights", topk_weights, expert_ids, "expert_ids");
+  TORCH_CHECK(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
+  TORCH_CHECK(capacity >= 1, op, ": capacity (", capacity, ") must be >= 1");
+  return StaticSlotSizes{expert_ids.size(0), num_experts, capacity, 0, expert_ids.size(1)};
+}
 
-    }  // namespace moe_infer
+StaticSlotSizes check_static_dispatch(const at::Tensor& hidden, const at::Tensor& dispatch_mask) {
+  constexpr const char* op = "static_dispatch";
+  check_dim(op, "hidden", hidden, 2, "[num_tokens, hidden_size]");
+  check_float(op, "hidden", hidden);
+  check_dim(op, "dispatch_mask", dispatch_mask, 3, "[num_tokens, num_experts, capacity]");
+  TORCH_CHECK(dispatch_mask.scalar_type() == at::kBool, op, ": dispatch_mask must be bool, got ",
+              dispatch_mask.scalar_type());
+  check_same_device(op, "dispatch_mask", dispatch_mask, hidden, "hidden");
+  TORCH_CHECK(dispatch_mask.size(0) == hidden.size(0), op, ": dispatch_mask has ",
+              dispatch_mask.size(0), " tokens but hidden has ", hidden.size(0));
+  TORCH_CHECK(dispatch_mask.size(1) * dispatch_mask.size(2) <= kMaxPairs, op,
+              ": num_experts * capacity (", dispatch_mask.size(1) * dispatch_mask.size(2),
+              ") exceeds ", kMaxPairs);
+  return StaticSlotSizes{hidden.size(0), dispatch_mask.size(1), dispatch_mask.size(2),
+                         hidden.size(1), 0};
+}
+
+StaticSlotSizes check_static_combine(const at::Tensor& expert_out,
+                                     const at::Tensor& combine_weights) {
+  constexpr const char* op = "static_combine";
+  check_dim(op, "expert_out", expert_out, 3, "[num_experts, capacity, hidden_size]");
+  check_float(op, "expert_out", expert_out);
+  check_dim(op, "combine_weights", combine_weights, 3, "[num_tokens, num_experts, capacity]");
+  check_float(op, "combine_weights", combine_weights);
+  check_same_device(op, "combine_weights", combine_weights, expert_out, "expert_out");
+  TORCH_CHECK(combine_weights.size(1) == expert_out.size(0) &&
+                  combine_weights.size(2) == expert_out.size(1),
+              op, ": combine_weights ", combine_weights.sizes(), " and expert_out ",
+              expert_out.sizes(), " disagree on [num_experts, capacity]");
+  return StaticSlotSizes{combine_weights.size(0), expert_out.size(0), expert_out.size(1),
+                         expert_out.size(2), 0};
+}
+
+}  // namespace moe_infer
