@@ -134,6 +134,7 @@ class ExpertParallelExperts(nn.Module):
         recorder: Optional[LoadRecorder] = None,
         layer_index: int = 0,
         validate: bool = True,
+        local_only: bool = False,
     ):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -145,7 +146,8 @@ class ExpertParallelExperts(nn.Module):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.num_experts = experts.num_experts
+        # local_only: `experts` holds just this rank's E / R experts (see from_local_experts).
+        self.num_experts = experts.num_experts * (self.world_size if local_only else 1)
         self.hidden_size = experts.hidden_size
         self.ffn_size = experts.ffn_size
         self.activation = experts.activation
@@ -162,7 +164,14 @@ class ExpertParallelExperts(nn.Module):
         if placement is None:
             placement = Placement.contiguous(self.num_experts, self.world_size)
         self._handshake("construction", placement, experts.gate_up_proj)
-        local = self._local_weights(experts, placement.rank_experts(self.rank))
+        if local_only:
+            local = [
+                (name, getattr(experts, name).detach())
+                for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+                if getattr(experts, name) is not None
+            ]
+        else:
+            local = self._local_weights(experts, placement.rank_experts(self.rank))
         self._param_names = [name for name, _ in local]
         for name, tensor in local:
             self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
@@ -170,6 +179,15 @@ class ExpertParallelExperts(nn.Module):
             if name not in self._param_names:
                 self.register_parameter(name, None)
         self._set_placement(placement)
+
+    @classmethod
+    def from_local_experts(cls, experts: MoEExperts, group=None, **options) -> "ExpertParallelExperts":
+        """Each rank passes only its own E / R experts (as fairseq's per-rank checkpoint shards hold
+        them): rank r serves experts [r * E / R, (r + 1) * E / R) (the contiguous placement), and
+        the weights are used as they are, without a full copy anywhere."""
+        if "placement" in options:
+            raise ValueError("ExpertParallelExperts.from_local_experts: the placement is contiguous by construction")
+        return cls(experts, None, group, local_only=True, **options)
 
     # -- placement bookkeeping ----------------------------------------------------------------
 
@@ -380,15 +398,40 @@ class ExpertParallelExperts(nn.Module):
         self.last_stats = ExchangeStats(num_sent, num_received, off_rank * row_bytes)
         return ops.unpermute_combine(returned, topk_weights, plan.row_of_pair)
 
-    def _forward_static(self, hidden, topk_weights, slots):
+    def forward_static_positions(
+        self,
+        hidden: torch.Tensor,
+        topk_weights: torch.Tensor,
+        expert_ids: torch.Tensor,
+        positions: torch.Tensor,
+        capacity: int,
+    ) -> torch.Tensor:
+        """The static exchange with the caller's own capacity and slot positions (e.g. from
+        moe_infer's static_gating, as fairseq's layer computes them): ``positions`` [S, k] is each
+        pair's row in its expert's buffer of ``capacity`` rows, outside [0, capacity) if dropped or
+        unrouted. Needs a placement without replicas. Every rank must pass the same capacity."""
+        self._check_inputs(hidden, topk_weights, expert_ids)
+        if self.placement.max_replicas != 1:
+            raise ValueError("forward_static_positions: the placement must not replicate experts")
+        with torch.no_grad():
+            slots = self.physical_slots(expert_ids)
+            positions = positions.long()
+            kept = (slots >= 0) & (positions >= 0) & (positions < capacity)
+            rows = torch.where(kept, slots.long() * capacity + positions, -1)
+            return self._forward_static(hidden, topk_weights, slots, rows.reshape(-1), capacity)
+
+    def _forward_static(self, hidden, topk_weights, slots, position=None, capacity=None):
         num_tokens, top_k = slots.shape
         ranks, slots_per_rank, hidden_size = self.world_size, self.slots_per_rank, self.hidden_size
-        # Capacity from the largest batch of any rank, so the all-to-all splits agree (fairseq pads
-        # every rank's batch to the same size for the same reason).
-        largest = torch.tensor([num_tokens], dtype=torch.int64, device=hidden.device)
-        self._collective("capacity all-reduce", dist.all_reduce, largest, op=dist.ReduceOp.MAX)
-        capacity = static_capacity(int(largest), self.num_experts, top_k, self.capacity_factor, self.capacity_fraction)
-        position = static_slot_positions(slots, self.num_slots, capacity).reshape(-1)
+        if position is None:
+            # Capacity from the largest batch of any rank, so the all-to-all splits agree (fairseq
+            # pads every rank's batch to the same size for the same reason).
+            largest = torch.tensor([num_tokens], dtype=torch.int64, device=hidden.device)
+            self._collective("capacity all-reduce", dist.all_reduce, largest, op=dist.ReduceOp.MAX)
+            capacity = static_capacity(
+                int(largest), self.num_experts, top_k, self.capacity_factor, self.capacity_fraction
+            )
+            position = static_slot_positions(slots, self.num_slots, capacity).reshape(-1)
         kept = position >= 0
         token_of_pair = torch.arange(num_tokens * top_k, device=hidden.device) // top_k
         dispatched = hidden.new_zeros(self.num_slots * capacity, hidden_size)  # placeholders included

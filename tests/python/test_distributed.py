@@ -304,6 +304,40 @@ def _silent_peer_worker(rank, world_size, timeout_s):
     raise AssertionError("the forward did not time out")
 
 
+def _fairseq_worker(rank, world_size):
+    """moe_infer.fairseq's MOELayer with an expert group: each rank holds its E / R local experts
+    (fairseq's shards) and equals the single-process layer holding all E, in both gating modes."""
+    from moe_infer.fairseq import FairseqExperts, MOELayer, Top2Gate
+
+    # The reference: a one-rank expert group holding all E experts (every rank makes every group).
+    solo = [dist.new_group([r]) for r in range(world_size)][rank]
+    torch.manual_seed(0)
+    gate = Top2Gate(HIDDEN, EXPERTS, second_expert_policy="all", moe_eval_capacity_token_fraction=0.1)
+    full = MOELayer.build(gate, FFN, "relu", group=solo).eval()
+    per_rank = EXPERTS // world_size
+    local = FairseqExperts(per_rank, HIDDEN, FFN, "relu")
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+            getattr(local, name).copy_(getattr(full.experts, name)[rank * per_rank : (rank + 1) * per_rank])
+    gen = torch.Generator().manual_seed(100 + rank)
+    dropped = 0
+    for gating, batch in (("static", 3), ("dynamic", [2, 0, 4, 1][rank])):  # static: equal batches
+        full.gating = gating
+        layer = MOELayer(gate, local, gating=gating).eval()
+        x = torch.randn(batch, 6, HIDDEN, generator=gen)
+        padding = torch.zeros(batch, 6, dtype=torch.bool)
+        padding[:, 4:] = True
+        with torch.no_grad():
+            want, want_l_aux = full(x, input_padding_mask=padding)
+            got, got_l_aux = layer(x, input_padding_mask=padding)
+        torch.testing.assert_close(got, want, msg=gating)
+        if batch:
+            torch.testing.assert_close(got_l_aux, want_l_aux)
+        if gating == "static":
+            dropped = int(full.metadata["overflow_expert1"]) + int(full.metadata["overflow_expert2"])
+    return dropped
+
+
 # ---- tests --------------------------------------------------------------------------------------
 
 
@@ -313,6 +347,7 @@ def _all_checks(rank, world_size):
         "static_drops": _static_drops_worker(rank, world_size),
         "rebalance": _rebalance_worker(rank, world_size),
         "errors": _errors_worker(rank, world_size),
+        "fairseq": _fairseq_worker(rank, world_size),
     }
 
 
@@ -325,6 +360,7 @@ def test_expert_parallel_layer(tmp_path, world_size):
     assert sum(r["static_drops"] for r in results.values()) > 0  # the drop check did drop pairs
     assert len({r["rebalance"] for r in results.values()}) == 1  # every rank reports the same bytes
     assert results[0]["rebalance"] > 0
+    assert sum(r["fairseq"] for r in results.values()) > 0  # fairseq's static mode did drop pairs
 
 
 def test_dead_rank_raises_within_bounded_time(tmp_path):

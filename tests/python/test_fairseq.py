@@ -348,3 +348,28 @@ def test_package_exposes_the_fairseq_module():
     assert moe_infer.fairseq.MOELayer is MOELayer
     assert isinstance(MOELayer.build(Top1Gate(8, 2), 4).experts, FairseqExperts)
     assert ops.SECOND_EXPERT_POLICIES == ("all", "sampling", "random")
+
+
+@pytest.mark.parametrize("gating", ["static", "dynamic"])
+@pytest.mark.parametrize("num_slots", [2, 8])
+def test_expert_buffer_gives_the_resident_layers_output(gating, num_slots):
+    """expert_buffer=N keeps the experts in host memory with N slots; outputs are unchanged, in
+    static mode too (dropped pairs stay dropped; placeholders are simply not computed)."""
+    source = fairseq_layer(2, second_expert_policy="all", moe_eval_capacity_token_fraction=0.2)
+    resident = convert_fairseq_moe(source, gating=gating).eval()
+    buffered = MOELayer(
+        resident.gate,
+        FairseqExperts.from_modules(list(source.experts)),
+        gating=gating,
+        expert_buffer=num_slots,
+        tok_dropout=0.0,
+    ).eval()
+    x, padding = inputs()
+    want, want_l_aux = run_seeded(resident, x, padding)
+    got, got_l_aux = run_seeded(buffered, x, padding)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_l_aux, want_l_aux)
+    stats = buffered.experts.expert_buffer.stats()
+    assert stats["misses"] >= min(num_slots, NUM_EXPERTS) and buffered.experts.expert_buffer.num_slots == num_slots
+    with pytest.raises(RuntimeError, match="inference-only"):
+        buffered.train()(x, input_padding_mask=padding)

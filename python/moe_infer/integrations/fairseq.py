@@ -29,7 +29,14 @@ Other differences from fairseq, all deliberate: the routing math is always float
 policies draw from the gate's ``generator`` (default: the global one, drawn exactly as fairseq
 does, so a seed reproduces fairseq's choices); batch-prioritised routing breaks ties between equal
 gates by position (fairseq's argsort is unstable); experts' dropout is not applied (this is an
-inference layer); everything runs on one process (fairseq's all-to-all is the identity there).
+inference layer).
+
+Beyond fairseq: ``expert_buffer=N`` keeps the experts in host memory (or a safetensors file) with
+an N-slot pool on the compute device (moe_infer.buffer); and with an expert group of R > 1 ranks,
+each rank holds its E / R local experts (as fairseq's per-rank shards) and the layer exchanges
+tokens over torch.distributed (moe_infer.distributed): static gating with fairseq's equal-size
+all-to-all of E * C rows (the capacity agreed across ranks), dynamic gating with the counts
+all-to-all and the variable-size all-to-all of exactly the routed rows. Both are inference-only.
 """
 
 import math
@@ -40,6 +47,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import ops
+from ..buffer import attach_expert_buffer
+from ..distributed import ExpertParallelExperts
 from ..layer import MoEExperts
 
 __all__ = ["FairseqExperts", "MOELayer", "Top1Gate", "Top2Gate", "convert_fairseq_moe", "gate_from_fairseq"]
@@ -441,13 +450,16 @@ class MOELayer(nn.Module):
             (batches are padded to it unless ``prepare_for_inference_()`` was called, as in
             fairseq), ``moe_eval_capacity_max_seqlen``.
         group, all2all_group: the expert-parallel process group; its world size must divide E and
-            equal E / len(experts). Only one process is supported here.
+            equal E / len(experts): each rank passes its own local experts.
         max_positions, tok_dropout (fairseq's moe_eom: expert outputs scaled by 1 - p in eval,
             dropped per slot in training), moe_local_drop, init_model_on_gpu: as fairseq.
     Keyword-only:
         gating: "dynamic" (default, capacity-free) or "static" (fairseq's capacity); a plain
             attribute, switchable at any time.
         activation: overrides the activation read from ``args`` / the experts.
+        expert_buffer, buffer_policy, expert_store: keep the experts off the compute device with
+            an ``expert_buffer``-slot pool there (:func:`moe_infer.buffer.attach_expert_buffer`;
+            one process only).
 
     forward(input [B, T, M], input_padding_mask [B, T] bool or None) -> (output [B, T, M], l_aux []);
     the gate's metadata is kept on ``self.metadata``.
@@ -467,6 +479,9 @@ class MOELayer(nn.Module):
         *,
         gating: str = "dynamic",
         activation: Optional[str] = None,
+        expert_buffer: Optional[int] = None,
+        buffer_policy: str = "paper",
+        expert_store: Optional[Any] = None,
     ):
         super().__init__()
         if gating not in GATINGS:
@@ -502,11 +517,6 @@ class MOELayer(nn.Module):
                 f"experts hold {num_local * world_size}; this layer runs on one process: give it all "
                 f"{num_experts} experts"
             )
-        if world_size > 1:
-            raise NotImplementedError(
-                f"MOELayer: expert parallelism over {world_size} ranks is not available in moe_infer.fairseq; "
-                "run the layer on one process with all experts"
-            )
         if self.experts.hidden_size != self.gate.model_dim:
             raise ValueError(
                 f"MOELayer: experts have model_dim {self.experts.hidden_size} but the gate {self.gate.model_dim}"
@@ -523,6 +533,14 @@ class MOELayer(nn.Module):
         self.tok_dropout = tok_dropout
         self.moe_local_drop = moe_local_drop
         self.metadata: dict = {}
+        # Across ranks: this rank's local experts behind the exchange (inference only).
+        self.expert_parallel = None
+        if world_size > 1:
+            if expert_buffer is not None:
+                raise ValueError("MOELayer: expert_buffer and expert parallelism cannot be combined")
+            self.expert_parallel = ExpertParallelExperts.from_local_experts(self.experts, group, validate=False)
+        if expert_buffer is not None:
+            attach_expert_buffer(self.experts, expert_buffer, buffer_policy, expert_store)
 
     @classmethod
     def build(
@@ -562,7 +580,7 @@ class MOELayer(nn.Module):
         model_dim = x.shape[2]
         tokens = x.reshape(-1, model_dim)
         mask = None if input_padding_mask is None else input_padding_mask.reshape(-1).bool()
-        if tokens.shape[0] == 0:
+        if tokens.shape[0] == 0 and self.expert_parallel is None:  # across ranks, still join the exchange
             self.metadata = {}
             return x[:batch_size].clone(), x.new_zeros((), dtype=torch.float32)
         eval_capacity_length = None
@@ -603,12 +621,28 @@ class MOELayer(nn.Module):
 
     def _forward_static(self, tokens, mask, eval_capacity_length):
         num_experts, model_dim = self.gate.num_experts, tokens.shape[1]
-        capacity = self.gate.capacity(tokens.shape[0], eval_capacity_length)
+        capacity = max(1, self.gate.capacity(tokens.shape[0], eval_capacity_length))
+        if self.expert_parallel is not None:
+            # The equal-size all-to-all needs one capacity on every rank: the largest (fairseq's
+            # ranks agree because every batch is padded to the same size).
+            agreed = torch.tensor([capacity], dtype=torch.int64, device=tokens.device)
+            self.expert_parallel._collective("capacity all-reduce", dist.all_reduce, agreed, op=dist.ReduceOp.MAX)
+            capacity = int(agreed)
         logits, routing = self.gate.route(tokens, mask, capacity)
+        self.metadata = self.gate.routing_metadata(logits, routing, capacity)
+        if self.expert_parallel is not None or self._buffer() is not None:
+            # Dropped and unrouted pairs get weight 0 and id -1: no output, as in static gating.
+            kept = (routing.locations >= 0) & (routing.locations < capacity)
+            ids = routing.expert_ids.masked_fill(~kept, -1)
+            weights = self._inference_weights(routing.topk_weights)
+            if self.expert_parallel is not None:
+                out = self.expert_parallel.forward_static_positions(tokens, weights, ids, routing.locations, capacity)
+            else:
+                out = self._buffer()(tokens, ids, weights)
+            return out, routing.l_aux
         combine_weights, dispatch_mask = ops.static_routing_tensors(
             routing.expert_ids, routing.locations, routing.topk_weights, num_experts, capacity
         )
-        self.metadata = self.gate.routing_metadata(logits, routing, capacity)
         rows = ops.static_dispatch(tokens, dispatch_mask).view(num_experts * capacity, model_dim)
         # Expert e owns rows [e * C, (e + 1) * C), placeholders included: fairseq's cost.
         offsets = torch.arange(0, (num_experts + 1) * capacity, capacity, dtype=torch.int32, device=tokens.device)
@@ -619,15 +653,32 @@ class MOELayer(nn.Module):
     def _forward_dynamic(self, tokens, mask):
         num_tokens = tokens.shape[0]
         # A capacity of S fits every pair: fairseq's choices and weights with nothing dropped.
-        logits, routing = self.gate.route(tokens, mask, num_tokens)
-        self.metadata = self.gate.routing_metadata(logits, routing, num_tokens)
+        logits, routing = self.gate.route(tokens, mask, max(num_tokens, 1))
+        self.metadata = self.gate.routing_metadata(logits, routing, max(num_tokens, 1))
         del self.metadata["capacity"], self.metadata["placeholder_fraction"]
         ids = routing.expert_ids.masked_fill(routing.locations < 0, -1)  # padding: unrouted
+        if self.expert_parallel is not None:
+            return self.expert_parallel(tokens, self._inference_weights(routing.topk_weights), ids), routing.l_aux
+        if self._buffer() is not None:
+            return self._buffer()(tokens, ids, self._inference_weights(routing.topk_weights)), routing.l_aux
         plan = ops.dispatch_plan(ids, self.gate.num_experts, validate=False)
         rows = ops.permute(tokens, plan.sorted_pair_ids, self.gate.top_k)
         expert_rows = self._expert_rows(rows, plan.expert_offsets)
         out = ops.unpermute_combine(expert_rows, routing.topk_weights, plan.row_of_pair)
         return out, routing.l_aux
+
+    def _buffer(self):
+        return getattr(self.experts, "expert_buffer", None)
+
+    def _inference_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """The combine weights for the buffered and expert-parallel paths (inference only):
+        fairseq's eval-mode token dropout scales every expert output by 1 - p."""
+        if self.training or torch.is_grad_enabled() and weights.requires_grad:
+            raise RuntimeError(
+                "MOELayer: the expert-buffered and expert-parallel paths are inference-only: call eval() and run "
+                "under torch.no_grad()"
+            )
+        return weights * (1 - self.tok_dropout) if self.tok_dropout > 0.0 else weights
 
     def extra_repr(self) -> str:
         return f"gating={self.gating}"
