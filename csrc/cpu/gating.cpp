@@ -73,7 +73,8 @@ bool route_token(const float* logits, const float* selection_bias, const GatingC
 
   if (config.n_group > 1) {
     // DeepSeek-V3: a group scores the sum of its two best choices; experts outside the best
-    // topk_group groups get a choice of 0 (as transformers does), not -inf.
+    // topk_group groups get a choice of -inf (as transformers v5 does), so a chosen group's expert
+    // wins even when the selection bias makes its choice score negative.
     const int64_t group_size = num_experts / config.n_group;
     for (int64_t g = 0; g < config.n_group; ++g) {
       const float* group = choice + g * group_size;
@@ -96,7 +97,9 @@ bool route_token(const float* logits, const float* selection_bias, const GatingC
     }
     for (int64_t g = 0; g < config.n_group; ++g) {
       if (std::isnan(group_scores[g])) continue;
-      for (int64_t i = 0; i < group_size; ++i) choice[g * group_size + i] = 0.0f;
+      for (int64_t i = 0; i < group_size; ++i) {
+        choice[g * group_size + i] = -std::numeric_limits<float>::infinity();
+      }
     }
   }
 

@@ -66,7 +66,7 @@ def topk_gating(
         score_mask = (
             group_mask.unsqueeze(-1).expand(num_tokens, n_group, num_experts // n_group).reshape(num_tokens, -1)
         )
-        choice = choice.masked_fill(~score_mask.bool(), 0.0)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
     ids = torch.topk(choice, k, dim=-1)[1]
     weights = scores.gather(1, ids)
     if renormalize:
