@@ -87,8 +87,8 @@ def _activation_name(act: nn.Module, gated: bool, owner: str) -> str:
 
 
 def _is_gpt_oss_gate(experts: nn.Module) -> bool:
-    gate = getattr(type(experts), "_apply_gate", None)
-    return getattr(gate, "__qualname__", "") == "GptOssExperts._apply_gate" and not experts.is_concatenated
+    # Class name and attributes rather than the function's __qualname__, which torch.compile cannot trace.
+    return type(experts).__name__ == "GptOssExperts" and not experts.is_concatenated and hasattr(experts, "limit")
 
 
 def expert_weights(experts: nn.Module) -> ExpertWeights:
@@ -117,7 +117,7 @@ def expert_weights(experts: nn.Module) -> ExpertWeights:
             fc1, fc1_bias, experts.down_proj, fc2_bias, "gpt_oss_swiglu", transposed, experts.alpha, experts.limit
         )
     else:
-        raise NotImplementedError(f"moe_infer: the gating of {owner} ({type(experts)._apply_gate.__qualname__})")
+        raise NotImplementedError(f"moe_infer: {owner} has a custom _apply_gate, which grouped_mlp does not compute")
     return ExpertWeights(fc1, fc1_bias, experts.down_proj, fc2_bias, activation, transposed)
 
 

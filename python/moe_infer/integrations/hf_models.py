@@ -4,8 +4,14 @@ For tests and benchmarks of :mod:`moe_infer.integrations.hf`: ``build_model(arch
 model in eval mode whose routing is decisive (router weights scaled up, so that no token sits on a
 near-tie between experts) and whose DeepSeek-V3 selection bias is non-zero and negative (so the
 group mask matters).
+
+transformers 5.x's NLLB-MoE expert loop is wrong: it one-hot encodes the 0/1 top-1 mask instead of
+the expert ids, so every token goes through experts 0 and 1 whatever the router chose.
+:func:`correct_nllb_moe_experts` puts back the loop of fairseq and transformers 4.x (each expert
+on the tokens with a non-zero combine weight), which is what moe_infer computes.
 """
 
+import types
 from typing import Optional
 
 import torch
@@ -72,7 +78,7 @@ def make_config(
         )
     elif arch == "deepseek_v3":
         config = tf.DeepseekV3Config(
-            **common,
+            **{**common, "num_key_value_heads": heads},  # multi-head latent attention: one KV head per head
             intermediate_size=4 * ffn,
             moe_intermediate_size=ffn,
             n_routed_experts=experts,
@@ -166,3 +172,26 @@ def build_model(
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(0.1 * torch.randn_like(buffer) - 1.0)
     return model.to(dtype).eval()
+
+
+def _nllb_moe_experts_forward(self, hidden_states, router_mask, router_probs):
+    """NLLB-MoE's expert loop as fairseq and transformers 4.x compute it (plain PyTorch)."""
+    out = torch.zeros_like(hidden_states)
+    for e in range(self.num_experts):
+        rows = router_probs[:, e] != 0
+        if rows.any():
+            expert_out = self[f"expert_{e}"](hidden_states[rows]) * router_probs[rows, e, None]
+            if self.moe_token_dropout > 0:
+                expert_out = (
+                    self.token_dropout(expert_out) if self.training else expert_out * (1 - self.moe_token_dropout)
+                )
+            out[rows] += expert_out.to(out.dtype)
+    return out
+
+
+def correct_nllb_moe_experts(model):
+    """Replaces transformers' NLLB-MoE expert loop by the correct one on every NllbMoeExperts of model."""
+    for module in model.modules():
+        if type(module).__name__ == "NllbMoeExperts":
+            module.forward = types.MethodType(_nllb_moe_experts_forward, module)
+    return model

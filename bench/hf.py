@@ -1,0 +1,281 @@
+"""transformers v5 MoE models: HF's experts implementations against moe_infer, end to end.
+
+For each architecture, a small-but-not-trivial model (seeded weights, no downloads) is built once
+and copied per variant:
+  HF eager / HF batched_mm / HF grouped_mm   transformers' own experts implementations
+  HF + moe_infer experts                     model.set_experts_implementation("moe_infer")
+  moe_infer                                  moe_infer.optimize(model): fused routing + experts
+(SwitchTransformers and NLLB-MoE have no experts interface: "HF" is their capacity routing and
+expert loop, and moe_infer is capacity-free.) Every variant is checked against HF eager first
+(float32 logits; NLLB-MoE against HF with its expert loop corrected, see the README), then timed
+interleaved (median): prefill of 512 tokens (encoder-decoder models: 512 source tokens and one
+target token), and one decode step at batch 1 and 16 after a 128-token context (KV cache kept
+at that length). Peak memory of one SwitchTransformers / NLLB-MoE MoE layer on 4096 tokens is
+measured in a subprocess (Linux VmHWM, glibc returning large blocks at once) for HF's capacity
+routing and moe_infer. Prints a table and writes bench/results/hf_cpu.md.
+
+    python bench/hf.py [--quick] [--arch mixtral --arch switch ...]
+"""
+
+import argparse
+import copy
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import moe_infer  # noqa: E402
+from common import Progress, machine_description, markdown_table, time_interleaved, write_result  # noqa: E402
+from moe_infer.integrations import hf, hf_models  # noqa: E402
+
+# arch: make_config options (hidden 512, 2 layers, 8-64 experts)
+SIZES = {
+    "mixtral": dict(hidden=512, ffn=1024, experts=8, top_k=2),
+    "qwen2_moe": dict(hidden=512, ffn=256, experts=32, top_k=4),
+    "qwen3_moe": dict(hidden=512, ffn=256, experts=64, top_k=8),
+    "olmoe": dict(hidden=512, ffn=256, experts=64, top_k=8),
+    "gpt_oss": dict(hidden=512, ffn=512, experts=32, top_k=4),
+    "deepseek_v3": dict(hidden=512, ffn=256, experts=64, top_k=8),
+    "switch": dict(hidden=512, ffn=1024, experts=32, top_k=1),
+    "nllb_moe": dict(hidden=512, ffn=1024, experts=32, top_k=2),
+}
+COMMON = dict(layers=2, vocab=1024, heads=8)
+HF_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+PREFILL, CONTEXT, DECODE_BATCHES = 512, 128, (1, 16)
+MEMORY_TOKENS = 4096
+MAX_GATHER_BYTES = 2**30  # HF batched_mm is not run where it would gather more expert weights than this
+
+
+def build_variants(arch):
+    base = hf_models.build_model(arch, **SIZES[arch], **COMMON)
+    if arch == "gpt_oss":
+        for layer in base.model.layers:
+            layer.self_attn.sliding_window = 4096  # keep the 128-token context in every layer's cache
+    variants = {}
+    if arch in hf_models.ENCODER_DECODER:
+        variants["HF"] = hf_models.correct_nllb_moe_experts(base) if arch == "nllb_moe" else base
+    else:
+        for impl in HF_IMPLEMENTATIONS:
+            model = copy.deepcopy(base)
+            model.set_experts_implementation(impl)
+            variants[f"HF {impl}"] = model
+        registry = copy.deepcopy(base)
+        registry.set_experts_implementation(hf.EXPERTS_IMPLEMENTATION)
+        variants["HF + moe_infer experts"] = registry
+    variants["moe_infer"] = moe_infer.optimize(copy.deepcopy(base), verbose=False)
+    return variants
+
+
+def _inputs(arch, batch, length, generator):
+    return torch.randint(3, COMMON["vocab"], (batch, length), generator=generator)
+
+
+def prefill_fn(arch, model, ids):
+    if arch in hf_models.ENCODER_DECODER:
+        decoder_ids = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id)
+        return lambda: model(input_ids=ids, decoder_input_ids=decoder_ids, use_cache=False).logits
+    return lambda: model(input_ids=ids, use_cache=False).logits
+
+
+def decode_fn(arch, model, context_ids):
+    """One decode step after a cached context; the cache is cropped back after each step."""
+    batch = context_ids.shape[0]
+    step_ids = torch.full((batch, 1), 5)
+    with torch.no_grad():
+        if arch in hf_models.ENCODER_DECODER:
+            encoder_outputs = model.get_encoder()(input_ids=context_ids)
+            decoder_ids = torch.full((batch, 1), model.config.decoder_start_token_id)
+            out = model(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids, use_cache=True)
+        else:
+            # The context is prefilled with grouped_mm whatever the variant (batched_mm would gather
+            # one weight matrix per (token, expert) pair: gigabytes).
+            implementation = model.config._experts_implementation
+            if hf.EXPERTS_IMPLEMENTATION != implementation:
+                model.set_experts_implementation("grouped_mm")
+            out = model(input_ids=context_ids, use_cache=True)
+            model.set_experts_implementation(implementation)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    length = cache.get_seq_length()
+
+    def step():
+        if arch in hf_models.ENCODER_DECODER:
+            logits = model(
+                encoder_outputs=encoder_outputs, decoder_input_ids=step_ids, cache=cache, use_cache=True
+            ).logits
+        else:
+            position = torch.full((batch, 1), length)
+            logits = model(input_ids=step_ids, cache=cache, position_ids=position, use_cache=True).logits
+        cache.crop(-1)
+        return logits
+
+    return step
+
+
+def batched_mm_gather_bytes(arch, model, num_tokens):
+    """Bytes of expert weights HF's batched_mm gathers for num_tokens tokens: one matrix per pair."""
+    experts = next(m for m in model.modules() if hasattr(m, "gate_up_proj"))
+    per_pair = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * experts.gate_up_proj.element_size()
+    return num_tokens * SIZES[arch]["top_k"] * per_pair
+
+
+def check_variants(arch, variants, ids):
+    """Every variant's float32 logits against the first (HF eager, or HF)."""
+    outputs = {}
+    with torch.no_grad():
+        for name, model in variants.items():
+            if name == "HF batched_mm" and batched_mm_gather_bytes(arch, model, ids.numel()) > MAX_GATHER_BYTES:
+                continue
+            outputs[name] = prefill_fn(arch, model, ids)()
+    reference = next(iter(outputs.values()))
+    errors = {}
+    for name, out in outputs.items():
+        errors[name] = ((out.double() - reference.double()).norm() / reference.double().norm()).item()
+        if not errors[name] < 1e-5:
+            raise SystemExit(f"{arch}: {name} disagrees with {next(iter(outputs))}: relative error {errors[name]:.2e}")
+    return max(errors.values())
+
+
+def memory_child(arch, variant):
+    """(In a subprocess.) Peak bytes above the resting RSS during one MoE layer forward on MEMORY_TOKENS tokens."""
+    model = hf_models.build_model(arch, **SIZES[arch], **COMMON)
+    if arch == "nllb_moe":
+        hf_models.correct_nllb_moe_experts(model)
+    if variant != "HF":
+        moe_infer.optimize(model, verbose=False, hf_capacity=variant.endswith("hf_capacity"))
+    block = next(m for m in model.modules() if type(m).__name__.endswith(("SparseMLP",)))
+    hidden = torch.randn(MEMORY_TOKENS // 512, 512, model.config.d_model)
+    with torch.no_grad():
+        block(hidden)  # warm up (and restacks nothing: optimize stacked already)
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = _status_kb("VmRSS")
+        block(hidden)
+        peak = _status_kb("VmHWM")
+    print(json.dumps({"peak_bytes": (peak - before) * 1024}))
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_memory(arch, variant):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--memory-child", arch, variant],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--arch", action="append", choices=list(SIZES), help="architectures (default: all)")
+    parser.add_argument("--output", default="hf_cpu.md", help="results file name under bench/results/")
+    parser.add_argument("--memory-child", nargs=2, metavar=("ARCH", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    archs = args.arch or list(SIZES)
+    generator = torch.Generator().manual_seed(0)
+    progress = Progress(len(archs) * (1 + len(DECODE_BATCHES)), "bench/hf")
+    rows = []
+    worst = 0.0
+    for arch in archs:
+        variants = build_variants(arch)
+        prefill_ids = _inputs(arch, 1, PREFILL, generator)
+        worst = max(worst, check_variants(arch, variants, prefill_ids))
+        phases = [("prefill 512", 1, prefill_ids)]
+        phases += [(f"decode b={b}", b, _inputs(arch, b, CONTEXT, generator)) for b in DECODE_BATCHES]
+        for phase, batch, ids in phases:
+            skipped = {}
+            if phase.startswith("prefill"):
+                fns = {name: prefill_fn(arch, model, ids) for name, model in variants.items()}
+                if "HF batched_mm" in fns:
+                    gather = batched_mm_gather_bytes(arch, variants["HF batched_mm"], ids.numel())
+                    if gather > MAX_GATHER_BYTES:
+                        del fns["HF batched_mm"]
+                        skipped["HF batched_mm"] = f"({gather / 2**30:.0f} GiB)"
+                tokens, repeats = PREFILL, (3 if args.quick else 7)
+            else:
+                fns = {name: decode_fn(arch, model, ids) for name, model in variants.items()}
+                tokens, repeats = batch, (10 if args.quick else 30)
+            with torch.no_grad():
+                times = time_interleaved(fns, torch.device("cpu"), repeats, min_seconds=0.5 if args.quick else 2.0)
+            hf_times = {n: t for n, t in times.items() if n.startswith("HF") and "moe_infer" not in n}
+            best_hf = min(hf_times, key=hf_times.get)
+            eager = times.get("HF eager", times.get("HF"))
+            row = [arch, phase]
+            for name in ("HF eager", "HF batched_mm", "HF grouped_mm", "HF + moe_infer experts", "moe_infer"):
+                key = "HF" if name == "HF eager" and "HF" in times else name
+                row.append(f"{tokens / times[key]:.0f}" if key in times else skipped.get(key, "n/a"))
+            row.append(f"{eager / times['moe_infer']:.2f}x")
+            row.append(f"{hf_times[best_hf] / times['moe_infer']:.2f}x ({best_hf.removeprefix('HF ') or 'HF'})")
+            rows.append(row)
+            progress.step(f"{arch} {phase}")
+        del variants
+        gc.collect()
+
+    headers = [
+        "model",
+        "phase",
+        "HF eager tok/s",
+        "HF batched_mm",
+        "HF grouped_mm",
+        "HF + moe_infer experts",
+        "moe_infer",
+        "vs HF eager",
+        "vs best HF",
+    ]
+    table = markdown_table(headers, rows)
+    memory_rows = []
+    for arch in [a for a in archs if a in hf_models.ENCODER_DECODER]:
+        peaks = {v: measure_memory(arch, v) for v in ("HF", "moe_infer", "moe_infer hf_capacity")}
+        memory_rows.append(
+            [arch] + [f"{peaks[v] / 2**20:.1f}" for v in peaks] + [f"{peaks['HF'] / max(peaks['moe_infer'], 1):.2f}x"]
+        )
+    memory_table = markdown_table(
+        ["model", "HF capacity routing MiB", "moe_infer MiB", "moe_infer hf_capacity MiB", "HF / moe_infer"],
+        memory_rows,
+    )
+    sizes = "; ".join(
+        f"{a}: H={s['hidden']}, ffn={s['ffn']}, E={s['experts']}, k={s['top_k']}"
+        for a, s in SIZES.items()
+        if a in archs
+    )
+    text = (
+        f"# transformers v5 MoE models: HF experts implementations vs moe_infer (cpu, float32)\n\n"
+        f"Machine: {machine_description(torch.device('cpu'))}\n\n"
+        f"Models ({COMMON['layers']} layers, vocab {COMMON['vocab']}, {COMMON['heads']} heads; "
+        f"Switch/NLLB: {COMMON['layers']} encoder + {COMMON['layers']} decoder layers): {sizes}\n\n"
+        f"Tokens per second (median of interleaved runs). Prefill: one sequence of {PREFILL} tokens "
+        f"(encoder-decoder: {PREFILL} source tokens, 1 target token). Decode: one step at batch b after a "
+        f"{CONTEXT}-token context. 'vs best HF' = best of HF eager/batched_mm/grouped_mm (or HF) time / moe_infer "
+        f"time. All variants agree with HF eager (worst relative error of the logits {worst:.1e}). HF batched_mm "
+        f"gathers one weight matrix per (token, expert) pair; it is not run where that exceeds "
+        f"{MAX_GATHER_BYTES / 2**30:.0f} GiB (the size is shown instead).\n\n{table}\n"
+    )
+    if memory_rows:
+        text += (
+            f"\nPeak memory above the resting RSS of one MoE layer forward on {MEMORY_TOKENS} tokens "
+            f"(8 x 512):\n\n{memory_table}\n"
+        )
+    print(text)
+    print(f"written: {write_result(args.output, text)}")
+
+
+if __name__ == "__main__":
+    main()
