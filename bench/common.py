@@ -36,11 +36,17 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1, min_seconds: float = 0.0
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    repeats: int,
+    warmup: int = 1,
+    min_seconds: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median seconds per call of each function, measured in interleaved rounds (A B C A B C ...).
 
-    Interleaving spreads the machine's noise over all variants, so their ratios are fair.
+    Interleaving spreads the machine's noise over all variants, so their ratios are fair. ``clock``
+    may be ``time.process_time`` (CPU time, for single-threaded runs on a shared machine).
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -52,10 +58,10 @@ def time_interleaved(
     while rounds < repeats or (time.perf_counter() - start < min_seconds and rounds < 50 * repeats):
         for name, fn in fns.items():
             synchronize(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             synchronize(device)
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(clock() - t0)
         rounds += 1
     return {name: statistics.median(values) for name, values in samples.items()}
 

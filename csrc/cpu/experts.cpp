@@ -7,26 +7,31 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "common/checks.h"
+#include "dispatch.h"
 
 namespace moe_infer {
 
 namespace {
 
 // Host copy of the offsets, checked: non-decreasing, inside [0, num_rows].
-std::vector<int32_t> checked_offsets(const at::Tensor& expert_offsets, int64_t num_rows) {
+std::vector<int32_t> checked_offsets(const at::Tensor& expert_offsets, int64_t num_rows,
+                                     const char* op = "grouped_mlp",
+                                     const char* rows_name = "rows in hidden") {
   const at::Tensor offsets = expert_offsets.contiguous();
   const int32_t* ptr = offsets.const_data_ptr<int32_t>();
   std::vector<int32_t> host(ptr, ptr + offsets.numel());
-  TORCH_CHECK(host.front() >= 0, "grouped_mlp: expert_offsets[0] (", host.front(),
-              ") must be >= 0");
+  TORCH_CHECK(host.front() >= 0, op, ": expert_offsets[0] (", host.front(), ") must be >= 0");
   for (size_t e = 1; e < host.size(); ++e) {
-    TORCH_CHECK(host[e] >= host[e - 1], "grouped_mlp: expert_offsets must be non-decreasing, but ",
+    TORCH_CHECK(host[e] >= host[e - 1], op, ": expert_offsets must be non-decreasing, but ",
                 "expert_offsets[", e, "] (", host[e], ") < expert_offsets[", e - 1, "] (",
                 host[e - 1], ")");
   }
-  TORCH_CHECK(host.back() <= num_rows, "grouped_mlp: expert_offsets[-1] (", host.back(),
-              ") exceeds the number of rows in hidden (", num_rows, ")");
+  TORCH_CHECK(host.back() <= num_rows, op, ": expert_offsets[-1] (", host.back(),
+              ") exceeds the number of ", rows_name, " (", num_rows, ")");
   return host;
 }
 
@@ -47,6 +52,45 @@ void activate_rows(const at::Tensor& fc1_out, int64_t ffn_size, const Activation
       });
 }
 
+// The FFN of one expert: fc1 GEMM (+bias) -> activation -> fc2 GEMM (+bias) from rows x into
+// rows y, through scratch buffers of at least x.size(0) rows.
+struct ExpertFfn {
+  const at::Tensor& fc1_weight;
+  const std::optional<at::Tensor>& fc1_bias;
+  const at::Tensor& fc2_weight;
+  const std::optional<at::Tensor>& fc2_bias;
+  bool weights_transposed;
+  int64_t ffn_size;
+  ActivationParams params;
+
+  void operator()(int64_t e, const at::Tensor& x, const at::Tensor& fc1_buffer,
+                  const at::Tensor& act_buffer, at::Tensor y) const {
+    const int64_t rows = x.size(0);
+    // [H, F1] and [I, H] views of the expert's weights; BLAS reads the transposes in place.
+    const at::Tensor fc1 =
+        weights_transposed ? fc1_weight.select(0, e) : fc1_weight.select(0, e).t();
+    const at::Tensor fc2 =
+        weights_transposed ? fc2_weight.select(0, e) : fc2_weight.select(0, e).t();
+    at::Tensor fc1_out = fc1_buffer.narrow(0, 0, rows);
+    if (fc1_bias.has_value()) {
+      at::addmm_out(fc1_out, fc1_bias->select(0, e), x, fc1);
+    } else {
+      at::mm_out(fc1_out, x, fc1);
+    }
+    at::Tensor act = act_buffer.narrow(0, 0, rows);
+    activate_rows(fc1_out, ffn_size, params, act);
+    if (fc2_bias.has_value()) {
+      at::addmm_out(y, fc2_bias->select(0, e), act, fc2);
+    } else {
+      at::mm_out(y, act, fc2);
+    }
+  }
+};
+
+// Rows per block of grouped_mlp_combine: large enough for efficient GEMMs, small enough that the
+// scratch buffers stay a few MiB.
+constexpr int64_t kCombineBlockRows = 256;
+
 }  // namespace
 
 at::Tensor grouped_mlp_cpu(const at::Tensor& hidden, const at::Tensor& expert_offsets,
@@ -57,8 +101,14 @@ at::Tensor grouped_mlp_cpu(const at::Tensor& hidden, const at::Tensor& expert_of
   const MlpSizes sizes = check_grouped_mlp(hidden, expert_offsets, fc1_weight, fc1_bias, fc2_weight,
                                            fc2_bias, activation, weights_transposed);
   const std::vector<int32_t> offsets = checked_offsets(expert_offsets, sizes.num_rows);
-  const ActivationParams params{sizes.activation, static_cast<float>(swiglu_alpha),
-                                static_cast<float>(swiglu_limit)};
+  const ExpertFfn expert_ffn{
+      fc1_weight,
+      fc1_bias,
+      fc2_weight,
+      fc2_bias,
+      weights_transposed,
+      sizes.ffn_size,
+      {sizes.activation, static_cast<float>(swiglu_alpha), static_cast<float>(swiglu_limit)}};
 
   auto out = at::empty({sizes.num_rows, sizes.hidden_size}, hidden.options());
   int64_t max_rows = 0;
@@ -73,26 +123,8 @@ at::Tensor grouped_mlp_cpu(const at::Tensor& hidden, const at::Tensor& expert_of
     const int64_t begin = offsets[e];
     const int64_t rows = offsets[e + 1] - begin;
     if (rows == 0) continue;
-    const at::Tensor x = hidden.narrow(0, begin, rows);
-    // [H, F1] and [I, H] views of the expert's weights; BLAS reads the transposes in place.
-    const at::Tensor fc1 =
-        weights_transposed ? fc1_weight.select(0, e) : fc1_weight.select(0, e).t();
-    const at::Tensor fc2 =
-        weights_transposed ? fc2_weight.select(0, e) : fc2_weight.select(0, e).t();
-    at::Tensor fc1_out = fc1_buffer.narrow(0, 0, rows);
-    if (fc1_bias.has_value()) {
-      at::addmm_out(fc1_out, fc1_bias->select(0, e), x, fc1);
-    } else {
-      at::mm_out(fc1_out, x, fc1);
-    }
-    at::Tensor act = act_buffer.narrow(0, 0, rows);
-    activate_rows(fc1_out, sizes.ffn_size, params, act);
-    at::Tensor y = out.narrow(0, begin, rows);
-    if (fc2_bias.has_value()) {
-      at::addmm_out(y, fc2_bias->select(0, e), act, fc2);
-    } else {
-      at::mm_out(y, act, fc2);
-    }
+    expert_ffn(e, hidden.narrow(0, begin, rows), fc1_buffer, act_buffer,
+               out.narrow(0, begin, rows));
   }
   // Rows outside every expert (unrouted pairs) are defined as zeros.
   if (offsets.front() > 0) out.narrow(0, 0, offsets.front()).zero_();
@@ -102,6 +134,87 @@ at::Tensor grouped_mlp_cpu(const at::Tensor& hidden, const at::Tensor& expert_of
   return out;
 }
 
-TORCH_LIBRARY_IMPL(moe_infer, CPU, m) { m.impl("grouped_mlp", &grouped_mlp_cpu); }
+at::Tensor grouped_mlp_combine_cpu(const at::Tensor& hidden, const at::Tensor& topk_weights,
+                                   const at::Tensor& sorted_pair_ids,
+                                   const at::Tensor& expert_offsets, const at::Tensor& fc1_weight,
+                                   const std::optional<at::Tensor>& fc1_bias,
+                                   const at::Tensor& fc2_weight,
+                                   const std::optional<at::Tensor>& fc2_bias,
+                                   const std::string& activation, bool weights_transposed,
+                                   double swiglu_alpha, double swiglu_limit) {
+  constexpr const char* op = "grouped_mlp_combine";
+  const MlpCombineSizes sizes =
+      check_grouped_mlp_combine(hidden, topk_weights, sorted_pair_ids, expert_offsets, fc1_weight,
+                                fc1_bias, fc2_weight, fc2_bias, activation, weights_transposed);
+  const int64_t num_tokens = sizes.mlp.num_rows;
+  const int64_t hidden_size = sizes.mlp.hidden_size;
+  const int64_t top_k = sizes.top_k;
+  const int64_t num_pairs = num_tokens * top_k;
+  const std::vector<int32_t> offsets =
+      checked_offsets(expert_offsets, num_pairs, op, "pairs (num_tokens * top_k)");
+  const at::Tensor pair_ids = sorted_pair_ids.contiguous();
+  const int32_t* pair_ptr = pair_ids.const_data_ptr<int32_t>();
+  for (int64_t r = offsets.front(); r < offsets.back(); ++r) {
+    TORCH_CHECK(pair_ptr[r] >= 0 && pair_ptr[r] < num_pairs, op, ": sorted_pair_ids[", r,
+                "] = ", pair_ptr[r], " is out of range [0, ", num_pairs,
+                "); pass the output of dispatch_plan");
+  }
+  const ExpertFfn expert_ffn{
+      fc1_weight,
+      fc1_bias,
+      fc2_weight,
+      fc2_bias,
+      weights_transposed,
+      sizes.mlp.ffn_size,
+      {sizes.mlp.activation, static_cast<float>(swiglu_alpha), static_cast<float>(swiglu_limit)}};
+
+  const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
+  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+  // float32 accumulation; for a float32 hidden the accumulator is the output itself.
+  auto accumulator = at::zeros({num_tokens, hidden_size}, hidden.options().dtype(at::kFloat));
+  int64_t block_rows = 0;
+  for (int64_t e = 0; e < sizes.mlp.num_experts; ++e) {
+    block_rows = std::max<int64_t>(block_rows, offsets[e + 1] - offsets[e]);
+  }
+  block_rows = std::min(block_rows, kCombineBlockRows);
+  auto x_block = at::empty({block_rows, hidden_size}, hidden.options());
+  auto y_block = at::empty({block_rows, hidden_size}, hidden.options());
+  auto fc1_buffer = at::empty({block_rows, sizes.mlp.fc1_outputs}, hidden.options());
+  auto act_buffer = at::empty({block_rows, sizes.mlp.ffn_size}, hidden.options());
+
+  const int64_t element_bytes = static_cast<int64_t>(hidden.element_size());
+  const int64_t row_bytes = hidden_size * element_bytes;
+  const char* src = static_cast<const char*>(rows.const_data_ptr());
+  const int64_t src_stride_bytes = rows.stride(0) * element_bytes;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, hidden.scalar_type(), "grouped_mlp_combine", [&] {
+        const float* weights_ptr = weights.const_data_ptr<float>();
+        float* acc_ptr = accumulator.data_ptr<float>();
+        for (int64_t e = 0; e < sizes.mlp.num_experts; ++e) {
+          for (int64_t begin = offsets[e]; begin < offsets[e + 1]; begin += block_rows) {
+            const int64_t n = std::min<int64_t>(block_rows, offsets[e + 1] - begin);
+            const int32_t* block_pairs = pair_ptr + begin;
+            char* x_ptr = static_cast<char*>(x_block.data_ptr());
+            at::parallel_for(0, n, grain, [&](int64_t b, int64_t end) {
+              permute_rows(src, src_stride_bytes, row_bytes, block_pairs, top_k, b, end, x_ptr);
+            });
+            at::Tensor y = y_block.narrow(0, 0, n);
+            expert_ffn(e, x_block.narrow(0, 0, n), fc1_buffer, act_buffer, y);
+            const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
+            at::parallel_for(0, n, grain, [&](int64_t b, int64_t end) {
+              accumulate_weighted_rows(y_ptr + b * hidden_size, end - b, hidden_size,
+                                       block_pairs + b, weights_ptr, top_k, acc_ptr);
+            });
+          }
+        }
+      });
+  return hidden.scalar_type() == at::kFloat ? accumulator : accumulator.to(hidden.scalar_type());
+}
+
+TORCH_LIBRARY_IMPL(moe_infer, CPU, m) {
+  m.impl("grouped_mlp", &grouped_mlp_cpu);
+  m.impl("grouped_mlp_combine", &grouped_mlp_combine_cpu);
+}
 
 }  // namespace moe_infer

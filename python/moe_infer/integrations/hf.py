@@ -4,8 +4,8 @@ Two entry points:
 
 ``optimize(model)`` (also ``moe_infer.optimize``)
     Runs every supported sparse MoE block -- router and experts together -- on the fused path
-    ``topk_gating -> dispatch_plan -> permute -> grouped_mlp -> unpermute_combine``, in place. The
-    block and its router stay the same objects with the same parameters and names: their class
+    ``topk_gating -> dispatch_plan -> grouped_mlp_combine`` (grouped_mlp with the gather and the
+    weighted combine fused, so no [tokens * k, hidden] buffer exists), in place. The block and its router stay the same objects with the same parameters and names: their class
     becomes a subclass of the original whose ``forward`` calls our ops, so ``save_pretrained``
     writes a checkpoint that plain transformers loads, hooks stay attached, and the router still
     returns the router logits that transformers records for ``output_router_logits``. In training
@@ -15,8 +15,7 @@ The ``"moe_infer"`` experts implementation
     Importing this module registers it in transformers' experts registry: after
     ``model.set_experts_implementation("moe_infer")`` (or ``from_pretrained(...,
     experts_implementation="moe_infer")``) every ``@use_experts_implementation`` experts module
-    computes on ``dispatch_plan``/``permute``/``grouped_mlp``/``unpermute_combine``; the routing
-    stays transformers'.
+    computes on ``dispatch_plan`` and ``grouped_mlp_combine``; the routing stays transformers'.
 
 SwitchTransformers and NLLB-MoE route with an expert capacity in transformers. Their replacement is
 capacity-free by default (identical wherever transformers drops nothing); ``hf_capacity=True``
@@ -124,13 +123,19 @@ def expert_weights(experts: nn.Module) -> ExpertWeights:
 def moe_forward(
     hidden: torch.Tensor, expert_ids: torch.Tensor, topk_weights: torch.Tensor, weights: ExpertWeights
 ) -> torch.Tensor:
-    """hidden [S, H], expert_ids [S, k] (-1 = unrouted), topk_weights [S, k] -> [S, H] in hidden's dtype."""
+    """hidden [S, H], expert_ids [S, k] (-1 = unrouted), topk_weights [S, k] -> [S, H] in hidden's dtype.
+
+    dispatch_plan, then grouped_mlp_combine: grouped_mlp's expert compute with the gather and the
+    weighted combine fused, so no [S*k, H] buffer is materialized.
+    """
     # Ids come from a router (in range) or are -1: the device-side id check is not needed.
     plan = ops.dispatch_plan(expert_ids, weights.fc1.shape[0], validate=False)
-    rows = ops.permute(hidden, plan.sorted_pair_ids, expert_ids.shape[1])
-    rows = ops.grouped_mlp(
-        rows,
-        plan.expert_offsets,
+    if topk_weights.dtype not in (torch.float32, hidden.dtype):
+        topk_weights = topk_weights.float()
+    return ops.grouped_mlp_combine(
+        hidden,
+        topk_weights,
+        plan,
         weights.fc1,
         weights.fc1_bias,
         weights.fc2,
@@ -140,9 +145,6 @@ def moe_forward(
         weights.swiglu_alpha,
         weights.swiglu_limit,
     )
-    if topk_weights.dtype not in (torch.float32, rows.dtype):
-        topk_weights = topk_weights.float()
-    return ops.unpermute_combine(rows, topk_weights, plan.row_of_pair)
 
 
 def experts_forward(
