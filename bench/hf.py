@@ -46,7 +46,7 @@ SIZES = {
     "qwen2_moe": dict(hidden=512, ffn=256, experts=32, top_k=4),
     "qwen3_moe": dict(hidden=512, ffn=256, experts=64, top_k=8),
     "olmoe": dict(hidden=512, ffn=256, experts=64, top_k=8),
-    "gpt_oss": dict(hidden=512, ffn=512, experts=32, top_k=4),
+    "gpt_oss": dict(hidden=512, ffn=512, experts=32, top_k=4, sliding_window=4096),  # cache: whole context
     "deepseek_v3": dict(hidden=512, ffn=256, experts=64, top_k=8),
     "switch": dict(hidden=512, ffn=1024, experts=32, top_k=1),
     "nllb_moe": dict(hidden=512, ffn=1024, experts=32, top_k=2),
@@ -61,9 +61,6 @@ MAX_GATHER_BYTES = 2**30  # HF batched_mm is not run where it would gather more 
 
 def build_variants(arch):
     base = hf_models.build_model(arch, **SIZES[arch], **COMMON)
-    if arch == "gpt_oss":
-        for layer in base.model.layers:
-            layer.self_attn.sliding_window = 4096  # keep the whole context in every layer's cache
     variants = {}
     if arch in hf_models.ENCODER_DECODER:
         variants["HF eager"] = hf_models.correct_nllb_moe_experts(base) if arch == "nllb_moe" else base
