@@ -181,12 +181,12 @@ def measure_memory(arch, variant, num_experts):
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
-def memory_table(archs):
+def memory_table(archs, quick):
     rows = []
     for arch in archs:
-        for num_experts in MEMORY_EXPERTS:
+        for num_experts in MEMORY_EXPERTS[:1] if quick else MEMORY_EXPERTS:
             variants = ["HF eager", "moe_infer", "moe_infer hf_capacity"]
-            if arch == "nllb_moe" and num_experts == MEMORY_EXPERTS[0]:  # (gigabytes, and slow, beyond)
+            if arch == "nllb_moe" and num_experts == MEMORY_EXPERTS[0] and not quick:  # gigabytes beyond
                 variants.insert(1, "HF as shipped")
             peaks = {v: measure_memory(arch, v if v != "HF eager" else "HF", num_experts) for v in variants}
             shipped = f"{peaks['HF as shipped'] / 2**20:.1f}" if "HF as shipped" in peaks else "n/a"
@@ -210,11 +210,11 @@ def memory_table(archs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; memory at one expert count")
     parser.add_argument("--arch", action="append", choices=list(SIZES), help="architectures (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--clock", choices=["cpu", "wall"], default=None, help="default: cpu with 1 thread, else wall")
-    parser.add_argument("--output", default="hf_cpu.md", help="results file name under bench/results/")
+    parser.add_argument("--output", default=None, help="results file name under bench/results/")
     parser.add_argument("--memory-child", nargs=3, metavar=("ARCH", "VARIANT", "EXPERTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -291,10 +291,11 @@ def main():
             f"\nPeak memory of one MoE layer forward on {MEMORY_TOKENS} tokens (8 x 512, H=512; the [tokens, H] "
             f"output alone is {MEMORY_TOKENS * 512 * 4 / 2**20:.0f} MiB): rise of VmHWM over the resting RSS. "
             f"'HF as shipped': transformers 5.x's NLLB-MoE expert loop, which one-hot encodes its [tokens, experts] "
-            f"mask into [tokens, experts, experts].\n\n{memory_table(memory_archs)}\n"
+            f"mask into [tokens, experts, experts].\n\n{memory_table(memory_archs, args.quick)}\n"
         )
     print(text)
-    print(f"written: {write_result(args.output, text)}")
+    name = args.output or ("hf_cpu_quick.md" if args.quick else "hf_cpu.md")
+    print(f"written: {write_result(name, text)}")
 
 
 if __name__ == "__main__":
