@@ -42,11 +42,13 @@ def time_interleaved(
     warmup: int = 1,
     min_seconds: float = 0.0,
     statistic: Callable[[list[float]], float] = statistics.median,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median (or ``statistic``) seconds per call of each function, measured in interleaved rounds
     (A B C A B C ...).
 
-    Interleaving spreads the machine's noise over all variants, so their ratios are fair.
+    Interleaving spreads the machine's noise over all variants, so their ratios are fair. ``clock``
+    may be ``time.process_time`` (CPU time, for single-threaded runs on a shared machine).
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -58,10 +60,10 @@ def time_interleaved(
     while rounds < repeats or (time.perf_counter() - start < min_seconds and rounds < 50 * repeats):
         for name, fn in fns.items():
             synchronize(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             synchronize(device)
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(clock() - t0)
         rounds += 1
     return {name: statistic(values) for name, values in samples.items()}
 

@@ -28,12 +28,42 @@ void activate_row(const T* fc1_row, int64_t ffn_size, const ActivationParams& pa
   }
 }
 
-// ---- ATen op (CPU) --------------------------------------------------------------------------
+// Adds each weighted expert row to its token's float32 accumulator:
+// accumulator[token(i)] += topk_weights[pair(i)] * rows[i] for the `num_rows` rows, where
+// pair(i) = pair_ids[i] and token(i) = pair(i) / top_k. Rows of one expert belong to distinct
+// tokens, so disjoint row ranges of one expert may run concurrently.
+template <typename T>
+void accumulate_weighted_rows(const T* rows, int64_t num_rows, int64_t hidden_size,
+                              const int32_t* pair_ids, const float* topk_weights, int64_t top_k,
+                              float* accumulator) {
+  for (int64_t i = 0; i < num_rows; ++i) {
+    const int64_t pair = pair_ids[i];
+    const float w = topk_weights[pair];
+    float* acc = accumulator + (pair / top_k) * hidden_size;
+    const T* row = rows + i * hidden_size;
+    for (int64_t h = 0; h < hidden_size; ++h) acc[h] += w * static_cast<float>(row[h]);
+  }
+}
+
+// ---- ATen ops (CPU) -------------------------------------------------------------------------
 
 at::Tensor grouped_mlp_cpu(const at::Tensor& hidden, const at::Tensor& expert_offsets,
                            const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
                            const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
                            const std::string& activation, bool weights_transposed,
                            double swiglu_alpha, double swiglu_limit);
+
+// grouped_mlp with its input gathered and its output combined on the fly, expert by expert, in
+// blocks of rows: out[s] = sum_j topk_weights[s, j] * FFN_{expert(s, j)}(hidden[s]). Equal to
+// unpermute_combine(grouped_mlp(permute(hidden, ...), ...), ...) without the two [S * k, H]
+// buffers; pairs at rows >= expert_offsets[E] (unrouted) contribute nothing.
+at::Tensor grouped_mlp_combine_cpu(const at::Tensor& hidden, const at::Tensor& topk_weights,
+                                   const at::Tensor& sorted_pair_ids,
+                                   const at::Tensor& expert_offsets, const at::Tensor& fc1_weight,
+                                   const std::optional<at::Tensor>& fc1_bias,
+                                   const at::Tensor& fc2_weight,
+                                   const std::optional<at::Tensor>& fc2_bias,
+                                   const std::string& activation, bool weights_transposed,
+                                   double swiglu_alpha, double swiglu_limit);
 
 }  // namespace moe_infer

@@ -104,4 +104,13 @@ TORCH_LIBRARY(moe_infer, m) {
 
   // einsum("sec,ecm->sm"): expert_out [E, C, M] back to tokens [S, M], accumulated in float32.
   m.def("static_combine(Tensor expert_out, Tensor combine_weights) -> Tensor");
+  // ---- issue 4 (transformers integration) ---------------------------------------------------
+  // grouped_mlp with its input gathered and its output combined on the fly, expert by expert:
+  // out[s] = sum_j topk_weights[s, j] * FFN_{expert(s, j)}(hidden[s]), without the [S*k, H] buffers
+  // of permute -> grouped_mlp -> unpermute_combine. sorted_pair_ids, expert_offsets: dispatch_plan.
+  m.def(
+      "grouped_mlp_combine(Tensor hidden, Tensor topk_weights, Tensor sorted_pair_ids, Tensor "
+      "expert_offsets, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+      "str activation, bool weights_transposed=False, float swiglu_alpha=1.702, float "
+      "swiglu_limit=7.0) -> Tensor");
 }

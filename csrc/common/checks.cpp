@@ -190,8 +190,7 @@ RowSizes check_unpermute_combine(const at::Tensor& expert_out, const at::Tensor&
 MlpSizes check_grouped_mlp(const at::Tensor& hidden, const at::Tensor& expert_offsets,
                            const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
                            const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                           const std::string& activation, bool weights_transposed) {
-  constexpr const char* op = "grouped_mlp";
+                           const std::string& activation, bool weights_transposed, const char* op) {
   check_dim(op, "hidden", hidden, 2, "[num_rows, hidden_size]");
   check_float(op, "hidden", hidden);
   check_dim(op, "expert_offsets", expert_offsets, 1, "[num_experts + 1]");
@@ -251,6 +250,37 @@ MlpSizes check_grouped_mlp(const at::Tensor& hidden, const at::Tensor& expert_of
   check_bias("fc1_bias", fc1_bias, sizes.fc1_outputs);
   check_bias("fc2_bias", fc2_bias, sizes.hidden_size);
   return sizes;
+}
+
+MlpCombineSizes check_grouped_mlp_combine(const at::Tensor& hidden, const at::Tensor& topk_weights,
+                                          const at::Tensor& sorted_pair_ids,
+                                          const at::Tensor& expert_offsets,
+                                          const at::Tensor& fc1_weight,
+                                          const std::optional<at::Tensor>& fc1_bias,
+                                          const at::Tensor& fc2_weight,
+                                          const std::optional<at::Tensor>& fc2_bias,
+                                          const std::string& activation, bool weights_transposed) {
+  constexpr const char* op = "grouped_mlp_combine";
+  check_dim(op, "hidden", hidden, 2, "[num_tokens, hidden_size]");
+  check_dim(op, "topk_weights", topk_weights, 2, "[num_tokens, top_k]");
+  check_float(op, "topk_weights", topk_weights);
+  check_dim(op, "sorted_pair_ids", sorted_pair_ids, 1, "[num_tokens * top_k]");
+  TORCH_CHECK(sorted_pair_ids.scalar_type() == at::kInt, op,
+              ": sorted_pair_ids must be int32, got ", sorted_pair_ids.scalar_type());
+  const MlpSizes mlp = check_grouped_mlp(hidden, expert_offsets, fc1_weight, fc1_bias, fc2_weight,
+                                         fc2_bias, activation, weights_transposed, op);
+  const int64_t top_k = topk_weights.size(1);
+  TORCH_CHECK(topk_weights.size(0) == mlp.num_rows, op, ": topk_weights has ", topk_weights.size(0),
+              " rows but hidden has ", mlp.num_rows, " tokens");
+  TORCH_CHECK(top_k >= 1, op, ": topk_weights must have at least one column (top_k >= 1)");
+  TORCH_CHECK(mlp.num_rows * top_k <= kMaxPairs, op, ": num_tokens * top_k (", mlp.num_rows * top_k,
+              ") exceeds ", kMaxPairs);
+  TORCH_CHECK(sorted_pair_ids.size(0) == mlp.num_rows * top_k, op, ": sorted_pair_ids has ",
+              sorted_pair_ids.size(0), " entries, expected num_tokens * top_k = ", mlp.num_rows,
+              " * ", top_k);
+  check_same_device(op, "topk_weights", topk_weights, hidden, "hidden");
+  check_same_device(op, "sorted_pair_ids", sorted_pair_ids, hidden, "hidden");
+  return {mlp, top_k};
 }
 
 // ---- placement (issue 6) ----

@@ -55,10 +55,28 @@ struct MlpSizes {
   Activation activation;
 };
 
+// `op` names the caller in the messages (grouped_mlp_combine checks its weights with this too).
 MlpSizes check_grouped_mlp(const at::Tensor& hidden, const at::Tensor& expert_offsets,
                            const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
                            const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                           const std::string& activation, bool weights_transposed);
+                           const std::string& activation, bool weights_transposed,
+                           const char* op = "grouped_mlp");
+
+// grouped_mlp_combine: hidden [S, H] in token order, topk_weights [S, k], sorted_pair_ids [S * k]
+// and expert_offsets [E + 1] from dispatch_plan, and grouped_mlp's weights.
+struct MlpCombineSizes {
+  MlpSizes mlp;  // mlp.num_rows is S
+  int64_t top_k;
+};
+
+MlpCombineSizes check_grouped_mlp_combine(const at::Tensor& hidden, const at::Tensor& topk_weights,
+                                          const at::Tensor& sorted_pair_ids,
+                                          const at::Tensor& expert_offsets,
+                                          const at::Tensor& fc1_weight,
+                                          const std::optional<at::Tensor>& fc1_bias,
+                                          const at::Tensor& fc2_weight,
+                                          const std::optional<at::Tensor>& fc2_bias,
+                                          const std::string& activation, bool weights_transposed);
 
 // Errors of the data-dependent checks, in the same words on every backend.
 [[noreturn]] void fail_nonfinite_logits(int64_t row);

@@ -43,19 +43,47 @@ void check_expert_id_range(const at::Tensor& expert_ids, const PlanSizes& sizes)
   fail_expert_id(pair, flat[pair].item<int64_t>(), sizes);
 }
 
-std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64_t num_rows) {
+std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64_t num_rows,
+                                         const char* op, const char* rows_name) {
   const at::Tensor offsets = expert_offsets.to(at::kCPU).contiguous();
   const int32_t* ptr = offsets.const_data_ptr<int32_t>();
   std::vector<int32_t> host(ptr, ptr + offsets.numel());
-  TORCH_CHECK(host.front() == 0, "grouped_mlp: expert_offsets[0] (", host.front(), ") must be 0");
+  TORCH_CHECK(host.front() == 0, op, ": expert_offsets[0] (", host.front(), ") must be 0");
   for (size_t e = 1; e < host.size(); ++e) {
-    TORCH_CHECK(host[e] >= host[e - 1], "grouped_mlp: expert_offsets must be non-decreasing, but ",
+    TORCH_CHECK(host[e] >= host[e - 1], op, ": expert_offsets must be non-decreasing, but ",
                 "expert_offsets[", e, "] (", host[e], ") < expert_offsets[", e - 1, "] (",
                 host[e - 1], ")");
   }
-  TORCH_CHECK(host.back() <= num_rows, "grouped_mlp: expert_offsets[-1] (", host.back(),
-              ") exceeds the number of rows in hidden (", num_rows, ")");
+  TORCH_CHECK(host.back() <= num_rows, op, ": expert_offsets[-1] (", host.back(),
+              ") exceeds the number of ", rows_name, " (", num_rows, ")");
   return host;
+}
+
+void expert_ffn(int64_t expert, const at::Tensor& x, const at::Tensor& fc1_weight,
+                const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                const std::optional<at::Tensor>& fc2_bias, bool weights_transposed,
+                const at::Tensor& fc1_buffer, const at::Tensor& act_buffer,
+                const ActivateFn& activate, const at::Tensor& y) {
+  const int64_t rows = x.size(0);
+  // [H, F1] and [I, H] views of the expert's weights.
+  const at::Tensor fc1 =
+      weights_transposed ? fc1_weight.select(0, expert) : fc1_weight.select(0, expert).t();
+  const at::Tensor fc2 =
+      weights_transposed ? fc2_weight.select(0, expert) : fc2_weight.select(0, expert).t();
+  at::Tensor fc1_out = fc1_buffer.narrow(0, 0, rows);
+  if (fc1_bias.has_value()) {
+    at::addmm_out(fc1_out, fc1_bias->select(0, expert), x, fc1);
+  } else {
+    at::mm_out(fc1_out, x, fc1);
+  }
+  at::Tensor act = act_buffer.narrow(0, 0, rows);
+  activate(fc1_out, act);
+  at::Tensor out = y;
+  if (fc2_bias.has_value()) {
+    at::addmm_out(out, fc2_bias->select(0, expert), act, fc2);
+  } else {
+    at::mm_out(out, act, fc2);
+  }
 }
 
 at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<int32_t>& offsets,
@@ -77,26 +105,8 @@ at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<in
     const int64_t begin = offsets[e];
     const int64_t rows = offsets[e + 1] - begin;
     if (rows == 0) continue;
-    const at::Tensor x = hidden.narrow(0, begin, rows);
-    // [H, F1] and [I, H] views of the expert's weights; the GEMMs read the transposes in place.
-    const at::Tensor fc1 =
-        weights_transposed ? fc1_weight.select(0, e) : fc1_weight.select(0, e).t();
-    const at::Tensor fc2 =
-        weights_transposed ? fc2_weight.select(0, e) : fc2_weight.select(0, e).t();
-    at::Tensor fc1_out = fc1_buffer.narrow(0, 0, rows);
-    if (fc1_bias.has_value()) {
-      at::addmm_out(fc1_out, fc1_bias->select(0, e), x, fc1);
-    } else {
-      at::mm_out(fc1_out, x, fc1);
-    }
-    at::Tensor act = act_buffer.narrow(0, 0, rows);
-    activate(fc1_out, act);
-    at::Tensor y = out.narrow(0, begin, rows);
-    if (fc2_bias.has_value()) {
-      at::addmm_out(y, fc2_bias->select(0, e), act, fc2);
-    } else {
-      at::mm_out(y, act, fc2);
-    }
+    expert_ffn(e, hidden.narrow(0, begin, rows), fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+               weights_transposed, fc1_buffer, act_buffer, activate, out.narrow(0, begin, rows));
   }
   // Rows after every expert (unrouted pairs) are defined as zeros.
   if (offsets.back() < sizes.num_rows) {

@@ -52,12 +52,24 @@ void check_finite_bias(const at::Tensor& selection_bias);
 void check_expert_id_range(const at::Tensor& expert_ids, const PlanSizes& sizes);
 
 // The expert offsets on the host, checked: offsets[0] == 0, non-decreasing, offsets[E] <= rows.
-std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64_t num_rows);
+// `op` and `rows_name` word the errors.
+std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64_t num_rows,
+                                         const char* op = "grouped_mlp",
+                                         const char* rows_name = "rows in hidden");
 
-// The per-expert GEMM loop shared by every device and by the fallback: for each non-empty expert,
-// fc1 (+bias) -> activate(fc1_out, act) -> fc2 (+bias) straight into the output rows; rows outside
-// every expert are zeros. Weights are read in place through views.
 using ActivateFn = std::function<void(const at::Tensor& fc1_out, const at::Tensor& act)>;
+
+// One expert's FFN: rows x [n, H] -> y [n, H] (written in place): fc1 (+bias) -> activate ->
+// fc2 (+bias), through scratch buffers of at least n rows. Weights are read in place through views
+// (the GEMMs read the transposes as they are stored).
+void expert_ffn(int64_t expert, const at::Tensor& x, const at::Tensor& fc1_weight,
+                const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                const std::optional<at::Tensor>& fc2_bias, bool weights_transposed,
+                const at::Tensor& fc1_buffer, const at::Tensor& act_buffer,
+                const ActivateFn& activate, const at::Tensor& y);
+
+// The per-expert GEMM loop shared by every device and by the fallback: expert_ffn for each
+// non-empty expert straight into its output rows; rows outside every expert are zeros.
 at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<int32_t>& offsets,
                                   const at::Tensor& fc1_weight,
                                   const std::optional<at::Tensor>& fc1_bias,

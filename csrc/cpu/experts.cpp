@@ -1,5 +1,6 @@
 // CPU grouped expert MLP: the shared per-expert GEMM loop (ATen's BLAS, weights read through
-// views) with a parallel fused activation.
+// views) with a parallel fused activation; and grouped_mlp_combine, the same expert compute with
+// the gather and the weighted combine fused in, block by block.
 #include "experts.h"
 
 #include <ATen/ATen.h>
@@ -7,18 +8,51 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "common/checks.h"
 #include "common/composite.h"
+#include "dispatch.h"
 
 namespace moe_infer {
 
 namespace {
 
+// float32 through ATen's vectorized kernels (the same math, several times faster than the scalar
+// loop); GPT-OSS's clamped swiGLU and 16-bit types (one rounding, in float32) through activate_row.
+bool activate_rows_vectorized(const at::Tensor& fc1_out, int64_t ffn_size,
+                              const ActivationParams& params, at::Tensor out) {
+  if (fc1_out.scalar_type() != at::kFloat) return false;
+  switch (params.activation) {
+    case Activation::kRelu:
+      at::clamp_min_out(out, fc1_out, 0);
+      return true;
+    case Activation::kGelu:
+      at::gelu_out(out, fc1_out);
+      return true;
+    case Activation::kGeluTanh:
+      at::gelu_out(out, fc1_out, "tanh");
+      return true;
+    case Activation::kSilu:
+      at::silu_out(out, fc1_out);
+      return true;
+    case Activation::kSiluGlu:
+      at::silu_out(out, fc1_out.narrow(1, 0, ffn_size));
+      out.mul_(fc1_out.narrow(1, ffn_size, ffn_size));
+      return true;
+    case Activation::kGptOssSwiglu:
+      return false;
+  }
+  return false;
+}
+
 void activate_rows(const at::Tensor& fc1_out, const ActivationParams& params,
                    const at::Tensor& out) {
+  const int64_t ffn_size = out.size(1);
+  if (activate_rows_vectorized(fc1_out, ffn_size, params, out)) return;
   const int64_t num_rows = fc1_out.size(0);
   const int64_t fc1_width = fc1_out.size(1);
-  const int64_t ffn_size = out.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, fc1_out.scalar_type(), "grouped_mlp_activation", [&] {
         const scalar_t* in_ptr = fc1_out.const_data_ptr<scalar_t>();
@@ -32,6 +66,22 @@ void activate_rows(const at::Tensor& fc1_out, const ActivationParams& params,
       });
 }
 
+// The activation of this backend: the kernels, or the composite fallback.
+ActivateFn cpu_activation(const ActivationParams& params) {
+  if (!kernels_enabled()) {
+    return [params](const at::Tensor& fc1_out, const at::Tensor& act) {
+      composite::activate(fc1_out, params, act);
+    };
+  }
+  return [params](const at::Tensor& fc1_out, const at::Tensor& act) {
+    activate_rows(fc1_out, params, act);
+  };
+}
+
+// Rows per block of grouped_mlp_combine: large enough for efficient GEMMs, small enough that the
+// scratch buffers stay a few MiB.
+constexpr int64_t kCombineBlockRows = 256;
+
 }  // namespace
 
 at::Tensor grouped_mlp_cpu(const at::Tensor& hidden, const at::Tensor& expert_offsets,
@@ -44,18 +94,99 @@ at::Tensor grouped_mlp_cpu(const at::Tensor& hidden, const at::Tensor& expert_of
   const std::vector<int32_t> offsets = host_expert_offsets(expert_offsets, sizes.num_rows);
   const ActivationParams params{sizes.activation, static_cast<float>(swiglu_alpha),
                                 static_cast<float>(swiglu_limit)};
-  const bool use_kernels = kernels_enabled();
   return grouped_mlp_per_expert(hidden, offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                weights_transposed, sizes,
-                                [&](const at::Tensor& fc1_out, const at::Tensor& act) {
-                                  if (use_kernels) {
-                                    activate_rows(fc1_out, params, act);
-                                  } else {
-                                    composite::activate(fc1_out, params, act);
-                                  }
-                                });
+                                weights_transposed, sizes, cpu_activation(params));
 }
 
-TORCH_LIBRARY_IMPL(moe_infer, CPU, m) { m.impl("grouped_mlp", &grouped_mlp_cpu); }
+at::Tensor grouped_mlp_combine_cpu(const at::Tensor& hidden, const at::Tensor& topk_weights,
+                                   const at::Tensor& sorted_pair_ids,
+                                   const at::Tensor& expert_offsets, const at::Tensor& fc1_weight,
+                                   const std::optional<at::Tensor>& fc1_bias,
+                                   const at::Tensor& fc2_weight,
+                                   const std::optional<at::Tensor>& fc2_bias,
+                                   const std::string& activation, bool weights_transposed,
+                                   double swiglu_alpha, double swiglu_limit) {
+  constexpr const char* op = "grouped_mlp_combine";
+  const MlpCombineSizes sizes =
+      check_grouped_mlp_combine(hidden, topk_weights, sorted_pair_ids, expert_offsets, fc1_weight,
+                                fc1_bias, fc2_weight, fc2_bias, activation, weights_transposed);
+  const int64_t num_tokens = sizes.mlp.num_rows;
+  const int64_t hidden_size = sizes.mlp.hidden_size;
+  const int64_t top_k = sizes.top_k;
+  const int64_t num_pairs = num_tokens * top_k;
+  const std::vector<int32_t> offsets =
+      host_expert_offsets(expert_offsets, num_pairs, op, "pairs (num_tokens * top_k)");
+  const at::Tensor pair_ids = sorted_pair_ids.contiguous();
+  const int32_t* pair_ptr = pair_ids.const_data_ptr<int32_t>();
+  for (int64_t r = offsets.front(); r < offsets.back(); ++r) {
+    TORCH_CHECK(pair_ptr[r] >= 0 && pair_ptr[r] < num_pairs, op, ": sorted_pair_ids[", r,
+                "] = ", pair_ptr[r], " is out of range [0, ", num_pairs,
+                "); pass the output of dispatch_plan");
+  }
+  const ActivationParams params{sizes.mlp.activation, static_cast<float>(swiglu_alpha),
+                                static_cast<float>(swiglu_limit)};
+  if (!kernels_enabled()) {
+    // The composite fallback: permute -> grouped_mlp -> unpermute_combine.
+    const at::Tensor row_of_pair = at::empty_like(pair_ids).scatter_(
+        0, pair_ids.to(at::kLong), at::arange(num_pairs, pair_ids.options()));
+    const at::Tensor rows = composite::permute(hidden, pair_ids, top_k);
+    MlpSizes row_sizes = sizes.mlp;
+    row_sizes.num_rows = num_pairs;
+    const at::Tensor expert_rows =
+        grouped_mlp_per_expert(rows, offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                               weights_transposed, row_sizes, cpu_activation(params));
+    return composite::unpermute_combine(expert_rows, topk_weights, row_of_pair);
+  }
+  const ActivateFn activate = cpu_activation(params);
+
+  const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
+  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+  // float32 accumulation; for a float32 hidden the accumulator is the output itself.
+  auto accumulator = at::zeros({num_tokens, hidden_size}, hidden.options().dtype(at::kFloat));
+  int64_t block_rows = 0;
+  for (int64_t e = 0; e < sizes.mlp.num_experts; ++e) {
+    block_rows = std::max<int64_t>(block_rows, offsets[e + 1] - offsets[e]);
+  }
+  block_rows = std::min(block_rows, kCombineBlockRows);
+  auto x_block = at::empty({block_rows, hidden_size}, hidden.options());
+  auto y_block = at::empty({block_rows, hidden_size}, hidden.options());
+  auto fc1_buffer = at::empty({block_rows, sizes.mlp.fc1_outputs}, hidden.options());
+  auto act_buffer = at::empty({block_rows, sizes.mlp.ffn_size}, hidden.options());
+
+  const int64_t element_bytes = static_cast<int64_t>(hidden.element_size());
+  const int64_t row_bytes = hidden_size * element_bytes;
+  const char* src = static_cast<const char*>(rows.const_data_ptr());
+  const int64_t src_stride_bytes = rows.stride(0) * element_bytes;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, hidden.scalar_type(), "grouped_mlp_combine", [&] {
+        const float* weights_ptr = weights.const_data_ptr<float>();
+        float* acc_ptr = accumulator.data_ptr<float>();
+        for (int64_t e = 0; e < sizes.mlp.num_experts; ++e) {
+          for (int64_t begin = offsets[e]; begin < offsets[e + 1]; begin += block_rows) {
+            const int64_t n = std::min<int64_t>(block_rows, offsets[e + 1] - begin);
+            const int32_t* block_pairs = pair_ptr + begin;
+            char* x_ptr = static_cast<char*>(x_block.data_ptr());
+            at::parallel_for(0, n, grain, [&](int64_t b, int64_t end) {
+              permute_rows(src, src_stride_bytes, row_bytes, block_pairs, top_k, b, end, x_ptr);
+            });
+            at::Tensor y = y_block.narrow(0, 0, n);
+            expert_ffn(e, x_block.narrow(0, 0, n), fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                       weights_transposed, fc1_buffer, act_buffer, activate, y);
+            const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
+            at::parallel_for(0, n, grain, [&](int64_t b, int64_t end) {
+              accumulate_weighted_rows(y_ptr + b * hidden_size, end - b, hidden_size,
+                                       block_pairs + b, weights_ptr, top_k, acc_ptr);
+            });
+          }
+        }
+      });
+  return hidden.scalar_type() == at::kFloat ? accumulator : accumulator.to(hidden.scalar_type());
+}
+
+TORCH_LIBRARY_IMPL(moe_infer, CPU, m) {
+  m.impl("grouped_mlp", &grouped_mlp_cpu);
+  m.impl("grouped_mlp_combine", &grouped_mlp_combine_cpu);
+}
 
 }  // namespace moe_infer

@@ -5,6 +5,8 @@ Importing the package loads torch, then the C++ extension (which registers
 ops, then the public modules.
 """
 
+import sys
+
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 # isort: split
@@ -26,4 +28,32 @@ def built_with_cuda() -> bool:
     return bool(_C.built_with_cuda)
 
 
-__all__ = ["MoELayer", "built_with_cuda", "distributed", "fairseq", "ops", "placement", "reference", "__version__"]
+def optimize(model, **options):
+    """Runs every supported sparse MoE block of a transformers v5 model on moe_infer's fused ops, in place.
+
+    Needs the extra ``moe_infer[hf]`` (transformers >= 5); see
+    :func:`moe_infer.integrations.hf.optimize` for the options and the supported blocks.
+    """
+    from .integrations import hf
+
+    return hf.optimize(model, **options)
+
+
+if "transformers.integrations.moe" in sys.modules:
+    # transformers is in use already: register the "moe_infer" experts implementation now (free).
+    try:
+        from .integrations import hf  # noqa: F401
+    except ImportError:
+        pass
+
+__all__ = [
+    "MoELayer",
+    "built_with_cuda",
+    "distributed",
+    "fairseq",
+    "ops",
+    "optimize",
+    "placement",
+    "reference",
+    "__version__",
+]

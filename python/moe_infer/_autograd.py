@@ -281,3 +281,91 @@ def _static_combine_backward(ctx, grad_out):
 torch.library.register_autograd(
     "moe_infer::static_combine", _static_combine_backward, setup_context=_static_combine_setup
 )
+# ---- grouped_mlp_combine ----------------------------------------------------------------------
+
+
+def _mlp_combine_setup(ctx, inputs, output):
+    hidden, topk_weights, pair_ids, offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation, transposed, alpha, limit = inputs
+    ctx.options = (activation, transposed, alpha, limit)
+    ctx.save_for_backward(hidden, topk_weights, pair_ids, offsets, fc1_w, fc1_b, fc2_w, fc2_b)
+
+
+def _mlp_combine_backward(ctx, grad_out):
+    # The fused op is permute -> grouped_mlp -> unpermute_combine: chain their gradients, with the
+    # expert rows recomputed (the forward keeps none).
+    hidden, topk_weights, pair_ids, offsets, fc1_w, fc1_b, fc2_w, fc2_b = ctx.saved_tensors
+    num_tokens, top_k = topk_weights.shape
+    pairs = pair_ids.long()
+    tokens = torch.div(pairs, top_k, rounding_mode="floor")
+    rows = torch.ops.moe_infer.permute(hidden, pair_ids, top_k)
+    expert_rows = torch.ops.moe_infer.grouped_mlp(rows, offsets, fc1_w, fc1_b, fc2_w, fc2_b, *ctx.options)
+    grad_out = grad_out.float()
+    grad_weights = None
+    if ctx.needs_input_grad[1]:
+        per_row = (expert_rows.float() * grad_out.index_select(0, tokens)).sum(-1)
+        grad_weights = torch.zeros(num_tokens * top_k, dtype=torch.float32, device=hidden.device)
+        grad_weights = grad_weights.index_copy_(0, pairs, per_row).view(num_tokens, top_k).to(topk_weights.dtype)
+    grad_rows = (grad_out.index_select(0, tokens) * topk_weights.float().reshape(-1)[pairs].unsqueeze(-1)).to(
+        hidden.dtype
+    )
+    grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.moe_infer.grouped_mlp_backward(
+        grad_rows, rows, offsets, fc1_w, fc1_b, fc2_w, fc2_b, *ctx.options
+    )
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    grad_hidden.index_add_(0, tokens, grad_x.float())
+    return (
+        grad_hidden.to(hidden.dtype),
+        grad_weights,
+        None,
+        None,
+        grad_w1,
+        grad_b1 if fc1_b is not None else None,
+        grad_w2,
+        grad_b2 if fc2_b is not None else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "moe_infer::grouped_mlp_combine", _mlp_combine_backward, setup_context=_mlp_combine_setup
+)
+
+
+@torch.library.impl("moe_infer::grouped_mlp_combine", "CompositeExplicitAutograd")
+def _grouped_mlp_combine_composite(
+    hidden,
+    topk_weights,
+    sorted_pair_ids,
+    expert_offsets,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    activation,
+    weights_transposed=False,
+    swiglu_alpha=1.702,
+    swiglu_limit=7.0,
+):
+    # Devices without a fused kernel (CUDA for now) run the three-op pipeline.
+    top_k = topk_weights.shape[1]
+    row_of_pair = torch.empty_like(sorted_pair_ids)
+    row_of_pair[sorted_pair_ids.long()] = torch.arange(
+        sorted_pair_ids.numel(), dtype=sorted_pair_ids.dtype, device=sorted_pair_ids.device
+    )
+    rows = torch.ops.moe_infer.permute(hidden, sorted_pair_ids, top_k)
+    rows = torch.ops.moe_infer.grouped_mlp(
+        rows,
+        expert_offsets,
+        fc1_weight,
+        fc1_bias,
+        fc2_weight,
+        fc2_bias,
+        activation,
+        weights_transposed,
+        swiglu_alpha,
+        swiglu_limit,
+    )
+    return torch.ops.moe_infer.unpermute_combine(rows, topk_weights, row_of_pair)

@@ -280,3 +280,33 @@ def _static_combine_fake(expert_out, combine_weights):
         lambda: f"{op}: combine_weights and expert_out disagree on [num_experts, capacity]",
     )
     return expert_out.new_empty((combine_weights.shape[0], expert_out.shape[2]))
+
+
+@torch.library.register_fake("moe_infer::grouped_mlp_combine")
+def _grouped_mlp_combine_fake(
+    hidden,
+    topk_weights,
+    sorted_pair_ids,
+    expert_offsets,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    activation,
+    weights_transposed=False,
+    swiglu_alpha=1.702,
+    swiglu_limit=7.0,
+):
+    op = "grouped_mlp_combine"
+    _grouped_mlp_fake(
+        hidden, expert_offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, weights_transposed
+    )
+    torch._check(topk_weights.dim() == 2, lambda: f"{op}: topk_weights must be 2-D [num_tokens, top_k]")
+    _check_float(op, "topk_weights", topk_weights)
+    torch._check(topk_weights.shape[0] == hidden.shape[0], lambda: f"{op}: topk_weights must have num_tokens rows")
+    torch._check(sorted_pair_ids.dtype == torch.int32, lambda: f"{op}: sorted_pair_ids must be int32")
+    torch._check(
+        sorted_pair_ids.shape == (hidden.shape[0] * topk_weights.shape[1],),
+        lambda: f"{op}: sorted_pair_ids must have num_tokens * top_k entries",
+    )
+    return hidden.new_empty(hidden.shape)

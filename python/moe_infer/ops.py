@@ -345,3 +345,47 @@ def static_combine(expert_out: torch.Tensor, combine_weights: torch.Tensor) -> t
     """einsum("sec,ecm->sm"): expert_out [E, C, M] -> [S, M] in expert_out's dtype, accumulated in
     float32 over the nonzero combine weights [S, E, C]."""
     return _ops.static_combine(expert_out, combine_weights)
+
+
+def grouped_mlp_combine(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    plan: DispatchPlan,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    activation: str,
+    weights_transposed: bool = False,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+) -> torch.Tensor:
+    """:func:`grouped_mlp` with its input gathered and its output combined on the fly.
+
+    ``out[s] = sum_j topk_weights[s, j] * FFN_{expert(s, j)}(hidden[s])``: the same result as
+    ``unpermute_combine(grouped_mlp(permute(hidden, plan.sorted_pair_ids, k), plan.expert_offsets,
+    ...), topk_weights, plan.row_of_pair)``, computed expert by expert in blocks of rows, without
+    the two [S*k, H] buffers (peak memory: the [S, H] output plus a few MiB of scratch).
+
+    Args:
+        hidden: [S, H] in token order.
+        topk_weights: [S, k] float32 or hidden's dtype; accumulated in float32.
+        plan: the :func:`dispatch_plan` of the [S, k] expert ids (unrouted pairs contribute nothing).
+        fc1_weight ... swiglu_limit: as :func:`grouped_mlp`.
+    Returns:
+        [S, H] in hidden's dtype.
+    """
+    return _ops.grouped_mlp_combine(
+        hidden,
+        topk_weights,
+        plan.sorted_pair_ids,
+        plan.expert_offsets,
+        fc1_weight,
+        fc1_bias,
+        fc2_weight,
+        fc2_bias,
+        activation,
+        weights_transposed,
+        swiglu_alpha,
+        swiglu_limit,
+    )

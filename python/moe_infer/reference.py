@@ -153,6 +153,39 @@ def grouped_mlp(
     return out
 
 
+def grouped_mlp_combine(
+    hidden,
+    topk_weights,
+    expert_ids,
+    fc1_weight,
+    fc1_bias,
+    fc2_weight,
+    fc2_bias,
+    activation,
+    weights_transposed=False,
+    swiglu_alpha=1.702,
+    swiglu_limit=7.0,
+):
+    """out[s] = sum_j topk_weights[s, j] * FFN_{expert_ids[s, j]}(hidden[s]) (id -1: nothing), in float32."""
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for e in range(fc1_weight.shape[0]):
+        token_idx, slot_idx = torch.where(expert_ids == e)
+        if token_idx.numel():
+            y = expert_ffn(
+                hidden[token_idx],
+                fc1_weight[e],
+                None if fc1_bias is None else fc1_bias[e],
+                fc2_weight[e],
+                None if fc2_bias is None else fc2_bias[e],
+                activation,
+                weights_transposed,
+                swiglu_alpha,
+                swiglu_limit,
+            )
+            out.index_add_(0, token_idx, y.float() * topk_weights[token_idx, slot_idx].float().unsqueeze(-1))
+    return out.to(hidden.dtype)
+
+
 def moe_forward(
     hidden: torch.Tensor,
     router_weight: torch.Tensor,

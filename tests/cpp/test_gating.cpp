@@ -83,6 +83,24 @@ TEST_CASE("sigmoid with a selection-only bias, groups and scaling (DeepSeek-V3)"
   REQUIRE(r.weights[1] == Approx(1.0f));
 }
 
+TEST_CASE("experts of unchosen groups are masked with -inf, not 0 (DeepSeek-V3)", "[gating]") {
+  GatingConfig config;
+  config.top_k = 2;
+  config.scoring = Scoring::kSigmoid;
+  config.renormalize = true;
+  config.n_group = 2;
+  config.topk_group = 1;
+  // Every choice score is negative (sigmoid 0.5 plus a bias <= -1): group 0 wins, and its experts
+  // must beat the masked experts of group 1, which a mask of 0 would prefer.
+  const std::vector<float> logits{0.0f, 0.0f, 0.0f, 0.0f};
+  const std::vector<float> bias{-1.0f, -1.0f, -2.0f, -2.0f};
+  Routed r = route(logits, config, &bias);
+  REQUIRE(r.ok);
+  REQUIRE(r.ids == std::vector<int32_t>{0, 1});
+  REQUIRE(r.weights[0] == Approx(0.5f));
+  REQUIRE(r.weights[1] == Approx(0.5f));
+}
+
 TEST_CASE("NaN and +inf logits are refused", "[gating]") {
   GatingConfig config;
   config.top_k = 1;

@@ -93,6 +93,23 @@ def test_topk_gating_deepseek(device, impl, n_group, topk_group):
     torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True) * 2.5)
 
 
+def test_topk_gating_group_mask_with_negative_choices(device):
+    """Experts outside the chosen groups are masked with -inf, as transformers v5's DeepSeek-V3 router
+    does: a bias that makes every choice score negative must not let a masked expert win."""
+    num_tokens, num_experts, n_group = 200, 16, 4
+    logits = torch.randn(num_tokens, num_experts, device=device)
+    bias = -2.0 - torch.rand(num_experts, device=device)  # sigmoid + bias < 0 everywhere
+    weights, ids = ops.topk_gating(logits, 4, "sigmoid", True, bias, 1.0, n_group, 2)
+    ref_weights, ref_ids = ref.topk_gating(logits, 4, "sigmoid", True, bias, 1.0, n_group, 2)
+    assert torch.equal(ids.long().sort(-1).values, ref_ids.sort(-1).values)
+    # The 4 experts lie in at most 2 groups: the ones with the best top-2 choice sums.
+    choice = (torch.sigmoid(logits) + bias).view(num_tokens, n_group, -1)
+    best_groups = choice.topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices.sort(-1).values
+    chosen_groups = (ids.long() // (num_experts // n_group)).sort(-1).values
+    assert all(set(c.tolist()) <= set(b.tolist()) for c, b in zip(chosen_groups, best_groups))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(num_tokens, device=device))
+
+
 def test_topk_gating_ties_go_to_lower_id(device):
     logits = torch.zeros(3, 8, device=device)
     logits[1, 5] = 1.0

@@ -1,1 +1,2 @@
-"""Drop-in integrations of moe_infer with other libraries' MoE layers."""
+"""Drop-in integrations with other libraries' MoE layers: ``fairseq`` (no dependency) and ``hf``
+(transformers v5, optional: ``moe_infer[hf]``)."""

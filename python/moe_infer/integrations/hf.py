@@ -1,0 +1,698 @@
+"""Hugging Face transformers v5 on moe_infer's ops (the optional extra ``pip install moe_infer[hf]``).
+
+Two entry points:
+
+``optimize(model)`` (also ``moe_infer.optimize``)
+    Runs every supported sparse MoE block -- router and experts together -- on the fused path
+    ``topk_gating -> dispatch_plan -> grouped_mlp_combine`` (grouped_mlp with the gather and the
+    weighted combine fused, so no [tokens * k, hidden] buffer exists), in place. The block and its router stay the same objects with the same parameters and names: their class
+    becomes a subclass of the original whose ``forward`` calls our ops, so ``save_pretrained``
+    writes a checkpoint that plain transformers loads, hooks stay attached, and the router still
+    returns the router logits that transformers records for ``output_router_logits``. In training
+    mode the blocks run transformers' own forward (dropout, jitter, token dropout).
+
+The ``"moe_infer"`` experts implementation
+    Importing this module registers it in transformers' experts registry: after
+    ``model.set_experts_implementation("moe_infer")`` (or ``from_pretrained(...,
+    experts_implementation="moe_infer")``) every ``@use_experts_implementation`` experts module
+    computes on ``dispatch_plan`` and ``grouped_mlp_combine``; the routing stays transformers'.
+
+SwitchTransformers and NLLB-MoE route with an expert capacity in transformers. Their replacement is
+capacity-free by default (identical wherever transformers drops nothing); ``hf_capacity=True``
+reproduces transformers' capacity and its drops exactly (dropped pairs get expert id -1, which
+``dispatch_plan`` leaves unrouted), with O(tokens * k) routing memory instead of one-hot
+[tokens, experts] masks.
+"""
+
+import dataclasses
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from transformers import activations as hf_activations
+    from transformers.integrations import moe as hf_moe
+
+    hf_moe.ALL_EXPERTS_FUNCTIONS  # noqa: B018  (transformers < 5 has no experts registry)
+except (ImportError, AttributeError) as error:
+    raise ImportError(
+        "moe_infer.integrations.hf needs transformers >= 5.0 (its experts registry): pip install 'moe_infer[hf]'"
+    ) from error
+
+from .. import ops
+
+EXPERTS_IMPLEMENTATION = "moe_infer"
+
+# transformers activation modules -> grouped_mlp activations. Exact types: a subclass may compute
+# something else.
+_ACTIVATIONS = {
+    nn.ReLU: "relu",
+    nn.SiLU: "silu",
+    nn.GELU: "gelu",
+    hf_activations.SiLUActivation: "silu",
+    hf_activations.GELUActivation: "gelu",
+    hf_activations.GELUTanh: "gelu_tanh",
+    hf_activations.NewGELUActivation: "gelu_tanh",
+}
+
+
+class ExpertWeights(NamedTuple):
+    """What grouped_mlp reads for one layer's experts: views of the model's own parameters."""
+
+    fc1: torch.Tensor
+    fc1_bias: Optional[torch.Tensor]
+    fc2: torch.Tensor
+    fc2_bias: Optional[torch.Tensor]
+    activation: str
+    transposed: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+
+def _activation_name(act: nn.Module, gated: bool, owner: str) -> str:
+    name = _ACTIVATIONS.get(type(act))
+    if isinstance(act, nn.GELU) and act.approximate == "tanh":
+        name = "gelu_tanh"
+    if name is None or (gated and name != "silu"):
+        supported = "SiLU" if gated else "ReLU, GELU (erf or tanh), SiLU"
+        raise NotImplementedError(
+            f"moe_infer: {owner} uses the {'gated ' if gated else ''}activation {type(act).__name__}; "
+            f"grouped_mlp supports {supported} there"
+        )
+    return "silu_glu" if gated else name
+
+
+def _is_gpt_oss_gate(experts: nn.Module) -> bool:
+    # Class name and attributes rather than the function's __qualname__, which torch.compile cannot trace.
+    return type(experts).__name__ == "GptOssExperts" and not experts.is_concatenated and hasattr(experts, "limit")
+
+
+def expert_weights(experts: nn.Module) -> ExpertWeights:
+    """The weights of a transformers v5 ``@use_experts_implementation`` experts module.
+
+    Stacked 3-D parameters ``gate_up_proj`` (or ``up_proj``) and ``down_proj``, optional biases,
+    transposed or not; SiLU-gated halves (Mixtral, Qwen, OLMoE, DeepSeek), GPT-OSS's interleaved
+    clamped swiGLU, or an ungated activation. Raises NotImplementedError for anything else.
+    """
+    owner = type(experts).__name__
+    if getattr(experts, "has_post_expert_norm", False):
+        raise NotImplementedError(f"moe_infer: {owner} normalizes each expert's output, which grouped_mlp does not do")
+    has_gate = getattr(experts, "has_gate", True)
+    has_bias = getattr(experts, "has_bias", False)
+    fc1_name = "gate_up_proj" if has_gate else "up_proj"
+    fc1 = getattr(experts, fc1_name)
+    fc1_bias = getattr(experts, fc1_name + "_bias") if has_bias else None
+    fc2_bias = experts.down_proj_bias if has_bias else None
+    transposed = bool(getattr(experts, "is_transposed", False))
+    if not has_gate:
+        activation = _activation_name(experts.act_fn, False, owner)
+    elif getattr(type(experts), "_apply_gate", None) is hf_moe._default_apply_gate and experts.is_concatenated:
+        activation = _activation_name(experts.act_fn, True, owner)
+    elif _is_gpt_oss_gate(experts):
+        return ExpertWeights(
+            fc1, fc1_bias, experts.down_proj, fc2_bias, "gpt_oss_swiglu", transposed, experts.alpha, experts.limit
+        )
+    else:
+        raise NotImplementedError(f"moe_infer: {owner} has a custom _apply_gate, which grouped_mlp does not compute")
+    return ExpertWeights(fc1, fc1_bias, experts.down_proj, fc2_bias, activation, transposed)
+
+
+def moe_forward(
+    hidden: torch.Tensor, expert_ids: torch.Tensor, topk_weights: torch.Tensor, weights: ExpertWeights
+) -> torch.Tensor:
+    """hidden [S, H], expert_ids [S, k] (-1 = unrouted), topk_weights [S, k] -> [S, H] in hidden's dtype.
+
+    dispatch_plan, then grouped_mlp_combine: grouped_mlp's expert compute with the gather and the
+    weighted combine fused, so no [S*k, H] buffer is materialized.
+    """
+    # Ids come from a router (in range) or are -1: the device-side id check is not needed.
+    plan = ops.dispatch_plan(expert_ids, weights.fc1.shape[0], validate=False)
+    if topk_weights.dtype not in (torch.float32, hidden.dtype):
+        topk_weights = topk_weights.float()
+    return ops.grouped_mlp_combine(
+        hidden,
+        topk_weights,
+        plan,
+        weights.fc1,
+        weights.fc1_bias,
+        weights.fc2,
+        weights.fc2_bias,
+        weights.activation,
+        weights.transposed,
+        weights.swiglu_alpha,
+        weights.swiglu_limit,
+    )
+
+
+def experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The ``"moe_infer"`` experts implementation (transformers' experts-interface signature).
+
+    hidden_states [S, H], top_k_index [S, k], top_k_weights [S, k] -> [S, H]: dispatch by counting
+    sort, grouped_mlp on the module's own parameters, weighted combine accumulated in float32.
+    """
+    if getattr(self, "_is_expert_parallel", False):
+        # Expert-parallel sentinels (ids of experts on other ranks) contribute nothing here.
+        top_k_index = top_k_index.masked_fill(top_k_index >= self.num_experts, -1)
+    return moe_forward(hidden_states, top_k_index, top_k_weights, expert_weights(self))
+
+
+hf_moe.ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
+
+
+# ---- fused routers: forward returns (router_logits, topk_weights, expert_ids) -----------------
+# Each is mixed in front of the original router class, so transformers' output recorders
+# (isinstance on that class, index 0) still capture the logits.
+
+
+class _SoftmaxRouter:
+    """Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: softmax over E in float32, top-k, optional renormalization."""
+
+    _moe_infer_weights_in_logits_dtype = False  # Qwen and OLMoE round the weights to the logits' dtype
+
+    def forward(self, hidden_states):
+        if self.training:
+            return super().forward(hidden_states)
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states, self.weight)
+        weights, ids = ops.topk_gating(
+            router_logits,
+            self.top_k,
+            "softmax",
+            getattr(self, "norm_topk_prob", True),  # Mixtral always renormalizes
+            validate=self._moe_infer_validate,
+        )
+        if self._moe_infer_weights_in_logits_dtype:
+            weights = weights.to(router_logits.dtype)
+        return router_logits, weights, ids
+
+
+class _RoundedSoftmaxRouter(_SoftmaxRouter):
+    _moe_infer_weights_in_logits_dtype = True
+
+
+class _GptOssRouter:
+    """Top-k on the logits (with the router bias), softmax over the k."""
+
+    def forward(self, hidden_states):
+        if self.training:
+            return super().forward(hidden_states)
+        router_logits = F.linear(hidden_states, self.weight, self.bias)
+        weights, ids = ops.topk_gating(router_logits, self.top_k, "softmax_topk", validate=self._moe_infer_validate)
+        return router_logits, weights.to(router_logits.dtype), ids
+
+
+class _DeepseekV3Router:
+    """Sigmoid scores in float32, a selection-only bias, group-limited top-k, renormalization, scaling."""
+
+    def forward(self, hidden_states):
+        if self.training:
+            return super().forward(hidden_states)
+        hidden_states = hidden_states.view(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        weights, ids = ops.topk_gating(
+            router_logits,
+            self.top_k,
+            "sigmoid",
+            self.norm_topk_prob,
+            self.e_score_correction_bias,
+            self.routed_scaling_factor,
+            self.num_group,
+            self.topk_group,
+            validate=self._moe_infer_validate,
+        )
+        return router_logits, weights, ids
+
+
+def _router_linear(classifier: nn.Linear, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The classifier in the router's dtype (what transformers does by casting the module, without the cast)."""
+    bias = None if classifier.bias is None else classifier.bias.to(dtype)
+    return F.linear(hidden.to(dtype), classifier.weight.to(dtype), bias)
+
+
+def _arrival_rank(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """rank[i] = how many j < i have keys[j] == keys[i] (keys [N] in [0, num_keys) or -1), by counting sort."""
+    plan = ops.dispatch_plan(keys.view(-1, 1), num_keys, validate=False)
+    bucket = torch.where(keys >= 0, keys, num_keys).long()
+    return plan.row_of_pair - plan.expert_offsets[bucket]
+
+
+class _SwitchRouter:
+    """SwitchTransformers: top-1 of the softmax (router dtype), weight = that probability."""
+
+    def forward(self, hidden_states):
+        if self.training:
+            return super().forward(hidden_states)
+        router_logits = _router_linear(self.classifier, hidden_states, self.dtype)  # [B, S, E]
+        flat_logits = router_logits.view(-1, self.num_experts)
+        if hidden_states.dtype == self.dtype:
+            weights, ids = ops.topk_gating(flat_logits, 1, validate=self._moe_infer_validate)
+        else:
+            # transformers takes the argmax of probabilities rounded to the input dtype (ties -> first).
+            probs = F.softmax(flat_logits, dim=-1, dtype=self.dtype).to(hidden_states.dtype)
+            ids = probs.argmax(dim=-1, keepdim=True)
+            weights = probs.gather(1, ids)
+        # The logits stay at index 2, where transformers records them.
+        return ids, weights.to(hidden_states.dtype), router_logits
+
+
+class _NllbRouter:
+    """NLLB-MoE's top-2 router (fairseq's Top2Gate), with padding, second-expert policy and capacity.
+
+    forward(hidden [T, H], padding_mask) -> (expert_ids [T, 2] with -1 for dropped/padding pairs,
+    combine weights [T, 2] in the input dtype, router_logits [T, E]).
+    """
+
+    def forward(self, hidden_states, padding_mask=None):
+        if self.training:
+            return super().forward(hidden_states, padding_mask)
+        input_dtype = hidden_states.dtype
+        router_logits = _router_linear(self.classifier, hidden_states, self.dtype)
+        num_tokens = router_logits.shape[0]
+        if self.second_expert_policy == "sampling" or input_dtype != self.dtype:
+            # transformers' order exactly: top-1 on the probabilities in the input dtype, then top-2
+            # on the logits (plus Gumbel noise for "sampling", which the recorded logits keep).
+            probs = F.softmax(router_logits, dim=-1, dtype=self.dtype).to(input_dtype)
+            top_1 = probs.argmax(dim=-1)
+            if self.second_expert_policy == "sampling":
+                gumbel = torch.distributions.gumbel.Gumbel(0, 1).rsample
+                router_logits += gumbel(router_logits.shape).to(router_logits.device)
+            others = router_logits.masked_fill(F.one_hot(top_1, self.num_experts).bool(), float("-inf"))
+            ids = torch.stack([top_1, others.argmax(dim=-1)], dim=1)
+            top_probs = probs.gather(1, ids)
+        else:
+            top_probs, ids = ops.topk_gating(router_logits, 2, validate=self._moe_infer_validate)
+            top_probs = top_probs.to(input_dtype)
+        eps = torch.finfo(top_probs.dtype).eps
+        raw_probs = top_probs
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        if self.normalize_router_prob_before_dropping:
+            top_probs = raw_probs / raw_probs.sum(dim=1, keepdim=True).clamp(min=eps)
+        if self.second_expert_policy == "random":
+            sampled = (2 * raw_probs[:, 1]) > torch.rand_like(raw_probs[:, 1].float())
+            keep = torch.stack([keep[:, 0], sampled], dim=1)
+            # transformers then weighs the second choice by its raw probability
+            top_probs = torch.stack([top_probs[:, 0], raw_probs[:, 1]], dim=1)
+        if padding_mask is not None and not self.router_ignore_padding_tokens:
+            keep = keep & _nllb_non_padding(padding_mask, num_tokens).unsqueeze(1)
+        if self._moe_infer_hf_capacity:
+            keep = keep & self._moe_infer_capacity_keep(ids, keep, raw_probs, num_tokens)
+        gates = top_probs * keep
+        if not self.normalize_router_prob_before_dropping:  # fairseq's default: normalize after dropping
+            gates = gates / gates.sum(dim=1, keepdim=True).clamp(min=eps)
+        return ids.masked_fill(~keep, -1), gates, router_logits
+
+    def _moe_infer_capacity_keep(self, ids, keep, top_probs, num_tokens):
+        """Which pairs transformers keeps: per expert, first choices before second choices, each in
+        token order (or by decreasing top-1 probability with batch_prioritized_routing), up to the
+        capacity -- which transformers also stores on the router, as here."""
+        if self.moe_eval_capacity_token_fraction > 0:  # eval mode (training runs transformers' forward)
+            self.expert_capacity = math.ceil(self.moe_eval_capacity_token_fraction * num_tokens)
+        elif self.expert_capacity is None:
+            self.expert_capacity = 2 * math.ceil(num_tokens / self.num_experts)
+        routed = ids.masked_fill(~keep, -1)
+        order = None
+        if self.batch_prioritized_routing:
+            order = (-1 * top_probs[:, 0]).argsort(dim=0)
+            routed = routed[order]
+        rank = _arrival_rank(routed.t().reshape(-1), self.num_experts).view(2, num_tokens).t()
+        if order is not None:
+            rank = torch.empty_like(rank).index_copy_(0, order, rank)
+        return rank < self.expert_capacity
+
+
+def _nllb_non_padding(padding_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[T] bool, True for real tokens, from the mask NLLB-MoE's layers pass (as transformers reads it)."""
+    if padding_mask.dim() == 4:  # an additive attention mask: its last query row marks the padding keys
+        padding_mask = padding_mask[:, :, -1, :].reshape(-1)[-num_tokens:]
+    return ~padding_mask.reshape(-1).bool()
+
+
+# ---- fused blocks -----------------------------------------------------------------------------
+
+
+class _TopKBlock:
+    """Mixtral, Qwen3-MoE, OLMoE: router + experts."""
+
+    def forward(self, hidden_states):
+        if self.training:
+            return super().forward(hidden_states)
+        shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, shape[-1])
+        _, weights, ids = self.gate(hidden)
+        return moe_forward(hidden, ids, weights, expert_weights(self.experts)).view(shape)
+
+
+class _Qwen2MoeBlock:
+    """Qwen2-MoE: router + experts + a shared expert scaled by sigmoid(shared_expert_gate)."""
+
+    def forward(self, hidden_states):
+        if self.training:
+            return super().forward(hidden_states)
+        shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, shape[-1])
+        _, weights, ids = self.gate(hidden)
+        out = moe_forward(hidden, ids, weights, expert_weights(self.experts))
+        shared = F.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
+        return (out + shared).view(shape)
+
+
+class _GptOssBlock:
+    """GPT-OSS: returns (hidden, router_scores) like transformers' GptOssMLP."""
+
+    def forward(self, hidden_states):
+        if self.training:
+            return super().forward(hidden_states)
+        shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, shape[-1])
+        _, weights, ids = self.router(hidden)
+        return moe_forward(hidden, ids, weights, expert_weights(self.experts)).view(shape), weights
+
+
+class _DeepseekV3Block:
+    """DeepSeek-V3: routed experts + always-on shared experts."""
+
+    def forward(self, hidden_states):
+        if self.training:
+            return super().forward(hidden_states)
+        shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, shape[-1])
+        _, weights, ids = self.gate(hidden)
+        out = moe_forward(hidden, ids, weights, expert_weights(self.experts)).view(shape)
+        return out + self.shared_experts(hidden_states)
+
+
+class _SwitchBlock:
+    """SwitchTransformers: top-1, capacity-free unless hf_capacity (then per sequence, in token order)."""
+
+    def forward(self, hidden_states):
+        if self.training:
+            return super().forward(hidden_states)
+        batch, seq, hidden_size = hidden_states.shape
+        ids, weights, _ = self.router(hidden_states)
+        if self._moe_infer_hf_capacity:
+            num_experts = self.router.num_experts
+            keys = ids.view(batch, seq) + num_experts * torch.arange(batch, device=ids.device).unsqueeze(1)
+            rank = _arrival_rank(keys.reshape(-1), batch * num_experts).view(-1, 1)
+            ids = ids.masked_fill(rank >= self.router.expert_capacity, -1)
+        weights_of_experts = self._moe_infer_stack.current()
+        return moe_forward(hidden_states.reshape(-1, hidden_size), ids, weights, weights_of_experts).view(
+            batch, seq, hidden_size
+        )
+
+
+class _NllbBlock:
+    """NLLB-MoE: top-2 with padding and capacity rules, outputs scaled by (1 - moe_token_dropout) in eval."""
+
+    def forward(self, hidden_states, padding_mask=None):
+        if self.training:
+            return super().forward(hidden_states, padding_mask)
+        batch, seq, hidden_size = hidden_states.shape
+        hidden = hidden_states.reshape(-1, hidden_size)
+        ids, gates, _ = self.router(hidden, padding_mask)
+        if self.experts.moe_token_dropout > 0:
+            gates = gates * (1 - self.experts.moe_token_dropout)
+        out = moe_forward(hidden, ids, gates, self._moe_infer_stack.current())
+        return out.view(batch, seq, hidden_size)
+
+
+class _ExpertStack:
+    """Stacked [E, ...] weights for experts kept as E separate modules (SwitchTransformers, NLLB-MoE).
+
+    The expert modules' parameters become views of the stacks: same Parameter objects, names and
+    values, one copy in memory, so grouped_mlp reads them in place and state dicts are unchanged.
+    If something replaces the parameters' storage (``model.to(...)``, ``load_state_dict(...,
+    assign=True)``), the next forward stacks them again.
+    """
+
+    def __init__(self, experts: nn.ModuleDict, fc1: str, fc2: str, owner: str):
+        self.experts = experts
+        self.num_experts = experts.num_experts
+        self.fc1, self.fc2 = fc1, fc2
+        modules = [experts[f"expert_{e}"] for e in range(self.num_experts)]
+        self.activation = _activation_name(modules[0].act, False, owner)
+        if any(type(m.act) is not type(modules[0].act) for m in modules):
+            raise NotImplementedError(f"moe_infer: the experts of {owner} use different activations")
+        self.weights = self._stack()
+
+    def _stack(self) -> ExpertWeights:
+        stacks = []
+        for layer_name in (self.fc1, self.fc2):
+            layers = [self.experts[f"expert_{e}"].get_submodule(layer_name) for e in range(self.num_experts)]
+            for attr in ("weight", "bias"):
+                params = [getattr(layer, attr) for layer in layers]
+                if params[0] is None:
+                    stacks.append(None)
+                    continue
+                with torch.no_grad():
+                    stacked = torch.stack([p.detach() for p in params])
+                for e, param in enumerate(params):
+                    param.data = stacked[e]
+                stacks.append(stacked)
+        fc1, fc1_bias, fc2, fc2_bias = stacks
+        return ExpertWeights(fc1, fc1_bias, fc2, fc2_bias, self.activation)
+
+    def _is_current(self) -> bool:
+        last = self.num_experts - 1
+        for layer_name, stacked in ((self.fc1, self.weights.fc1), (self.fc2, self.weights.fc2)):
+            step = stacked.stride(0) * stacked.element_size()
+            first_weight = self.experts["expert_0"].get_submodule(layer_name).weight
+            last_weight = self.experts[f"expert_{last}"].get_submodule(layer_name).weight
+            if (
+                first_weight.data_ptr() != stacked.data_ptr()
+                or last_weight.data_ptr() != stacked.data_ptr() + last * step
+            ):
+                return False
+        return True
+
+    def current(self) -> ExpertWeights:
+        if not torch.compiler.is_compiling() and not self._is_current():
+            self.weights = self._stack()
+        return self.weights
+
+
+# ---- the supported blocks ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Architecture:
+    name: str
+    module: str  # transformers module holding both classes
+    block: str
+    block_mixin: type
+    router_attr: str
+    router: str
+    router_mixin: type
+    expert_layers: Optional[tuple[str, str]] = None  # (fc1, fc2) of experts kept as separate modules
+
+
+_ARCHITECTURES = (
+    _Architecture(
+        "Mixtral",
+        "transformers.models.mixtral.modeling_mixtral",
+        "MixtralSparseMoeBlock",
+        _TopKBlock,
+        "gate",
+        "MixtralTopKRouter",
+        _SoftmaxRouter,
+    ),
+    _Architecture(
+        "Qwen2-MoE",
+        "transformers.models.qwen2_moe.modeling_qwen2_moe",
+        "Qwen2MoeSparseMoeBlock",
+        _Qwen2MoeBlock,
+        "gate",
+        "Qwen2MoeTopKRouter",
+        _RoundedSoftmaxRouter,
+    ),
+    _Architecture(
+        "Qwen3-MoE",
+        "transformers.models.qwen3_moe.modeling_qwen3_moe",
+        "Qwen3MoeSparseMoeBlock",
+        _TopKBlock,
+        "gate",
+        "Qwen3MoeTopKRouter",
+        _RoundedSoftmaxRouter,
+    ),
+    _Architecture(
+        "OLMoE",
+        "transformers.models.olmoe.modeling_olmoe",
+        "OlmoeSparseMoeBlock",
+        _TopKBlock,
+        "gate",
+        "OlmoeTopKRouter",
+        _RoundedSoftmaxRouter,
+    ),
+    _Architecture(
+        "GPT-OSS",
+        "transformers.models.gpt_oss.modeling_gpt_oss",
+        "GptOssMLP",
+        _GptOssBlock,
+        "router",
+        "GptOssTopKRouter",
+        _GptOssRouter,
+    ),
+    _Architecture(
+        "DeepSeek-V3",
+        "transformers.models.deepseek_v3.modeling_deepseek_v3",
+        "DeepseekV3MoE",
+        _DeepseekV3Block,
+        "gate",
+        "DeepseekV3TopkRouter",
+        _DeepseekV3Router,
+    ),
+    _Architecture(
+        "SwitchTransformers",
+        "transformers.models.switch_transformers.modeling_switch_transformers",
+        "SwitchTransformersSparseMLP",
+        _SwitchBlock,
+        "router",
+        "SwitchTransformersTop1Router",
+        _SwitchRouter,
+        ("wi", "wo"),
+    ),
+    _Architecture(
+        "NLLB-MoE",
+        "transformers.models.nllb_moe.modeling_nllb_moe",
+        "NllbMoeSparseMLP",
+        _NllbBlock,
+        "router",
+        "NllbMoeTop2Router",
+        _NllbRouter,
+        ("fc1", "fc2"),
+    ),
+)
+_BY_BLOCK = {(a.module, a.block): a for a in _ARCHITECTURES}
+SUPPORTED_BLOCKS = tuple(f"{a.block} ({a.name})" for a in _ARCHITECTURES)
+
+_FUSED_PREFIX = "MoeInfer"
+_FUSED_CLASSES: dict = {}
+
+
+def _fused_class(base: type, mixin: type) -> type:
+    """``MoeInfer<Base>``: the mixin's forward in front of the original class (cached, picklable)."""
+    name = _FUSED_PREFIX + base.__name__
+    cls = _FUSED_CLASSES.get(name)
+    if cls is None:
+        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name, "_moe_infer_original": base})
+        _FUSED_CLASSES[name] = cls
+    return cls
+
+
+def __getattr__(name: str):
+    # Lets pickle find a fused class in a process that has not called optimize yet.
+    if name.startswith(_FUSED_PREFIX):
+        import importlib
+
+        for arch in _ARCHITECTURES:
+            for cls_name, mixin in ((arch.block, arch.block_mixin), (arch.router, arch.router_mixin)):
+                if name == _FUSED_PREFIX + cls_name:
+                    return _fused_class(getattr(importlib.import_module(arch.module), cls_name), mixin)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclasses.dataclass
+class OptimizeReport:
+    """What :func:`optimize` did: module name -> architecture, and module name -> why it was left alone."""
+
+    replaced: dict = dataclasses.field(default_factory=dict)
+    already_optimized: dict = dataclasses.field(default_factory=dict)
+    skipped: dict = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        counts: dict = {}
+        for arch in self.replaced.values():
+            counts[arch] = counts.get(arch, 0) + 1
+        done = ", ".join(f"{n} x {arch}" for arch, n in counts.items()) or "none"
+        lines = [f"moe_infer.optimize: replaced {len(self.replaced)} sparse MoE block(s) ({done})"]
+        if self.already_optimized:
+            lines.append(f"  already optimized: {len(self.already_optimized)}")
+        lines += [f"  left as is: {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _architecture_of(module: nn.Module) -> Optional[_Architecture]:
+    cls = type(module)
+    return _BY_BLOCK.get((cls.__module__, cls.__name__))
+
+
+def _prepare(block: nn.Module, arch: _Architecture, hf_capacity: bool, validate: bool) -> None:
+    """Checks that the block is computable by our ops (NotImplementedError if not), then swaps the classes."""
+    router = getattr(block, arch.router_attr)
+    if type(router).__name__ != arch.router or type(router).__module__ != arch.module:
+        raise NotImplementedError(f"moe_infer: its router is a {type(router).__name__}, expected {arch.router}")
+    if arch.expert_layers is None:
+        expert_weights(block.experts)  # raises for an unsupported layout or activation
+    else:
+        block._moe_infer_stack = _ExpertStack(block.experts, *arch.expert_layers, owner=arch.block)
+    block._moe_infer_hf_capacity = hf_capacity
+    router._moe_infer_hf_capacity = hf_capacity
+    router._moe_infer_validate = validate
+    router.__class__ = _fused_class(type(router), arch.router_mixin)
+    block.__class__ = _fused_class(type(block), arch.block_mixin)
+
+
+def optimize(model: nn.Module, *, hf_capacity: bool = False, validate: bool = True, verbose: bool = True) -> nn.Module:
+    """Runs every supported sparse MoE block of a transformers v5 model on moe_infer's fused ops, in place.
+
+    Supported (each with its exact routing): Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE, OLMoE,
+    GPT-OSS, DeepSeek-V3 (sigmoid, selection bias, group-limited top-k, shared experts),
+    SwitchTransformers and NLLB-MoE. Parameters, buffers and their names are unchanged (no weight
+    copies); router logits are still recorded for ``output_router_logits``.
+
+    Args:
+        model: a transformers model (or any module containing supported blocks).
+        hf_capacity: SwitchTransformers / NLLB-MoE only: reproduce transformers' expert capacity and
+            its dropped tokens exactly. By default routing is capacity-free (dynamic gating), which is
+            identical wherever transformers drops nothing.
+        validate: on CUDA, check router logits for NaN on the host (one sync per layer).
+        verbose: print what was replaced.
+
+    Returns:
+        ``model`` itself, with ``model.moe_infer_report`` (an :class:`OptimizeReport`).
+
+    Raises:
+        ValueError: the model has no supported sparse MoE block (the message lists them).
+    """
+    report = OptimizeReport()
+    for name, module in model.named_modules():
+        original = getattr(type(module), "_moe_infer_original", None)
+        if original is not None:
+            arch = _BY_BLOCK.get((original.__module__, original.__name__))
+            if arch is not None:
+                report.already_optimized[name] = arch.name
+            continue
+        arch = _architecture_of(module)
+        if arch is None:
+            continue
+        try:
+            _prepare(module, arch, hf_capacity, validate)
+        except NotImplementedError as error:
+            report.skipped[name] = str(error)
+            continue
+        report.replaced[name] = arch.name
+    if not report.replaced and not report.already_optimized:
+        found = "".join(f"\n  {name}: {why}" for name, why in report.skipped.items())
+        raise ValueError(
+            f"moe_infer.optimize: {type(model).__name__} has no supported sparse MoE block"
+            f"{' (found, but not computable by moe_infer:' + found + ')' if found else ''}. "
+            f"Supported blocks: {', '.join(SUPPORTED_BLOCKS)}. For other transformers v5 models whose experts "
+            f"use @use_experts_implementation, try model.set_experts_implementation({EXPERTS_IMPLEMENTATION!r})."
+        )
+    model.moe_infer_report = report
+    if verbose:
+        print(report)
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undoes :func:`optimize`: every fused block and router runs transformers' own forward again."""
+    for module in model.modules():
+        original = getattr(type(module), "_moe_infer_original", None)
+        if original is not None:
+            module.__class__ = original
+    return model

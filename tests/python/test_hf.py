@@ -1,0 +1,355 @@
+"""moe_infer.optimize and the "moe_infer" experts implementation against transformers v5's own forward.
+
+Small models from configs with seeded weights (moe_infer.integrations.hf_models); the reference is
+transformers' eager experts implementation (NLLB-MoE: transformers' router with the expert loop of
+fairseq / transformers 4.x, because transformers 5.x's loop ignores the routing, see hf_models).
+"""
+
+import copy
+import functools
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import moe_infer
+from moe_infer.integrations import hf, hf_models
+
+from conftest import relative_error
+
+ARCHS = hf_models.ARCHITECTURES
+DECODER_ONLY = [a for a in ARCHS if a not in hf_models.ENCODER_DECODER]
+VOCAB = 128
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The models are tiny: a second thread only adds synchronization (slow on a loaded machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _reference(arch):
+    model = hf_models.build_model(arch, vocab=VOCAB)
+    return hf_models.correct_nllb_moe_experts(model) if arch == "nllb_moe" else model
+
+
+def reference(arch):
+    """A fresh copy of the seeded float32 reference model (transformers eager)."""
+    return copy.deepcopy(_reference(arch))
+
+
+def optimized(arch, **options):
+    return moe_infer.optimize(copy.deepcopy(_reference(arch)), verbose=False, **options)
+
+
+def run(arch, model, input_ids, attention_mask=None, **kwargs):
+    """Logits (and router logits when asked) of a causal LM, or of an encoder-decoder with fixed decoder ids."""
+    with torch.no_grad():
+        if arch in hf_models.ENCODER_DECODER:
+            decoder_ids = torch.arange(3, 10).repeat(input_ids.shape[0], 1)
+            return model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_ids, **kwargs)
+        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def padded_batch(lengths, total):
+    """Random tokens, right-padded with pad id 0, and the attention mask."""
+    ids = torch.randint(3, VOCAB, (len(lengths), total))
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, length:] = 0
+        mask[row, :length] = 1
+    return ids, mask
+
+
+def router_logits_of(arch, outputs):
+    if arch in hf_models.ENCODER_DECODER:
+        return tuple(outputs.encoder_router_logits) + tuple(outputs.decoder_router_logits)
+    return tuple(outputs.router_logits)
+
+
+def fused_blocks(model):
+    return [m for m in model.modules() if hasattr(type(m), "_moe_infer_original") and hasattr(m, "experts")]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_and_router_logits_match_transformers(arch):
+    ref, opt = reference(arch), optimized(arch)
+    num_blocks = len(opt.moe_infer_report.replaced)
+    assert num_blocks == len(fused_blocks(opt)) == (4 if arch in hf_models.ENCODER_DECODER else 2)
+    ids, mask = padded_batch([13, 9], 13)
+    expected = run(arch, ref, ids, mask, output_router_logits=True)
+    out = run(arch, opt, ids, mask, output_router_logits=True)
+    assert relative_error(out.logits, expected.logits) <= 1e-5
+    # The router logits transformers records for output_router_logits (and its aux losses).
+    expected_routers, routers = router_logits_of(arch, expected), router_logits_of(arch, out)
+    assert len(routers) == len(expected_routers) == num_blocks
+    for got, want in zip(routers, expected_routers):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padding_does_not_change_other_sequences(arch):
+    opt = optimized(arch)
+    ids, mask = padded_batch([12, 7], 12)
+    batch = run(arch, opt, ids, mask).logits
+    alone = [run(arch, opt, ids[i : i + 1, :n], mask[i : i + 1, :n]).logits for i, n in enumerate([12, 7])]
+    if arch in hf_models.ENCODER_DECODER:  # padding is in the source: every decoder position must agree
+        for row in range(2):
+            assert relative_error(batch[row], alone[row][0]) <= 1e-5
+    else:  # right padding: the real positions must agree
+        assert relative_error(batch[0], alone[0][0]) <= 1e-5
+        assert relative_error(batch[1, :7], alone[1][0]) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generate_is_identical(arch):
+    ref, opt = reference(arch), optimized(arch)
+    ids = torch.randint(3, VOCAB, (1, 9))
+    options = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = ref.generate(ids, **options)
+        tokens = opt.generate(ids, **options)
+    assert tokens.shape[1] == expected.shape[1] >= 20
+    assert torch.equal(tokens, expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bfloat16_within_tolerance(arch):
+    ids, mask = padded_batch([11, 8], 11)
+    expected32 = run(arch, reference(arch), ids, mask).logits
+    expected16 = run(arch, reference(arch).to(torch.bfloat16), ids, mask).logits
+    # Optimized in float32, then cast: the expert stacks of Switch / NLLB are rebuilt in bfloat16.
+    opt = optimized(arch).to(torch.bfloat16)
+    out = run(arch, opt, ids, mask).logits
+    assert out.dtype == torch.bfloat16
+    hf_error = relative_error(expected16, expected32)
+    assert relative_error(out, expected32) <= max(2 * hf_error, 1e-2)
+    assert relative_error(out, expected16) <= max(2 * hf_error, 1e-2)
+    assert all(p.dtype == torch.bfloat16 for n, p in opt.named_parameters() if "experts" in n)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_compiles_without_graph_breaks(arch):
+    torch._dynamo.reset()
+    model = optimized(arch, hf_capacity=True)
+    block = fused_blocks(model)[0]
+    hidden = torch.randn(2, 7, model.config.hidden_size)
+    args = (hidden,)
+    if arch == "nllb_moe":  # the additive attention mask its layers pass: the last key of row 1 is padding
+        padding = torch.zeros(2, 1, 7, 7)
+        padding[1, :, :, -1] = torch.finfo(torch.float32).min
+        args = (hidden, padding)
+    compiled = torch.compile(block, fullgraph=True)  # raises on a graph break
+    with torch.no_grad():
+        out, expected = compiled(*args), block(*args)
+    if arch == "gpt_oss":
+        out, expected = out[0], expected[0]
+    assert relative_error(out, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "switch", "nllb_moe"])
+def test_save_pretrained_loads_in_plain_transformers(arch, tmp_path):
+    opt = optimized(arch)
+    ids, mask = padded_batch([10, 6], 10)
+    out = run(arch, opt, ids, mask).logits
+    assert list(opt.state_dict()) == list(_reference(arch).state_dict())
+    opt.save_pretrained(tmp_path)
+    loaded, info = type(_reference(arch)).from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert not fused_blocks(loaded)
+    if arch == "nllb_moe":
+        hf_models.correct_nllb_moe_experts(loaded)
+    loaded.eval()
+    if arch not in hf_models.ENCODER_DECODER:
+        loaded.set_experts_implementation("eager")
+    assert relative_error(run(arch, loaded, ids, mask).logits, out) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", DECODER_ONLY)
+def test_experts_implementation_registry(arch):
+    ref = reference(arch)
+    model = reference(arch)
+    model.set_experts_implementation(hf.EXPERTS_IMPLEMENTATION)
+    assert model.config._experts_implementation == "moe_infer"
+    ids, mask = padded_batch([10, 10], 10)
+    assert relative_error(run(arch, model, ids, mask).logits, run(arch, ref, ids, mask).logits) <= 1e-5
+
+
+def test_experts_implementation_at_load_and_compiled(tmp_path):
+    _reference("qwen3_moe").save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="moe_infer").eval()
+    assert model.config._experts_implementation == "moe_infer"
+    experts = model.model.layers[0].mlp.experts
+    hidden = torch.randn(9, model.config.hidden_size)
+    _, weights, ids = model.model.layers[0].mlp.gate(hidden)
+    torch._dynamo.reset()
+    compiled = torch.compile(experts, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(hidden, ids, weights)
+        model.set_experts_implementation("eager")
+        expected = experts(hidden, ids, weights)
+    assert relative_error(out, expected) <= 1e-5
+
+
+def test_model_without_supported_block_gets_a_clear_error():
+    with pytest.raises(ValueError, match=r"has no supported sparse MoE block.*MixtralSparseMoeBlock \(Mixtral\)"):
+        moe_infer.optimize(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+
+def test_unsupported_activation_is_reported():
+    model = hf_models.build_model("mixtral", vocab=VOCAB, hidden_act="gelu_fast")
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp: moe_infer: MixtralExperts uses the gated activation"):
+        moe_infer.optimize(model)
+    model.set_experts_implementation("moe_infer")
+    with pytest.raises(NotImplementedError, match="gated activation FastGELUActivation"):
+        run("mixtral", model, torch.randint(3, VOCAB, (1, 4)))
+
+
+def test_optimize_reports_and_is_idempotent(capsys):
+    model = optimized("olmoe")
+    assert model.moe_infer_report.replaced == {"model.layers.0.mlp": "OLMoE", "model.layers.1.mlp": "OLMoE"}
+    moe_infer.optimize(model)
+    assert "replaced 0 sparse MoE block(s)" in capsys.readouterr().out
+    assert len(model.moe_infer_report.already_optimized) == 2
+    hf.restore(model)
+    assert not fused_blocks(model)
+    ids = torch.randint(3, VOCAB, (1, 6))
+    assert relative_error(run("olmoe", model, ids).logits, run("olmoe", reference("olmoe"), ids).logits) <= 1e-6
+
+
+def test_training_mode_runs_transformers_forward():
+    ref, opt = reference("switch").train(), optimized("switch").train()
+    ids, mask = padded_batch([8, 8], 8)
+    torch.manual_seed(1)
+    expected = run("switch", ref, ids, mask).logits  # dropout and router jitter: same seed, same draws
+    torch.manual_seed(1)
+    assert relative_error(run("switch", opt, ids, mask).logits, expected) <= 1e-5
+
+
+def test_fused_block_pickles():
+    block = fused_blocks(optimized("mixtral"))[0]
+    copy_of_block = pickle.loads(pickle.dumps(block))
+    assert type(copy_of_block) is type(block)
+    hidden = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_of_block(hidden), block(hidden))
+
+
+def test_import_without_transformers():
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import torch, moe_infer\n"
+        "try:\n"
+        "    moe_infer.optimize(torch.nn.Linear(2, 2))\n"
+        "except ImportError as e:\n"
+        "    print('ImportError:', e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    assert "ImportError: moe_infer.integrations.hf needs transformers >= 5.0" in result.stdout
+    assert "pip install 'moe_infer[hf]'" in result.stdout
+
+
+# ---- capacity: SwitchTransformers and NLLB-MoE -------------------------------------------------
+
+
+def _sparse_block_model(arch, **config):
+    """A model holding one sparse MLP block of arch (seeded, eval), and the block's hidden size."""
+    model = hf_models.build_model(arch, vocab=VOCAB, layers=1, experts=8, **config)
+    if arch == "nllb_moe":
+        hf_models.correct_nllb_moe_experts(model)
+    block = next(m for m in model.modules() if type(m).__name__.endswith("SparseMLP"))
+    return nn.ModuleDict({"block": block}), model.config.d_model
+
+
+def _capacity_outputs(arch, inputs, router=None, **config):
+    ref, _ = _sparse_block_model(arch, **config)
+    for name, value in (router or {}).items():
+        setattr(ref["block"].router, name, value)
+    capacity_free = moe_infer.optimize(copy.deepcopy(ref), verbose=False)
+    exact = moe_infer.optimize(copy.deepcopy(ref), verbose=False, hf_capacity=True)
+    with torch.no_grad():
+        outputs = []
+        for model in (ref, exact, capacity_free):
+            torch.manual_seed(7)  # the "sampling" / "random" policies draw: same draws for each
+            outputs.append(model["block"](*inputs))
+    return outputs
+
+
+def test_switch_capacity_reproduced_exactly():
+    hidden = torch.randn(2, 24, 64)
+    expected, exact, capacity_free = _capacity_outputs("switch", (hidden,), expert_capacity=2)
+    dropped_rows = (expected.abs().sum(-1) == 0).sum().item()
+    assert dropped_rows > 0  # transformers drops tokens over capacity: their MoE output is zero
+    assert relative_error(exact, expected) <= 1e-6
+    assert ((exact.abs().sum(-1) == 0).sum().item()) == dropped_rows
+    assert relative_error(capacity_free, expected) > 1e-2
+    # Capacity-free equals transformers wherever transformers drops nothing.
+    kept = expected.abs().sum(-1) != 0
+    assert relative_error(capacity_free[kept], expected[kept]) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(),
+        dict(batch_prioritized_routing=True),
+        dict(normalize_router_prob_before_dropping=True),
+        dict(second_expert_policy="random"),
+        dict(second_expert_policy="sampling"),
+        dict(second_expert_policy="random", normalize_router_prob_before_dropping=True),
+        dict(moe_eval_capacity_token_fraction=0.0, expert_capacity=3),  # the configured capacity
+        dict(moe_eval_capacity_token_fraction=0.0, router=dict(expert_capacity=None)),  # 2 * ceil(T / E)
+    ],
+    ids=[
+        "all",
+        "prioritized",
+        "normalize_first",
+        "random",
+        "sampling",
+        "random_normalize_first",
+        "fixed_capacity",
+        "default_capacity",
+    ],
+)
+def test_nllb_capacity_reproduced_exactly(config):
+    config = {"moe_eval_capacity_token_fraction": 0.1, "moe_token_dropout": 0.2, **config}
+    hidden = torch.randn(2, 20, 64)
+    padding = torch.zeros(2, 1, 20, 20)
+    padding[1, :, :, 15:] = torch.finfo(torch.float32).min  # the last 5 tokens of row 1 are padding
+    expected, exact, capacity_free = _capacity_outputs("nllb_moe", (hidden, padding), **config)
+    assert relative_error(exact, expected) <= 1e-6
+    assert (expected[1, 15:] == 0).all() and (exact[1, 15:] == 0).all()  # padding gets no expert
+    if config.get("second_expert_policy", "all") == "all":
+        assert relative_error(capacity_free, expected) > 1e-2  # transformers dropped pairs here
+
+
+def test_nllb_capacity_free_equals_transformers_when_nothing_is_dropped():
+    hidden = torch.randn(3, 10, 64)
+    expected, exact, capacity_free = _capacity_outputs("nllb_moe", (hidden,), moe_eval_capacity_token_fraction=1.0)
+    assert relative_error(capacity_free, expected) <= 1e-6
+    assert relative_error(exact, expected) <= 1e-6
+
+
+def test_transformers_nllb_expert_loop_ignores_the_routing():
+    """Why the NLLB-MoE reference corrects transformers' expert loop (see hf_models)."""
+    model, _ = _sparse_block_model("nllb_moe")
+    block = model["block"]
+    hidden = torch.randn(1, 16, 64)
+    with torch.no_grad():
+        corrected = block(hidden)
+        del block.experts.forward  # back to transformers 5.x's own loop
+        original = block(hidden)
+        _, router_probs, _ = block.router(hidden.view(-1, 64))
+    assert (router_probs[:, 2:] != 0).any()  # tokens are routed to experts >= 2 ...
+    assert relative_error(original, corrected) > 1e-2  # ... which transformers' loop never runs
