@@ -338,6 +338,24 @@ def _fairseq_worker(rank, world_size):
     return dropped
 
 
+def _hf_worker(rank, world_size):
+    """moe_infer.optimize(model, ep_group=...): every block's experts spread over the group; each
+    rank's logits equal the single-process optimized model's on its own (uneven) batch."""
+    import copy
+
+    from moe_infer.integrations import hf_models
+
+    for arch in ("mixtral", "gpt_oss"):
+        model = hf_models.build_model(arch, vocab=64)  # seeded: the same weights on every rank
+        ids = torch.randint(3, 64, (2, 4 + 3 * rank), generator=torch.Generator().manual_seed(rank))
+        with torch.no_grad():
+            expected = moe_infer.optimize(copy.deepcopy(model), verbose=False)(input_ids=ids).logits
+            spread = moe_infer.optimize(model, verbose=False, ep_group=dist.group.WORLD)
+            torch.testing.assert_close(spread(input_ids=ids).logits, expected, msg=arch)
+        assert spread.moe_infer_report.expert_parallel
+    return "ok"
+
+
 # ---- tests --------------------------------------------------------------------------------------
 
 
@@ -348,6 +366,7 @@ def _all_checks(rank, world_size):
         "rebalance": _rebalance_worker(rank, world_size),
         "errors": _errors_worker(rank, world_size),
         "fairseq": _fairseq_worker(rank, world_size),
+        "hf": _hf_worker(rank, world_size),
     }
 
 

@@ -134,7 +134,10 @@ def test_compiles_without_graph_breaks(device):
         (dict(pairs=lambda p: p.long()), r"sorted_pair_ids must be int32"),
         (dict(pairs=lambda p: torch.full_like(p, 18)), r"sorted_pair_ids\[0\] = 18 is out of range \[0, 18\)"),
         (dict(offsets=lambda o: o + 3), r"expert_offsets\[0\] \(3\) must be 0"),
-        (dict(offsets=lambda o: torch.cat([o[:1], o[1:] + 3])), r"expert_offsets\[-1\] \(\d+\) exceeds the number of pairs"),
+        (
+            dict(offsets=lambda o: torch.cat([o[:1], o[1:] + 3])),
+            r"expert_offsets\[-1\] \(\d+\) exceeds the number of pairs",
+        ),
         (dict(fc1=lambda w: w[:, :, :-1]), r"grouped_mlp_combine: fc1_weight .* does not match hidden_size"),
         (dict(fc2=lambda w: w.double()), r"grouped_mlp_combine: fc2_weight is Double but hidden is Float"),
     ],

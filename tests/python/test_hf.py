@@ -353,3 +353,27 @@ def test_transformers_nllb_expert_loop_ignores_the_routing():
         _, router_probs, _ = block.router(hidden.view(-1, 64))
     assert (router_probs[:, 2:] != 0).any()  # tokens are routed to experts >= 2 ...
     assert relative_error(original, corrected) > 1e-2  # ... which transformers' loop never runs
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_optimize_with_expert_buffer(arch, tmp_path):
+    """optimize(model, expert_buffer=N): the experts live in host memory (or, with checkpoint, in
+    the save_pretrained files through mmap) behind an N-slot pool; logits are unchanged."""
+    ids, mask = padded_batch([11, 7], 11)
+    expected = run(arch, optimized(arch), ids, mask).logits
+    buffered = optimized(arch, expert_buffer=2)
+    assert len(buffered.moe_infer_report.buffers) == 2
+    torch.testing.assert_close(run(arch, buffered, ids, mask).logits, expected, rtol=1e-5, atol=1e-5)
+    stats = [b.stats() for b in buffered.moe_infer_report.buffers.values()]
+    assert all(s["misses"] > 0 for s in stats)
+    if arch == "mixtral":  # from the checkpoint files instead of the model's own weights
+        reference(arch).save_pretrained(tmp_path)
+        from_disk = optimized(arch, expert_buffer=3, checkpoint=str(tmp_path))
+        torch.testing.assert_close(run(arch, from_disk, ids, mask).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_optimize_expert_buffer_errors():
+    with pytest.raises(ValueError, match="expert_buffer needs stacked experts"):
+        optimized("switch", expert_buffer=2)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        optimized("mixtral", expert_buffer=2, ep_group=object())

@@ -26,7 +26,7 @@ reproduces transformers' capacity and its drops exactly (dropped pairs get exper
 
 import dataclasses
 import math
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +162,21 @@ def experts_forward(
 
 
 hf_moe.ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
+
+
+def _run_experts(
+    block: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stacked
+) -> torch.Tensor:
+    """Where an optimized block's experts run: over its expert-parallel group (``ep_group``), through
+    its expert buffer (``expert_buffer``), or here with the fused ops. ``stacked()`` gives the
+    block's ExpertWeights."""
+    expert_parallel = block.__dict__.get("_moe_infer_expert_parallel")
+    if expert_parallel is not None:
+        return expert_parallel(hidden, weights, ids)
+    buffer = getattr(block.experts, "expert_buffer", None)
+    if buffer is not None:
+        return buffer(hidden, ids, weights)
+    return moe_forward(hidden, ids, weights, stacked())
 
 
 # ---- fused routers: forward returns (router_logits, topk_weights, expert_ids) -----------------
@@ -344,7 +359,7 @@ class _TopKBlock:
         shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, shape[-1])
         _, weights, ids = self.gate(hidden)
-        return moe_forward(hidden, ids, weights, expert_weights(self.experts)).view(shape)
+        return _run_experts(self, hidden, ids, weights, lambda: expert_weights(self.experts)).view(shape)
 
 
 class _Qwen2MoeBlock:
@@ -356,7 +371,7 @@ class _Qwen2MoeBlock:
         shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, shape[-1])
         _, weights, ids = self.gate(hidden)
-        out = moe_forward(hidden, ids, weights, expert_weights(self.experts))
+        out = _run_experts(self, hidden, ids, weights, lambda: expert_weights(self.experts))
         shared = F.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
         return (out + shared).view(shape)
 
@@ -370,7 +385,7 @@ class _GptOssBlock:
         shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, shape[-1])
         _, weights, ids = self.router(hidden)
-        return moe_forward(hidden, ids, weights, expert_weights(self.experts)).view(shape), weights
+        return _run_experts(self, hidden, ids, weights, lambda: expert_weights(self.experts)).view(shape), weights
 
 
 class _DeepseekV3Block:
@@ -382,7 +397,7 @@ class _DeepseekV3Block:
         shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, shape[-1])
         _, weights, ids = self.gate(hidden)
-        out = moe_forward(hidden, ids, weights, expert_weights(self.experts)).view(shape)
+        out = _run_experts(self, hidden, ids, weights, lambda: expert_weights(self.experts)).view(shape)
         return out + self.shared_experts(hidden_states)
 
 
@@ -399,10 +414,8 @@ class _SwitchBlock:
             keys = ids.view(batch, seq) + num_experts * torch.arange(batch, device=ids.device).unsqueeze(1)
             rank = _arrival_rank(keys.reshape(-1), batch * num_experts).view(-1, 1)
             ids = ids.masked_fill(rank >= self.router.expert_capacity, -1)
-        weights_of_experts = self._moe_infer_stack.current()
-        return moe_forward(hidden_states.reshape(-1, hidden_size), ids, weights, weights_of_experts).view(
-            batch, seq, hidden_size
-        )
+        hidden = hidden_states.reshape(-1, hidden_size)
+        return _run_experts(self, hidden, ids, weights, self._moe_infer_stack.current).view(batch, seq, hidden_size)
 
 
 class _NllbBlock:
@@ -416,7 +429,7 @@ class _NllbBlock:
         ids, gates, _ = self.router(hidden, padding_mask)
         if self.experts.moe_token_dropout > 0:
             gates = gates * (1 - self.experts.moe_token_dropout)
-        out = moe_forward(hidden, ids, gates, self._moe_infer_stack.current())
+        out = _run_experts(self, hidden, ids, gates, self._moe_infer_stack.current)
         return out.view(batch, seq, hidden_size)
 
 
@@ -602,6 +615,8 @@ class OptimizeReport:
     replaced: dict = dataclasses.field(default_factory=dict)
     already_optimized: dict = dataclasses.field(default_factory=dict)
     skipped: dict = dataclasses.field(default_factory=dict)
+    buffers: dict = dataclasses.field(default_factory=dict)  # experts module name -> ExpertBuffer
+    expert_parallel: bool = False
 
     def __str__(self) -> str:
         counts: dict = {}
@@ -636,7 +651,18 @@ def _prepare(block: nn.Module, arch: _Architecture, hf_capacity: bool, validate:
     block.__class__ = _fused_class(type(block), arch.block_mixin)
 
 
-def optimize(model: nn.Module, *, hf_capacity: bool = False, validate: bool = True, verbose: bool = True) -> nn.Module:
+def optimize(
+    model: nn.Module,
+    *,
+    hf_capacity: bool = False,
+    validate: bool = True,
+    verbose: bool = True,
+    expert_buffer: Optional[int] = None,
+    buffer_policy: str = "paper",
+    checkpoint: Optional[str] = None,
+    ep_group: Optional[Any] = None,
+    ep_placement: Optional[Any] = None,
+) -> nn.Module:
     """Runs every supported sparse MoE block of a transformers v5 model on moe_infer's fused ops, in place.
 
     Supported (each with its exact routing): Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE, OLMoE,
@@ -651,6 +677,15 @@ def optimize(model: nn.Module, *, hf_capacity: bool = False, validate: bool = Tr
             identical wherever transformers drops nothing.
         validate: on CUDA, check router logits for NaN on the host (one sync per layer).
         verbose: print what was replaced.
+        expert_buffer: keep every block's experts in host memory (or, with ``checkpoint``, in the
+            safetensors files of a ``save_pretrained`` directory, read through mmap) with this many
+            expert slots per layer on the compute device (:mod:`moe_infer.buffer`; inference only;
+            blocks with stacked experts, i.e. not SwitchTransformers / NLLB-MoE).
+        buffer_policy: the buffers' eviction policy ("paper", "fifo", "lru", "lfu").
+        ep_group: a torch.distributed process group: every block's experts are spread over its
+            ranks (:class:`moe_infer.distributed.ExpertParallelExperts`, dynamic all-to-alls;
+            inference only). Every rank calls optimize and the model together.
+        ep_placement: the :class:`moe_infer.placement.Placement` of every block (default contiguous).
 
     Returns:
         ``model`` itself, with ``model.moe_infer_report`` (an :class:`OptimizeReport`).
@@ -683,10 +718,61 @@ def optimize(model: nn.Module, *, hf_capacity: bool = False, validate: bool = Tr
             f"Supported blocks: {', '.join(SUPPORTED_BLOCKS)}. For other transformers v5 models whose experts "
             f"use @use_experts_implementation, try model.set_experts_implementation({EXPERTS_IMPLEMENTATION!r})."
         )
+    if expert_buffer is not None and ep_group is not None:
+        raise ValueError("moe_infer.optimize: expert_buffer and ep_group cannot be combined")
+    if expert_buffer is not None:
+        from ..buffer import attach_expert_buffers
+
+        separate = [name for name, arch in report.replaced.items() if arch in ("SwitchTransformers", "NLLB-MoE")]
+        if separate:
+            raise ValueError(
+                f"moe_infer.optimize: expert_buffer needs stacked experts; {', '.join(separate)} keep one module per "
+                "expert (SwitchTransformers / NLLB-MoE)"
+            )
+        report.buffers = attach_expert_buffers(model, expert_buffer, buffer_policy, checkpoint)
+    if ep_group is not None:
+        for name in report.replaced:
+            block = model.get_submodule(name)
+            stack = getattr(block, "_moe_infer_stack", None)
+            weights = stack.current() if stack is not None else expert_weights(block.experts)
+            # Kept out of the module tree: the checkpoint's parameters and names stay as they are.
+            block.__dict__["_moe_infer_expert_parallel"] = _expert_parallel(weights, ep_group, ep_placement)
+        report.expert_parallel = True
     model.moe_infer_report = report
     if verbose:
         print(report)
     return model
+
+
+def _expert_parallel(weights: ExpertWeights, group, placement):
+    """An ExpertParallelExperts over a block's stacked expert weights (read as they are, no copy;
+    each rank then keeps only its own experts' weights)."""
+    from ..distributed import ExpertParallelExperts
+    from ..layer import MoEExperts
+
+    num_experts = weights.fc1.shape[0]
+    hidden_size = weights.fc1.shape[1] if weights.transposed else weights.fc1.shape[2]
+    ffn_size = weights.fc2.shape[1] if weights.transposed else weights.fc2.shape[2]
+    with torch.device("meta"):
+        experts = MoEExperts(
+            num_experts,
+            hidden_size,
+            ffn_size,
+            weights.activation,
+            weights.fc1_bias is not None,
+            weights.transposed,
+            weights.swiglu_alpha,
+            weights.swiglu_limit,
+        )
+    for name, tensor in (
+        ("gate_up_proj", weights.fc1),
+        ("down_proj", weights.fc2),
+        ("gate_up_proj_bias", weights.fc1_bias),
+        ("down_proj_bias", weights.fc2_bias),
+    ):
+        if tensor is not None:
+            setattr(experts, name, nn.Parameter(tensor.detach(), requires_grad=False))
+    return ExpertParallelExperts(experts, placement, group, validate=False)
 
 
 def restore(model: nn.Module) -> nn.Module:
