@@ -210,3 +210,24 @@ def test_layer_cuda_equals_cpu_and_reference():
         cpu_layer.load_state_dict({k: v.cpu() for k, v in layer.state_dict().items()})
         assert relative_error(out.cpu(), cpu_layer(x.cpu())) < 1e-4  # TF32-free float32 on both
         assert relative_error(out, ref.layer_forward(layer, x, compute_dtype=torch.float64)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mlp_combine_cuda_equals_cpu(dtype):
+    """The fused expert compute + combine (the transformers integration's path) on CUDA runs
+    permute -> grouped_mlp -> unpermute_combine; it equals the CPU's fused kernel."""
+    num_tokens, num_experts, k, hidden_size, ffn_size = 300, 16, 2, 64, 32
+    ids = random_ids(num_tokens, num_experts, k, "cpu")
+    ids[5, 1] = -1  # an unrouted pair
+    plan = ops.dispatch_plan(ids, num_experts)
+    hidden = torch.randn(num_tokens, hidden_size).to(dtype)
+    weights = torch.rand(num_tokens, k)
+    fc1, b1, fc2, b2 = (
+        t.cpu() for t in expert_weights(num_experts, hidden_size, ffn_size, "silu_glu", True, False, dtype)
+    )
+    cpu = ops.grouped_mlp_combine(hidden, weights, plan, fc1, b1, fc2, b2, "silu_glu")
+    cuda_plan = ops.dispatch_plan(ids.to(CUDA), num_experts)
+    gpu = ops.grouped_mlp_combine(
+        hidden.to(CUDA), weights.to(CUDA), cuda_plan, fc1.to(CUDA), b1.to(CUDA), fc2.to(CUDA), b2.to(CUDA), "silu_glu"
+    )
+    assert relative_error(gpu.cpu(), cpu) < (1e-5 if dtype == torch.float32 else 2e-2)
