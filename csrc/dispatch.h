@@ -114,4 +114,12 @@ at::Tensor permute_cpu(const at::Tensor& hidden, const at::Tensor& sorted_pair_i
 at::Tensor unpermute_combine_cpu(const at::Tensor& expert_out, const at::Tensor& topk_weights,
                                  const at::Tensor& row_of_pair);
 
+#ifdef MOE_INFER_WITH_CUDA
+// out[r] = hidden[pair_ids[r] / top_k] for the rows r of out [num_rows, hidden_size] (zeros for
+// an out-of-range id), on the current stream: permute's launch, shared with static_dispatch.
+// hidden's rows must be dense (stride(1) == 1); pair_ids int32 [num_rows], contiguous.
+void launch_permute_rows(const at::Tensor& hidden, const at::Tensor& pair_ids, int64_t top_k,
+                         const at::Tensor& out);
+#endif
+
 }  // namespace moe_infer

@@ -195,6 +195,22 @@ inline SlotConflict find_slot_owners(const bool* mask, int64_t num_tokens, int64
   return SlotConflict{};
 }
 
+// static_dispatch scans the mask in blocks of this many slots.
+constexpr int64_t kStaticSlotBlock = 4096;
+
+// The conflict static_dispatch reports: the first block of kStaticSlotBlock slots that has one,
+// and in it the first slot claimed twice in token order (slot -1 if none). `owner`: scratch,
+// kStaticSlotBlock entries.
+inline SlotConflict first_slot_conflict(const bool* mask, int64_t num_tokens, int64_t num_slots,
+                                        int32_t* owner) {
+  for (int64_t begin = 0; begin < num_slots; begin += kStaticSlotBlock) {
+    const int64_t end = std::min(num_slots, begin + kStaticSlotBlock);
+    const SlotConflict conflict = find_slot_owners(mask, num_tokens, num_slots, begin, end, owner);
+    if (conflict.slot >= 0) return conflict;
+  }
+  return SlotConflict{};
+}
+
 // out[s] = sum_slot combine_weights[s, slot] * expert_out[slot] for tokens [begin, end), over the
 // nonzero weights only, accumulated in float32 in `accumulator` (hidden_size floats).
 template <typename T>

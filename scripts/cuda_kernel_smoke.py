@@ -1,7 +1,7 @@
 """Runs every CUDA kernel once on small awkward inputs: for compute-sanitizer (memcheck, racecheck).
 
 Covers S = 0 and 1, unaligned hidden sizes, empty experts, unrouted pairs, all scoring variants,
-the grouped-GEMM and the per-expert paths. Exits non-zero if a result disagrees with the CPU.
+the grouped-GEMM and the per-expert paths, static dispatch and combine. Exits non-zero if a result disagrees with the CPU.
 """
 
 import torch
@@ -45,5 +45,16 @@ for num_tokens in (0, 1, 37):
             b2 = torch.randn(16, hidden_size, device=cuda).to(dtype)
             y = ops.grouped_mlp(rows, plan.expert_offsets, fc1, b1, fc2, b2, activation)
             assert y.shape == rows.shape
+    # Static dispatch (slot owners, then permute's row copy) and combine (ballot scan of the weights).
+    capacity = max(1, num_tokens // 4)
+    r = ops.static_gating(torch.randn(num_tokens, 8), 2, capacity)
+    combine, mask = ops.static_routing_tensors(r.expert_ids, r.locations, r.topk_weights, 8, capacity)
+    for dtype, hidden_size in ((torch.float32, 37), (torch.bfloat16, 64), (torch.float16, 3)):
+        hidden = torch.randn(num_tokens, hidden_size).to(dtype)
+        rows = ops.static_dispatch(hidden.to(cuda), mask.to(cuda))
+        assert torch.equal(rows.cpu(), ops.static_dispatch(hidden, mask)), (num_tokens, dtype)
+        out = ops.static_combine(rows, combine.to(cuda))
+        want = ops.static_combine(rows.cpu(), combine)
+        assert torch.allclose(out.cpu().float(), want.float(), rtol=1e-2, atol=1e-2), (num_tokens, dtype)
 torch.cuda.synchronize()
 print("cuda_kernel_smoke: ok")

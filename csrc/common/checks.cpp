@@ -123,8 +123,8 @@ GatingSizes check_topk_gating(const at::Tensor& router_logits, int64_t top_k,
   return sizes;
 }
 
-void fail_nonfinite_logits(int64_t row) {
-  TORCH_CHECK(false, "topk_gating: router_logits row ", row,
+void fail_nonfinite_logits(int64_t row, const char* op) {
+  TORCH_CHECK(false, op, ": router_logits row ", row,
               " contains NaN or +inf (or only -inf, which has no softmax); check the hidden states "
               "and router weights");
 }
@@ -546,6 +546,18 @@ StaticSlotSizes check_static_combine(const at::Tensor& expert_out,
               expert_out.sizes(), " disagree on [num_experts, capacity]");
   return StaticSlotSizes{combine_weights.size(0), expert_out.size(0), expert_out.size(1),
                          expert_out.size(2), 0};
+}
+
+void fail_static_expert_id(int64_t pair, int64_t top_k, int64_t value, int64_t num_experts) {
+  TORCH_CHECK(false, "static_routing_tensors: expert_ids[", pair / top_k, ", ", pair % top_k,
+              "] = ", value, " is out of range for a kept pair: expected 0 <= id < num_experts (",
+              num_experts, ")");
+}
+
+void fail_slot_conflict(int64_t slot, int64_t first_token, int64_t second_token, int64_t capacity) {
+  TORCH_CHECK(false, "static_dispatch: dispatch_mask puts tokens ", first_token, " and ",
+              second_token, " in slot ", slot % capacity, " of expert ", slot / capacity,
+              "; a capacity slot holds at most one token");
 }
 
 }  // namespace moe_infer

@@ -79,7 +79,7 @@ MlpCombineSizes check_grouped_mlp_combine(const at::Tensor& hidden, const at::Te
                                           const std::string& activation, bool weights_transposed);
 
 // Errors of the data-dependent checks, in the same words on every backend.
-[[noreturn]] void fail_nonfinite_logits(int64_t row);
+[[noreturn]] void fail_nonfinite_logits(int64_t row, const char* op = "topk_gating");
 [[noreturn]] void fail_expert_id(int64_t pair, int64_t value, const PlanSizes& sizes);
 // ---- expert buffering (issue 5) ----
 
@@ -157,5 +157,11 @@ StaticSlotSizes check_static_dispatch(const at::Tensor& hidden, const at::Tensor
 
 StaticSlotSizes check_static_combine(const at::Tensor& expert_out,
                                      const at::Tensor& combine_weights);
+
+// Errors of the static ops' data-dependent checks, in the same words on every backend.
+[[noreturn]] void fail_static_expert_id(int64_t pair, int64_t top_k, int64_t value,
+                                        int64_t num_experts);
+[[noreturn]] void fail_slot_conflict(int64_t slot, int64_t first_token, int64_t second_token,
+                                     int64_t capacity);
 
 }  // namespace moe_infer

@@ -4,7 +4,10 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <cfloat>
 #include <limits>
+
+#include "static_gating.h"
 
 namespace moe_infer {
 
@@ -15,17 +18,14 @@ std::atomic<bool> g_kernels_enabled{true};
 bool kernels_enabled() { return g_kernels_enabled.load(std::memory_order_relaxed); }
 void set_kernels_enabled(bool enabled) { g_kernels_enabled.store(enabled); }
 
-void check_finite_logits(const at::Tensor& router_logits, Scoring scoring) {
+void check_finite_logits(const at::Tensor& router_logits, Scoring scoring, const char* op) {
   if (router_logits.numel() == 0) return;
   const at::Tensor logits = router_logits.to(at::kFloat);
   at::Tensor bad = at::isnan(logits) | at::isposinf(logits);
   bad = bad.any(1);
   if (scoring == Scoring::kSoftmax) bad = bad | at::isneginf(logits).all(1);
   const at::Tensor rows = at::nonzero(bad);
-  TORCH_CHECK(rows.size(0) == 0, "topk_gating: router_logits row ",
-              rows.numel() ? rows[0][0].item<int64_t>() : 0,
-              " contains NaN or +inf (or only -inf, which has no softmax); check the hidden states "
-              "and router weights");
+  if (rows.size(0) > 0) fail_nonfinite_logits(rows[0][0].item<int64_t>(), op);
 }
 
 void check_finite_bias(const at::Tensor& selection_bias) {
@@ -84,6 +84,16 @@ void expert_ffn(int64_t expert, const at::Tensor& x, const at::Tensor& fc1_weigh
   } else {
     at::mm_out(out, act, fc2);
   }
+}
+
+void fail_static_slot_conflict(const at::Tensor& dispatch_mask, const StaticSlotSizes& sizes) {
+  const at::Tensor mask = dispatch_mask.to(at::kCPU).contiguous();
+  std::vector<int32_t> owner(kStaticSlotBlock);
+  const SlotConflict conflict =
+      first_slot_conflict(mask.const_data_ptr<bool>(), sizes.num_tokens,
+                          sizes.num_experts * sizes.capacity, owner.data());
+  TORCH_INTERNAL_ASSERT(conflict.slot >= 0, "static_dispatch: no slot conflict to report");
+  fail_slot_conflict(conflict.slot, conflict.first_token, conflict.second_token, sizes.capacity);
 }
 
 at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<int32_t>& offsets,
@@ -217,6 +227,165 @@ void activate(const at::Tensor& fc1_out, const ActivationParams& params, const a
     }
   }
   act.copy_(result);
+}
+
+namespace {
+
+// Each routed pair's position in its expert's queue: the number of routed pairs on the same expert
+// before it in routing order (`order`, or token order if undefined). routed [S, E] bool (one hot),
+// ids [S] int64 -> [S] int32 (meaningless where the token's pair is not routed).
+at::Tensor queue_positions(const at::Tensor& routed, const at::Tensor& ids,
+                           const at::Tensor& order) {
+  if (!order.defined()) {
+    return at::cumsum(routed, 0, at::kInt).gather(1, ids.unsqueeze(1)).squeeze(1) - 1;
+  }
+  const at::Tensor in_order = at::cumsum(routed.index_select(0, order), 0, at::kInt)
+                                  .gather(1, ids.index_select(0, order).unsqueeze(1))
+                                  .squeeze(1) -
+                              1;
+  return at::empty_like(in_order).index_copy_(0, order, in_order);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating(
+    const at::Tensor& router_logits, const StaticGatingSizes& sizes, int64_t capacity,
+    const std::optional<at::Tensor>& padding_mask,
+    const std::optional<at::Tensor>& second_expert_noise, bool normalize_before_dropping,
+    bool batch_prioritized_routing, bool validate) {
+  if (validate) check_finite_logits(router_logits, Scoring::kSoftmax, "static_gating");
+  const int64_t num_tokens = sizes.num_tokens;
+  const int64_t num_experts = sizes.num_experts;
+  const int64_t top_k = sizes.top_k;
+  const auto options = router_logits.options();
+  if (num_tokens == 0) {
+    return {at::empty({0, top_k}, options.dtype(at::kFloat)),
+            at::empty({0, top_k}, options.dtype(at::kInt)),
+            at::empty({0, top_k}, options.dtype(at::kInt)),
+            at::zeros({}, options.dtype(at::kFloat))};
+  }
+  const at::Tensor logits = router_logits.to(at::kFloat);
+  const at::Tensor gates = at::softmax(logits, 1);
+  const at::Tensor experts = at::arange(num_experts, options.dtype(at::kLong));
+  const at::Tensor not_padding = padding_mask.has_value()
+                                     ? padding_mask->logical_not()
+                                     : at::ones({num_tokens}, options.dtype(at::kBool));
+
+  // First choice: argmax of the gates (the first maximum: ties go to the lower id).
+  const at::Tensor first = gates.argmax(1);
+  const at::Tensor is_first = first.unsqueeze(1) == experts;
+  at::Tensor gate1 = gates.gather(1, first.unsqueeze(1)).squeeze(1);
+  const at::Tensor routed1 = is_first & not_padding.unsqueeze(1);
+  at::Tensor order;  // batch-prioritised routing order: best gate descending, ties by token
+  if (batch_prioritized_routing) order = std::get<1>(at::sort(gate1.neg(), true, 0, false));
+  const at::Tensor first_counts = routed1.sum({0}, false, at::kInt);
+  const at::Tensor location1 = at::where(not_padding, queue_positions(routed1, first, order), -1);
+
+  at::Tensor weights = gate1.unsqueeze(1);
+  at::Tensor ids = first.unsqueeze(1);
+  at::Tensor locations = location1.unsqueeze(1);
+  if (top_k == 2) {
+    // Second choice: argmax of logits (+ Gumbel noise for 'sampling') over the other experts, as
+    // the CPU's scan finds it: ties to the lower id, a NaN never wins unless it is the first
+    // candidate (the lowest id other than the first choice), which then stays.
+    const bool sampling = sizes.policy == SecondExpertPolicy::kSampling;
+    const at::Tensor choice = sampling ? logits + second_expert_noise->to(at::kFloat) : logits;
+    const at::Tensor candidates =
+        choice.masked_fill(is_first | at::isnan(choice), -std::numeric_limits<float>::infinity());
+    const at::Tensor lowest_candidate = (first == 0).to(at::kLong);
+    const at::Tensor lowest_is_nan =
+        at::isnan(choice.gather(1, lowest_candidate.unsqueeze(1)).squeeze(1));
+    at::Tensor second = candidates.argmax(1);
+    // argmax is `first` itself when every candidate is -inf: the scan keeps the first candidate.
+    second = at::where((second == first) | lowest_is_nan, lowest_candidate, second);
+    at::Tensor gate2 = gates.gather(1, second.unsqueeze(1)).squeeze(1);
+    if (normalize_before_dropping) {
+      const at::Tensor denom = at::clamp_min(gate1 + gate2, FLT_EPSILON);
+      gate1 = gate1 / denom;
+      gate2 = gate2 / denom;
+    }
+    at::Tensor keep2 = not_padding;
+    if (sizes.policy == SecondExpertPolicy::kRandom) {
+      keep2 = keep2 & (gate2 * 2.0f > second_expert_noise->to(at::kFloat));
+    }
+    const at::Tensor routed2 = (second.unsqueeze(1) == experts) & keep2.unsqueeze(1);
+    // Second choices queue after all first choices of their expert.
+    const at::Tensor location2 = at::where(
+        keep2, queue_positions(routed2, second, order) + first_counts.index_select(0, second), -1);
+    weights = at::stack({gate1, gate2}, 1);
+    ids = at::stack({first, second}, 1);
+    locations = at::stack({location1, location2}, 1);
+  }
+  // Pairs not routed or past the capacity weigh 0; top-2 weights are then divided by their sum,
+  // unless they were before dropping.
+  weights = weights.masked_fill((locations < 0) | (locations >= capacity), 0.0f);
+  if (top_k == 2 && !normalize_before_dropping) {
+    weights = weights / at::clamp_min(weights.sum({1}, true), FLT_EPSILON);
+  }
+  // fairseq's l_aux: E^2 * mean_e(mean_s gates[s, e] * first_counts[e] / S), in float64.
+  const double n = static_cast<double>(num_tokens);
+  const at::Tensor l_aux =
+      (gates.sum({0}, false, at::kDouble) * first_counts.to(at::kDouble)).sum() / (n * n) *
+      static_cast<double>(num_experts);
+  return {weights.contiguous(), ids.to(at::kInt).contiguous(), locations.to(at::kInt).contiguous(),
+          l_aux.to(at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor> static_routing_tensors(const at::Tensor& expert_ids,
+                                                          const at::Tensor& locations,
+                                                          const at::Tensor& topk_weights,
+                                                          const StaticSlotSizes& sizes,
+                                                          bool validate) {
+  const int64_t num_slots = sizes.num_experts * sizes.capacity;
+  const at::Tensor ids = expert_ids.to(at::kLong);
+  const at::Tensor slot_in_expert = locations.to(at::kLong);
+  const at::Tensor weights = topk_weights.to(at::kFloat);
+  const at::Tensor kept =
+      (slot_in_expert >= 0) & (slot_in_expert < sizes.capacity) & (weights != 0);
+  const at::Tensor valid_id = (ids >= 0) & (ids < sizes.num_experts);
+  if (validate && ids.numel() > 0) {
+    const at::Tensor flat_ids = ids.reshape(-1);
+    const at::Tensor bad = at::nonzero((kept & valid_id.logical_not()).reshape(-1));
+    if (bad.size(0) > 0) {
+      const int64_t pair = bad[0][0].item<int64_t>();
+      fail_static_expert_id(pair, sizes.top_k, flat_ids[pair].item<int64_t>(), sizes.num_experts);
+    }
+  }
+  // Pairs that contribute nothing add 0 to slot 0, which leaves it as it is.
+  const at::Tensor used = kept & valid_id;
+  const at::Tensor slots = at::where(used, ids * sizes.capacity + slot_in_expert, 0);
+  const at::Tensor combine_weights =
+      at::zeros({sizes.num_tokens, num_slots}, weights.options())
+          .scatter_add_(1, slots, at::where(used, weights, 0.0f))
+          .view({sizes.num_tokens, sizes.num_experts, sizes.capacity});
+  return {combine_weights, combine_weights != 0};
+}
+
+at::Tensor static_dispatch(const at::Tensor& hidden, const at::Tensor& dispatch_mask,
+                           const StaticSlotSizes& sizes, bool validate) {
+  const int64_t num_slots = sizes.num_experts * sizes.capacity;
+  if (sizes.num_tokens == 0 || num_slots == 0) {
+    return at::zeros({sizes.num_experts, sizes.capacity, sizes.hidden_size}, hidden.options());
+  }
+  const at::Tensor mask = dispatch_mask.reshape({sizes.num_tokens, num_slots});
+  const at::Tensor tokens_in_slot = mask.sum({0}, false, at::kInt);
+  if (validate && (tokens_in_slot > 1).any().item<bool>()) {
+    fail_static_slot_conflict(dispatch_mask, sizes);
+  }
+  // Each slot's first token (argmax finds the first maximum); empty slots are placeholders: zeros.
+  const at::Tensor owner = mask.to(at::kByte).argmax(0);
+  return hidden.index_select(0, owner)
+      .masked_fill_((tokens_in_slot == 0).unsqueeze(1), 0)
+      .reshape({sizes.num_experts, sizes.capacity, sizes.hidden_size});
+}
+
+at::Tensor static_combine(const at::Tensor& expert_out, const at::Tensor& combine_weights,
+                          const StaticSlotSizes& sizes) {
+  const int64_t num_slots = sizes.num_experts * sizes.capacity;
+  // fairseq's einsum("sec,ecm->sm") as one float32 matrix product.
+  const at::Tensor weights = combine_weights.reshape({sizes.num_tokens, num_slots}).to(at::kFloat);
+  const at::Tensor rows = expert_out.reshape({num_slots, sizes.hidden_size}).to(at::kFloat);
+  return at::mm(weights, rows).to(expert_out.scalar_type());
 }
 
 }  // namespace composite

@@ -39,17 +39,50 @@ at::Tensor unpermute_combine(const at::Tensor& expert_out, const at::Tensor& top
 // fc1_out [n, F1] -> act [n, I] with ATen ops.
 void activate(const at::Tensor& fc1_out, const ActivationParams& params, const at::Tensor& act);
 
+// ---- static gating (issue 3) ----
+// The CPU kernels' semantics (csrc/static_gating.h) with dense ATen ops, as fairseq computes them:
+// one-hot masks and cumsums over [S, E] for the locations, a scatter into [S, E, C] for the routing
+// tensors, a gather of each slot's owner for dispatch, and a float32 matrix product (fairseq's
+// einsum) for combine. `validate` runs the data-dependent checks (a device sync on CUDA).
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating(
+    const at::Tensor& router_logits, const StaticGatingSizes& sizes, int64_t capacity,
+    const std::optional<at::Tensor>& padding_mask,
+    const std::optional<at::Tensor>& second_expert_noise, bool normalize_before_dropping,
+    bool batch_prioritized_routing, bool validate);
+
+std::tuple<at::Tensor, at::Tensor> static_routing_tensors(const at::Tensor& expert_ids,
+                                                          const at::Tensor& locations,
+                                                          const at::Tensor& topk_weights,
+                                                          const StaticSlotSizes& sizes,
+                                                          bool validate);
+
+// Unchecked, a slot claimed twice holds its first token.
+at::Tensor static_dispatch(const at::Tensor& hidden, const at::Tensor& dispatch_mask,
+                           const StaticSlotSizes& sizes, bool validate);
+
+// Unlike the kernels, which skip zero weights, the matrix product lets a non-finite value in an
+// expert_out row poison every token (0 * inf = NaN), as fairseq's einsum does.
+at::Tensor static_combine(const at::Tensor& expert_out, const at::Tensor& combine_weights,
+                          const StaticSlotSizes& sizes);
+
 }  // namespace composite
 
 // Raises the CPU kernels' error for NaN/+inf/all -inf router logits if `router_logits` has any
 // (one reduction; on CUDA a device sync).
-void check_finite_logits(const at::Tensor& router_logits, Scoring scoring);
+void check_finite_logits(const at::Tensor& router_logits, Scoring scoring,
+                         const char* op = "topk_gating");
 
 // Raises topk_gating's error if selection_bias has a NaN or infinite entry (on CUDA a sync).
 void check_finite_bias(const at::Tensor& selection_bias);
 
 // Raises dispatch_plan's out-of-range error naming the first bad id, if there is one.
 void check_expert_id_range(const at::Tensor& expert_ids, const PlanSizes& sizes);
+
+// Raises static_dispatch's error for a slot that two tokens claim, naming the conflict the CPU
+// kernel names (the mask is scanned on the host: call it only once a conflict is known).
+[[noreturn]] void fail_static_slot_conflict(const at::Tensor& dispatch_mask,
+                                            const StaticSlotSizes& sizes);
 
 // The expert offsets on the host, checked: offsets[0] == 0, non-decreasing, offsets[E] <= rows.
 // `op` and `rows_name` word the errors.

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/composite.h"
 
 namespace moe_infer {
 
@@ -44,6 +45,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating_cpu(
     bool batch_prioritized_routing) {
   const StaticGatingSizes sizes = check_static_gating(router_logits, top_k, capacity, padding_mask,
                                                       second_expert_policy, second_expert_noise);
+  if (!kernels_enabled()) {
+    return composite::static_gating(router_logits, sizes, capacity, padding_mask,
+                                    second_expert_noise, normalize_before_dropping,
+                                    batch_prioritized_routing, /*validate=*/true);
+  }
   const StaticGatingConfig config{sizes.num_experts, top_k, capacity, sizes.policy,
                                   normalize_before_dropping};
   const int64_t num_tokens = sizes.num_tokens;
@@ -94,9 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating_cpu(
       }
     }
   });
-  TORCH_CHECK(bad_token.load() == num_tokens, "static_gating: router_logits row ", bad_token.load(),
-              " contains NaN or +inf (or only -inf, which has no softmax); check the hidden states "
-              "and router weights");
+  if (bad_token.load() != num_tokens) fail_nonfinite_logits(bad_token.load(), "static_gating");
 
   // 2. Positions in the expert buffers: a sequential scan, O(num_tokens * top_k).
   std::vector<int32_t> order(num_tokens);
@@ -131,6 +135,10 @@ std::tuple<at::Tensor, at::Tensor> static_routing_tensors_cpu(const at::Tensor& 
                                                               int64_t capacity) {
   const StaticSlotSizes sizes =
       check_static_routing_tensors(expert_ids, locations, topk_weights, num_experts, capacity);
+  if (!kernels_enabled()) {
+    return composite::static_routing_tensors(expert_ids, locations, topk_weights, sizes,
+                                             /*validate=*/true);
+  }
   const int64_t num_tokens = sizes.num_tokens;
   const int64_t top_k = sizes.top_k;
   const int64_t num_slots = num_experts * capacity;
@@ -171,15 +179,14 @@ std::tuple<at::Tensor, at::Tensor> static_routing_tensors_cpu(const at::Tensor& 
     }
   });
   const int64_t bad = bad_pair.load();
-  TORCH_CHECK(bad == num_tokens * top_k, "static_routing_tensors: expert_ids[", bad / top_k, ", ",
-              bad % top_k, "] = ", bad < num_tokens * top_k ? ids_ptr[bad] : 0,
-              " is out of range for a kept pair: expected 0 <= id < num_experts (", num_experts,
-              ")");
+  if (bad != num_tokens * top_k) fail_static_expert_id(bad, top_k, ids_ptr[bad], num_experts);
   return {combine_weights, dispatch_mask};
 }
 
 at::Tensor static_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& dispatch_mask) {
   const StaticSlotSizes sizes = check_static_dispatch(hidden, dispatch_mask);
+  if (!kernels_enabled())
+    return composite::static_dispatch(hidden, dispatch_mask, sizes, /*validate=*/true);
   const int64_t num_slots = sizes.num_experts * sizes.capacity;
   const at::Tensor mask = dispatch_mask.contiguous();
   const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
@@ -192,7 +199,7 @@ at::Tensor static_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& dispa
   const bool* mask_ptr = mask.const_data_ptr<bool>();
 
   // Blocks of slots: each scans every token's mask row over its block, then fills its rows.
-  constexpr int64_t kBlock = 4096;
+  constexpr int64_t kBlock = kStaticSlotBlock;
   const int64_t num_blocks = (num_slots + kBlock - 1) / kBlock;
   std::vector<SlotConflict> conflicts(num_blocks);
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
@@ -214,16 +221,17 @@ at::Tensor static_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& dispa
     }
   });
   for (const SlotConflict& conflict : conflicts) {
-    TORCH_CHECK(conflict.slot < 0, "static_dispatch: dispatch_mask puts tokens ",
-                conflict.first_token, " and ", conflict.second_token, " in slot ",
-                conflict.slot % sizes.capacity, " of expert ", conflict.slot / sizes.capacity,
-                "; a capacity slot holds at most one token");
+    if (conflict.slot >= 0) {
+      fail_slot_conflict(conflict.slot, conflict.first_token, conflict.second_token,
+                         sizes.capacity);
+    }
   }
   return out;
 }
 
 at::Tensor static_combine_cpu(const at::Tensor& expert_out, const at::Tensor& combine_weights) {
   const StaticSlotSizes sizes = check_static_combine(expert_out, combine_weights);
+  if (!kernels_enabled()) return composite::static_combine(expert_out, combine_weights, sizes);
   const int64_t num_slots = sizes.num_experts * sizes.capacity;
   const at::Tensor rows = expert_out.contiguous();
   const at::Tensor weights = combine_weights.to(at::kFloat).contiguous();

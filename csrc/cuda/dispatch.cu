@@ -11,6 +11,7 @@
 #include "common/checks.h"
 #include "common/composite.h"
 #include "common/cuda_utils.h"
+#include "dispatch.h"
 #include "kernels/dispatch.cuh"
 
 namespace moe_infer {
@@ -86,28 +87,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cuda(
   return {sorted_pair_ids, row_of_pair, tokens_per_expert, expert_offsets};
 }
 
-at::Tensor permute_cuda(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids,
-                        int64_t top_k) {
-  const RowSizes sizes = check_permute(hidden, sorted_pair_ids, top_k);
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  if (!kernels_enabled()) return composite::permute(hidden, sorted_pair_ids, top_k);
-  const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
-  const at::Tensor pair_ids = sorted_pair_ids.contiguous();
-  const int64_t num_rows = sizes.num_tokens * top_k;
-  auto out = at::empty({num_rows, sizes.hidden_size}, hidden.options());
-  if (num_rows == 0 || sizes.hidden_size == 0) return out;
+void launch_permute_rows(const at::Tensor& hidden, const at::Tensor& pair_ids, int64_t top_k,
+                         const at::Tensor& out) {
+  const int64_t num_rows = out.size(0);
+  const int64_t hidden_size = out.size(1);
+  if (num_rows == 0 || hidden_size == 0) return;
   const int64_t element_bytes = static_cast<int64_t>(hidden.element_size());
-  const int64_t row_bytes = sizes.hidden_size * element_bytes;
-  const int64_t stride_bytes = rows.stride(0) * element_bytes;
-  const auto address = reinterpret_cast<uintptr_t>(rows.const_data_ptr());
+  const int64_t row_bytes = hidden_size * element_bytes;
+  const int64_t stride_bytes = hidden.stride(0) * element_bytes;
+  const auto address = reinterpret_cast<uintptr_t>(hidden.const_data_ptr());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](auto vector_tag) {
     using VecT = decltype(vector_tag);
     const int64_t vectors = row_bytes / static_cast<int64_t>(sizeof(VecT));
     const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, vectors)));
     kernels::permute_kernel<VecT><<<grid_size(num_rows), threads, 0, stream>>>(
-        static_cast<const char*>(rows.const_data_ptr()), stride_bytes, vectors,
-        pair_ids.const_data_ptr<int32_t>(), static_cast<int>(top_k), sizes.num_tokens, num_rows,
+        static_cast<const char*>(hidden.const_data_ptr()), stride_bytes, vectors,
+        pair_ids.const_data_ptr<int32_t>(), static_cast<int>(top_k), hidden.size(0), num_rows,
         static_cast<char*>(out.data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -126,6 +122,16 @@ at::Tensor permute_cuda(const at::Tensor& hidden, const at::Tensor& sorted_pair_
   } else {
     launch(uint8_t{});
   }
+}
+
+at::Tensor permute_cuda(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids,
+                        int64_t top_k) {
+  const RowSizes sizes = check_permute(hidden, sorted_pair_ids, top_k);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  if (!kernels_enabled()) return composite::permute(hidden, sorted_pair_ids, top_k);
+  const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
+  auto out = at::empty({sizes.num_tokens * top_k, sizes.hidden_size}, hidden.options());
+  launch_permute_rows(rows, sorted_pair_ids.contiguous(), top_k, out);
   return out;
 }
 

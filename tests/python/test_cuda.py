@@ -231,3 +231,151 @@ def test_grouped_mlp_combine_cuda_equals_cpu(dtype):
         hidden.to(CUDA), weights.to(CUDA), cuda_plan, fc1.to(CUDA), b1.to(CUDA), fc2.to(CUDA), b2.to(CUDA), "silu_glu"
     )
     assert relative_error(gpu.cpu(), cpu) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+# ---- static gating (issue 3) ----------------------------------------------------------------
+
+STATIC_CONFIGS = [
+    # (top_k, second_expert_policy, normalize_before_dropping)
+    (1, "all", False),
+    (2, "all", False),
+    (2, "all", True),
+    (2, "sampling", False),
+    (2, "random", True),
+]
+
+
+def to_cuda(t):
+    return None if t is None else t.to(CUDA)
+
+
+def static_gating_on_both(logits, top_k, capacity, padding, policy, normalize_before, prioritized):
+    noise = ops.second_expert_noise(policy, logits)
+    args = (top_k, capacity)
+    cpu = ops.static_gating(logits, *args, padding, policy, noise, normalize_before, prioritized)
+    gpu = ops.static_gating(
+        to_cuda(logits), *args, to_cuda(padding), policy, to_cuda(noise), normalize_before, prioritized
+    )
+    return cpu, gpu
+
+
+@pytest.mark.parametrize("top_k,policy,normalize_before", STATIC_CONFIGS)
+@pytest.mark.parametrize("num_tokens,num_experts", [(0, 8), (1, 8), (333, 64), (4096, 256)])
+def test_static_gating_cuda_equals_cpu(top_k, policy, normalize_before, num_tokens, num_experts):
+    # Logits on a grid of 1/4: equal logits tie exactly on both devices and distinct ones are far
+    # apart, so softmax rounding cannot make the devices choose (and queue) differently.
+    logits = torch.randint(-16, 16, (num_tokens, num_experts)) / 4
+    padding = torch.rand(num_tokens) < 0.1
+    capacity = max(1, num_tokens * top_k // (2 * num_experts))  # half the balanced load: drops
+    cpu, gpu = static_gating_on_both(logits, top_k, capacity, padding, policy, normalize_before, False)
+    assert torch.equal(cpu.expert_ids, gpu.expert_ids.cpu()) and torch.equal(cpu.locations, gpu.locations.cpu())
+    torch.testing.assert_close(gpu.topk_weights.cpu(), cpu.topk_weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gpu.l_aux.cpu(), cpu.l_aux, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k,policy,normalize_before", STATIC_CONFIGS)
+def test_static_gating_batch_prioritized_cuda_equals_cpu(top_k, policy, normalize_before):
+    # Logits 0 or -inf: every gate is exactly 1/m (m finite logits in the row) on both devices, so
+    # the priority order, full of ties broken by token, is the same on both.
+    num_tokens, num_experts = 2000, 16
+    finite = torch.rand(num_tokens, num_experts) < torch.rand(num_tokens, 1)
+    finite[torch.arange(num_tokens), torch.randint(0, num_experts, (num_tokens,))] = True
+    logits = torch.zeros(num_tokens, num_experts).masked_fill(~finite, float("-inf"))
+    capacity = ops.static_capacity(num_tokens, num_experts, top_k, 0.5)
+    cpu, gpu = static_gating_on_both(logits, top_k, capacity, None, policy, normalize_before, True)
+    assert torch.equal(cpu.expert_ids, gpu.expert_ids.cpu()) and torch.equal(cpu.locations, gpu.locations.cpu())
+    torch.testing.assert_close(gpu.topk_weights.cpu(), cpu.topk_weights, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gpu.l_aux.cpu(), cpu.l_aux, rtol=1e-6, atol=1e-7)
+
+
+def test_static_routing_tensors_cuda_equals_cpu():
+    num_tokens, num_experts = 500, 8
+    capacity = ops.static_capacity(num_tokens, num_experts, 2, 0.5)
+    r = ops.static_gating(torch.randn(num_tokens, num_experts), 2, capacity)
+    ids = r.expert_ids.clone()
+    ids[r.topk_weights == 0] = 99  # ids of pairs that are not kept are never read
+    for id_dtype in (torch.int32, torch.int64):
+        cpu = ops.static_routing_tensors(ids.to(id_dtype), r.locations, r.topk_weights, num_experts, capacity)
+        gpu = ops.static_routing_tensors(
+            ids.to(id_dtype).to(CUDA), r.locations.to(CUDA), r.topk_weights.to(CUDA), num_experts, capacity
+        )
+        assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
+    token, slot = (r.topk_weights != 0).nonzero()[0].tolist()
+    ids[token, slot] = 99
+    with pytest.raises(RuntimeError, match=rf"expert_ids\[{token}, {slot}\] = 99 is out of range"):
+        ops.static_routing_tensors(ids.to(CUDA), r.locations.to(CUDA), r.topk_weights.to(CUDA), num_experts, capacity)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden_size", [1, 37, 64, 4096])
+@pytest.mark.parametrize("num_tokens,num_experts", [(0, 4), (1, 4), (700, 64)])
+def test_static_dispatch_combine_cuda_kernel_fallback_cpu(dtype, hidden_size, num_tokens, num_experts):
+    capacity = ops.static_capacity(max(num_tokens, 1), num_experts, 2)
+    r = ops.static_gating(torch.randn(num_tokens, num_experts), 2, capacity)
+    combine, mask = ops.static_routing_tensors(r.expert_ids, r.locations, r.topk_weights, num_experts, capacity)
+    hidden = torch.randn(num_tokens, hidden_size).to(dtype)
+    expert_out = torch.randn(num_experts, capacity, hidden_size).to(dtype)
+    rows_cpu = ops.static_dispatch(hidden, mask)
+    out_cpu = ops.static_combine(expert_out, combine)
+    want = torch.einsum("sec,ecm->sm", combine.double(), expert_out.double())
+    limit = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    for kernels in (True, False):
+        with ops.use_kernels(kernels):
+            rows = ops.static_dispatch(hidden.to(CUDA), mask.to(CUDA))
+            out = ops.static_combine(expert_out.to(CUDA), combine.to(CUDA))
+        assert torch.equal(rows.cpu(), rows_cpu)  # copies: exact
+        assert out.dtype == dtype and out.shape == (num_tokens, hidden_size)
+        # float32 accumulation everywhere; the devices may round the last bit differently.
+        rtol = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.cpu().float(), out_cpu.float(), rtol=rtol, atol=1e-5)
+        assert num_tokens == 0 or relative_error(out.cpu(), want) < limit
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "composite"])
+def test_static_ops_cuda_graph_capture_replay_equals_eager(use_kernels):
+    num_tokens, num_experts, hidden_size = 96, 8, 64
+    capacity = ops.static_capacity(num_tokens, num_experts, 2, 0.5)
+    router = torch.randn(num_experts, hidden_size, device=CUDA) / hidden_size**0.5
+
+    def static_moe(x, uniform):
+        r = ops.static_gating(x @ router.t(), 2, capacity, None, "random", uniform, False, True)
+        combine, mask = ops.static_routing_tensors(r.expert_ids, r.locations, r.topk_weights, num_experts, capacity)
+        rows = ops.static_dispatch(x, mask)
+        return ops.static_combine(rows * 2 + 1, combine), r.l_aux  # an elementwise stand-in expert
+
+    static_x = torch.randn(num_tokens, hidden_size, device=CUDA)
+    static_uniform = torch.rand(num_tokens, device=CUDA)
+    with ops.use_kernels(use_kernels):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                static_moe(static_x, static_uniform)  # warm up outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out, static_l_aux = static_moe(static_x, static_uniform)
+        for _ in range(3):
+            x, uniform = torch.randn_like(static_x), torch.rand_like(static_uniform)
+            static_x.copy_(x)
+            static_uniform.copy_(uniform)
+            graph.replay()
+            out, l_aux = static_moe(x, uniform)
+            torch.testing.assert_close(static_out, out, rtol=0, atol=0)
+            torch.testing.assert_close(static_l_aux, l_aux, rtol=0, atol=0)
+
+
+def test_fairseq_static_layer_cuda_equals_cpu():
+    from moe_infer.fairseq import MOELayer, Top2Gate
+
+    gate = Top2Gate(64, 8, second_expert_policy="all", moe_eval_capacity_token_fraction=0.25)
+    layer = MOELayer.build(gate, ffn_dim=96, activation="gelu", gating="static").eval()
+    x = torch.randn(4, 32, 64)
+    padding = torch.rand(4, 32) < 0.1
+    with torch.no_grad():
+        want, want_l_aux = layer(x, input_padding_mask=padding)
+        layer.to(CUDA)
+        got, got_l_aux = layer(x.to(CUDA), input_padding_mask=padding.to(CUDA))
+    assert layer.metadata["capacity"] == 32
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_l_aux.cpu(), want_l_aux, rtol=1e-5, atol=1e-6)

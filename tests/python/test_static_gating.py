@@ -1,5 +1,6 @@
 """The static gating ops against hand-computed cases and the plain-PyTorch re-implementation of
-fairseq's gates (moe_infer.reference.fairseq_top{1,2}gating)."""
+fairseq's gates (moe_infer.reference.fairseq_top{1,2}gating), on the kernels and on the composite
+ATen fallback (the `impl` fixture)."""
 
 import itertools
 import math
@@ -79,7 +80,7 @@ def test_static_capacity_errors(kwargs, message):
         ops.static_capacity(**kwargs)
 
 
-def test_top1_capacity_drops_and_l_aux(device):
+def test_top1_capacity_drops_and_l_aux(device, impl):
     # Experts chosen: 0, 0, 1, 0, 0. Capacity 3 (training formula): token 4 overflows expert 0.
     gates = [[0.75, 0.25], [0.75, 0.25], [0.2, 0.8], [0.75, 0.25], [0.75, 0.25]]
     logits = logits_of(gates, device)
@@ -101,7 +102,7 @@ def test_top1_capacity_drops_and_l_aux(device):
 
 
 @pytest.mark.parametrize("normalize_before", [False, True])
-def test_top2_normalisation_before_and_after_dropping(device, normalize_before):
+def test_top2_normalisation_before_and_after_dropping(device, impl, normalize_before):
     gates = [[0.5, 0.3, 0.2]] * 3 + [[0.2, 0.3, 0.5]]
     r = ops.static_gating(logits_of(gates, device), 2, 2, normalize_before_dropping=normalize_before)
     assert r.expert_ids.tolist() == [[0, 1], [0, 1], [0, 1], [2, 1]]
@@ -115,7 +116,7 @@ def test_top2_normalisation_before_and_after_dropping(device, normalize_before):
     assert mask.sum().item() == 5 and combine[2].abs().sum() == 0  # token 2 is dropped entirely
 
 
-def test_batch_prioritized_routing(device):
+def test_batch_prioritized_routing(device, impl):
     # Best gates 0.5, 0.5, 0.6, 0.7: with priority, token 3 then 2 then 0 then 1 take slots.
     gates = [[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7]]
     logits = logits_of(gates, device)
@@ -129,7 +130,7 @@ def test_batch_prioritized_routing(device):
     assert r.expert_ids[:, 1].tolist() == [1, 1, 1, 1] and r.locations[:, 1].tolist() == [2, 3, 1, 0]
 
 
-def test_padding_tokens_take_no_slot(device):
+def test_padding_tokens_take_no_slot(device, impl):
     logits = logits_of([[0.9, 0.1]] * 4, device)
     padding = torch.tensor([True, False, False, False], device=device)
     r = ops.static_gating(logits, 2, 2, padding)
@@ -141,7 +142,7 @@ def test_padding_tokens_take_no_slot(device):
     assert not mask[0].any() and not mask[3].any()
 
 
-def test_random_policy_keeps_second_expert_if_twice_its_gate_beats_the_sample(device):
+def test_random_policy_keeps_second_expert_if_twice_its_gate_beats_the_sample(device, impl):
     logits = logits_of([[0.6, 0.3, 0.1]] * 3, device)
     uniform = torch.tensor([0.5, 0.7, 0.61], device=device)  # 2 * 0.3 = 0.6 > 0.5 only
     r = ops.static_gating(logits, 2, 8, None, "random", uniform)
@@ -152,7 +153,7 @@ def test_random_policy_keeps_second_expert_if_twice_its_gate_beats_the_sample(de
     assert r.locations[:, 1].tolist() == [0, -1, 1]
 
 
-def test_sampling_policy_picks_the_noisy_argmax_but_weights_the_clean_gates(device):
+def test_sampling_policy_picks_the_noisy_argmax_but_weights_the_clean_gates(device, impl):
     logits = torch.tensor([[3.0, 2.0, 0.0, -1.0]] * 2, device=device)
     noise = torch.tensor([[0.0, 0.0, 5.0, 0.0], [9.0, 0.0, 0.0, 0.0]], device=device)
     r = ops.static_gating(logits, 2, 8, None, "sampling", noise)
@@ -163,12 +164,12 @@ def test_sampling_policy_picks_the_noisy_argmax_but_weights_the_clean_gates(devi
     torch.testing.assert_close(r.topk_weights, expected)
 
 
-def test_ties_go_to_the_lower_expert(device):
+def test_ties_go_to_the_lower_expert(device, impl):
     r = ops.static_gating(torch.zeros(2, 4, device=device), 2, 4)
     assert r.expert_ids.tolist() == [[0, 1], [0, 1]]
 
 
-def test_dispatch_and_combine_hand_case(device):
+def test_dispatch_and_combine_hand_case(device, impl):
     hidden = torch.arange(12, dtype=torch.float32, device=device).view(3, 4)
     mask = torch.zeros(3, 2, 2, dtype=torch.bool, device=device)
     mask[0, 1, 0] = mask[1, 0, 1] = mask[2, 1, 1] = mask[0, 0, 0] = True
@@ -216,7 +217,7 @@ def fairseq_reference(logits, top_k, policy, normalize_before, prioritized, padd
 @pytest.mark.parametrize("top_k,policy,normalize_before,prioritized,with_padding,eval_mode", GRID)
 @pytest.mark.parametrize("num_tokens,num_experts", [(1, 2), (37, 4), (300, 16)])
 def test_matches_fairseq_reference(
-    device, top_k, policy, normalize_before, prioritized, with_padding, eval_mode, num_tokens, num_experts
+    device, impl, top_k, policy, normalize_before, prioritized, with_padding, eval_mode, num_tokens, num_experts
 ):
     logits = torch.randn(num_tokens, num_experts, device=device) * 2
     padding = (torch.rand(num_tokens, device=device) < 0.2) if with_padding else None
@@ -250,7 +251,7 @@ def test_matches_fairseq_reference(
 
 
 @pytest.mark.parametrize("policy", ["sampling", "random"])
-def test_same_seed_draws_fairseqs_noise(policy):
+def test_same_seed_draws_fairseqs_noise(impl, policy):
     """second_expert_noise draws from the global generator exactly as fairseq does."""
     logits = torch.randn(200, 8)
     torch.manual_seed(1234)
@@ -268,7 +269,7 @@ def test_same_seed_draws_fairseqs_noise(policy):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_dispatch_and_combine_match_einsum(device, dtype):
+def test_dispatch_and_combine_match_einsum(device, impl, dtype):
     num_tokens, num_experts, hidden_size = 300, 8, 40
     logits = torch.randn(num_tokens, num_experts, device=device)
     capacity = 50
@@ -288,7 +289,7 @@ def test_dispatch_and_combine_match_einsum(device, dtype):
     torch.testing.assert_close(out.double(), want, rtol=rtol, atol=atol)
 
 
-def test_dispatch_wide_buffer(device):
+def test_dispatch_wide_buffer(device, impl):
     """More slots than one scan block (4096), a token per slot across block boundaries."""
     num_tokens, num_experts, capacity = 3000, 3, 2000
     r = ops.static_gating(torch.randn(num_tokens, num_experts, device=device), 2, capacity)
@@ -298,10 +299,51 @@ def test_dispatch_wide_buffer(device):
     assert torch.equal(rows, torch.einsum("sec,sm->ecm", mask.float(), hidden))
 
 
+@pytest.mark.parametrize("top_k,policy,normalize_before,prioritized", [g[:4] for g in GRID])
+def test_composite_equals_kernels_on_ties_and_infinities(device, top_k, policy, normalize_before, prioritized):
+    """Logits on a coarse grid (exact ties), -inf entries (rows with a single finite expert leave
+    only -inf candidates for the second choice) and, for 'sampling', NaN noise: the composite
+    routes exactly as the kernels do."""
+    num_tokens, num_experts = 400, 6
+    logits = torch.randint(-3, 3, (num_tokens, num_experts), device=device) / 2
+    logits[torch.rand(num_tokens, num_experts, device=device) < 0.2] = float("-inf")
+    logits[:20, 1:] = float("-inf")
+    logits[20:40, :-1] = float("-inf")
+    logits[logits.isinf().all(-1), 2] = 0.0
+    noise = ops.second_expert_noise(policy, logits)
+    if policy == "sampling":
+        noise[torch.rand(num_tokens, num_experts, device=device) < 0.1] = float("nan")
+    padding = torch.rand(num_tokens, device=device) < 0.1
+    capacity = ops.static_capacity(num_tokens, num_experts, top_k, 0.5)
+    args = (logits, top_k, capacity, padding, policy, noise, normalize_before, prioritized)
+    got = ops.static_gating(*args)
+    with ops.use_kernels(False):
+        fallback = ops.static_gating(*args)
+        fallback_dense = dense(fallback, num_experts, capacity)
+    assert torch.equal(got.expert_ids, fallback.expert_ids) and torch.equal(got.locations, fallback.locations)
+    assert (got.expert_ids[:, 0] != got.expert_ids[:, -1]).all() or top_k == 1
+    torch.testing.assert_close(got.topk_weights, fallback.topk_weights, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got.l_aux, fallback.l_aux, rtol=1e-6, atol=1e-7)
+    combine, mask = dense(got, num_experts, capacity)
+    assert torch.equal(mask, fallback_dense[1])
+    torch.testing.assert_close(combine, fallback_dense[0], rtol=1e-6, atol=1e-7)
+
+
+def test_dispatch_names_the_same_conflict_on_every_impl(device, impl):
+    """The error names the conflict the CPU kernel meets first: tokens in order, within the first
+    block of 4096 slots that has one (here slot 100 of expert 2, not the lower slot 50)."""
+    mask = torch.zeros(8, 100, 50, dtype=torch.bool, device=device)
+    mask[3, 2, 0] = mask[4, 2, 0] = True
+    mask[5, 1, 0] = mask[6, 1, 0] = True
+    mask[0, 99, 0] = mask[1, 99, 0] = True  # slot 4950: a later block
+    with pytest.raises(RuntimeError, match=r"puts tokens 3 and 4 in slot 0 of expert 2;"):
+        ops.static_dispatch(torch.randn(8, 4, device=device), mask)
+
+
 # ---- op contracts ---------------------------------------------------------------------------
 
 
-def test_opcheck_static_ops(device):
+def test_opcheck_static_ops(device, impl):
     num_tokens, num_experts, hidden_size = 11, 5, 6
     logits = torch.randn(num_tokens, num_experts, device=device, requires_grad=True)
     padding = torch.rand(num_tokens, device=device) < 0.3
@@ -430,12 +472,12 @@ def test_static_ops_under_torch_compile_fullgraph(device):
         ),
     ],
 )
-def test_static_op_argument_errors(device, call, message):
+def test_static_op_argument_errors(device, impl, call, message):
     with pytest.raises(RuntimeError, match=message):
         call(device)
 
 
-def test_empty_batch(device):
+def test_empty_batch(device, impl):
     r = ops.static_gating(torch.randn(0, 4, device=device), 2, 1)
     assert r.expert_ids.shape == r.locations.shape == r.topk_weights.shape == (0, 2) and r.l_aux.item() == 0
     combine, mask = dense(r, 4, 1)
