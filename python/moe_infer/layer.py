@@ -78,6 +78,24 @@ class MoEExperts(nn.Module):
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
 
+    def forward_tokens(self, hidden: torch.Tensor, topk_weights: torch.Tensor, plan: ops.DispatchPlan) -> torch.Tensor:
+        """hidden [S, H] in token order, topk_weights [S, k], plan of the [S, k] expert ids -> [S, H]:
+        every token's weighted expert outputs, summed (:func:`moe_infer.ops.grouped_mlp_combine`:
+        no [S*k, H] buffers on the CPU)."""
+        return ops.grouped_mlp_combine(
+            hidden,
+            topk_weights,
+            plan,
+            self.gate_up_proj,
+            self.gate_up_proj_bias,
+            self.down_proj,
+            self.down_proj_bias,
+            self.activation,
+            self.weights_transposed,
+            self.swiglu_alpha,
+            self.swiglu_limit,
+        )
+
     def forward(self, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
         """rows [N, H] grouped by expert, expert_offsets [E+1] int32 -> [N, H]."""
         return ops.grouped_mlp(
@@ -211,9 +229,7 @@ class MoELayer(nn.Module):
         if self.expert_buffer is not None:
             return self.expert_buffer(x, ids, weights).view(shape)
         plan = ops.dispatch_plan(ids, self.num_experts, validate=False)
-        rows = ops.permute(x, plan.sorted_pair_ids, self.top_k)
-        expert_rows = self.experts(rows, plan.expert_offsets)
-        return ops.unpermute_combine(expert_rows, weights, plan.row_of_pair).view(shape)
+        return self.experts.forward_tokens(x, weights, plan).view(shape)
 
     def extra_repr(self) -> str:
         return (
