@@ -85,7 +85,7 @@ def main():
                 f"moe_infer and the reference disagree on {shape} S={num_tokens}: relative error {error:.2e}"
             )
         repeats = 3 if args.quick else (10 if num_tokens <= 32 else 5)
-        with torch.no_grad():
+        with torch.inference_mode():
             times = time_interleaved(
                 {
                     "moe_infer": lambda layer=layer, x=x: layer(x),

