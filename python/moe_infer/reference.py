@@ -216,24 +216,20 @@ def moe_forward(
     x = hidden.reshape(-1, shape[-1])
     logits = F.linear(x, router_weight, router_bias) if router_logits is None else router_logits
     weights, ids = topk_gating(logits, top_k, scoring, renormalize, selection_bias, scaling_factor, n_group, topk_group)
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(fc1_weight.shape[0]):
-        token_idx, slot_idx = torch.where(ids == e)
-        if token_idx.numel() == 0:
-            continue
-        y = expert_ffn(
-            x[token_idx],
-            fc1_weight[e],
-            None if fc1_bias is None else fc1_bias[e],
-            fc2_weight[e],
-            None if fc2_bias is None else fc2_bias[e],
-            activation,
-            weights_transposed,
-            swiglu_alpha,
-            swiglu_limit,
-        )
-        out.index_add_(0, token_idx, y.float() * weights[token_idx, slot_idx].unsqueeze(-1))
-    return out.to(hidden.dtype).reshape(shape)
+    out = grouped_mlp_combine(
+        x,
+        weights,
+        ids,
+        fc1_weight,
+        fc1_bias,
+        fc2_weight,
+        fc2_bias,
+        activation,
+        weights_transposed,
+        swiglu_alpha,
+        swiglu_limit,
+    )
+    return out.reshape(shape)
 
 
 def layer_forward(
