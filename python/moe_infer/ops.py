@@ -375,25 +375,8 @@ def grouped_mlp_combine(
     Returns:
         [S, H] in hidden's dtype.
 
-    The fused kernel is the CPU's; on other devices this runs the three ops (the plan already has
-    row_of_pair, which the op's own composite form would have to recompute).
+    The fused kernel is the CPU's; on other devices the op runs the three ops (its composite form).
     """
-    if hidden.device.type != "cpu":
-        top_k = topk_weights.shape[1]
-        rows = permute(hidden, plan.sorted_pair_ids, top_k)
-        rows = grouped_mlp(
-            rows,
-            plan.expert_offsets,
-            fc1_weight,
-            fc1_bias,
-            fc2_weight,
-            fc2_bias,
-            activation,
-            weights_transposed,
-            swiglu_alpha,
-            swiglu_limit,
-        )
-        return unpermute_combine(rows, topk_weights, plan.row_of_pair)
     return _ops.grouped_mlp_combine(
         hidden,
         topk_weights,
