@@ -350,55 +350,57 @@ def _nllb_non_padding(padding_mask: torch.Tensor, num_tokens: int) -> torch.Tens
 # ---- fused blocks -----------------------------------------------------------------------------
 
 
-class _TopKBlock:
+class _RoutedBlock:
+    """The part every router + stacked-experts block shares (eval mode)."""
+
+    _router_attr = "gate"
+
+    def _routed(self, hidden_states):
+        """hidden_states [..., H] -> (routed expert output [S, H], hidden [S, H], topk weights [S, k])."""
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        _, weights, ids = getattr(self, self._router_attr)(hidden)
+        return _run_experts(self, hidden, ids, weights, lambda: expert_weights(self.experts)), hidden, weights
+
+
+class _TopKBlock(_RoutedBlock):
     """Mixtral, Qwen3-MoE, OLMoE: router + experts."""
 
     def forward(self, hidden_states):
         if self.training:
             return super().forward(hidden_states)
-        shape = hidden_states.shape
-        hidden = hidden_states.reshape(-1, shape[-1])
-        _, weights, ids = self.gate(hidden)
-        return _run_experts(self, hidden, ids, weights, lambda: expert_weights(self.experts)).view(shape)
+        return self._routed(hidden_states)[0].view(hidden_states.shape)
 
 
-class _Qwen2MoeBlock:
+class _Qwen2MoeBlock(_RoutedBlock):
     """Qwen2-MoE: router + experts + a shared expert scaled by sigmoid(shared_expert_gate)."""
 
     def forward(self, hidden_states):
         if self.training:
             return super().forward(hidden_states)
-        shape = hidden_states.shape
-        hidden = hidden_states.reshape(-1, shape[-1])
-        _, weights, ids = self.gate(hidden)
-        out = _run_experts(self, hidden, ids, weights, lambda: expert_weights(self.experts))
+        out, hidden, _ = self._routed(hidden_states)
         shared = F.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
-        return (out + shared).view(shape)
+        return (out + shared).view(hidden_states.shape)
 
 
-class _GptOssBlock:
+class _GptOssBlock(_RoutedBlock):
     """GPT-OSS: returns (hidden, router_scores) like transformers' GptOssMLP."""
+
+    _router_attr = "router"
 
     def forward(self, hidden_states):
         if self.training:
             return super().forward(hidden_states)
-        shape = hidden_states.shape
-        hidden = hidden_states.reshape(-1, shape[-1])
-        _, weights, ids = self.router(hidden)
-        return _run_experts(self, hidden, ids, weights, lambda: expert_weights(self.experts)).view(shape), weights
+        out, _, weights = self._routed(hidden_states)
+        return out.view(hidden_states.shape), weights
 
 
-class _DeepseekV3Block:
+class _DeepseekV3Block(_RoutedBlock):
     """DeepSeek-V3: routed experts + always-on shared experts."""
 
     def forward(self, hidden_states):
         if self.training:
             return super().forward(hidden_states)
-        shape = hidden_states.shape
-        hidden = hidden_states.reshape(-1, shape[-1])
-        _, weights, ids = self.gate(hidden)
-        out = _run_experts(self, hidden, ids, weights, lambda: expert_weights(self.experts)).view(shape)
-        return out + self.shared_experts(hidden_states)
+        return self._routed(hidden_states)[0].view(hidden_states.shape) + self.shared_experts(hidden_states)
 
 
 class _SwitchBlock:
