@@ -34,15 +34,15 @@ from moe_infer.traces import synthetic_trace  # noqa: E402
 
 # name: (experts, top_k, layers, tokens per batch, batches, skew, locality, coactivation, description)
 TRACES = {
-    "LM-like": (512, 2, 12, 2048, 40, 1.8, 0.999, 0.5, "fairseq MoE LM: 512 experts, 12 MoE layers, top-2"),
-    "MT-like": (128, 2, 12, 2048, 40, 1.2, 0.99, 0.5, "NLLB-MoE: 128 experts, 12 MoE layers, top-2"),
+    "LM-like": (512, 2, 12, 2048, 40, 1.8, 0.9999, 0.5, "fairseq MoE LM: 512 experts, 12 MoE layers, top-2"),
+    "MT-like": (128, 2, 12, 2048, 40, 1.2, 0.999, 0.5, "NLLB-MoE: 128 experts, 12 MoE layers, top-2"),
     "drifting": (64, 2, 4, 1024, 60, 1.5, 0.9, 0.5, "hot set drifts fast (locality 0.9)"),
-    "group-limited": (64, 2, 4, 1024, 40, 1.2, 0.99, 0.98, "a token's experts mostly from one group of 8"),
+    "group-limited": (64, 2, 4, 1024, 40, 1.2, 0.999, 0.98, "a token's experts mostly from one group of 8"),
 }
 QUICK_TRACES = {
-    "LM-like": (512, 2, 3, 1024, 24, 1.8, 0.999, 0.5, "fairseq MoE LM: 512 experts, top-2 (3 layers)"),
+    "LM-like": (512, 2, 3, 1024, 24, 1.8, 0.9999, 0.5, "fairseq MoE LM: 512 experts, top-2 (3 layers)"),
     "drifting": (64, 2, 2, 512, 40, 1.5, 0.9, 0.5, "hot set drifts fast (locality 0.9)"),
-    "group-limited": (64, 2, 2, 512, 24, 1.2, 0.99, 0.98, "a token's experts mostly from one group of 8"),
+    "group-limited": (64, 2, 2, 512, 24, 1.2, 0.999, 0.98, "a token's experts mostly from one group of 8"),
 }
 CLUSTER_SIZE = {"group-limited": 8}  # default 4
 RANKS = [4, 8, 16]
@@ -154,8 +154,8 @@ def simulate(traces, progress):
 
 # ---- part 2: real gloo processes ----------------------------------------------------------------
 
-REAL = dict(experts=16, hidden=256, ffn=512, top_k=2, tokens=512, batches=16, skew=1.8, locality=0.999)
-QUICK_REAL = dict(experts=16, hidden=128, ffn=256, top_k=2, tokens=256, batches=8, skew=1.8, locality=0.999)
+REAL = dict(experts=16, hidden=256, ffn=512, top_k=2, tokens=512, batches=16, skew=1.8, locality=0.9999)
+QUICK_REAL = dict(experts=16, hidden=128, ffn=256, top_k=2, tokens=256, batches=8, skew=1.8, locality=0.9999)
 
 
 def real_configs(world_size, load):

@@ -231,12 +231,15 @@ class ExpertCache {
 
 // ---- copy engines ---------------------------------------------------------------------------
 
-// One contiguous host -> slot copy.
+// One contiguous host -> slot copy. When `fd` >= 0 the source bytes are also bytes
+// [file_offset, file_offset + num_bytes) of that open file (`source` is a mapping of it): the CPU
+// copier reads them with pread, which takes no page faults and maps nothing into the process.
 struct CopyRange {
   const char* source;
   char* dest;
   int64_t num_bytes;
-  bool release_pages;  // the source is a read-only file mapping: drop its pages once copied
+  int fd = -1;
+  int64_t file_offset = 0;
 };
 
 // Moves expert weights into slots asynchronously and orders the compute after them.
@@ -245,10 +248,10 @@ class SlotCopier {
   virtual ~SlotCopier() = default;
   // Starts filling `slot`; returns at once (it first waits for an earlier copy into that slot).
   virtual void start(int64_t slot, std::vector<CopyRange> ranges) = 0;
-  // Whether every copy into `slot` has finished (never blocks).
+  // Whether every copy into `slot` has finished (never blocks). Throws if one failed.
   virtual bool ready(int64_t slot) = 0;
   // Makes the compute wait for the copies into `slots` (CPU: blocks; CUDA: the current stream
-  // waits on their events).
+  // waits on their events). Throws if one failed (a file read error).
   virtual void wait(const std::vector<int64_t>& slots) = 0;
   // The compute that reads `slots` has been issued: later copies into them must follow it.
   virtual void release(const std::vector<int64_t>& slots) = 0;
@@ -271,6 +274,9 @@ std::unique_ptr<SlotCopier> make_cuda_stream_copier(int64_t num_slots, int8_t de
 //   begin_batch(tokens_per_expert) ; then until `last`:
 //     (ready_table, loading_table, num_ready, num_loading, last) = next_round()
 //     compute the ready experts ; wait_round() ; compute the loading experts ; end_round()
+// A ready expert that round_experts() lists as deferrable keeps its slot for the rest of the
+// batch, so its compute may move to any later round (e.g. to hide a later round's copy); every
+// slot the batch used is released when its last round ends.
 // Tables are int32 [E + 1] on the pool device: slot of each expert of the round, -1 for the
 // others and at index E (so an unrouted id -1 maps to -1). A round holds every remaining active
 // expert unless the pool is too small, in which case it ends just before the walk would evict an
@@ -281,8 +287,12 @@ class ExpertBuffer : public torch::CustomClassHolder {
                std::vector<at::Tensor> pools, int64_t copy_threads);
   ~ExpertBuffer() override;
 
+  // Bytes [source_offset, +num_bytes) of `source` fill bytes [dest_offset, ...) of `expert`'s
+  // slot in pools[pool]. A non-empty `file` names the file those bytes are read from on the CPU,
+  // at `file_offset` (`source` maps it).
   void add_segment(int64_t expert, int64_t pool, at::Tensor source, int64_t source_offset,
-                   int64_t dest_offset, int64_t num_bytes, bool release_pages);
+                   int64_t dest_offset, int64_t num_bytes, const std::string& file,
+                   int64_t file_offset);
   void finalize();
 
   void begin_batch(const at::Tensor& tokens_per_expert);
@@ -290,8 +300,11 @@ class ExpertBuffer : public torch::CustomClassHolder {
   void wait_round();
   void end_round();
   void cancel_batch();
-  // The open round's experts: (ready, loading), in walk (increasing id) order.
-  std::tuple<c10::List<int64_t>, c10::List<int64_t>> round_experts() const;
+  // The open round's experts: (ready, loading, deferrable), in walk (increasing id) order;
+  // deferrable: the ready experts whose slots no later round of the batch refills.
+  std::tuple<c10::List<int64_t>, c10::List<int64_t>, c10::List<int64_t>> round_experts() const;
+  // Whether the open round's copies have finished (never blocks).
+  bool copies_done();
 
   int64_t prefetch(std::vector<int64_t> experts, bool is_prediction);
   void warm_start(std::vector<int64_t> experts, const at::Tensor& use_counts);
@@ -312,13 +325,25 @@ class ExpertBuffer : public torch::CustomClassHolder {
     int64_t source_offset;
     int64_t dest_offset;
     int64_t num_bytes;
-    bool release_pages;
+    int fd;  // -1: host memory
+    int64_t file_offset;
+  };
+  // The store's files, opened once and closed after the copier has drained.
+  struct OpenFiles {
+    std::vector<std::pair<std::string, int>> fds;
+    ~OpenFiles();
+    int open(const std::string& path);
   };
 
   void start_load(int64_t expert, int64_t slot);
   at::Tensor make_table(const std::vector<int64_t>& experts) const;
   std::vector<int64_t> slots_of(const std::vector<int64_t>& experts) const;
   void check_idle(const char* method) const;
+  void release_batch_slots();
+  // Runs a copier call that may report a failed copy; on failure the pool is emptied (its
+  // contents are no longer known) before the error propagates.
+  template <typename F>
+  auto guarded(F&& call) -> decltype(call());
 
   ExpertCache cache_;
   std::vector<at::Tensor> pools_;
@@ -334,6 +359,10 @@ class ExpertBuffer : public torch::CustomClassHolder {
   std::vector<char> in_round_;  // [E]
   std::vector<int64_t> round_ready_;
   std::vector<int64_t> round_loading_;
+  std::vector<int64_t> round_deferrable_;
+  std::vector<int64_t> last_fill_;  // [slots] walk position of the batch's last load into it
+  std::vector<char> batch_slots_;   // [slots] computed with in this batch
+  int64_t walk_position_ = 0;
   int64_t rounds_ = 0;
 
   std::vector<char> predicted_;  // [E] the last prediction, compared with the next batch
@@ -346,6 +375,7 @@ class ExpertBuffer : public torch::CustomClassHolder {
   int64_t copy_ns_ = 0;
   int64_t stall_ns_ = 0;
 
+  OpenFiles files_;
   std::unique_ptr<SlotCopier> copier_;  // declared last: destroyed (drained) first
 };
 

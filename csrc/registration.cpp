@@ -68,6 +68,7 @@ TORCH_LIBRARY(moe_infer, m) {
       .def("end_round", &ExpertBuffer::end_round)
       .def("cancel_batch", &ExpertBuffer::cancel_batch)
       .def("round_experts", &ExpertBuffer::round_experts)
+      .def("copies_done", &ExpertBuffer::copies_done)
       .def("prefetch", &ExpertBuffer::prefetch)
       .def("warm_start", &ExpertBuffer::warm_start)
       .def("clear", &ExpertBuffer::clear)

@@ -4,9 +4,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <sys/mman.h>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <torch/library.h>
 #include <unistd.h>
+
+#include <cerrno>
 
 #include <chrono>
 #include <condition_variable>
@@ -27,13 +30,22 @@ int64_t now_ns() {
       .count();
 }
 
-// Drops the pages of a read-only file mapping from this process (they stay in the page cache),
-// so a disk-backed store does not grow the resident set. Best effort: errors are ignored.
-void release_source_pages(const char* source, int64_t num_bytes) {
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(source) & ~(page - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(source) + num_bytes + page - 1) & ~(page - 1);
-  (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+// Reads bytes [offset, offset + num_bytes) of an open file into `dest` with pread (straight from
+// the page cache, or the disk). Returns an empty string, or what went wrong.
+std::string read_file_range(int fd, int64_t offset, char* dest, int64_t num_bytes) {
+  int64_t done = 0;
+  while (done < num_bytes) {
+    const ssize_t got = ::pread(fd, dest + done, static_cast<size_t>(num_bytes - done),
+                                static_cast<off_t>(offset + done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) return std::string("read error: ") + std::strerror(errno);
+    if (got == 0) {
+      return "unexpected end of file at byte " + std::to_string(offset + done) +
+             " (the file was truncated after it was opened)";
+    }
+    done += got;
+  }
+  return {};
 }
 
 // CPU copy engine: `num_threads` std::threads copy slots while the caller computes. Copies into
@@ -41,7 +53,7 @@ void release_source_pages(const char* source, int64_t num_bytes) {
 class ThreadPoolCopier final : public SlotCopier {
  public:
   ThreadPoolCopier(int64_t num_slots, int64_t num_threads)
-      : issued_(num_slots, 0), done_(num_slots, 0) {
+      : issued_(num_slots, 0), done_(num_slots, 0), errors_(num_slots) {
     for (int64_t t = 0; t < num_threads; ++t) threads_.emplace_back([this] { work(); });
   }
 
@@ -61,6 +73,7 @@ class ThreadPoolCopier final : public SlotCopier {
       done_cv_.wait(lock, [&] { return done_[slot] == issued_[slot]; });
       stall_ns_ += now_ns() - t0;
     }
+    errors_[slot].clear();  // a new copy supersedes a failed one nobody waited for
     queue_.push_back(Task{slot, ++issued_[slot], std::move(ranges)});
     lock.unlock();
     work_cv_.notify_one();
@@ -68,6 +81,7 @@ class ThreadPoolCopier final : public SlotCopier {
 
   bool ready(int64_t slot) override {
     std::lock_guard<std::mutex> lock(mutex_);
+    throw_if_failed(slot);
     return done_[slot] == issued_[slot];
   }
 
@@ -79,10 +93,12 @@ class ThreadPoolCopier final : public SlotCopier {
       }
       return true;
     };
-    if (all_done()) return;
-    const int64_t t0 = now_ns();
-    done_cv_.wait(lock, all_done);
-    stall_ns_ += now_ns() - t0;
+    if (!all_done()) {
+      const int64_t t0 = now_ns();
+      done_cv_.wait(lock, all_done);
+      stall_ns_ += now_ns() - t0;
+    }
+    for (const int64_t s : slots) throw_if_failed(s);
   }
 
   void release(const std::vector<int64_t>& /*slots*/) override {}  // CPU compute is synchronous
@@ -107,6 +123,14 @@ class ThreadPoolCopier final : public SlotCopier {
     std::vector<CopyRange> ranges;
   };
 
+  // Caller holds mutex_. Reports (once) a copy into `slot` that failed.
+  void throw_if_failed(int64_t slot) {
+    if (errors_[slot].empty()) return;
+    const std::string error = std::move(errors_[slot]);
+    errors_[slot].clear();
+    TORCH_CHECK(false, "ExpertBuffer: copying an expert into slot ", slot, " failed: ", error);
+  }
+
   void work() {
     std::unique_lock<std::mutex> lock(mutex_);
     while (true) {
@@ -115,14 +139,19 @@ class ThreadPoolCopier final : public SlotCopier {
       Task task = std::move(queue_.front());
       queue_.pop_front();
       lock.unlock();
+      std::string error;
       const int64_t t0 = now_ns();
       for (const CopyRange& range : task.ranges) {
-        std::memcpy(range.dest, range.source, static_cast<size_t>(range.num_bytes));
-        if (range.release_pages) release_source_pages(range.source, range.num_bytes);
+        if (range.fd < 0) {
+          std::memcpy(range.dest, range.source, static_cast<size_t>(range.num_bytes));
+        } else if (error.empty()) {
+          error = read_file_range(range.fd, range.file_offset, range.dest, range.num_bytes);
+        }
       }
       const int64_t elapsed = now_ns() - t0;
       lock.lock();
       copy_ns_ += elapsed;
+      if (!error.empty()) errors_[task.slot] = std::move(error);
       done_[task.slot] = task.ticket;
       done_cv_.notify_all();
     }
@@ -132,8 +161,9 @@ class ThreadPoolCopier final : public SlotCopier {
   std::condition_variable work_cv_;
   std::condition_variable done_cv_;
   std::deque<Task> queue_;
-  std::vector<uint64_t> issued_;  // [slots] tickets of the copies started
-  std::vector<uint64_t> done_;    // [slots] ticket of the last copy finished
+  std::vector<uint64_t> issued_;     // [slots] tickets of the copies started
+  std::vector<uint64_t> done_;       // [slots] ticket of the last copy finished
+  std::vector<std::string> errors_;  // [slots] a failed copy not yet reported
   bool stopping_ = false;
   int64_t copy_ns_ = 0;
   int64_t stall_ns_ = 0;
@@ -166,6 +196,8 @@ ExpertBuffer::ExpertBuffer(int64_t num_experts, int64_t num_slots, std::string p
       segments_(num_experts, std::vector<std::vector<Segment>>(pools_.size())),
       pending_(num_slots, 0),
       in_round_(num_experts, 0),
+      last_fill_(num_slots, -1),
+      batch_slots_(num_slots, 0),
       predicted_(num_experts, 0),
       tokens_(num_experts, 0),
       batches_active_(num_experts, 0) {
@@ -189,12 +221,50 @@ ExpertBuffer::~ExpertBuffer() = default;
 
 void ExpertBuffer::add_segment(int64_t expert, int64_t pool, at::Tensor source,
                                int64_t source_offset, int64_t dest_offset, int64_t num_bytes,
-                               bool release_pages) {
+                               const std::string& file, int64_t file_offset) {
   TORCH_CHECK(!finalized_, "ExpertBuffer.add_segment: the buffer is finalized");
   check_buffer_segment(num_experts(), pools_, expert, pool, source, source_offset, dest_offset,
                        num_bytes);
+  int fd = -1;
+  if (!file.empty()) {
+    fd = files_.open(file);
+    struct stat info {};
+    TORCH_CHECK(::fstat(fd, &info) == 0, "ExpertBuffer.add_segment: cannot stat '", file,
+                "': ", std::strerror(errno));
+    TORCH_CHECK(file_offset >= 0 && file_offset + num_bytes <= static_cast<int64_t>(info.st_size),
+                "ExpertBuffer.add_segment: bytes [", file_offset, ", ", file_offset + num_bytes,
+                ") of '", file, "' fall outside its ", static_cast<int64_t>(info.st_size),
+                " bytes (truncated?)");
+  }
   segments_[expert][pool].push_back(
-      Segment{std::move(source), source_offset, dest_offset, num_bytes, release_pages});
+      Segment{std::move(source), source_offset, dest_offset, num_bytes, fd, file_offset});
+}
+
+int ExpertBuffer::OpenFiles::open(const std::string& path) {
+  for (const auto& [name, fd] : fds) {
+    if (name == path) return fd;
+  }
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  TORCH_CHECK(fd >= 0, "ExpertBuffer.add_segment: cannot open '", path,
+              "': ", std::strerror(errno));
+  fds.emplace_back(path, fd);
+  return fd;
+}
+
+ExpertBuffer::OpenFiles::~OpenFiles() {
+  for (const auto& entry : fds) ::close(entry.second);
+}
+
+template <typename F>
+auto ExpertBuffer::guarded(F&& call) -> decltype(call()) {
+  try {
+    return call();
+  } catch (...) {
+    copier_->synchronize();
+    cache_.clear();
+    std::fill(pending_.begin(), pending_.end(), 0);
+    throw;
+  }
 }
 
 void ExpertBuffer::finalize() {
@@ -233,7 +303,7 @@ void ExpertBuffer::start_load(int64_t expert, int64_t slot) {
     for (const Segment& part : segments_[expert][p]) {
       ranges.push_back(
           CopyRange{static_cast<const char*>(part.source.const_data_ptr()) + part.source_offset,
-                    slot_base + part.dest_offset, part.num_bytes, part.release_pages});
+                    slot_base + part.dest_offset, part.num_bytes, part.fd, part.file_offset});
     }
   }
   copier_->start(slot, std::move(ranges));
@@ -269,6 +339,16 @@ void ExpertBuffer::begin_batch(const at::Tensor& tokens_per_expert) {
   }
   cache_.begin_batch(active.data(), static_cast<int64_t>(active.size()));
   std::fill(in_round_.begin(), in_round_.end(), 0);
+  // Walk a copy of the cache through the batch: where each slot is refilled for the last time
+  // tells which experts keep their slots to the end (the deferrable ones).
+  std::fill(last_fill_.begin(), last_fill_.end(), -1);
+  ExpertCache walk = cache_;
+  for (int64_t position = 0; !walk.batch_done(); ++position) {
+    const ExpertCache::Step step = walk.peek();
+    if (!step.hit) last_fill_[step.slot] = position;
+    walk.commit(step);
+  }
+  walk_position_ = 0;
   in_batch_ = true;
 }
 
@@ -279,6 +359,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t, bool> ExpertBuffer::next_ro
   for (const int64_t e : round_loading_) in_round_[e] = 0;
   round_ready_.clear();
   round_loading_.clear();
+  round_deferrable_.clear();
   while (!cache_.batch_done()) {
     const ExpertCache::Step step = cache_.peek();
     // The walk would evict an expert this round still has to compute with: end the round here.
@@ -286,8 +367,15 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t, bool> ExpertBuffer::next_ro
     cache_.commit(step);
     if (!step.hit) start_load(step.expert, step.slot);
     in_round_[step.expert] = 1;
-    if (pending_[step.slot] && copier_->ready(step.slot)) pending_[step.slot] = 0;
+    batch_slots_[step.slot] = 1;
+    if (pending_[step.slot] && guarded([&] { return copier_->ready(step.slot); })) {
+      pending_[step.slot] = 0;
+    }
     (pending_[step.slot] ? round_loading_ : round_ready_).push_back(step.expert);
+    if (!pending_[step.slot] && last_fill_[step.slot] <= walk_position_) {
+      round_deferrable_.push_back(step.expert);
+    }
+    ++walk_position_;
   }
   ++rounds_;
   round_open_ = true;
@@ -302,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t, int64_t, bool> ExpertBuffer::next_ro
 void ExpertBuffer::wait_round() {
   TORCH_CHECK(round_open_, "ExpertBuffer.wait_round: no round is open");
   const std::vector<int64_t> slots = slots_of(round_loading_);
-  copier_->wait(slots);
+  guarded([&] { copier_->wait(slots); });
   for (const int64_t s : slots) pending_[s] = 0;
   round_waited_ = true;
 }
@@ -317,20 +405,37 @@ void ExpertBuffer::end_round() {
   slots.insert(slots.end(), loaded.begin(), loaded.end());
   copier_->release(slots);
   round_open_ = false;
+  if (!in_batch_) release_batch_slots();
 }
 
-std::tuple<c10::List<int64_t>, c10::List<int64_t>> ExpertBuffer::round_experts() const {
-  return {c10::List<int64_t>(round_ready_), c10::List<int64_t>(round_loading_)};
+void ExpertBuffer::release_batch_slots() {
+  // Deferred experts were computed in later rounds than their own: once the batch is over, every
+  // slot it computed with must be released before a later copy may refill it.
+  std::vector<int64_t> slots;
+  for (int64_t s = 0; s < num_slots(); ++s) {
+    if (batch_slots_[s]) slots.push_back(s);
+  }
+  copier_->release(slots);
+  std::fill(batch_slots_.begin(), batch_slots_.end(), 0);
+}
+
+std::tuple<c10::List<int64_t>, c10::List<int64_t>, c10::List<int64_t>> ExpertBuffer::round_experts()
+    const {
+  return {c10::List<int64_t>(round_ready_), c10::List<int64_t>(round_loading_),
+          c10::List<int64_t>(round_deferrable_)};
+}
+
+bool ExpertBuffer::copies_done() {
+  TORCH_CHECK(round_open_, "ExpertBuffer.copies_done: no round is open");
+  for (const int64_t e : round_loading_) {
+    if (!guarded([&] { return copier_->ready(cache_.slot_of(e)); })) return false;
+  }
+  return true;
 }
 
 void ExpertBuffer::cancel_batch() {
-  if (round_open_) {
-    // Whatever compute was issued for this round must finish before its slots are refilled.
-    std::vector<int64_t> slots = slots_of(round_ready_);
-    const std::vector<int64_t> loaded = slots_of(round_loading_);
-    slots.insert(slots.end(), loaded.begin(), loaded.end());
-    copier_->release(slots);
-  }
+  // Whatever compute was issued in this batch must finish before its slots are refilled.
+  if (in_batch_ || round_open_) release_batch_slots();
   round_open_ = false;
   in_batch_ = false;
 }
@@ -380,6 +485,7 @@ void ExpertBuffer::warm_start(std::vector<int64_t> experts, const at::Tensor& us
     loaded.push_back(slot);
   }
   copier_->synchronize();
+  guarded([&] { copier_->wait(loaded); });
   for (const int64_t s : loaded) pending_[s] = 0;
 }
 

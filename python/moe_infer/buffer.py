@@ -252,6 +252,7 @@ class _Piece:
     offset: int
     dest_offset: int
     num_bytes: int
+    file: str = ""  # the file ``source`` maps from its first byte (the CPU copier reads it with pread)
 
 
 class ExpertStore:
@@ -401,7 +402,8 @@ class ExpertStore:
                 raise ValueError(f"{where}: tensor '{key}' has shape {list(shape)}, expected [num_experts, ...]")
             num_experts = shape[0]
             row = math.prod(shape[1:]) * torch.empty((), dtype=key_dtype).element_size()
-            pieces[part] = [[_Piece(data, offset + e * row, 0, row)] for e in range(num_experts)]
+            path = ckpt.file(key).path
+            pieces[part] = [[_Piece(data, offset + e * row, 0, row, path)] for e in range(num_experts)]
             shapes[part] = tuple(shape[1:])
             stacked[part] = ckpt.file(key).tensor(key)
         return cls(num_experts, store_dtype, shapes, pieces, stacked, True, f"safetensors '{ckpt.path}' (stacked)")
@@ -435,7 +437,7 @@ class ExpertStore:
                         raise ValueError(f"{where}: tensor '{name}' has shape {list(shape)}, unlike {keys[0]}")
                     width = tuple(shape[1:])
                     num_bytes = math.prod(shape) * torch.empty((), dtype=key_dtype).element_size()
-                    expert_pieces.append(_Piece(data, offset, dest, num_bytes))
+                    expert_pieces.append(_Piece(data, offset, dest, num_bytes, ckpt.file(name).path))
                     rows, dest = rows + shape[0], dest + num_bytes
                 shape = (rows, *width)
                 if part in shapes and shapes[part] != shape:
@@ -520,14 +522,17 @@ class ExpertBuffer:
         self.swiglu_alpha = swiglu_alpha
         self.swiglu_limit = swiglu_limit
         self.overlap = overlap
+        self._deferred_computes = 0  # deferred resident experts computed while a copy ran
         if self.device.type == "cuda" and store.file_backed:
             warnings.warn(
                 "ExpertBuffer: a file-backed store cannot be pinned, so copies to the GPU are synchronous; "
                 "load the experts into pinned host memory (ExpertStore.from_tensors(..., pin_memory=True)) to overlap",
                 stacklevel=2,
             )
+        # Zero-filled, so the whole pool is committed memory from the start (an empty CPU tensor's
+        # pages would only become resident as slots fill, hiding the pool's real size).
         self.pools = {
-            part: torch.empty((self.num_slots, *store.shapes[part]), dtype=store.dtype, device=self.device)
+            part: torch.zeros((self.num_slots, *store.shapes[part]), dtype=store.dtype, device=self.device)
             for part in store.parts
         }
         self._core = torch.classes.moe_infer.ExpertBuffer(
@@ -537,7 +542,7 @@ class ExpertBuffer:
             for e, expert_pieces in enumerate(store.pieces[part]):
                 for piece in expert_pieces:
                     self._core.add_segment(
-                        e, p, piece.source, piece.offset, piece.dest_offset, piece.num_bytes, store.file_backed
+                        e, p, piece.source, piece.offset, piece.dest_offset, piece.num_bytes, piece.file, piece.offset
                     )
         self._core.finalize()
         first = self.pools["fc1_weight"]
@@ -570,7 +575,11 @@ class ExpertBuffer:
             raise
 
     def _run_batch(self, hidden, ids, weights, counts, top_k):
-        pair_rows = None  # [S*k, H] expert outputs in (token, slot) order, once a batch takes > 1 compute
+        rows = out = None  # once the batch takes more than one compute: its rows sorted by expert id
+        # Resident experts whose slots the batch never refills wait here to be computed while a
+        # later round's copies run (with LIFO, the misses after the first round take turns in one
+        # slot, so only other experts' compute can hide their copies).
+        deferred: list[tuple[int, int]] = []  # (expert, slot)
         first = True
         while True:
             ready, loading, num_ready, num_loading, last = self._core.next_round()
@@ -582,46 +591,72 @@ class ExpertBuffer:
                 rows, row_of_pair = self._compute(hidden, table[ids], top_k)
                 self._core.end_round()
                 return ops.unpermute_combine(rows, weights, row_of_pair)
-            if pair_rows is None:
-                pair_rows = hidden.new_zeros(ids.numel(), hidden.shape[1])
-            ready_experts, loading_experts = self._core.round_experts()
-            if num_loading and not (self.overlap and num_ready):
+            if rows is None:
+                plan = ops.dispatch_plan(ids, self.num_experts, validate=False)
+                rows = ops.permute(hidden, plan.sorted_pair_ids, top_k)
+                out = torch.empty_like(rows)
+                ends = torch.cumsum(counts, 0).tolist()
+                out[ends[-1] :].zero_()  # unrouted pairs (id -1) sort last and contribute nothing
+                bounds = [(end - int(n), end) for end, n in zip(ends, counts.tolist())]  # rows of each expert
+            slot_of = self._core.slot_table().tolist()
+            ready_experts, loading_experts, deferrable = self._core.round_experts()
+            if num_loading and not self.overlap:
                 self._core.wait_round()
                 ready_experts, loading_experts = sorted(ready_experts + loading_experts), []
-                ready = torch.maximum(ready, loading)
-            self._compute_into(pair_rows, hidden, ids, ready, ready_experts, counts, top_k)
+            elif self.overlap and not last:
+                later = set(deferrable)
+                deferred += [(e, slot_of[e]) for e in ready_experts if e in later]
+                ready_experts = [e for e in ready_experts if e not in later]
+            self._compute_experts(rows, out, bounds, [(e, slot_of[e]) for e in ready_experts])
+            while loading_experts and deferred and not self._core.copies_done():
+                self._compute_experts(rows, out, bounds, [deferred.pop(0)])
+                self._deferred_computes += 1
             if loading_experts:
                 self._core.wait_round()  # the resident experts were computed while these copied
-                self._compute_into(pair_rows, hidden, ids, loading, loading_experts, counts, top_k)
+                self._compute_experts(rows, out, bounds, [(e, slot_of[e]) for e in loading_experts])
+            if last:
+                self._compute_experts(rows, out, bounds, sorted(deferred))
             self._core.end_round()
             first = False
             if last:
                 break
-        identity = torch.arange(ids.numel(), dtype=torch.int32, device=hidden.device)
-        return ops.unpermute_combine(pair_rows, weights, identity)
+        return ops.unpermute_combine(out, weights, plan.row_of_pair)
 
-    def _compute_into(self, pair_rows, hidden, ids, table, experts, counts, top_k):
-        """Computes the pairs routed to ``experts`` (slots in ``table``) into their rows of pair_rows.
+    def _compute_experts(self, rows, out, bounds, experts):
+        """Computes the rows of ``experts`` ((expert, slot) pairs, increasing expert) into ``out``.
 
-        Only those pairs are gathered (their number is known on the host), each as a one-slot token,
-        so a batch cut into many rounds costs O(S*k*H) in all, not per round. Within an expert the
-        pairs keep their order, so each expert's GEMM sees the resident layer's rows.
+        ``rows`` holds the batch's rows sorted by expert id and ``bounds[e]`` is expert e's range,
+        so each expert's GEMMs see exactly the resident layer's rows. Experts whose rows are
+        adjacent and whose slots increase go through one grouped_mlp call over the pool.
         """
-        num_pairs = int(sum(int(counts[e]) for e in experts))
-        if num_pairs == 0:
-            return
-        slot_ids = table[ids].reshape(-1)
-        pairs = torch.nonzero_static(slot_ids >= 0, size=num_pairs).reshape(-1)
-        rows, row_of_pair = self._compute(hidden[pairs // top_k], slot_ids[pairs].reshape(-1, 1), 1)
-        pair_rows.index_copy_(0, pairs, rows.index_select(0, row_of_pair.long()))
+        runs: list[list[tuple[int, int]]] = []
+        for expert, slot in experts:
+            if bounds[expert][0] == bounds[expert][1]:
+                continue
+            run = runs[-1] if runs else None
+            if run is not None and bounds[run[-1][0]][1] == bounds[expert][0] and run[-1][1] < slot:
+                run.append((expert, slot))
+            else:
+                runs.append([(expert, slot)])
+        for run in runs:
+            begin, end = bounds[run[0][0]][0], bounds[run[-1][0]][1]
+            sizes = [0] * (self.num_slots + 1)
+            for expert, slot in run:
+                sizes[slot + 1] = bounds[expert][1] - bounds[expert][0]
+            offsets = torch.tensor(sizes, dtype=torch.int32).cumsum_(0)
+            out[begin:end] = self._grouped_mlp(rows[begin:end], offsets.to(rows.device, non_blocking=True))
 
     def _compute(self, hidden, slot_ids, top_k):
         """grouped_mlp over the pool for pairs routed to slots: (expert rows, row_of_pair)."""
         plan = ops.dispatch_plan(slot_ids, self.num_slots, validate=False)
         rows = ops.permute(hidden, plan.sorted_pair_ids, top_k)
-        out = ops.grouped_mlp(
+        return self._grouped_mlp(rows, plan.expert_offsets), plan.row_of_pair
+
+    def _grouped_mlp(self, rows, slot_offsets):
+        """ops.grouped_mlp over the slot pool: slot s owns rows [slot_offsets[s], slot_offsets[s+1])."""
+        return ops.grouped_mlp(
             rows,
-            plan.expert_offsets,
+            slot_offsets,
             self.pools["fc1_weight"],
             self.pools.get("fc1_bias"),
             self.pools["fc2_weight"],
@@ -631,7 +666,6 @@ class ExpertBuffer:
             self.swiglu_alpha,
             self.swiglu_limit,
         )
-        return out, plan.row_of_pair
 
     def _check_inputs(self, hidden, ids, weights):
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
@@ -706,8 +740,10 @@ class ExpertBuffer:
         """Counters since the last :meth:`reset_stats`: hits, misses, evictions, loads (misses +
         prefetches + warm loads), bytes_copied, copy_time_s (sum over copies), stall_time_s (the
         compute waiting for copies), rounds, prefetches, prefetch_hits, prefetch_unused, and the
-        prediction accuracy (precision, recall of predicted vs actual active experts)."""
+        prediction accuracy (precision, recall of predicted vs actual active experts).
+        ``deferred_computes``: resident experts whose compute was moved behind a later copy."""
         raw = dict(self._core.stats())
+        raw["deferred_computes"] = self._deferred_computes
         out: dict[str, float] = {k: v for k, v in raw.items() if not k.endswith("_ns")}
         out["copy_time_s"] = raw["copy_ns"] * 1e-9
         out["stall_time_s"] = raw["stall_ns"] * 1e-9
@@ -720,6 +756,7 @@ class ExpertBuffer:
 
     def reset_stats(self) -> None:
         self._core.reset_stats()
+        self._deferred_computes = 0
 
     def __repr__(self) -> str:
         return (

@@ -113,9 +113,12 @@ def synthetic_trace(
         skew: Zipf exponent s of expert popularity (expert of rank r has weight r**-s). 0 = uniform;
             1 = classic Zipf; larger = a few hot experts take most tokens. Which expert holds which
             rank is a random permutation per layer.
-        locality: in [0, 1]. Each batch's popularity is ``locality * previous + (1 - locality) *
-            fresh``, where ``fresh`` is the Zipf weights under a new random permutation. 1 = the
-            same distribution every batch (maximal temporal locality); 0 = a new hot set every batch.
+        locality: in [0, 1], how long a hot set lasts. Each expert has a score that follows a
+            Gaussian AR(1) walk, ``score = locality * score + sqrt(1 - locality**2) * noise`` per
+            batch, and the batch's popularity is the Zipf weights assigned by score rank. So every
+            batch has exactly the Zipf skew, and only which experts are hot drifts: 1 = the same
+            distribution every batch; 0 = a new hot set every batch; in between, ranks decorrelate
+            over about ``1 / (1 - locality)`` batches (0.99: ~100 batches).
         coactivation: in [0, 1). A token draws its first expert from the batch's popularity; its
             other top_k - 1 experts are drawn without replacement with weights multiplied by
             ``1 / (1 - coactivation)`` inside the first expert's cluster (experts are grouped in
@@ -141,11 +144,13 @@ def synthetic_trace(
         cluster_of = torch.empty(num_experts, dtype=torch.long)
         cluster_of[torch.randperm(num_experts, generator=gen)] = torch.arange(num_experts) // cluster_size
         clusters.append(cluster_of.tolist())
-        popularity = base[torch.randperm(num_experts, generator=gen)]
+        score = torch.randn(num_experts, generator=gen, dtype=torch.float64)
+        noise_scale = (1.0 - locality * locality) ** 0.5
         batches = []
         for _ in range(num_batches):
-            fresh = base[torch.randperm(num_experts, generator=gen)]
-            popularity = locality * popularity + (1.0 - locality) * fresh
+            score = locality * score + noise_scale * torch.randn(num_experts, generator=gen, dtype=torch.float64)
+            popularity = torch.empty_like(base)
+            popularity[torch.argsort(score, descending=True, stable=True)] = base
             batches.append(_draw_batch(popularity, cluster_of, top_k, tokens_per_batch, boost, gen))
         layers.append(batches)
     meta = dict(

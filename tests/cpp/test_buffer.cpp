@@ -89,8 +89,8 @@ TEST_CASE("ExpertBuffer copies each expert's bytes into its slot, through many s
   moe_infer::ExpertBuffer buffer(num_experts, num_slots, "paper", pools, 3);
   for (int64_t e = 0; e < num_experts; ++e) {
     // Two pieces per expert, given in reverse order: finalize() sorts and checks them.
-    buffer.add_segment(e, 0, store, e * 48 + 24, 24, 24, false);
-    buffer.add_segment(e, 0, store, e * 48, 0, 24, false);
+    buffer.add_segment(e, 0, store, e * 48 + 24, 24, 24, "", 0);
+    buffer.add_segment(e, 0, store, e * 48, 0, 24, "", 0);
   }
   buffer.finalize();
   int64_t swaps = 0;
@@ -120,13 +120,46 @@ TEST_CASE("ExpertBuffer copies each expert's bytes into its slot, through many s
   REQUIRE(buffer.prefetch({0, 1, 2, 3, 4, 5}, false) == 2);
 }
 
+TEST_CASE("ExpertBuffer marks the ready experts whose slots the batch never refills", "[buffer]") {
+  const int64_t num_experts = 6, num_slots = 3;
+  const at::Tensor store = at::arange(num_experts * 4, at::kFloat).reshape({num_experts, 4});
+  std::vector<at::Tensor> pools{at::zeros({num_slots, 4})};
+  moe_infer::ExpertBuffer buffer(num_experts, num_slots, "paper", pools, 1);
+  for (int64_t e = 0; e < num_experts; ++e) buffer.add_segment(e, 0, store, e * 16, 0, 16, "", 0);
+  buffer.finalize();
+  auto run = [&](std::vector<int64_t> active) {
+    at::Tensor counts = at::zeros({num_experts}, at::kLong);
+    for (const int64_t e : active) counts[e] = 1;
+    buffer.begin_batch(counts);
+    std::vector<std::vector<int64_t>> deferrable;
+    bool last = false;
+    while (!last) {
+      last = std::get<4>(buffer.next_round());
+      deferrable.push_back(std::get<2>(buffer.round_experts()).vec());
+      buffer.wait_round();
+      REQUIRE(buffer.copies_done());
+      buffer.end_round();
+    }
+    return deferrable;
+  };
+  run({0, 1, 2});  // 0, 1, 2 in slots 0, 1, 2
+  // 3, 4 and 5 take turns in slot 2 (LIFO): round one is {0, 1, 2}, and only 0 and 1 keep
+  // their slots to the end of the batch; each later round is one loading expert.
+  const auto deferrable = run({0, 1, 2, 3, 4, 5});
+  REQUIRE(deferrable.size() == 4);
+  REQUIRE(deferrable[0] == std::vector<int64_t>{0, 1});
+  for (size_t r = 1; r < deferrable.size(); ++r) REQUIRE(deferrable[r].empty());
+  REQUIRE(at::equal(pools[0][2], store[5]));
+  REQUIRE_THROWS_WITH(buffer.copies_done(), Catch::Contains("no round is open"));
+}
+
 TEST_CASE("ExpertBuffer rejects incomplete segments and misuse", "[buffer]") {
   std::vector<at::Tensor> pools{at::zeros({2, 8})};
   moe_infer::ExpertBuffer buffer(2, 2, "lru", pools, 1);
-  buffer.add_segment(0, 0, at::zeros({8}), 0, 0, 32, false);
-  buffer.add_segment(1, 0, at::zeros({8}), 0, 0, 16, false);
+  buffer.add_segment(0, 0, at::zeros({8}), 0, 0, 32, "", 0);
+  buffer.add_segment(1, 0, at::zeros({8}), 0, 0, 16, "", 0);
   REQUIRE_THROWS_WITH(buffer.finalize(), Catch::Contains("expert 1 pool 0 has 16 of 32 bytes"));
-  REQUIRE_THROWS_WITH(buffer.add_segment(0, 0, at::zeros({2}), 0, 0, 16, false),
+  REQUIRE_THROWS_WITH(buffer.add_segment(0, 0, at::zeros({2}), 0, 0, 16, "", 0),
                       Catch::Contains("fall outside the source's 8 bytes"));
   REQUIRE_THROWS_WITH(moe_infer::ExpertBuffer(2, 2, "belady", pools, 1),
                       Catch::Contains("'belady' needs the future"));

@@ -236,14 +236,16 @@ def test_belady_is_never_beaten():
     ids=["silu_glu", "gpt_oss", "relu_bias"],
 )
 def test_buffer_smaller_than_one_batch_is_exact(device, top_k, options):
-    """A batch needing more experts than slots runs in rounds; outputs stay bitwise identical."""
+    """A batch needing more experts than slots runs in rounds, resident experts computed while later
+    rounds copy (the paper's LIFO keeps them for the whole batch); outputs stay bitwise identical."""
     experts = make_experts(8, 32, 16, **options)
     batches = [torch.stack([torch.randperm(8)[:top_k] for _ in range(20)]).to(torch.int32) for _ in range(4)]
-    for num_slots, overlap in ((1, True), (3, True), (3, False)):
-        buffer = buffered(experts, num_slots, "lru", device, overlap=overlap)
-        assert run_batches(buffer, experts, batches, 32, device), (num_slots, overlap)
-        stats = buffer.stats()
-        assert stats["rounds"] > stats["batches"]  # it really needed rounds
+    for policy in ("lru", "paper"):
+        for num_slots, overlap in ((1, True), (3, True), (5, True), (3, False)):
+            buffer = buffered(experts, num_slots, policy, device, overlap=overlap)
+            assert run_batches(buffer, experts, batches, 32, device), (policy, num_slots, overlap)
+            stats = buffer.stats()
+            assert stats["rounds"] > stats["batches"]  # it really needed rounds
 
 
 def test_odd_sizes_match_to_float_rounding():

@@ -191,7 +191,7 @@ def _rss_bytes():
 
 def test_disk_store_keeps_the_resident_set_small(tmp_path):
     """64 experts of 768 KiB in a file; a 2-slot buffer runs batches that touch every expert. The
-    mapped pages are released after each copy, so RSS grows by about the pool, not the file."""
+    copies read the file with pread (nothing of it is mapped in), so RSS grows by about the pool."""
     num_experts, hidden, ffn = 64, 128, 512
     path = tmp_path / "big.safetensors"
     save_file(
@@ -212,6 +212,31 @@ def test_disk_store_keeps_the_resident_set_small(tmp_path):
     assert buffer.stats()["misses"] >= num_experts
     assert store.total_bytes == 48 << 20
     assert _rss_bytes() - rss < 12 << 20
+
+
+def test_file_truncated_after_opening(tmp_path):
+    """The file shrinks under an open store: the copy that needs the lost bytes fails with an error
+    naming the problem (a read through the mapping would crash the process with SIGBUS), the pool
+    is emptied, and once the file is whole again the buffer is exact."""
+    fc1, fc2 = torch.randn(4, 64, 32), torch.randn(4, 32, 32)
+    path = tmp_path / "experts.safetensors"
+    save_file({PREFIX + "gate_up_proj": fc1, PREFIX + "down_proj": fc2}, str(path))
+    whole = path.read_bytes()
+    store = ExpertStore.from_safetensors(str(path), PREFIX)
+    buffer = ExpertBuffer(store, 2, "cpu", "paper")
+    x, w = torch.randn(3, 32), torch.rand(3, 2)
+    first, last = torch.tensor([[0, 1]] * 3, dtype=torch.int32), torch.tensor([[2, 3]] * 3, dtype=torch.int32)
+    with torch.no_grad():
+        buffer(x, first, w)
+        with open(path, "r+b") as f:
+            f.truncate(len(whole) - 1000)  # the last bytes (of expert 3) are gone
+        with pytest.raises(RuntimeError, match=r"copying an expert into slot \d failed: unexpected end of file"):
+            buffer(x, last, w)
+        assert buffer.resident_experts() == []
+        path.write_bytes(whole)
+        expected = resident(fc1, fc2, None, None, "silu_glu", x, last, w)
+        assert torch.equal(buffer(x, last, w), expected)
+        assert torch.equal(buffer(x, first, w), resident(fc1, fc2, None, None, "silu_glu", x, first, w))
 
 
 # ---- transformers checkpoints -----------------------------------------------------------------

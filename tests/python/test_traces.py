@@ -79,3 +79,18 @@ def test_bad_arguments():
     bad = RoutingTrace(4, 2, [[torch.tensor([[0, 4]], dtype=torch.int32)]])
     with pytest.raises(ValueError, match=r"ids outside"):
         bad.validate()
+
+
+def test_every_batch_keeps_the_skew_while_the_hot_set_drifts():
+    # Drift changes which experts are hot, never how skewed a batch is: the share of each batch's
+    # four busiest experts stays the Zipf value at any locality.
+    expected = zipf_weights(64, 1.5)[:4].sum().item()
+    for locality in (0.0, 0.8, 0.99):
+        trace = synthetic_trace(64, 1, 30, 2000, skew=1.5, locality=locality, seed=6)
+        counts = trace.expert_counts(0).double()
+        top4 = (counts.topk(4, dim=1).values.sum(1) / counts.sum(1)).mean().item()
+        assert top4 == pytest.approx(expected, abs=0.03), locality
+    # ...and the hot set does drift below locality 1: the hottest expert of the first batch is not
+    # the hottest of every batch.
+    drifting = synthetic_trace(64, 1, 30, 2000, skew=1.5, locality=0.8, seed=6).expert_counts(0)
+    assert len(set(drifting.argmax(1).tolist())) > 1
