@@ -20,7 +20,6 @@ import argparse
 import ctypes
 import gc
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -269,8 +268,9 @@ def part_throughput(path, traces, device, slot_list, warmup, progress):
             results[key_name][group] = {
                 key: dict(
                     tokens_per_s=sum(x.shape[0] for x, _, _ in timed[warmup:]) / sum(seconds[key]),
-                    # The median over batches of resident time / this variant's time on the same batch.
-                    vs_resident=statistics.median(r / t for r, t in zip(resident, seconds[key])),
+                    # Throughput ratio: the resident layer's total time over this variant's, on the same
+                    # interleaved batches (a median of per-batch ratios would hide rare slow misses).
+                    vs_resident=sum(resident) / sum(seconds[key]),
                     peak_bytes=peaks[key],
                     stats=v.stats() if isinstance(v, ExpertBuffer) else None,
                     expert_bytes_on_device=v.pool_bytes if isinstance(v, ExpertBuffer) else store.total_bytes,
@@ -619,7 +619,7 @@ def main():
         f"## Miss rate per policy (simulator; Belady = offline optimum)\n\n{sim_table}\n\n"
         f"## Throughput and memory versus buffer size and policy\n\n"
         f"Timing: every batch runs through every variant (rotating order) before the next batch; 'vs resident' "
-        f"is the median over batches of the resident layer's time / the variant's time on the same batch. "
+        f"is the resident layer's total time over the variant's on the same batches (a throughput ratio). "
         f"'peak MiB (measured)': each variant built and run alone, peak "
         f"{'allocator memory' if device.type == 'cuda' else 'resident set (VmHWM)'} of the run over what was in "
         f"use before it (expert weights, pool, scratch); 'memory cut' = resident peak / buffered peak; copy ms is "
