@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <tuple>
 
 namespace moe_infer {
@@ -116,10 +117,20 @@ at::Tensor unpermute_combine_cpu(const at::Tensor& expert_out, const at::Tensor&
 
 #ifdef MOE_INFER_WITH_CUDA
 // out[r] = hidden[pair_ids[r] / top_k] for the rows r of out [num_rows, hidden_size] (zeros for
-// an out-of-range id), on the current stream: permute's launch, shared with static_dispatch.
-// hidden's rows must be dense (stride(1) == 1); pair_ids int32 [num_rows], contiguous.
+// an out-of-range id), on the current stream: permute's launch, shared with static_dispatch and
+// grouped_mlp_combine. hidden's rows must be dense (stride(1) == 1); pair_ids int32 [num_rows],
+// contiguous. With `row_of_pair` ([num_rows] int32), also writes the inverse permutation.
 void launch_permute_rows(const at::Tensor& hidden, const at::Tensor& pair_ids, int64_t top_k,
-                         const at::Tensor& out);
+                         const at::Tensor& out, int32_t* row_of_pair = nullptr);
+
+// out [S, H] = sum_j topk_weights[s, j] * rows[row_of_pair[s * k + j]] on the current stream
+// (rows and row_of_pair contiguous): unpermute_combine's launch, shared with grouped_mlp_combine,
+// which passes its device `expert_offsets` [E + 1] (rows >= offsets[E] are skipped) and fc2_bias
+// (added to each row, by its expert).
+void launch_unpermute_combine(const at::Tensor& rows, const at::Tensor& topk_weights,
+                              const at::Tensor& row_of_pair, const int32_t* expert_offsets,
+                              int num_experts, const std::optional<at::Tensor>& fc2_bias,
+                              const at::Tensor& out);
 #endif
 
 }  // namespace moe_infer

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, pytest, the C++ core with Catch2 (plain and ASan+UBSan), and an nvcc
-# compile of every CUDA source. Sets the machine up first (scripts/setup.sh). Non-zero on any failure.
-#   MOE_INFER_QUICK=1   skip the sanitizer build and the nvcc compile (a faster local loop)
+# The whole test suite: lint, pytest, the C++ core with Catch2 (plain and ASan+UBSan), an nvcc
+# compile of every CUDA source, and a CPU rehearsal of the GPU check (scripts/gpu_check.sh
+# --dry-run: its build, imports and every step's arguments). Sets the machine up first
+# (scripts/setup.sh). Non-zero on any failure.
+#   MOE_INFER_QUICK=1   skip the sanitizer build, the nvcc compile and the GPU-check rehearsal
 #   extra arguments     are passed to pytest (e.g. scripts/test.sh -k gating)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +51,7 @@ if [[ "${MOE_INFER_QUICK:-0}" != "1" ]]; then
   export ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1
   step "ctest (ASan+UBSan)" cmake_tests build/cmake-asan -DMOE_INFER_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug
   step "nvcc compile (every .cu)" scripts/check_cuda_compile.sh
+  step "GPU check rehearsal (CPU)" env PYTHON="$py" GPU_CHECK_BUDGET=900 scripts/gpu_check.sh --dry-run all
 fi
 
 echo

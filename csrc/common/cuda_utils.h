@@ -7,6 +7,10 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <mutex>
 
 // Dispatch over the three floating dtypes the ops accept (float32, bfloat16, float16).
 #define MOE_INFER_DISPATCH_FLOATS(TYPE, NAME, ...)                               \
@@ -44,6 +48,27 @@ auto* cuda_ptr(const at::Tensor& t) {
 template <typename AtenT>
 const auto* cuda_const_ptr(const at::Tensor& t) {
   return reinterpret_cast<const typename CudaType<AtenT>::type*>(t.const_data_ptr<AtenT>());
+}
+
+// What the launchers ask of a device, read from the driver once per device.
+struct DeviceInfo {
+  int major = 0;
+  int minor = 0;
+  int multiprocessors = 1;
+};
+
+inline const DeviceInfo& device_info(int device) {
+  static std::array<DeviceInfo, 64> infos{};
+  static std::array<std::once_flag, 64> once{};
+  TORCH_CHECK(device >= 0 && device < 64, "moe_infer: CUDA device index ", device, " out of range");
+  std::call_once(once[device], [device] {
+    DeviceInfo& info = infos[device];
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.minor, cudaDevAttrComputeCapabilityMinor, device));
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&info.multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  });
+  return infos[device];
 }
 
 // Blocks for a grid-stride kernel: enough to fill the device, never more than the work.

@@ -286,6 +286,27 @@ void ExpertBuffer::finalize() {
                   " bytes described; every slot must be filled by its segments");
     }
   }
+  if (pools_[0].device().is_cuda()) {
+    // From pageable memory cudaMemcpyAsync is synchronous: the host would block on each copy
+    // and none would overlap compute. (A file-backed store is warned about where it is opened.)
+    int64_t pageable = 0, total = 0;
+    for (const auto& pools : segments_) {
+      for (const auto& parts : pools) {
+        for (const Segment& part : parts) {
+          total += part.fd < 0;
+          pageable += part.fd < 0 && !part.source.is_pinned();
+        }
+      }
+    }
+    if (pageable > 0) {
+      TORCH_WARN("ExpertBuffer: ", pageable, " of ", total,
+                 " expert weight segments are in pageable (not pinned) host memory, so their "
+                 "copies to ",
+                 pools_[0].device(),
+                 " are synchronous and cannot overlap compute; keep the experts in pinned memory "
+                 "(ExpertStore.from_tensors(..., pin_memory=True))");
+    }
+  }
   finalized_ = true;
 }
 

@@ -1,7 +1,9 @@
 // CUDA copy engine of the expert buffer: host -> slot copies with cudaMemcpyAsync on a side
 // stream (from pinned host memory they overlap compute), one event per slot that the compute
 // stream waits on, and one event per slot recorded after the compute that read it, so a later
-// copy never overwrites weights a queued kernel still needs.
+// copy never overwrites weights a queued kernel still needs. The side stream first waits for
+// the work queued on the compute stream when the copier is made (the pools' zero-fill), so a
+// first copy cannot be overwritten by it.
 #include <c10/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -30,7 +32,12 @@ class CudaStreamCopier final : public SlotCopier {
       : device_(device),
         copy_stream_(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device)),
         ready_(num_slots),
-        used_(num_slots) {}
+        used_(num_slots) {
+    c10::cuda::CUDAGuard guard(device_);
+    c10::cuda::CUDAEvent pools_made;
+    pools_made.record(c10::cuda::getCurrentCUDAStream(device_));
+    pools_made.block(copy_stream_);
+  }
 
   ~CudaStreamCopier() override {
     // The host sources and the pools must outlive every queued copy.

@@ -1,5 +1,5 @@
-// CUDA glue for dispatch_plan (CUB stable radix sort by expert, no host sync unless validating),
-// permute and unpermute_combine.
+// CUDA glue for dispatch_plan (CUB stable radix sort by expert; ids validated on the device, the
+// error raised later without a host sync: common/device_errors.h), permute and unpermute_combine.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -11,6 +11,7 @@
 #include "common/checks.h"
 #include "common/composite.h"
 #include "common/cuda_utils.h"
+#include "common/device_errors.h"
 #include "dispatch.h"
 #include "kernels/dispatch.cuh"
 
@@ -32,8 +33,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cuda(
     const at::Tensor& expert_ids, int64_t num_experts, bool validate) {
   const PlanSizes sizes = check_dispatch_plan(expert_ids, num_experts);
   const c10::cuda::CUDAGuard guard(expert_ids.device());
-  const bool check = validate && !stream_is_capturing();
-  if (!kernels_enabled()) return composite::dispatch_plan(expert_ids, sizes, check);
+  if (!kernels_enabled()) {
+    return composite::dispatch_plan(expert_ids, sizes, validate && !stream_is_capturing());
+  }
+  kernels::DeviceError* error = nullptr;
+  if (validate) {
+    if (!stream_is_capturing()) raise_device_error(expert_ids.device().index(), false);
+    error = device_error_record(expert_ids.device().index());
+  }
 
   const at::Tensor ids = expert_ids.contiguous();
   const auto int_options = ids.options().dtype(at::kInt);
@@ -45,15 +52,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cuda(
   auto row_of_pair = at::empty({n}, int_options);
   auto tokens_per_expert = at::empty({num_experts}, int_options);
   auto expert_offsets = at::empty({num_experts + 1}, int_options);
-  auto first_bad = at::full({1}, std::numeric_limits<int32_t>::max(), int_options);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int E = static_cast<int>(num_experts);
 
   if (n > 0) {
     AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "dispatch_plan", [&] {
       kernels::plan_keys_kernel<<<grid_size(n, kThreads), kThreads, 0, stream>>>(
-          ids.const_data_ptr<index_t>(), n, E, keys.data_ptr<int32_t>(), values.data_ptr<int32_t>(),
-          first_bad.data_ptr<int32_t>());
+          ids.const_data_ptr<index_t>(), n, E, static_cast<int>(sizes.top_k),
+          keys.data_ptr<int32_t>(), values.data_ptr<int32_t>(), error);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     // LSD radix sort is stable: pairs of one expert keep their (token, slot) order. Keys are in
@@ -72,23 +78,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cuda(
   }
   kernels::plan_offsets_kernel<<<grid_size(n + 1, kThreads), kThreads, 0, stream>>>(
       sorted_keys.const_data_ptr<int32_t>(), sorted_pair_ids.const_data_ptr<int32_t>(), n, E,
-      row_of_pair.data_ptr<int32_t>(), expert_offsets.data_ptr<int32_t>());
+      row_of_pair.data_ptr<int32_t>(), expert_offsets.data_ptr<int32_t>(),
+      tokens_per_expert.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  kernels::plan_counts_kernel<<<grid_size(num_experts, kThreads), kThreads, 0, stream>>>(
-      expert_offsets.const_data_ptr<int32_t>(), E, tokens_per_expert.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  if (check && n > 0) {
-    const int32_t bad = first_bad.item<int32_t>();
-    if (bad != std::numeric_limits<int32_t>::max()) {
-      fail_expert_id(bad, ids.reshape(-1)[bad].item<int64_t>(), sizes);
-    }
-  }
   return {sorted_pair_ids, row_of_pair, tokens_per_expert, expert_offsets};
 }
 
 void launch_permute_rows(const at::Tensor& hidden, const at::Tensor& pair_ids, int64_t top_k,
-                         const at::Tensor& out) {
+                         const at::Tensor& out, int32_t* row_of_pair) {
   const int64_t num_rows = out.size(0);
   const int64_t hidden_size = out.size(1);
   if (num_rows == 0 || hidden_size == 0) return;
@@ -104,7 +101,7 @@ void launch_permute_rows(const at::Tensor& hidden, const at::Tensor& pair_ids, i
     kernels::permute_kernel<VecT><<<grid_size(num_rows), threads, 0, stream>>>(
         static_cast<const char*>(hidden.const_data_ptr()), stride_bytes, vectors,
         pair_ids.const_data_ptr<int32_t>(), static_cast<int>(top_k), hidden.size(0), num_rows,
-        static_cast<char*>(out.data_ptr()));
+        static_cast<char*>(out.data_ptr()), row_of_pair);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // The widest access that every row start allows.
@@ -135,33 +132,34 @@ at::Tensor permute_cuda(const at::Tensor& hidden, const at::Tensor& sorted_pair_
   return out;
 }
 
-at::Tensor unpermute_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weights,
-                                  const at::Tensor& row_of_pair) {
-  const RowSizes sizes = check_unpermute_combine(expert_out, topk_weights, row_of_pair);
-  const c10::cuda::CUDAGuard guard(expert_out.device());
-  if (!kernels_enabled())
-    return composite::unpermute_combine(expert_out, topk_weights, row_of_pair);
-  const at::Tensor rows = expert_out.contiguous();
+void launch_unpermute_combine(const at::Tensor& rows, const at::Tensor& topk_weights,
+                              const at::Tensor& row_of_pair, const int32_t* expert_offsets,
+                              int num_experts, const std::optional<at::Tensor>& fc2_bias,
+                              const at::Tensor& out) {
+  const int64_t num_tokens = out.size(0);
+  const int64_t hidden_size = out.size(1);
+  const int top_k = static_cast<int>(topk_weights.size(1));
+  if (num_tokens == 0 || hidden_size == 0) return;
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
-  const at::Tensor pair_rows = row_of_pair.contiguous();
-  auto out = at::empty({sizes.num_tokens, sizes.hidden_size}, expert_out.options());
-  if (sizes.num_tokens == 0 || sizes.hidden_size == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   MOE_INFER_DISPATCH_FLOATS(rows.scalar_type(), "unpermute_combine", [&] {
     using T = typename CudaType<scalar_t>::type;
     constexpr int kVector = 16 / sizeof(T);
-    const bool vectorize = sizes.hidden_size % kVector == 0 &&
-                           reinterpret_cast<uintptr_t>(rows.const_data_ptr()) % 16 == 0 &&
-                           reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+    auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    const bool vectorize = hidden_size % kVector == 0 && aligned(rows.const_data_ptr()) &&
+                           aligned(out.data_ptr()) &&
+                           (!fc2_bias.has_value() || aligned(fc2_bias->const_data_ptr()));
     const int64_t per_thread = vectorize ? kVector : 1;
-    const int threads = static_cast<int>(
-        std::min<int64_t>(256, std::max<int64_t>(32, sizes.hidden_size / per_thread)));
+    const int threads =
+        static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, hidden_size / per_thread)));
     auto launch = [&](auto vector) {
       constexpr int N = decltype(vector)::value;
-      kernels::unpermute_combine_kernel<T, N><<<grid_size(sizes.num_tokens), threads, 0, stream>>>(
-          cuda_const_ptr<scalar_t>(rows), sizes.hidden_size, rows.size(0),
-          weights.const_data_ptr<float>(), pair_rows.const_data_ptr<int32_t>(),
-          static_cast<int>(sizes.top_k), sizes.num_tokens, cuda_ptr<scalar_t>(out));
+      kernels::unpermute_combine_kernel<T, N><<<grid_size(num_tokens), threads, 0, stream>>>(
+          cuda_const_ptr<scalar_t>(rows), hidden_size, rows.size(0),
+          weights.const_data_ptr<float>(), row_of_pair.const_data_ptr<int32_t>(), top_k, num_tokens,
+          expert_offsets, num_experts,
+          fc2_bias.has_value() ? cuda_const_ptr<scalar_t>(*fc2_bias) : nullptr,
+          cuda_ptr<scalar_t>(out));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vectorize) {
@@ -170,6 +168,17 @@ at::Tensor unpermute_combine_cuda(const at::Tensor& expert_out, const at::Tensor
       launch(std::integral_constant<int, 1>{});
     }
   });
+}
+
+at::Tensor unpermute_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weights,
+                                  const at::Tensor& row_of_pair) {
+  const RowSizes sizes = check_unpermute_combine(expert_out, topk_weights, row_of_pair);
+  const c10::cuda::CUDAGuard guard(expert_out.device());
+  if (!kernels_enabled())
+    return composite::unpermute_combine(expert_out, topk_weights, row_of_pair);
+  auto out = at::empty({sizes.num_tokens, sizes.hidden_size}, expert_out.options());
+  launch_unpermute_combine(expert_out.contiguous(), topk_weights, row_of_pair.contiguous(), nullptr,
+                           0, std::nullopt, out);
   return out;
 }
 

@@ -1,4 +1,5 @@
-// CUDA glue for topk_gating: checks, device guard, current stream, launch, optional validation.
+// CUDA glue for topk_gating: checks, device guard, current stream, launch; validation on the
+// device, raised later without a host sync (common/device_errors.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,6 +11,7 @@
 #include "common/checks.h"
 #include "common/composite.h"
 #include "common/cuda_utils.h"
+#include "common/device_errors.h"
 #include "kernels/gating.cuh"
 
 namespace moe_infer {
@@ -42,8 +44,11 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& router_log
   auto topk_weights = at::empty({sizes.num_tokens, k}, logits.options().dtype(at::kFloat));
   auto expert_ids = at::empty({sizes.num_tokens, k}, logits.options().dtype(at::kInt));
   if (sizes.num_tokens == 0) return {topk_weights, expert_ids};
-  auto bad_row =
-      at::full({1}, std::numeric_limits<int32_t>::max(), logits.options().dtype(at::kInt));
+  kernels::DeviceError* error = nullptr;
+  if (validate) {
+    if (!stream_is_capturing()) raise_device_error(router_logits.device().index(), false);
+    error = device_error_record(router_logits.device().index());
+  }
 
   const kernels::GatingKernelParams params{
       static_cast<int>(sizes.num_experts), static_cast<int>(k),
@@ -59,14 +64,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& router_log
                                   stream>>>(cuda_const_ptr<scalar_t>(logits), sizes.num_tokens,
                                             bias.defined() ? bias.const_data_ptr<float>() : nullptr,
                                             params, topk_weights.data_ptr<float>(),
-                                            expert_ids.data_ptr<int32_t>(),
-                                            bad_row.data_ptr<int32_t>());
+                                            expert_ids.data_ptr<int32_t>(), error);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (check) {
-    const int32_t row = bad_row.item<int32_t>();
-    if (row != std::numeric_limits<int32_t>::max()) fail_nonfinite_logits(row);
-  }
   return {topk_weights, expert_ids};
 }
 

@@ -80,4 +80,37 @@ __device__ __forceinline__ int expert_of_row(const int32_t* offsets, int num_exp
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// What a kernel found wrong in its input, reported to the host without a sync (see
+// common/device_errors.h): `check` names the check (0 = none), the other fields say where.
+enum DeviceCheck : int32_t {
+  kNoDeviceError = 0,
+  kNonfiniteLogits = 1,     // topk_gating: index = row
+  kExpertIdOutOfRange = 2,  // dispatch_plan: index = pair, value = id, extra = top_k, limit = E
+  kExpertOffsets = 3,       // grouped_mlp(_combine): index = e (-1: the last offset exceeds
+                            // limit = rows), value = offsets[e], extra = offsets[e - 1]
+};
+
+struct alignas(16) DeviceError {
+  int64_t index;
+  int64_t value;
+  int64_t limit;
+  int32_t extra;
+  int32_t check;
+};
+
+// Records an error in host-mapped memory with plain stores (no atomics on host memory). Every
+// reporter of one kernel writes the same check, limit and extra; (index, value) go out as one
+// 16-byte store, so the surviving report names one real bad input.
+__device__ __forceinline__ void report_device_error(DeviceError* error, int32_t check,
+                                                    int64_t index, int64_t value, int64_t limit,
+                                                    int32_t extra = 0) {
+  if (error == nullptr) return;
+  *reinterpret_cast<longlong2*>(error) = make_longlong2(index, value);
+  volatile DeviceError* e = error;
+  e->limit = limit;
+  e->extra = extra;
+  __threadfence_system();
+  e->check = check;
+}
+
 }  // namespace moe_infer::kernels

@@ -54,7 +54,7 @@ template <typename T>
 __global__ void topk_gating_kernel(const T* __restrict__ logits, int64_t num_tokens,
                                    const float* __restrict__ selection_bias, GatingKernelParams p,
                                    float* __restrict__ topk_weights,
-                                   int32_t* __restrict__ expert_ids, int32_t* bad_row) {
+                                   int32_t* __restrict__ expert_ids, DeviceError* error) {
   extern __shared__ float shared[];
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -82,7 +82,7 @@ __global__ void topk_gating_kernel(const T* __restrict__ logits, int64_t num_tok
       expert_ids[token * p.top_k + lane] = lane;
       topk_weights[token * p.top_k + lane] = NAN;
     }
-    if (lane == 0) atomicMin(bad_row, static_cast<int32_t>(token));
+    if (lane == 0) report_device_error(error, kNonfiniteLogits, token, 0, num_experts);
     return;
   }
   __syncwarp();

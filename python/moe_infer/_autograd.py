@@ -349,7 +349,7 @@ def _grouped_mlp_combine_composite(
     swiglu_alpha=1.702,
     swiglu_limit=7.0,
 ):
-    # Devices without a fused kernel (CUDA for now) run the three-op pipeline.
+    # Devices without a fused kernel (neither CPU nor CUDA) run the three-op pipeline.
     top_k = topk_weights.shape[1]
     row_of_pair = torch.empty_like(sorted_pair_ids)
     row_of_pair[sorted_pair_ids.long()] = torch.arange(

@@ -123,7 +123,8 @@ class MoELayer(nn.Module):
         selection_bias: keep a [E] ``selection_bias`` buffer (DeepSeek-V3's score correction).
         router_bias, expert_bias: biases on the router and on both expert projections.
         weights_transposed: store experts as [E, H, F1] / [E, I, H] (GPT-OSS layout).
-        validate: on CUDA, check router logits for NaN with one device sync (CPU always checks).
+        validate: check router logits for NaN/inf (on CUDA on the device, without a host sync: the
+            error is raised by a later call, see :func:`moe_infer.ops.check_device_errors`).
         expert_buffer: keep the experts off the compute device (host memory, or ``expert_store``)
             with a pool of this many expert slots on ``device`` (expert buffering, see
             :mod:`moe_infer.buffer`); None = every expert resident (the default).

@@ -67,8 +67,10 @@ def topk_gating(
         n_group, topk_group: group-limited routing (DeepSeek-V3): experts are split into n_group
             groups, a group scores the sum of its two best choices, and only the best topk_group
             groups are eligible.
-        validate: on CUDA, check the logits for NaN/inf on the host (one device sync; skipped
-            during CUDA-graph capture). On the CPU the check always runs.
+        validate: check the logits for NaN/inf. On CUDA without a host sync: the kernel records a
+            bad row and a later validating call on that device raises it (or
+            :func:`check_device_errors`, which waits for the device). On the CPU the check
+            always runs, and raises at once.
 
     Returns:
         (topk_weights [S, k] float32, expert_ids [S, k] int32), best first; ties go to the lower id.
@@ -85,10 +87,25 @@ def dispatch_plan(expert_ids: torch.Tensor, num_experts: int, validate: bool = T
         expert_ids: [S, k] int32/int64, each in [0, E) or -1 for "not routed" (the pair gets no
             expert and contributes zero).
         num_experts: E.
-        validate: on CUDA, check the id range on the host (one device sync; skipped during
-            CUDA-graph capture, where invalid ids are treated as unrouted). Always on for the CPU.
+        validate: check the id range. On CUDA without a host sync: invalid ids are treated as
+            unrouted, and a later validating call on that device raises the error (or
+            :func:`check_device_errors`). Always on for the CPU, raising at once.
     """
     return DispatchPlan(*_ops.dispatch_plan(expert_ids, num_experts, validate))
+
+
+def check_device_errors(device: Optional[torch.device] = None) -> None:
+    """Waits for a CUDA device and raises the first error its kernels recorded since the last check.
+
+    The CUDA ops validate their inputs on the device (NaN/inf router logits, out-of-range expert ids,
+    expert_offsets that break their contract) and never sync for it: a recorded error is raised by
+    the next validating moe_infer call on that device, or by this function. No-op on the CPU.
+    """
+    if not hasattr(_C, "raise_device_error") or not torch.cuda.is_available():
+        return
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if device.type == "cuda":
+        _C.raise_device_error(torch.cuda.current_device() if device.index is None else device.index, True)
 
 
 def permute(hidden: torch.Tensor, sorted_pair_ids: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -6,11 +6,18 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-import moe_infer
-from moe_infer import ops
-from moe_infer.buffer import ExpertBuffer, ExpertStore, SafetensorsFile, attach_expert_buffer, attach_expert_buffers
+save_file = pytest.importorskip("safetensors.torch", reason="safetensors stores need safetensors").save_file
+
+import moe_infer  # noqa: E402
+from moe_infer import ops  # noqa: E402
+from moe_infer.buffer import (  # noqa: E402
+    ExpertBuffer,
+    ExpertStore,
+    SafetensorsFile,
+    attach_expert_buffer,
+    attach_expert_buffers,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

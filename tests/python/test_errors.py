@@ -91,8 +91,7 @@ def test_op_argument_errors(request, device, impl, call, message):
         )
     with pytest.raises(RuntimeError, match=message):
         call(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        ops.check_device_errors(device)  # CUDA validates on the device and raises later
 
 
 def mlp_args(device, **overrides):
@@ -157,6 +156,7 @@ def test_nan_logits_are_an_error(device, impl, bad):
     logits[4, 2] = bad
     with pytest.raises(RuntimeError, match=r"router_logits row 4 contains NaN or \+inf"):
         ops.topk_gating(logits, 2)
+        ops.check_device_errors(device)
 
 
 def test_layer_nan_input_is_an_error(device):
@@ -165,6 +165,7 @@ def test_layer_nan_input_is_an_error(device):
     x[1, 0] = float("nan")
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"router_logits row 1 contains NaN"):
         layer(x)
+        ops.check_device_errors(device)
 
 
 def test_layer_configuration_errors():

@@ -14,13 +14,14 @@ import sys
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
-import moe_infer
-from moe_infer.integrations import hf, hf_models
+transformers = pytest.importorskip("transformers", reason="the transformers integration needs transformers")
 
-from conftest import relative_error
+import moe_infer  # noqa: E402
+from moe_infer.integrations import hf, hf_models  # noqa: E402
+
+from conftest import relative_error  # noqa: E402
 
 ARCHS = hf_models.ARCHITECTURES
 DECODER_ONLY = [a for a in ARCHS if a not in hf_models.ENCODER_DECODER]

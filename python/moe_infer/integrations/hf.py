@@ -677,7 +677,7 @@ def optimize(
         hf_capacity: SwitchTransformers / NLLB-MoE only: reproduce transformers' expert capacity and
             its dropped tokens exactly. By default routing is capacity-free (dynamic gating), which is
             identical wherever transformers drops nothing.
-        validate: on CUDA, check router logits for NaN on the host (one sync per layer).
+        validate: check router logits for NaN (on CUDA on the device, raised by a later call: no sync).
         verbose: print what was replaced.
         expert_buffer: keep every block's experts in host memory (or, with ``checkpoint``, in the
             safetensors files of a ``save_pretrained`` directory, read through mmap) with this many
