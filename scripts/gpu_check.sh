@@ -9,7 +9,8 @@
 #   scripts/gpu_check.sh all        stage1 then stage2 in one command
 #   --dry-run                       rehearse on a machine without a GPU: every step runs its real
 #                                   command line (build flags, imports, argument parsing) in its
-#                                   CPU form, and results go to build/gpu_check_dry_run/
+#                                   CPU form, with 3x the limits; results go to
+#                                   build/gpu_check_dry_run/
 #
 # Time: each stage has a budget of GPU_CHECK_BUDGET seconds (default 240). Every step has its own
 # limit, cut to what is left of the budget; a step with less than its minimum left is SKIPPED, so a
@@ -86,6 +87,7 @@ write_summary() {
 step() {
   local name=$1 limit=$2 minimum=$3; shift 3
   local left=$((budget - (SECONDS - stage_start)))
+  ((dry_run)) && limit=$((limit * 3))  # the CPU is slower than the GPU; the rehearsal is for errors
   ((limit > left)) && limit=$left
   local verdict status start=$SECONDS
   if ((limit < minimum)); then
@@ -117,7 +119,11 @@ step() {
 
 # ---- the steps --------------------------------------------------------------------------------
 versions() {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "no nvidia-smi"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  else
+    echo "no nvidia-smi"
+  fi
   "$py" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
   "$py" - <<'EOF'
 import importlib.metadata as md
@@ -128,7 +134,11 @@ for name in ("transformers", "safetensors", "pytest", "pytest-timeout", "ninja")
         print(f"{name}: not installed")
 EOF
   (nvcc --version | tail -n 1) 2>&1 || echo "no nvcc"
-  (compute-sanitizer --version | head -n 2) 2>&1 || echo "no compute-sanitizer"
+  if command -v compute-sanitizer >/dev/null; then
+    compute-sanitizer --version | tail -n 1
+  else
+    echo "no compute-sanitizer"
+  fi
 }
 
 cuda_extension_loads() {
@@ -162,8 +172,13 @@ cuda_tests() {
 sanitizer() {  # sanitizer TOOL: the kernel smoke run under compute-sanitizer
   local tool=$1
   if ((dry_run)); then
-    echo "(dry run: the smoke script on the CPU, without compute-sanitizer)"
-    "$py" scripts/cuda_kernel_smoke.py --device cpu
+    if [[ $tool == memcheck ]]; then
+      echo "(dry run: the smoke script on the CPU, without compute-sanitizer)"
+      "$py" scripts/cuda_kernel_smoke.py --device cpu --tool "$tool"
+    else
+      echo "(dry run: the smoke script's arguments only)"
+      "$py" scripts/cuda_kernel_smoke.py --device cpu --tool "$tool" --help >/dev/null
+    fi
     return
   fi
   command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found"; return 77; }
