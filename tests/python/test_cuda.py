@@ -414,7 +414,7 @@ def test_layer_bf16_takes_the_grouped_path_in_few_launches(cuda, num_tokens):
 def test_hf_block_bf16_cuda_graph_equals_eager(cuda):
     """A transformers Mixtral block optimized by moe_infer, captured in a CUDA graph and replayed."""
     pytest.importorskip("transformers", reason="the transformers integration needs transformers")
-    from moe_infer.integrations import hf_models
+    import hf_models  # tests/python: small seeded transformers models
 
     model = hf_models.build_model("mixtral", dtype=torch.bfloat16, hidden=128, ffn=64).to(cuda)
     moe_infer.optimize(model, verbose=False)

@@ -1,6 +1,6 @@
 """moe_infer.optimize and the "moe_infer" experts implementation against transformers v5's own forward.
 
-Small models from configs with seeded weights (moe_infer.integrations.hf_models); the reference is
+Small models from configs with seeded weights (hf_models.py beside these tests); the reference is
 transformers' eager experts implementation (NLLB-MoE: transformers' router with the expert loop of
 fairseq / transformers 4.x, because transformers 5.x's loop ignores the routing, see hf_models).
 """
@@ -18,8 +18,9 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers", reason="the transformers integration needs transformers")
 
+import hf_models  # noqa: E402
 import moe_infer  # noqa: E402
-from moe_infer.integrations import hf, hf_models  # noqa: E402
+from moe_infer.integrations import hf  # noqa: E402
 
 from conftest import relative_error  # noqa: E402
 
