@@ -53,16 +53,12 @@ SecondExpertPolicy parse_second_expert_policy(const std::string& name) {
 }
 
 Activation parse_activation(const std::string& name) {
-  if (name == "relu") return Activation::kRelu;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  if (name == "silu") return Activation::kSilu;
-  if (name == "silu_glu") return Activation::kSiluGlu;
-  if (name == "gpt_oss_swiglu") return Activation::kGptOssSwiglu;
-  TORCH_CHECK(false,
-              "grouped_mlp: activation must be one of 'relu', 'gelu', 'gelu_tanh', 'silu', "
-              "'silu_glu', 'gpt_oss_swiglu', got '",
-              name, "'");
+  std::string choices;
+  for (const Activation activation : kAllActivations) {
+    if (name == activation_name(activation)) return activation;
+    choices += std::string(choices.empty() ? "'" : ", '") + activation_name(activation) + "'";
+  }
+  TORCH_CHECK(false, "grouped_mlp: activation must be one of ", choices, ", got '", name, "'");
 }
 
 EvictionPolicy parse_eviction_policy(const std::string& name) {

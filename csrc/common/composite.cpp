@@ -202,29 +202,28 @@ void activate(const at::Tensor& fc1_out, const ActivationParams& params, const a
   const int64_t ffn_size = act.size(1);
   const at::Tensor x = fc1_out.to(at::kFloat);
   at::Tensor result;
-  switch (params.activation) {
-    case Activation::kRelu:
-      result = at::relu(x);
-      break;
-    case Activation::kGelu:
-      result = at::gelu(x);
-      break;
-    case Activation::kGeluTanh:
-      result = at::gelu(x, "tanh");
-      break;
-    case Activation::kSilu:
-      result = at::silu(x);
-      break;
-    case Activation::kSiluGlu:
-      result = at::silu(x.narrow(1, 0, ffn_size)) * x.narrow(1, ffn_size, ffn_size);
-      break;
-    case Activation::kGptOssSwiglu: {
-      const at::Tensor gate = at::clamp_max(x.slice(1, 0, 2 * ffn_size, 2), params.swiglu_limit);
-      const at::Tensor up =
-          at::clamp(x.slice(1, 1, 2 * ffn_size, 2), -params.swiglu_limit, params.swiglu_limit);
-      result = (up + 1) * gate * at::sigmoid(gate * params.swiglu_alpha);
-      break;
+  if (params.activation == Activation::kGptOssSwiglu) {
+    const at::Tensor gate = at::clamp_max(x.slice(1, 0, 2 * ffn_size, 2), params.swiglu_limit);
+    const at::Tensor up =
+        at::clamp(x.slice(1, 1, 2 * ffn_size, 2), -params.swiglu_limit, params.swiglu_limit);
+    result = (up + 1) * gate * at::sigmoid(gate * params.swiglu_alpha);
+  } else {
+    const at::Tensor gate = x.narrow(1, 0, ffn_size);
+    switch (unary_of(params.activation)) {
+      case Activation::kRelu:
+        result = at::relu(gate);
+        break;
+      case Activation::kGelu:
+        result = at::gelu(gate);
+        break;
+      case Activation::kGeluTanh:
+        result = at::gelu(gate, "tanh");
+        break;
+      default:
+        result = at::silu(gate);
+        break;
     }
+    if (is_gated(params.activation)) result = result * x.narrow(1, ffn_size, ffn_size);
   }
   act.copy_(result);
 }

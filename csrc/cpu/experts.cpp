@@ -19,32 +19,32 @@ namespace moe_infer {
 
 namespace {
 
+// An element function of the activation table (unary_of) with ATen's vectorized kernels.
+void unary_out(Activation unary, at::Tensor& out, const at::Tensor& x) {
+  switch (unary) {
+    case Activation::kRelu:
+      at::clamp_min_out(out, x, 0);
+      return;
+    case Activation::kGelu:
+      at::gelu_out(out, x);
+      return;
+    case Activation::kGeluTanh:
+      at::gelu_out(out, x, "tanh");
+      return;
+    default:
+      at::silu_out(out, x);
+      return;
+  }
+}
+
 // float32 through ATen's vectorized kernels (the same math, several times faster than the scalar
 // loop); GPT-OSS's clamped swiGLU and 16-bit types (one rounding, in float32) through activate_row.
 bool activate_rows_vectorized(const at::Tensor& fc1_out, int64_t ffn_size,
                               const ActivationParams& params, at::Tensor out) {
-  if (fc1_out.scalar_type() != at::kFloat) return false;
-  switch (params.activation) {
-    case Activation::kRelu:
-      at::clamp_min_out(out, fc1_out, 0);
-      return true;
-    case Activation::kGelu:
-      at::gelu_out(out, fc1_out);
-      return true;
-    case Activation::kGeluTanh:
-      at::gelu_out(out, fc1_out, "tanh");
-      return true;
-    case Activation::kSilu:
-      at::silu_out(out, fc1_out);
-      return true;
-    case Activation::kSiluGlu:
-      at::silu_out(out, fc1_out.narrow(1, 0, ffn_size));
-      out.mul_(fc1_out.narrow(1, ffn_size, ffn_size));
-      return true;
-    case Activation::kGptOssSwiglu:
-      return false;
-  }
-  return false;
+  if (fc1_out.scalar_type() != at::kFloat || uses_swiglu_params(params.activation)) return false;
+  unary_out(unary_of(params.activation), out, fc1_out.narrow(1, 0, ffn_size));
+  if (is_gated(params.activation)) out.mul_(fc1_out.narrow(1, ffn_size, ffn_size));
+  return true;
 }
 
 void activate_rows(const at::Tensor& fc1_out, const ActivationParams& params,

@@ -6,8 +6,9 @@ same static output shapes as the C++ kernels.
 
 import torch
 
+from .ops import ACTIVATION_TABLE
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_GATED = ("silu_glu", "gpt_oss_swiglu")
 
 
 def _check_float(op, name, t):
@@ -116,7 +117,8 @@ def _grouped_mlp_fake(
     torch._check(fc2_out == hidden_size, lambda: f"{op}: fc2_weight does not match hidden_size")
     ffn = fc2_weight.shape[1] if weights_transposed else fc2_weight.shape[2]
     fc1_out = fc1_weight.shape[2] if weights_transposed else fc1_weight.shape[1]
-    torch._check(fc1_out == (2 * ffn if activation in _GATED else ffn), lambda: f"{op}: fc1/fc2 widths disagree")
+    gated = activation in ACTIVATION_TABLE and ACTIVATION_TABLE[activation].gated
+    torch._check(fc1_out == (2 * ffn if gated else ffn), lambda: f"{op}: fc1/fc2 widths disagree")
     torch._check(
         fc1_weight.dtype == hidden.dtype and fc2_weight.dtype == hidden.dtype,
         lambda: f"{op}: weight dtype must match hidden",

@@ -8,7 +8,31 @@ from torch import nn
 
 from . import ops
 
-_GATED = ("silu_glu", "gpt_oss_swiglu")
+# Activation modules of torch and transformers (by class name) -> the element function they compute
+# (a unary of the activation table, ops.ACTIVATION_TABLE).
+_MODULE_UNARY = {
+    "ReLU": "relu",
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+    "GELU": "gelu",
+    "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+}
+
+
+def module_activation(act: Optional[nn.Module], gated: bool) -> Optional[str]:
+    """The table activation an activation module computes: its element function, or with ``gated``
+    the gated activation ``unary(gate) * up`` (transformers' ``hidden_act`` "silu" -> "silu_glu",
+    "gelu" -> "gelu_glu", "gelu_pytorch_tanh" / "gelu_new" -> "gelu_tanh_glu", "relu" -> "relu_glu").
+    None when the table has no such activation."""
+    unary = _MODULE_UNARY.get(type(act).__name__)
+    if isinstance(act, nn.GELU) and act.approximate == "tanh":
+        unary = "gelu_tanh"
+    if unary is None:
+        return None
+    return ops.gated_activation(unary) if gated else unary
 
 
 class MoEExperts(nn.Module):
@@ -16,7 +40,7 @@ class MoEExperts(nn.Module):
 
     Shapes (``weights_transposed=False``, transformers' default):
         gate_up_proj [E, F1, H], down_proj [E, H, I], gate_up_proj_bias [E, F1], down_proj_bias [E, H]
-    with F1 = 2*I for gated activations ("silu_glu", "gpt_oss_swiglu"), else I. With
+    with F1 = 2*I for gated activations (``ops.ACTIVATION_TABLE[name].gated``), else I. With
     ``weights_transposed=True`` (GPT-OSS layout): gate_up_proj [E, H, F1], down_proj [E, I, H].
     """
 
@@ -46,7 +70,7 @@ class MoEExperts(nn.Module):
         self.weights_transposed = weights_transposed
         self.swiglu_alpha = swiglu_alpha
         self.swiglu_limit = swiglu_limit
-        fc1_outputs = 2 * ffn_size if activation in _GATED else ffn_size
+        fc1_outputs = 2 * ffn_size if ops.ACTIVATION_TABLE[activation].gated else ffn_size
         factory = {"dtype": dtype, "device": device}
         fc1_shape = (
             (num_experts, hidden_size, fc1_outputs) if weights_transposed else (num_experts, fc1_outputs, hidden_size)

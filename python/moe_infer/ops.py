@@ -22,7 +22,32 @@ from . import _C
 _ops = torch.ops.moe_infer
 
 SCORINGS = ("softmax", "softmax_topk", "sigmoid")
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "silu_glu", "gpt_oss_swiglu")
+
+
+class Activation(NamedTuple):
+    """One row of the expert activation table (csrc/common/activation.h, read from the extension).
+
+    name:          grouped_mlp's ``activation`` argument
+    gated:         fc1 has 2 * ffn_size outputs, gate and up; the output is ``unary(gate) * up``
+    unary:         the element function (on the gate when gated): "relu", "gelu", "gelu_tanh", "silu"
+    swiglu_params: reads ``swiglu_alpha`` / ``swiglu_limit`` (GPT-OSS's clamped swiGLU)
+    """
+
+    name: str
+    gated: bool
+    unary: str
+    swiglu_params: bool
+
+
+ACTIVATION_TABLE = {row[0]: Activation(*row) for row in _C.activations()}
+ACTIVATIONS = tuple(ACTIVATION_TABLE)
+
+
+def gated_activation(unary: str) -> Optional[str]:
+    """The gated activation whose gate goes through ``unary`` ("silu" -> "silu_glu"), or None."""
+    return next(
+        (a.name for a in ACTIVATION_TABLE.values() if a.gated and a.unary == unary and not a.swiglu_params), None
+    )
 
 
 class DispatchPlan(NamedTuple):
@@ -131,8 +156,9 @@ def grouped_mlp(
         fc1_bias: [E, F1] or None.
         fc2_weight: [E, H, I] (``down_proj``), or [E, I, H] when ``weights_transposed``.
         fc2_bias: [E, H] or None.
-        activation: one of ACTIVATIONS. "silu_glu" splits fc1's output into gate (first half) and
-            up (second half); "gpt_oss_swiglu" takes interleaved gate/up columns, clamps them at
+        activation: one of ACTIVATIONS (see :class:`Activation`). The gated ones ("silu_glu",
+            "gelu_glu", "gelu_tanh_glu", "relu_glu") split fc1's output into gate (first half) and
+            up (second half) and compute unary(gate) * up; "gpt_oss_swiglu" takes interleaved gate/up columns, clamps them at
             ``swiglu_limit`` and computes (up + 1) * gate * sigmoid(swiglu_alpha * gate).
     Returns:
         [N, H] in hidden's dtype; rows outside every expert (unrouted pairs) are zeros.

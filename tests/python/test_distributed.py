@@ -161,6 +161,11 @@ def _equivalence_worker(rank, world_size):
         ).eval()
         placement = placements_for(world_size)["anti_correlation+replicas"]
         torch.testing.assert_close(expert_parallel(gpt_oss, placement)(x), gpt_oss(x), msg="gpt-oss layout")
+        # Gated activations other than SiLU (transformers' hidden_act "gelu", "gelu_pytorch_tanh", "relu").
+        for activation in ("gelu_glu", "gelu_tanh_glu", "relu_glu"):
+            torch.manual_seed(2)
+            gated = moe_infer.MoELayer(HIDDEN, FFN, EXPERTS, TOP_K, activation).eval()
+            torch.testing.assert_close(expert_parallel(gated, placement)(x), gated(x), msg=activation)
     return "ok"
 
 

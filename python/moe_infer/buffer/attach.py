@@ -5,7 +5,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..experts import MoEExperts, is_transformers_experts
+from ..experts import MoEExperts, is_transformers_experts, module_activation
 from .checkpoint import SafetensorsCheckpoint
 from .runtime import ExpertBuffer
 from .store import ExpertStore
@@ -31,12 +31,6 @@ def _expert_tensors(experts: nn.Module) -> dict[str, Optional[torch.Tensor]]:
     }
 
 
-_HF_ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "ReLU": "relu", "GELUActivation": "gelu"}
-_HF_ACTIVATIONS.update(
-    {"GELU": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
-)
-
-
 def _expert_options(experts: nn.Module, activation: Optional[str]) -> dict:
     """activation / transposition / swiglu constants of a moe_infer or transformers experts module."""
     if hasattr(experts, "weights_transposed"):  # moe_infer.MoEExperts
@@ -53,15 +47,16 @@ def _expert_options(experts: nn.Module, activation: Optional[str]) -> dict:
     else:
         if getattr(experts, "has_post_expert_norm", False) or getattr(experts, "is_concatenated", True) is False:
             raise TypeError(f"attach_expert_buffer: {type(experts).__name__}'s expert layout is not supported")
-        act = type(getattr(experts, "act_fn", None)).__name__
-        base = _HF_ACTIVATIONS.get(act)
-        if base is None and activation is None:
-            raise TypeError(f"attach_expert_buffer: unknown activation {act}; pass activation=")
+        act_fn = getattr(experts, "act_fn", None)
+        act = type(act_fn).__name__
         gated = getattr(experts, "has_gate", True)
-        if gated and base not in ("silu", None):
+        name = module_activation(act_fn, gated)
+        if name is None and activation is None:
+            if module_activation(act_fn, False) is None:
+                raise TypeError(f"attach_expert_buffer: unknown activation {act}; pass activation=")
             raise TypeError(f"attach_expert_buffer: gated experts with activation {act} are not supported")
         options = dict(
-            activation="silu_glu" if gated else base,
+            activation=name,
             weights_transposed=bool(getattr(experts, "is_transposed", False)),
             swiglu_alpha=1.702,
             swiglu_limit=7.0,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from transformers import activations as hf_activations
+    from transformers import PreTrainedModel
     from transformers.integrations import moe as hf_moe
 
     hf_moe.ALL_EXPERTS_FUNCTIONS  # noqa: B018  (transformers < 5 has no experts registry)
@@ -43,20 +43,9 @@ except (ImportError, AttributeError) as error:
     ) from error
 
 from .. import ops
+from ..experts import module_activation
 
 EXPERTS_IMPLEMENTATION = "moe_infer"
-
-# transformers activation modules -> grouped_mlp activations. Exact types: a subclass may compute
-# something else.
-_ACTIVATIONS = {
-    nn.ReLU: "relu",
-    nn.SiLU: "silu",
-    nn.GELU: "gelu",
-    hf_activations.SiLUActivation: "silu",
-    hf_activations.GELUActivation: "gelu",
-    hf_activations.GELUTanh: "gelu_tanh",
-    hf_activations.NewGELUActivation: "gelu_tanh",
-}
 
 
 class ExpertWeights(NamedTuple):
@@ -73,16 +62,14 @@ class ExpertWeights(NamedTuple):
 
 
 def _activation_name(act: nn.Module, gated: bool, owner: str) -> str:
-    name = _ACTIVATIONS.get(type(act))
-    if isinstance(act, nn.GELU) and act.approximate == "tanh":
-        name = "gelu_tanh"
-    if name is None or (gated and name != "silu"):
-        supported = "SiLU" if gated else "ReLU, GELU (erf or tanh), SiLU"
+    name = module_activation(act, gated)
+    if name is None:
+        supported = sorted({a.unary for a in ops.ACTIVATION_TABLE.values() if a.gated == gated and not a.swiglu_params})
         raise NotImplementedError(
             f"moe_infer: {owner} uses the {'gated ' if gated else ''}activation {type(act).__name__}; "
-            f"grouped_mlp supports {supported} there"
+            f"grouped_mlp supports {', '.join(supported)} there"
         )
-    return "silu_glu" if gated else name
+    return name
 
 
 def _is_gpt_oss_gate(experts: nn.Module) -> bool:
@@ -94,7 +81,7 @@ def expert_weights(experts: nn.Module) -> ExpertWeights:
     """The weights of a transformers v5 ``@use_experts_implementation`` experts module.
 
     Stacked 3-D parameters ``gate_up_proj`` (or ``up_proj``) and ``down_proj``, optional biases,
-    transposed or not; SiLU-gated halves (Mixtral, Qwen, OLMoE, DeepSeek), GPT-OSS's interleaved
+    transposed or not; gated halves (SiLU, GELU, GELU-tanh or ReLU on the gate: Mixtral, Qwen, OLMoE, DeepSeek), GPT-OSS's interleaved
     clamped swiGLU, or an ungated activation. Raises NotImplementedError for anything else.
     """
     owner = type(experts).__name__
@@ -162,6 +149,51 @@ def experts_forward(
 
 
 hf_moe.ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
+
+
+def check_experts_implementation(model: nn.Module) -> None:
+    """Raises NotImplementedError (naming the module and why) if an experts module of ``model`` that
+    dispatches through transformers' experts registry is not computable by the ``"moe_infer"``
+    implementation: the choice is refused when it is made, not at the first forward."""
+    for name, module in model.named_modules():
+        if hasattr(module, "is_concatenated") and hasattr(type(module), "_apply_gate"):
+            try:
+                expert_weights(module)
+            except NotImplementedError as error:
+                raise NotImplementedError(f"{name}: {error}") from None
+
+
+def _refuse_unsupported_experts(choose):
+    """Wraps the PreTrainedModel method through which transformers validates an experts
+    implementation (set_experts_implementation, from_pretrained(experts_implementation=...))."""
+
+    def wrapped(self, *args, **kwargs):
+        chosen = choose(self, *args, **kwargs)
+        if chosen == EXPERTS_IMPLEMENTATION:
+            check_experts_implementation(self)
+        return chosen
+
+    wrapped._moe_infer_wraps = choose
+    return wrapped
+
+
+def _refuse_at_init(post_init):
+    """Models built with ``experts_implementation="moe_infer"`` are checked once their modules exist."""
+
+    def wrapped(self, *args, **kwargs):
+        post_init(self, *args, **kwargs)
+        if getattr(self.config, "_experts_implementation", None) == EXPERTS_IMPLEMENTATION:
+            check_experts_implementation(self)
+
+    wrapped._moe_infer_wraps = post_init
+    return wrapped
+
+
+if not hasattr(PreTrainedModel.get_correct_experts_implementation, "_moe_infer_wraps"):
+    PreTrainedModel.get_correct_experts_implementation = _refuse_unsupported_experts(
+        PreTrainedModel.get_correct_experts_implementation
+    )
+    PreTrainedModel.post_init = _refuse_at_init(PreTrainedModel.post_init)
 
 
 def _run_experts(
