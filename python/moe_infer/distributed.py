@@ -24,7 +24,6 @@ rank agrees on the world size, the placement and the layer's shapes.
 Inference only: the forward runs without autograd (a tensor that requires grad is refused).
 """
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -51,15 +50,17 @@ class ExpertParallelError(RuntimeError):
 def static_capacity(
     num_tokens: int, num_experts: int, top_k: int, capacity_factor: float = 1.0, capacity_fraction: float = 0.0
 ) -> int:
-    """Rows per physical slot per source rank in the static baseline (fairseq's formulas).
+    """Rows per physical slot per source rank in the static baseline: :func:`moe_infer.ops.static_capacity`
+    (fairseq's formulas, the one capacity of the library), with ``capacity_fraction`` as fairseq's
+    ``moe_eval_capacity_token_fraction``.
 
-    ``capacity_fraction > 0`` (fairseq's ``moe_eval_capacity_token_fraction``): ceil(fraction * S).
-    Otherwise ceil(capacity_factor * top_k * ceil(S / E)) (fairseq's top-1 is cf * ceil(S/E), its
-    top-2 is 2 * ceil(S/E)). S is the largest token count of any rank, so all ranks agree.
+    ``capacity_fraction > 0``: ceil(fraction * S); otherwise int(capacity_factor * top_k * ceil(S / E))
+    (fairseq's top-1 is int(cf * ceil(S/E)), its top-2 is 2 * ceil(S/E)). S is the largest token count
+    of any rank, so all ranks agree.
     """
-    if capacity_fraction > 0:
-        return math.ceil(capacity_fraction * num_tokens)
-    return math.ceil(capacity_factor * top_k * math.ceil(num_tokens / num_experts))
+    return ops.static_capacity(
+        num_tokens, num_experts, top_k, capacity_factor, capacity_fraction, eval_mode=capacity_fraction > 0
+    )
 
 
 def static_slot_positions(physical_slots: torch.Tensor, num_slots: int, capacity: int) -> torch.Tensor:
@@ -429,8 +430,11 @@ class ExpertParallelExperts(nn.Module):
             # pads every rank's batch to the same size for the same reason).
             largest = torch.tensor([num_tokens], dtype=torch.int64, device=hidden.device)
             self._collective("capacity all-reduce", dist.all_reduce, largest, op=dist.ReduceOp.MAX)
-            capacity = static_capacity(
-                int(largest), self.num_experts, top_k, self.capacity_factor, self.capacity_fraction
+            # No rank has a token: nothing to size (and an empty exchange).
+            capacity = (
+                static_capacity(int(largest), self.num_experts, top_k, self.capacity_factor, self.capacity_fraction)
+                if int(largest)
+                else 0
             )
             position = static_slot_positions(slots, self.num_slots, capacity).reshape(-1)
         kept = position >= 0

@@ -401,3 +401,14 @@ def test_silent_rank_raises_after_the_group_timeout(tmp_path):
     elapsed, message = results[0]
     assert timeout_s * 0.5 <= elapsed < timeout_s + 20, f"raised after {elapsed:.1f} s (timeout {timeout_s} s)"
     assert "expert-parallel counts all-to-all failed on rank 0 of 2" in message
+
+
+def test_static_capacity_is_the_layers():
+    """The static exchange sizes its slots with the one capacity formula (fairseq's int(), as
+    ops.static_capacity and the fairseq layer), not a rounded-up variant."""
+    from moe_infer import ops
+
+    assert static_capacity(3156, 216, 1, 0.5) == ops.static_capacity(3156, 216, 1, 0.5) == 7
+    assert static_capacity(100, 8, 2, 1.0, 0.25) == ops.static_capacity(100, 8, 2, 1.0, 0.25, eval_mode=True) == 25
+    with pytest.raises(ValueError, match="capacity is 0"):
+        static_capacity(3, 8, 1, 0.5)
