@@ -137,11 +137,11 @@ def unpermute_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, row_
 def grouped_mlp(
     hidden: torch.Tensor,
     expert_offsets: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: Optional[torch.Tensor],
-    fc2_weight: torch.Tensor,
-    fc2_bias: Optional[torch.Tensor],
-    activation: str,
+    fc1_weight,
+    fc1_bias: Optional[torch.Tensor] = None,
+    fc2_weight: Optional[torch.Tensor] = None,
+    fc2_bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
     weights_transposed: bool = False,
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
@@ -151,7 +151,8 @@ def grouped_mlp(
     Args:
         hidden: [N, H] rows grouped by expert (the output of :func:`permute`).
         expert_offsets: [E+1] int32; expert e owns rows [offsets[e], offsets[e+1]).
-        fc1_weight: [E, F1, H] (transformers' ``gate_up_proj``), or [E, H, F1] when
+        fc1_weight: an :class:`moe_infer.experts.ExpertSpec` (then nothing follows: it holds the
+            weights, biases, layout and activation), or [E, F1, H] (transformers' ``gate_up_proj``), or [E, H, F1] when
             ``weights_transposed``; F1 = 2*I for gated activations, else I.
         fc1_bias: [E, F1] or None.
         fc2_weight: [E, H, I] (``down_proj``), or [E, I, H] when ``weights_transposed``.
@@ -166,15 +167,15 @@ def grouped_mlp(
     return _ops.grouped_mlp(
         hidden,
         expert_offsets,
-        fc1_weight,
-        fc1_bias,
-        fc2_weight,
-        fc2_bias,
-        activation,
-        weights_transposed,
-        swiglu_alpha,
-        swiglu_limit,
+        *_expert_args(
+            fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, weights_transposed, swiglu_alpha, swiglu_limit
+        ),
     )
+
+
+def _expert_args(fc1_weight, *rest) -> tuple:
+    """The ops' trailing expert arguments, from an ExpertSpec (a tuple of exactly those) or as given."""
+    return tuple(fc1_weight) if not isinstance(fc1_weight, torch.Tensor) else (fc1_weight, *rest)
 
 
 def set_kernels(enabled: bool) -> None:
@@ -377,11 +378,11 @@ def grouped_mlp_combine(
     hidden: torch.Tensor,
     topk_weights: torch.Tensor,
     plan: DispatchPlan,
-    fc1_weight: torch.Tensor,
-    fc1_bias: Optional[torch.Tensor],
-    fc2_weight: torch.Tensor,
-    fc2_bias: Optional[torch.Tensor],
-    activation: str,
+    fc1_weight,
+    fc1_bias: Optional[torch.Tensor] = None,
+    fc2_weight: Optional[torch.Tensor] = None,
+    fc2_bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
     weights_transposed: bool = False,
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
@@ -397,7 +398,7 @@ def grouped_mlp_combine(
         hidden: [S, H] in token order.
         topk_weights: [S, k] float32 or hidden's dtype; accumulated in float32.
         plan: the :func:`dispatch_plan` of the [S, k] expert ids (unrouted pairs contribute nothing).
-        fc1_weight ... swiglu_limit: as :func:`grouped_mlp`.
+        fc1_weight ... swiglu_limit: as :func:`grouped_mlp` (an ExpertSpec, or the loose arguments).
     Returns:
         [S, H] in hidden's dtype.
 
@@ -408,12 +409,7 @@ def grouped_mlp_combine(
         topk_weights,
         plan.sorted_pair_ids,
         plan.expert_offsets,
-        fc1_weight,
-        fc1_bias,
-        fc2_weight,
-        fc2_bias,
-        activation,
-        weights_transposed,
-        swiglu_alpha,
-        swiglu_limit,
+        *_expert_args(
+            fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, weights_transposed, swiglu_alpha, swiglu_limit
+        ),
     )

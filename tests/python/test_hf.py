@@ -229,7 +229,7 @@ def test_gated_activations_from_hidden_act(hidden_act, activation):
     """Mixtral-like models whose config names another activation: optimize(), the buffered path and
     the registry route all compute transformers' act_fn(gate) * up."""
     model = hf_models.build_model("mixtral", vocab=VOCAB, hidden_act=hidden_act)
-    assert hf.expert_weights(model.model.layers[0].mlp.experts).activation == activation
+    assert moe_infer.experts.expert_spec(model.model.layers[0].mlp.experts).activation == activation
     ids, mask = padded_batch([9, 6], 9)
     expected = run("mixtral", model, ids, mask).logits
     opt = moe_infer.optimize(copy.deepcopy(model), verbose=False)
