@@ -12,9 +12,20 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
-  m.def("set_kernels_enabled", &moe_infer::set_kernels_enabled,
-        "Run the hand-written kernels (True, default) or the composite ATen fallback (False)");
-  m.def("kernels_enabled", &moe_infer::kernels_enabled);
+  // Each op's composite implementation (what the dispatcher runs on a device without a kernel),
+  // callable directly so the tests can compare every kernel with it.
+  auto composite = m.def_submodule("composite", "the ops' composite ATen implementations");
+  namespace c = moe_infer::composite;
+  composite.def("topk_gating", &c::topk_gating_op);
+  composite.def("dispatch_plan", &c::dispatch_plan_op);
+  composite.def("permute", &c::permute_op);
+  composite.def("unpermute_combine", &c::unpermute_combine_op);
+  composite.def("grouped_mlp", &c::grouped_mlp_op);
+  composite.def("grouped_mlp_combine", &c::grouped_mlp_combine_op);
+  composite.def("static_gating", &c::static_gating_op);
+  composite.def("static_routing_tensors", &c::static_routing_tensors_op);
+  composite.def("static_dispatch", &c::static_dispatch_op);
+  composite.def("static_combine", &c::static_combine_op);
   m.def(
       "activations",
       [] {

@@ -629,7 +629,8 @@ at::Tensor simulate_expert_cache_cpu(const at::Tensor& accesses, const at::Tenso
   return result;
 }
 
-TORCH_LIBRARY_IMPL(moe_infer, CPU, m) {
+// Planned on the host whatever the device: one implementation for every device.
+TORCH_LIBRARY_IMPL(moe_infer, CompositeExplicitAutograd, m) {
   m.impl("simulate_expert_cache", &simulate_expert_cache_cpu);
 }
 

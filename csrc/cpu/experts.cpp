@@ -66,13 +66,7 @@ void activate_rows(const at::Tensor& fc1_out, const ActivationParams& params,
       });
 }
 
-// The activation of this backend: the kernels, or the composite fallback.
 ActivateFn cpu_activation(const ActivationParams& params) {
-  if (!kernels_enabled()) {
-    return [params](const at::Tensor& fc1_out, const at::Tensor& act) {
-      composite::activate(fc1_out, params, act);
-    };
-  }
   return [params](const at::Tensor& fc1_out, const at::Tensor& act) {
     activate_rows(fc1_out, params, act);
   };
@@ -126,18 +120,6 @@ at::Tensor grouped_mlp_combine_cpu(const at::Tensor& hidden, const at::Tensor& t
   }
   const ActivationParams params{sizes.mlp.activation, static_cast<float>(swiglu_alpha),
                                 static_cast<float>(swiglu_limit)};
-  if (!kernels_enabled()) {
-    // The composite fallback: permute -> grouped_mlp -> unpermute_combine.
-    const at::Tensor row_of_pair = at::empty_like(pair_ids).scatter_(
-        0, pair_ids.to(at::kLong), at::arange(num_pairs, pair_ids.options()));
-    const at::Tensor rows = composite::permute(hidden, pair_ids, top_k);
-    MlpSizes row_sizes = sizes.mlp;
-    row_sizes.num_rows = num_pairs;
-    const at::Tensor expert_rows =
-        grouped_mlp_per_expert(rows, offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                               weights_transposed, row_sizes, cpu_activation(params));
-    return composite::unpermute_combine(expert_rows, topk_weights, row_of_pair);
-  }
   const ActivateFn activate = cpu_activation(params);
 
   const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();

@@ -226,6 +226,9 @@ at::Tensor expert_placement_cpu(const at::Tensor& expert_load, int64_t num_ranks
   return slot_expert;
 }
 
-TORCH_LIBRARY_IMPL(moe_infer, CPU, m) { m.impl("expert_placement", &expert_placement_cpu); }
+// Planned on the host whatever the device: one implementation for every device.
+TORCH_LIBRARY_IMPL(moe_infer, CompositeExplicitAutograd, m) {
+  m.impl("expert_placement", &expert_placement_cpu);
+}
 
 }  // namespace moe_infer

@@ -11,9 +11,8 @@ The pipeline of one dynamic-gating MoE layer (S tokens, hidden size H, E experts
 No capacity, no dropped tokens, no placeholder rows: every buffer has exactly S*k rows.
 """
 
-import contextlib
 import math
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -176,30 +175,6 @@ def grouped_mlp(
 def _expert_args(fc1_weight, *rest) -> tuple:
     """The ops' trailing expert arguments, from an ExpertSpec (a tuple of exactly those) or as given."""
     return tuple(fc1_weight) if not isinstance(fc1_weight, torch.Tensor) else (fc1_weight, *rest)
-
-
-def set_kernels(enabled: bool) -> None:
-    """Run the hand-written kernels (default) or the composite fallback built from ATen ops.
-
-    The fallback exists on every device; comparing the two (and the reference) is how the tests
-    check the kernels. Process-wide.
-    """
-    _C.set_kernels_enabled(bool(enabled))
-
-
-def kernels_enabled() -> bool:
-    return bool(_C.kernels_enabled())
-
-
-@contextlib.contextmanager
-def use_kernels(enabled: bool) -> Iterator[None]:
-    """Context manager form of :func:`set_kernels`."""
-    previous = kernels_enabled()
-    set_kernels(enabled)
-    try:
-        yield
-    finally:
-        set_kernels(previous)
 
 
 # ---- static gating (issue 3) ----------------------------------------------------------------

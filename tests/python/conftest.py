@@ -1,3 +1,4 @@
+import contextlib
 import os
 import zlib
 
@@ -22,10 +23,28 @@ def device(request):
     return torch.device(request.param)
 
 
+@contextlib.contextmanager
+def composite_kernels():
+    """Every op runs its composite implementation (moe_infer._C.composite.<op>, what the dispatcher
+    runs on a device without a kernel): the CPU and CUDA kernels are overridden in the dispatcher
+    for the duration, so every call path (ops, layers, integrations) reaches the composite."""
+    with torch.library._scoped_library("moe_infer", "IMPL") as lib:
+        for name in dir(moe_infer._C.composite):
+            if not name.startswith("_"):
+                for key in ("CPU", "CUDA"):
+                    lib.impl(name, getattr(moe_infer._C.composite, name), key)
+        yield
+
+
+def use_kernels(enabled: bool):
+    """The hand-written kernels (enabled) or the composite implementations."""
+    return contextlib.nullcontext() if enabled else composite_kernels()
+
+
 @pytest.fixture(params=["kernels", "composite"])
 def impl(request):
-    """Runs a test on the hand-written kernels and on the composite ATen fallback."""
-    with moe_infer.ops.use_kernels(request.param == "kernels"):
+    """Runs a test on the hand-written kernels and on the composite implementations."""
+    with use_kernels(request.param == "kernels"):
         yield request.param
 
 

@@ -11,7 +11,7 @@ import torch
 from moe_infer import ops
 from moe_infer import reference as ref
 
-from conftest import tolerance
+from conftest import tolerance, use_kernels
 
 
 def logits_of(gate_rows, device="cpu"):
@@ -317,7 +317,7 @@ def test_composite_equals_kernels_on_ties_and_infinities(device, top_k, policy, 
     capacity = ops.static_capacity(num_tokens, num_experts, top_k, 0.5)
     args = (logits, top_k, capacity, padding, policy, noise, normalize_before, prioritized)
     got = ops.static_gating(*args)
-    with ops.use_kernels(False):
+    with use_kernels(False):
         fallback = ops.static_gating(*args)
         fallback_dense = dense(fallback, num_experts, capacity)
     assert torch.equal(got.expert_ids, fallback.expert_ids) and torch.equal(got.locations, fallback.locations)
