@@ -29,8 +29,9 @@ void check_index_range(const char* op, const char* name, const at::Tensor& index
   const auto [lo, hi] = at::aminmax(index);
   const int64_t lo_value = lo.item<int64_t>();
   const int64_t hi_value = hi.item<int64_t>();
-  TORCH_CHECK(lo_value >= 0 && hi_value < limit, op, ": ", name, " has values in [", lo_value, ", ",
-              hi_value, "], expected [0, ", limit, "); pass the output of dispatch_plan");
+  TORCH_CHECK_VALUE(lo_value >= 0 && hi_value < limit, op, ": ", name, " has values in [", lo_value,
+                    ", ", hi_value, "], expected [0, ", limit,
+                    "); pass the output of dispatch_plan");
 }
 
 void check_finite_logits(const at::Tensor& router_logits, Scoring scoring, const char* op) {
@@ -45,8 +46,8 @@ void check_finite_logits(const at::Tensor& router_logits, Scoring scoring, const
 
 void check_finite_bias(const at::Tensor& selection_bias) {
   const at::Tensor bad = at::nonzero(~at::isfinite(selection_bias));
-  TORCH_CHECK(bad.size(0) == 0, "topk_gating: selection_bias must be finite, but entry ",
-              bad.size(0) ? bad[0][0].item<int64_t>() : 0, " is not");
+  TORCH_CHECK_VALUE(bad.size(0) == 0, "topk_gating: selection_bias must be finite, but entry ",
+                    bad.size(0) ? bad[0][0].item<int64_t>() : 0, " is not");
 }
 
 void check_expert_id_range(const at::Tensor& expert_ids, const PlanSizes& sizes) {
@@ -63,14 +64,14 @@ std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64
   const at::Tensor offsets = expert_offsets.to(at::kCPU).contiguous();
   const int32_t* ptr = offsets.const_data_ptr<int32_t>();
   std::vector<int32_t> host(ptr, ptr + offsets.numel());
-  TORCH_CHECK(host.front() == 0, op, ": expert_offsets[0] (", host.front(), ") must be 0");
+  TORCH_CHECK_VALUE(host.front() == 0, op, ": expert_offsets[0] (", host.front(), ") must be 0");
   for (size_t e = 1; e < host.size(); ++e) {
-    TORCH_CHECK(host[e] >= host[e - 1], op, ": expert_offsets must be non-decreasing, but ",
-                "expert_offsets[", e, "] (", host[e], ") < expert_offsets[", e - 1, "] (",
-                host[e - 1], ")");
+    TORCH_CHECK_VALUE(host[e] >= host[e - 1], op, ": expert_offsets must be non-decreasing, but ",
+                      "expert_offsets[", e, "] (", host[e], ") < expert_offsets[", e - 1, "] (",
+                      host[e - 1], ")");
   }
-  TORCH_CHECK(host.back() <= num_rows, op, ": expert_offsets[-1] (", host.back(),
-              ") exceeds the number of ", rows_name, " (", num_rows, ")");
+  TORCH_CHECK_VALUE(host.back() <= num_rows, op, ": expert_offsets[-1] (", host.back(),
+                    ") exceeds the number of ", rows_name, " (", num_rows, ")");
   return host;
 }
 

@@ -114,9 +114,9 @@ at::Tensor grouped_mlp_combine_cpu(const at::Tensor& hidden, const at::Tensor& t
   const at::Tensor pair_ids = sorted_pair_ids.contiguous();
   const int32_t* pair_ptr = pair_ids.const_data_ptr<int32_t>();
   for (int64_t r = offsets.front(); r < offsets.back(); ++r) {
-    TORCH_CHECK(pair_ptr[r] >= 0 && pair_ptr[r] < num_pairs, op, ": sorted_pair_ids[", r,
-                "] = ", pair_ptr[r], " is out of range [0, ", num_pairs,
-                "); pass the output of dispatch_plan");
+    TORCH_CHECK_VALUE(pair_ptr[r] >= 0 && pair_ptr[r] < num_pairs, op, ": sorted_pair_ids[", r,
+                      "] = ", pair_ptr[r], " is out of range [0, ", num_pairs,
+                      "); pass the output of dispatch_plan");
   }
   const ActivationParams params{sizes.mlp.activation, static_cast<float>(swiglu_alpha),
                                 static_cast<float>(swiglu_limit)};

@@ -1,5 +1,6 @@
 import contextlib
 import os
+import re
 import zlib
 
 import pytest
@@ -67,3 +68,12 @@ def tolerance(dtype):
 def relative_error(out, ref):
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+_DTYPE_MISTAKE = re.compile(r"must be (float32|int32|int64|bool)|is (Double|Float|Long|Int|Half|BFloat16) but")
+
+
+def argument_error(message: str) -> type:
+    """The exception of a bad argument (one type per kind of mistake, as torch's TORCH_CHECK_TYPE /
+    TORCH_CHECK_VALUE raise): TypeError for a wrong dtype, ValueError for any other bad value."""
+    return TypeError if _DTYPE_MISTAKE.search(message) else ValueError

@@ -233,7 +233,7 @@ def test_grouped_mlp_combine_cuda_equals_cpu(dtype):
     assert relative_error(gpu.cpu(), cpu) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-# ---- static gating (issue 3) ----------------------------------------------------------------
+# ---- static gating --------------------------------------------------------------------------
 
 STATIC_CONFIGS = [
     # (top_k, second_expert_policy, normalize_before_dropping)
@@ -302,7 +302,7 @@ def test_static_routing_tensors_cuda_equals_cpu():
         assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
     token, slot = (r.topk_weights != 0).nonzero()[0].tolist()
     ids[token, slot] = 99
-    with pytest.raises(RuntimeError, match=rf"expert_ids\[{token}, {slot}\] = 99 is out of range"):
+    with pytest.raises(ValueError, match=rf"expert_ids\[{token}, {slot}\] = 99 is out of range"):
         ops.static_routing_tensors(ids.to(CUDA), r.locations.to(CUDA), r.topk_weights.to(CUDA), num_experts, capacity)
 
 
