@@ -177,7 +177,7 @@ def _expert_args(fc1_weight, *rest) -> tuple:
     return tuple(fc1_weight) if not isinstance(fc1_weight, torch.Tensor) else (fc1_weight, *rest)
 
 
-# ---- static gating (issue 3) ----------------------------------------------------------------
+# ---- static gating --------------------------------------------------------------------------
 #
 # The capacity-based baseline, GShard / fairseq style (S tokens, E experts, capacity C):
 #

@@ -272,7 +272,7 @@ def layer_forward(
     )
 
 
-# ---- fairseq static gating (issue 3) --------------------------------------------------------
+# ---- fairseq static gating --------------------------------------------------------------------
 # An independent re-implementation of fairseq's GShard gates (fairseq/modules/moe/top1gate.py,
 # top2gate.py) and of MOELayer's einsum dispatch and combine, with plain PyTorch ops on dense
 # [S, E, C] tensors: the reference the static ops are tested against, and the "fairseq" column of
