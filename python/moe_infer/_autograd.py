@@ -4,33 +4,12 @@ Inference is the product: these favour clarity over speed (grouped_mlp's backwar
 expert FFNs with plain PyTorch ops, one expert at a time).
 """
 
-import functools
 import types
 
 import torch
 
+from ._schema import arguments, per_argument
 from .reference import activation_fn
-
-# ---- arguments by name, from the op schemas (csrc/registration.cpp) ----------------------------
-
-
-@functools.cache
-def _argument_names(op: str) -> tuple[str, ...]:
-    return tuple(argument.name for argument in getattr(torch.ops.moe_infer, op).default._schema.arguments)
-
-
-def _args(op: str, inputs) -> types.SimpleNamespace:
-    """setup_context's positional inputs, by their schema names."""
-    return types.SimpleNamespace(**dict(zip(_argument_names(op), inputs)))
-
-
-def _grads(op: str, **grads) -> tuple:
-    """One gradient per op argument, in schema order: the given ones, None for the others."""
-    names = _argument_names(op)
-    unknown = set(grads) - set(names)
-    if unknown:
-        raise AssertionError(f"moe_infer::{op} has no argument {sorted(unknown)}")
-    return tuple(grads.get(name) for name in names)
 
 
 def _register(op: str, backward, setup_context) -> None:
@@ -49,7 +28,7 @@ def _expert_options(a: types.SimpleNamespace) -> tuple:
 
 
 def _gating_setup(ctx, inputs, output):
-    a = _args("topk_gating", inputs)
+    a = arguments("topk_gating", inputs)
     weights, ids = output
     ctx.scoring = a.scoring
     ctx.renormalize = a.renormalize
@@ -59,7 +38,7 @@ def _gating_setup(ctx, inputs, output):
 
 def _gating_grads(grad_logits):
     # Only router_logits is differentiable.
-    return _grads("topk_gating", router_logits=grad_logits)
+    return per_argument("topk_gating", router_logits=grad_logits)
 
 
 def _gating_backward(ctx, grad_weights, _grad_ids):
@@ -96,7 +75,7 @@ _register("topk_gating", _gating_backward, _gating_setup)
 
 
 def _permute_setup(ctx, inputs, output):
-    a = _args("permute", inputs)
+    a = arguments("permute", inputs)
     ctx.top_k = a.top_k
     ctx.hidden_shape = a.hidden.shape
     ctx.save_for_backward(a.sorted_pair_ids)
@@ -107,7 +86,7 @@ def _permute_backward(ctx, grad_rows):
     tokens = torch.div(sorted_pair_ids.long(), ctx.top_k, rounding_mode="floor")
     grad_hidden = grad_rows.new_zeros(ctx.hidden_shape, dtype=torch.float32)
     grad_hidden.index_add_(0, tokens, grad_rows.float())
-    return _grads("permute", hidden=grad_hidden.to(grad_rows.dtype))
+    return per_argument("permute", hidden=grad_hidden.to(grad_rows.dtype))
 
 
 _register("permute", _permute_backward, _permute_setup)
@@ -116,7 +95,7 @@ _register("permute", _permute_backward, _permute_setup)
 
 
 def _combine_setup(ctx, inputs, output):
-    a = _args("unpermute_combine", inputs)
+    a = arguments("unpermute_combine", inputs)
     ctx.save_for_backward(a.expert_out, a.topk_weights, a.row_of_pair)
 
 
@@ -133,7 +112,7 @@ def _combine_backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         gathered = expert_out.float().index_select(0, rows).view(num_tokens, top_k, expert_out.shape[1])
         grad_weights = (gathered * grad_out.float().unsqueeze(1)).sum(-1).to(topk_weights.dtype)
-    return _grads("unpermute_combine", expert_out=grad_expert_out, topk_weights=grad_weights)
+    return per_argument("unpermute_combine", expert_out=grad_expert_out, topk_weights=grad_weights)
 
 
 _register("unpermute_combine", _combine_backward, _combine_setup)
@@ -190,7 +169,7 @@ def _grouped_mlp_backward_impl(
 
 
 def _mlp_setup(ctx, inputs, output):
-    a = _args("grouped_mlp", inputs)
+    a = arguments("grouped_mlp", inputs)
     ctx.options = _expert_options(a)
     ctx.save_for_backward(a.hidden, a.expert_offsets, a.fc1_weight, a.fc1_bias, a.fc2_weight, a.fc2_bias)
 
@@ -200,7 +179,7 @@ def _mlp_backward(ctx, grad_out):
     grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.moe_infer.grouped_mlp_backward(
         grad_out.contiguous(), hidden, offsets, fc1_w, fc1_b, fc2_w, fc2_b, *ctx.options
     )
-    return _grads(
+    return per_argument(
         "grouped_mlp",
         hidden=grad_x,
         fc1_weight=grad_w1,
@@ -216,7 +195,7 @@ _register("grouped_mlp", _mlp_backward, _mlp_setup)
 
 
 def _static_gating_setup(ctx, inputs, output):
-    a = _args("static_gating", inputs)
+    a = arguments("static_gating", inputs)
     _weights, expert_ids, locations, _l_aux = output
     ctx.options = (a.capacity, a.normalize_before_dropping)
     ctx.save_for_backward(a.router_logits, expert_ids, locations)
@@ -229,7 +208,7 @@ def _static_gating_backward(ctx, grad_weights, _grad_ids, _grad_locations, grad_
     capacity, normalize_before_dropping = ctx.options
     num_tokens, num_experts = router_logits.shape
     if num_tokens == 0:
-        return _grads("static_gating", router_logits=torch.zeros_like(router_logits))
+        return per_argument("static_gating", router_logits=torch.zeros_like(router_logits))
     ids = expert_ids.long()
     routed = locations >= 0
     kept = (routed & (locations < capacity)).float()
@@ -248,14 +227,14 @@ def _static_gating_backward(ctx, grad_weights, _grad_ids, _grad_locations, grad_
         first_counts = torch.zeros(num_experts, device=logits.device).index_add_(0, ids[:, 0], routed[:, 0].float())
         l_aux = (gates.mean(0) * first_counts / num_tokens).mean() * num_experts * num_experts
         (grad,) = torch.autograd.grad([weights, l_aux], [logits], [grad_weights, grad_l_aux])
-    return _grads("static_gating", router_logits=grad.to(router_logits.dtype))
+    return per_argument("static_gating", router_logits=grad.to(router_logits.dtype))
 
 
 _register("static_gating", _static_gating_backward, _static_gating_setup)
 
 
 def _routing_tensors_setup(ctx, inputs, output):
-    a = _args("static_routing_tensors", inputs)
+    a = arguments("static_routing_tensors", inputs)
     ctx.capacity = a.capacity
     ctx.weights_dtype = a.topk_weights.dtype
     ctx.save_for_backward(a.expert_ids, a.locations)
@@ -268,28 +247,28 @@ def _routing_tensors_backward(ctx, grad_combine, _grad_mask):
     slots = expert_ids.long() * capacity + locations.long().clamp(0, capacity - 1)
     slots = torch.where(kept, slots, torch.zeros_like(slots))
     grad = grad_combine.reshape(grad_combine.shape[0], -1).gather(1, slots) * kept
-    return _grads("static_routing_tensors", topk_weights=grad.to(ctx.weights_dtype))
+    return per_argument("static_routing_tensors", topk_weights=grad.to(ctx.weights_dtype))
 
 
 _register("static_routing_tensors", _routing_tensors_backward, _routing_tensors_setup)
 
 
 def _static_dispatch_setup(ctx, inputs, output):
-    ctx.save_for_backward(_args("static_dispatch", inputs).dispatch_mask)
+    ctx.save_for_backward(arguments("static_dispatch", inputs).dispatch_mask)
 
 
 def _static_dispatch_backward(ctx, grad_out):
     # The transpose of the dispatch is a combine with the mask as weights.
     (dispatch_mask,) = ctx.saved_tensors
     grad_hidden = torch.ops.moe_infer.static_combine(grad_out.contiguous(), dispatch_mask.to(torch.float32))
-    return _grads("static_dispatch", hidden=grad_hidden)
+    return per_argument("static_dispatch", hidden=grad_hidden)
 
 
 _register("static_dispatch", _static_dispatch_backward, _static_dispatch_setup)
 
 
 def _static_combine_setup(ctx, inputs, output):
-    a = _args("static_combine", inputs)
+    a = arguments("static_combine", inputs)
     ctx.save_for_backward(a.expert_out, a.combine_weights)
 
 
@@ -303,7 +282,7 @@ def _static_combine_backward(ctx, grad_out):
         grad_expert_out = (weights.t() @ grad_out.float()).view_as(expert_out).to(expert_out.dtype)
     if ctx.needs_input_grad[1]:
         grad_weights = (grad_out.float() @ rows.t()).view_as(combine_weights).to(combine_weights.dtype)
-    return _grads("static_combine", expert_out=grad_expert_out, combine_weights=grad_weights)
+    return per_argument("static_combine", expert_out=grad_expert_out, combine_weights=grad_weights)
 
 
 _register("static_combine", _static_combine_backward, _static_combine_setup)
@@ -311,7 +290,7 @@ _register("static_combine", _static_combine_backward, _static_combine_setup)
 
 
 def _mlp_combine_setup(ctx, inputs, output):
-    a = _args("grouped_mlp_combine", inputs)
+    a = arguments("grouped_mlp_combine", inputs)
     ctx.options = _expert_options(a)
     ctx.save_for_backward(
         a.hidden,
@@ -348,7 +327,7 @@ def _mlp_combine_backward(ctx, grad_out):
     )
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     grad_hidden.index_add_(0, tokens, grad_x.float())
-    return _grads(
+    return per_argument(
         "grouped_mlp_combine",
         hidden=grad_hidden.to(hidden.dtype),
         topk_weights=grad_weights,

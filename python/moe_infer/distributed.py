@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .experts import ExpertsBackend, ExpertSpec, MoEExperts, expert_spec
+from .experts import ExpertsBackend, ExpertSpec, MoEExperts, expert_spec, parameters_spec
 from .layer import MoELayer
 from .placement import LoadRecorder, Placement
 
@@ -220,16 +220,7 @@ class ExpertParallelExperts(nn.Module, ExpertsBackend):
     @property
     def spec(self) -> ExpertSpec:
         """This rank's slots as an :class:`ExpertSpec` (slot s: the expert the placement puts there)."""
-        return ExpertSpec(
-            self.gate_up_proj,
-            self.gate_up_proj_bias,
-            self.down_proj,
-            self.down_proj_bias,
-            self.activation,
-            self.weights_transposed,
-            self.swiglu_alpha,
-            self.swiglu_limit,
-        )
+        return parameters_spec(self)
 
     def _expert_tensors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self._param_names]

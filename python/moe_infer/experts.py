@@ -244,16 +244,7 @@ class MoEExperts(nn.Module):
     @property
     def spec(self) -> ExpertSpec:
         """The module's own parameters as an :class:`ExpertSpec` (no copy)."""
-        return ExpertSpec(
-            self.gate_up_proj,
-            self.gate_up_proj_bias,
-            self.down_proj,
-            self.down_proj_bias,
-            self.activation,
-            self.weights_transposed,
-            self.swiglu_alpha,
-            self.swiglu_limit,
-        )
+        return parameters_spec(self)
 
     def expert_spec(self) -> ExpertSpec:
         return self.spec
@@ -267,6 +258,22 @@ class MoEExperts(nn.Module):
     def forward(self, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
         """rows [N, H] grouped by expert, expert_offsets [E+1] int32 -> [N, H]."""
         return ops.grouped_mlp(rows, expert_offsets, self.spec)
+
+
+def parameters_spec(module: nn.Module) -> ExpertSpec:
+    """The :class:`ExpertSpec` of a module laid out as :class:`MoEExperts` (``gate_up_proj``,
+    ``gate_up_proj_bias``, ``down_proj``, ``down_proj_bias``, ``activation``, ``weights_transposed``,
+    ``swiglu_alpha``, ``swiglu_limit``), e.g. the expert-parallel experts' local slots."""
+    return ExpertSpec(
+        module.gate_up_proj,
+        module.gate_up_proj_bias,
+        module.down_proj,
+        module.down_proj_bias,
+        module.activation,
+        module.weights_transposed,
+        module.swiglu_alpha,
+        module.swiglu_limit,
+    )
 
 
 def is_transformers_experts(module: torch.nn.Module) -> bool:
