@@ -235,9 +235,12 @@ void activate(const at::Tensor& fc1_out, const ActivationParams& params, const a
       case Activation::kGeluTanh:
         result = at::gelu(gate, "tanh");
         break;
-      default:
+      case Activation::kSilu:
         result = at::silu(gate);
         break;
+      default:
+        TORCH_CHECK(false, "grouped_mlp: the composite has no ATen form of activation '",
+                    activation_name(params.activation), "'");
     }
     if (is_gated(params.activation)) result = result * x.narrow(1, ffn_size, ffn_size);
   }

@@ -19,21 +19,24 @@ namespace moe_infer {
 
 namespace {
 
-// An element function of the activation table (unary_of) with ATen's vectorized kernels.
-void unary_out(Activation unary, at::Tensor& out, const at::Tensor& x) {
+// An element function of the activation table (unary_of) with ATen's vectorized kernels; false
+// for one without (activate_row computes it from common/activation.h).
+bool unary_out(Activation unary, at::Tensor& out, const at::Tensor& x) {
   switch (unary) {
     case Activation::kRelu:
       at::clamp_min_out(out, x, 0);
-      return;
+      return true;
     case Activation::kGelu:
       at::gelu_out(out, x);
-      return;
+      return true;
     case Activation::kGeluTanh:
       at::gelu_out(out, x, "tanh");
-      return;
-    default:
+      return true;
+    case Activation::kSilu:
       at::silu_out(out, x);
-      return;
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -42,7 +45,7 @@ void unary_out(Activation unary, at::Tensor& out, const at::Tensor& x) {
 bool activate_rows_vectorized(const at::Tensor& fc1_out, int64_t ffn_size,
                               const ActivationParams& params, at::Tensor out) {
   if (fc1_out.scalar_type() != at::kFloat || uses_swiglu_params(params.activation)) return false;
-  unary_out(unary_of(params.activation), out, fc1_out.narrow(1, 0, ffn_size));
+  if (!unary_out(unary_of(params.activation), out, fc1_out.narrow(1, 0, ffn_size))) return false;
   if (is_gated(params.activation)) out.mul_(fc1_out.narrow(1, ffn_size, ffn_size));
   return true;
 }
