@@ -114,7 +114,7 @@ def test_validate_false_is_memory_safe_and_raises_nothing():
 
 
 def expert_weights(num_experts, hidden_size, ffn_size, activation, bias, transposed, dtype):
-    gated = activation in ("silu_glu", "gpt_oss_swiglu")
+    gated = ops.ACTIVATION_TABLE[activation].gated
     fc1_out = 2 * ffn_size if gated else ffn_size
     fc1 = (
         torch.randn((num_experts, hidden_size, fc1_out) if transposed else (num_experts, fc1_out, hidden_size))

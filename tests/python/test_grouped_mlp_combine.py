@@ -10,7 +10,6 @@ from moe_infer import reference as ref
 from conftest import argument_error, relative_error
 
 LIMIT = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-GATED = ("silu_glu", "gpt_oss_swiglu")
 
 
 def make_case(num_tokens, num_experts, top_k, hidden_size, ffn_size, activation, bias, transposed, dtype, device):
@@ -19,7 +18,7 @@ def make_case(num_tokens, num_experts, top_k, hidden_size, ffn_size, activation,
     logits = torch.randn(num_tokens, num_experts, device=device) * 3
     weights, ids = ops.topk_gating(logits, top_k, renormalize=True)
     ids[::7, -1] = -1  # unrouted pairs contribute nothing
-    fc1_out = 2 * ffn_size if activation in GATED else ffn_size
+    fc1_out = 2 * ffn_size if ops.ACTIVATION_TABLE[activation].gated else ffn_size
     fc1 = torch.randn((num_experts, hidden_size, fc1_out) if transposed else (num_experts, fc1_out, hidden_size))
     fc2 = torch.randn((num_experts, ffn_size, hidden_size) if transposed else (num_experts, hidden_size, ffn_size))
     params = [fc1 / hidden_size**0.5, torch.randn(num_experts, fc1_out) * 0.1 if bias else None]
