@@ -488,7 +488,7 @@ at::Tensor grouped_mlp_combine_op(const at::Tensor& hidden, const at::Tensor& to
           .findSchemaOrThrow("moe_infer::grouped_mlp", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const std::optional<at::Tensor>&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, c10::string_view, bool, double,
+                            const std::optional<at::Tensor>&, const std::string&, bool, double,
                             double)>();
   static const auto unpermute_combine_fn =
       c10::Dispatcher::singleton()
