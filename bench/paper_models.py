@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -377,6 +378,7 @@ def summarize(rows: list, weights: int, max_batch: int) -> dict:
             "largest_batch": {mode: fit[mode][-1]["batch"] if fit[mode] else None for mode in MODES},
             # The sweep ended before dynamic outgrew the budget: its largest batch is a lower bound.
             "dynamic_limited_by_sweep": bool(fit["dynamic"]) and fit["dynamic"][-1] is rows[-1],
+            "static_limited_by_sweep": bool(fit["static"]) and fit["static"][-1] is rows[-1],
         }
         if fit["static"] and fit["dynamic"]:
             at = fit["static"][-1]
@@ -418,6 +420,13 @@ def _rate(mode_row: dict) -> str:
     return f"{mid:,.0f} [{low:,.0f}-{high:,.0f}]"
 
 
+def _largest(budget: dict) -> str:
+    """'static -> dynamic' largest batches, '+' where the sweep ended first."""
+    largest = budget["largest_batch"]
+    more = {m: "+" if budget.get(f"{m}_limited_by_sweep") else "" for m in MODES}
+    return f"{largest['static']}{more['static']} -> {largest['dynamic']}{more['dynamic']}"
+
+
 def sweep_table(results: dict) -> str:
     headers = ["workload", "dtype", "batch", "tokens", "static tok/s", "dynamic tok/s", "dyn / static"]
     headers += ["static MiB", "dynamic MiB", "static / dyn mem"]
@@ -449,15 +458,13 @@ def budget_table(results: dict) -> str:
     for name, by_dtype in results.items():
         for dtype_name, result in by_dtype.items():
             for label, b in result["budgets"].items():
-                largest = b["largest_batch"]
-                more = "+" if b["dynamic_limited_by_sweep"] else ""
                 best = b.get("best_vs_best")
                 lines.append(
                     [
                         name,
                         dtype_name,
                         f"{label} = {b['budget_mib']:.0f} MiB",
-                        f"{largest['static']} -> {largest['dynamic']}{more}",
+                        _largest(b),
                         _band(b["ratio_equal_batch"]) if "ratio_equal_batch" in b else "—",
                         f"{b['memory_ratio_equal_batch']:.2f}x" if "memory_ratio_equal_batch" in b else "—",
                         f"{_band(best)} ({best['static_batch']}, {best['dynamic_batch']})" if best else "—",
@@ -475,15 +482,13 @@ def paper_table(results: dict) -> str:
             b = result["budgets"][label]
             best = b.get("best_vs_best")
             ours = _band(best) if best else "—"
+            if best and (b["static_limited_by_sweep"] or b["dynamic_limited_by_sweep"]):
+                ours += " (sweep-limited: " + _largest(b) + ")"
             lines.append(
                 [f"{name}: max throughput dynamic / static", f"{PAPER[name]['max_throughput']}x", ours, dtype_name]
             )
             if name == "lm":
-                largest = b["largest_batch"]
-                more = "+" if b["dynamic_limited_by_sweep"] else ""
-                lines.append(
-                    ["lm: largest batch", "8 -> 64", f"{largest['static']} -> {largest['dynamic']}{more}", dtype_name]
-                )
+                lines.append(["lm: largest batch", "8 -> 64", _largest(b), dtype_name])
                 mem = b.get("memory_ratio_equal_batch")
                 lines.append(
                     [
@@ -520,7 +525,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per batch (default: 5-12 by cost)")
     parser.add_argument("--max-call-s", type=float, default=None, help="a mode stops growing past a call this slow")
     parser.add_argument("--output", default=None, help="results file stem under bench/results/")
+    parser.add_argument("--render", default=None, help="only recompute the tables of this results JSON")
     args = parser.parse_args()
+    if args.render:
+        return render(args.render, args.output)
     dtype_names = [d.strip() for d in args.dtype.split(",") if d.strip()]
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for d in dtype_names:
@@ -553,28 +561,40 @@ def main():
             }
             del workload
     sys.stderr.write("\n")
-    revision = commit()
+    write_report(results, machine_description(torch.device("cpu")), commit(), args.quick, args.output)
+
+
+def write_report(results: dict, machine: str, revision: str, quick: bool, stem: Optional[str]) -> None:
     settings = "\n".join(f"- {name}: {next(iter(r.values()))['setting']}" for name, r in results.items())
     text = (
-        f"# Dynamic vs static gating on whole models{' (quick run: no verdicts)' if args.quick else ''}\n\n"
-        f"Machine: {machine_description(torch.device('cpu'))}. Commit {revision}.\n\n"
+        f"# Dynamic vs static gating on whole models{' (quick run: no verdicts)' if quick else ''}\n\n"
+        f"Machine: {machine}. Measured at commit {revision}.\n\n"
         f"Settings:\n{settings}\n\n"
+        f"static: lm, fairseq's computation (moe_infer.fairseq.MOELayer gating='static': capacity, [S, E, C] "
+        f"routing tensors, E x C expert rows, placeholders included); mt, transformers 5.24's NLLB-MoE as "
+        f"shipped (one-hot [tokens, experts] routing masks; its expert loop runs E x tokens rows whatever the "
+        f"routing, the expert FLOPs of fairseq's static gating at capacity fraction 1.0). dynamic: "
+        f"gating='dynamic' (lm), moe_infer.optimize(model) (mt); capacity-free.\n\n"
         f"Throughput: tokens per second of CPU time (one thread), the two modes interleaved, "
-        f"{'2' if args.quick else '3-10'} rounds: median [min-max]; 'dyn / static': per-round ratios, median "
-        f"[min-max]. Memory: the model's weights plus the peak resident memory of the call above the resident "
+        f"{'2' if quick else '3-10'} rounds: median [min-max]; 'dyn / static': per-round ratios, median "
+        f"[min-max]; best vs best: median of the best over median of the best [worst pairing - best pairing]. "
+        f"Memory: the model's weights plus the peak resident memory of the call above the resident "
         f"set before it (activations, KV cache). Budgets: multiples of the weight bytes. mt_encoder tokens: "
-        f"source tokens; mt_decoder tokens: generated tokens (the encoder is not timed).\n\n"
+        f"source tokens; mt_decoder tokens: generated tokens (the encoder is not timed). A '+' after a largest "
+        f"batch: the sweep ended before that mode outgrew the budget (a lower bound; its best throughput may be "
+        f"higher too).\n\n"
     )
-    if not args.quick:
+    if not quick:
         text += f"## Against the paper (budget {HEADLINE_BUDGET:g}x weights)\n\n{paper_table(results)}\n\n"
     text += f"## Per memory budget\n\n{budget_table(results)}\n\n## Sweep\n\n{sweep_table(results)}\n"
     print(text)
-    stem = args.output or f"paper_models{'_quick' if args.quick else ''}"
+    stem = stem or f"paper_models{'_quick' if quick else ''}"
     md_path = write_result(f"{stem}.md", text)
     payload = {
-        "machine": machine_description(torch.device("cpu")),
+        "machine": machine,
         "commit": revision,
-        "quick": args.quick,
+        "summary_commit": commit(),
+        "quick": quick,
         "budgets_x_weights": list(BUDGETS),
         "headline_budget": f"{HEADLINE_BUDGET:g}x weights",
         "paper": PAPER,
@@ -582,6 +602,18 @@ def main():
     }
     json_path = write_result(f"{stem}.json", json.dumps(payload, indent=1))
     print(f"written: {md_path}, {json_path}")
+
+
+def render(path: str, stem: Optional[str]) -> None:
+    """Recomputes the summaries and tables of a results file from its measured rows."""
+    with open(path) as f:
+        saved = json.load(f)
+    results = saved["workloads"]
+    for by_dtype in results.values():
+        for result in by_dtype.values():
+            weights = result["weights_mib"] * 2**20
+            result.update(summarize(result["rows"], weights, result["sweep_max_batch"]))
+    write_report(results, saved["machine"], saved["commit"], saved["quick"], stem)
 
 
 if __name__ == "__main__":
