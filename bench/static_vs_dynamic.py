@@ -26,8 +26,6 @@ bench/results/static_vs_dynamic_<device>.{md,json} and PNG plots of throughput a
 """
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import sys
@@ -41,6 +39,8 @@ from common import (  # noqa: E402
     Progress,
     machine_description,
     markdown_table,
+    peak_memory,
+    return_freed_memory_to_os,
     time_interleaved,
     write_result,
 )
@@ -71,36 +71,6 @@ PAPER = {
 }
 # The fairseq column materialises several dense [S, E, C] float tensors: only up to this size.
 FAIRSEQ_MAX_SEC = 1 << 23
-
-# ---- memory: peak RSS of one call ------------------------------------------------------------
-
-_libc = ctypes.CDLL("libc.so.6")
-# Every allocation of 64 KiB or more is its own mapping, returned to the system when freed, and
-# the heap is trimmed: the resident set before a call holds no freed memory the call could reuse.
-_libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-_libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def peak_memory(fn) -> int:
-    """Bytes of the process's peak resident set during fn() above its resident set before."""
-    gc.collect()
-    _libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    before = _status_bytes("VmRSS")
-    out = fn()
-    peak = _status_bytes("VmHWM")
-    del out
-    return peak - before
-
 
 # ---- the layer and its runs ------------------------------------------------------------------
 
@@ -378,6 +348,7 @@ def main():
     parser.add_argument("--workloads", default="lm,mt")
     parser.add_argument("--output", default=None, help="results file stem under bench/results/")
     args = parser.parse_args()
+    return_freed_memory_to_os()
     if args.cap_mib is None:
         args.cap_mib = 128 if args.quick else 512
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
