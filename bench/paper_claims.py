@@ -270,7 +270,12 @@ def _placement_claims(placement):
             lm_gain,
             f"modelled, not timed: the MoE layer's busiest-rank load, contiguous over greedy, on the calibrated "
             f"traces (LM {lm_gain:.2f}x, MT {mt_gain:.2f}x); the paper's figure is whole-model throughput on 8 GPUs, "
-            f"where attention, dense layers and the all-to-all dilute the MoE layer's gain",
+            f"where attention, dense layers and the all-to-all dilute the MoE layer's gain"
+            + "".join(
+                f"; {name} (a router trained with a balancing loss): "
+                f"{v['placements']['contiguous']['avg_max_load'] / v['placements']['greedy']['avg_max_load']:.2f}x"
+                for name, v in recorded.items()
+            ),
             "partly",
             _evidence("placement_paper.json", "placement_cpu.md"),
             mt=mt_gain,
