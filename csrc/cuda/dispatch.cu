@@ -33,9 +33,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cuda(
     const at::Tensor& expert_ids, int64_t num_experts, bool validate) {
   const PlanSizes sizes = check_dispatch_plan(expert_ids, num_experts);
   const c10::cuda::CUDAGuard guard(expert_ids.device());
-  if (!kernels_enabled()) {
-    return composite::dispatch_plan(expert_ids, sizes, validate && !stream_is_capturing());
-  }
   kernels::DeviceError* error = nullptr;
   if (validate) {
     if (!stream_is_capturing()) raise_device_error(expert_ids.device().index(), false);
@@ -125,7 +122,6 @@ at::Tensor permute_cuda(const at::Tensor& hidden, const at::Tensor& sorted_pair_
                         int64_t top_k) {
   const RowSizes sizes = check_permute(hidden, sorted_pair_ids, top_k);
   const c10::cuda::CUDAGuard guard(hidden.device());
-  if (!kernels_enabled()) return composite::permute(hidden, sorted_pair_ids, top_k);
   const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
   auto out = at::empty({sizes.num_tokens * top_k, sizes.hidden_size}, hidden.options());
   launch_permute_rows(rows, sorted_pair_ids.contiguous(), top_k, out);
@@ -174,8 +170,6 @@ at::Tensor unpermute_combine_cuda(const at::Tensor& expert_out, const at::Tensor
                                   const at::Tensor& row_of_pair) {
   const RowSizes sizes = check_unpermute_combine(expert_out, topk_weights, row_of_pair);
   const c10::cuda::CUDAGuard guard(expert_out.device());
-  if (!kernels_enabled())
-    return composite::unpermute_combine(expert_out, topk_weights, row_of_pair);
   auto out = at::empty({sizes.num_tokens, sizes.hidden_size}, expert_out.options());
   launch_unpermute_combine(expert_out.contiguous(), topk_weights, row_of_pair.contiguous(), nullptr,
                            0, std::nullopt, out);

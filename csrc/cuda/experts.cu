@@ -120,10 +120,10 @@ void launch_bias_activation(const at::Tensor& fc1_out, const std::optional<at::T
 // Whether x [rows, H] and the [E, H, F1] / [E, I, H] weight views take the grouped-GEMM path.
 bool grouped_path(const at::Tensor& x, const MlpSizes& sizes, const at::Tensor& fc1,
                   const at::Tensor& fc2) {
-  return kernels_enabled() && x.scalar_type() == at::kBFloat16 &&
-         device_has_grouped_gemm(x.device().index()) && sizes.num_experts < 1024 &&
-         sizes.hidden_size > 0 && sizes.hidden_size % 8 == 0 && sizes.ffn_size % 8 == 0 &&
-         grouped_mm_operand_ok(x) && grouped_mm_operand_ok(fc1) && grouped_mm_operand_ok(fc2);
+  return x.scalar_type() == at::kBFloat16 && device_has_grouped_gemm(x.device().index()) &&
+         sizes.num_experts < 1024 && sizes.hidden_size > 0 && sizes.hidden_size % 8 == 0 &&
+         sizes.ffn_size % 8 == 0 && grouped_mm_operand_ok(x) && grouped_mm_operand_ok(fc1) &&
+         grouped_mm_operand_ok(fc2);
 }
 
 // The offsets checked on the device (violations raised later, as the per-expert path raises
@@ -173,14 +173,9 @@ at::Tensor per_expert_mlp(const at::Tensor& x, const at::Tensor& expert_offsets,
               "read the expert offsets on the host");
   const std::vector<int32_t> host_offsets =
       host_expert_offsets(expert_offsets.contiguous(), x.size(0));
-  const bool use_kernels = kernels_enabled();
   return grouped_mlp_per_expert(
       x, host_offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias, weights_transposed, sizes,
       [&](const at::Tensor& fc1_out, const at::Tensor& act) {
-        if (!use_kernels) {
-          composite::activate(fc1_out, params, act);
-          return;
-        }
         launch_bias_activation(fc1_out, std::nullopt, nullptr, 0, params, act);
       });
 }
@@ -241,17 +236,6 @@ at::Tensor grouped_mlp_combine_cuda(const at::Tensor& hidden, const at::Tensor& 
   row_sizes.num_rows = num_pairs;
   auto out = at::empty({num_tokens, sizes.mlp.hidden_size}, hidden.options());
   if (num_tokens == 0) return out;
-  if (!kernels_enabled()) {
-    // The composite pipeline the CPU fallback runs too.
-    const at::Tensor pair_ids = sorted_pair_ids.contiguous();
-    const at::Tensor row_of_pair = at::empty_like(pair_ids).scatter_(
-        0, pair_ids.to(at::kLong), at::arange(num_pairs, pair_ids.options()));
-    const at::Tensor rows = composite::permute(hidden, pair_ids, sizes.top_k);
-    const at::Tensor expert_rows =
-        per_expert_mlp(rows, expert_offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                       weights_transposed, row_sizes, params, "grouped_mlp_combine");
-    return composite::unpermute_combine(expert_rows, topk_weights, row_of_pair);
-  }
   // Gather into expert order; the inverse permutation comes out of the same pass.
   auto rows = at::empty({num_pairs, sizes.mlp.hidden_size}, hidden.options());
   auto row_of_pair = at::empty({num_pairs}, sorted_pair_ids.options());
