@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import moe_infer  # noqa: E402
-from common import Progress, machine_description, markdown_table, time_interleaved, write_result  # noqa: E402
 sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))  # hf_models
 import hf_models  # noqa: E402
+import moe_infer  # noqa: E402
+from common import Progress, machine_description, markdown_table, time_interleaved, write_result  # noqa: E402
 
 SHAPES = {
     # name: (transformers architecture, hidden, ffn, experts, top_k)

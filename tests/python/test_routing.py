@@ -93,3 +93,19 @@ def test_random_bfloat16_router_logits_route_as_transformers(device):
     probs = F.softmax(logits.float(), dim=-1)
     assert (probs.topk(3, dim=-1).values.diff(dim=-1) == 0).any()  # ties occur among the top 3
     assert torch.equal(ops.topk_gating(logits, 2, "softmax", True)[1].long(), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_experts", [8, 64, 128])
+def test_static_gates_follow_fairseqs_argmax(device, dtype, num_experts):
+    """The static (fairseq) gates pick fairseq's experts, not torch.topk's: Top1Gate / Top2Gate take
+    torch.argmax of the float32 gates (ties -> the first expert), then the argmax of the logits
+    without the first expert (the "all" policy)."""
+    logits = tied_logits(200, num_experts, dtype, device)
+    gates = F.softmax(logits.float(), dim=1)
+    first = torch.argmax(gates, dim=1)
+    others = logits.float().masked_fill(F.one_hot(first, num_experts).bool(), float("-inf"))
+    second = torch.argmax(others, dim=1)
+    routing = ops.static_gating(logits, 2, 200, second_expert_policy="all")
+    assert torch.equal(routing.expert_ids.long(), torch.stack([first, second], dim=1))
+    assert torch.equal(ops.static_gating(logits, 1, 200).expert_ids.long()[:, 0], first)
