@@ -113,7 +113,7 @@ def build_variants(arch, dtype):
 
 def active_expert_bytes(model, step):
     """Bytes of the experts' weights one call of ``step`` reads: each layer's distinct routed experts."""
-    modules = [m for m in model.modules() if hasattr(m, "down_proj") and m.down_proj.dim() == 3]
+    modules = [m for m in model.modules() if isinstance(getattr(m, "down_proj", None), torch.Tensor)]
     total = []
 
     def hook(module, args, output):
