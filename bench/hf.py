@@ -5,23 +5,29 @@ and copied per variant:
   HF eager / HF batched_mm / HF grouped_mm   transformers' own experts implementations
   HF + moe_infer experts                     model.set_experts_implementation("moe_infer")
   moe_infer                                  moe_infer.optimize(model): fused routing + experts
+  GEMM floor                                 the model with experts that only run the expert GEMMs
+                                             (F.linear of each routed expert on its token count: no
+                                             gather, activation or combine): what no experts
+                                             implementation can beat
 SwitchTransformers and NLLB-MoE have no experts interface: "HF eager" is their capacity routing and
 expert loop (NLLB-MoE's loop corrected, see tests/python/hf_models.py), and moe_infer is
 capacity-free. Every variant's float32 logits are checked against HF eager first, then the variants
 are timed interleaved (median): prefill of 512 tokens (encoder-decoder models: 512 source tokens
 and one target token), and one decode step at batch 1 and 16 after a 128-token context (the KV
-cache is cropped back after each step).
+cache is cropped back after each step). Decode rows also give the weight-bandwidth floor: the bytes
+of the experts' weights the step reads (each layer's active experts) over the memory bandwidth
+measured in the same run (a large torch copy, read + write bytes).
 
-By default the benchmark runs on one thread and times CPU time (time.process_time): this machine is
-shared, and CPU time of a single-threaded run does not count the time other jobs hold the core.
---threads N with --clock wall measures wall-clock time instead.
+Tables for each --dtype (default bfloat16 and float32) and --threads (default 1 and 2). One thread
+is timed in CPU time (time.process_time): this machine is shared, and CPU time of a single-threaded
+run does not count the time other jobs hold the core; more threads in wall-clock time.
 
 Peak memory of one SwitchTransformers / NLLB-MoE MoE layer on 4096 tokens is measured in a
 subprocess per variant: the rise of VmHWM over the resting RSS (glibc told to return every block
 over 64 KiB at once), for HF's capacity routing and moe_infer, at the benchmark's expert count and
 at 128 experts (NLLB-MoE's). Prints the tables and writes bench/results/hf_cpu.md.
 
-    python bench/hf.py [--quick] [--arch mixtral --arch switch ...] [--threads N --clock wall]
+    python bench/hf.py [--quick] [--arch mixtral ...] [--dtype bfloat16 ...] [--threads 1 ...]
 """
 
 import argparse
@@ -34,6 +40,8 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
+from transformers.integrations import moe as hf_moe
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))  # hf_models
@@ -54,28 +62,84 @@ SIZES = {
     "nllb_moe": dict(hidden=512, ffn=1024, experts=32, top_k=2),
 }
 COMMON = dict(layers=2, vocab=1024, heads=8)
-COLUMNS = ("HF eager", "HF batched_mm", "HF grouped_mm", "HF + moe_infer experts", "moe_infer")
+COLUMNS = ("HF eager", "HF batched_mm", "HF grouped_mm", "HF + moe_infer experts", "moe_infer", "GEMM floor")
+GEMM_FLOOR = "gemm_floor"
 PREFILL, CONTEXT, DECODE_BATCHES = 512, 128, (1, 16)
 MEMORY_TOKENS = 4096
 MEMORY_EXPERTS = (32, 128)
 MAX_GATHER_BYTES = 2**30  # HF batched_mm is not run where it would gather more expert weights than this
 
 
-def build_variants(arch):
-    base = hf_models.build_model(arch, **SIZES[arch], **COMMON)
+def expert_matrices(experts):
+    """(fc1 [E, ...], fc2 [E, ...], transposed) of a transformers experts module."""
+    fc1 = experts.gate_up_proj if hasattr(experts, "gate_up_proj") else experts.up_proj
+    fc2 = experts.down_proj
+    return fc1, fc2, fc1.shape[-1] != experts.config.hidden_size
+
+
+def gemm_floor_experts(self, hidden_states, top_k_index, top_k_weights):
+    """An experts implementation that runs only the expert GEMMs, each routed expert on its token count."""
+    fc1, fc2, transposed = expert_matrices(self)
+    counts = torch.bincount(top_k_index.reshape(-1), minlength=fc1.shape[0]).tolist()
+    ffn = fc2.shape[1] if transposed else fc2.shape[2]
+    for e, count in enumerate(counts):
+        if count:
+            rows = hidden_states[:count]
+            fc1_out = rows @ fc1[e] if transposed else F.linear(rows, fc1[e])
+            act = fc1_out[:, :ffn]
+            act @ fc2[e] if transposed else F.linear(act, fc2[e])
+    return torch.zeros_like(hidden_states)
+
+
+hf_moe.ALL_EXPERTS_FUNCTIONS.register(GEMM_FLOOR, gemm_floor_experts)
+
+
+def build_variants(arch, dtype):
+    base = hf_models.build_model(arch, **SIZES[arch], **COMMON).to(dtype)
     variants = {}
     if arch in hf_models.ENCODER_DECODER:
         variants["HF eager"] = hf_models.correct_nllb_moe_experts(base) if arch == "nllb_moe" else base
     else:
-        for implementation in ("eager", "batched_mm", "grouped_mm"):
+        for implementation in ("eager", "batched_mm", "grouped_mm", GEMM_FLOOR):
             model = copy.deepcopy(base)
             model.set_experts_implementation(implementation)
-            variants[f"HF {implementation}"] = model
+            variants["GEMM floor" if implementation == GEMM_FLOOR else f"HF {implementation}"] = model
         registry = copy.deepcopy(base)
         registry.set_experts_implementation(hf.EXPERTS_IMPLEMENTATION)
         variants["HF + moe_infer experts"] = registry
     variants["moe_infer"] = moe_infer.optimize(copy.deepcopy(base), verbose=False)
     return variants
+
+
+def active_expert_bytes(model, step):
+    """Bytes of the experts' weights one call of ``step`` reads: each layer's distinct routed experts."""
+    modules = [m for m in model.modules() if isinstance(getattr(m, "down_proj", None), torch.Tensor)]
+    total = []
+
+    def hook(module, args, output):
+        fc1, fc2, _ = expert_matrices(module)
+        active = args[1].reshape(-1).unique().numel()
+        total.append(active * (fc1[0].numel() + fc2[0].numel()) * fc1.element_size())
+
+    hooks = [m.register_forward_hook(hook) for m in modules]
+    with torch.no_grad():
+        step()
+    for h in hooks:
+        h.remove()
+    return sum(total)
+
+
+def memory_bandwidth():
+    """Bytes per second of a large copy (read + write), best of several, on the current threads."""
+    source = torch.empty(2**27, dtype=torch.uint8).fill_(1)  # 128 MiB: far beyond the caches
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() / best
 
 
 def random_ids(batch, length, generator):
@@ -130,16 +194,19 @@ def batched_mm_gather_bytes(arch, model, num_tokens):
     return num_tokens * SIZES[arch]["top_k"] * per_pair
 
 
-def check_variants(arch, variants, ids):
-    """Every variant's float32 logits against HF eager's."""
+def check_variants(arch, variants, ids, dtype):
+    """Every variant's logits against HF eager's."""
+    limit = 1e-5 if dtype == torch.float32 else 3e-2
     with torch.no_grad():
         expected = prefill_fn(arch, variants["HF eager"], ids)().double()
         worst = 0.0
         for name, model in variants.items():
+            if name == "GEMM floor":
+                continue
             if name == "HF batched_mm" and batched_mm_gather_bytes(arch, model, ids.numel()) > MAX_GATHER_BYTES:
                 continue
             error = ((prefill_fn(arch, model, ids)().double() - expected).norm() / expected.norm()).item()
-            if not error < 1e-5:
+            if not error < limit:
                 raise SystemExit(f"{arch}: {name} disagrees with HF eager: relative error {error:.2e}")
             worst = max(worst, error)
     return worst
@@ -210,35 +277,32 @@ def memory_table(archs, quick):
 # ---- main -------------------------------------------------------------------------------------
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats; memory at one expert count")
-    parser.add_argument("--arch", action="append", choices=list(SIZES), help="architectures (default: all)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--clock", choices=["cpu", "wall"], default=None, help="default: cpu with 1 thread, else wall")
-    parser.add_argument("--output", default=None, help="results file name under bench/results/")
-    parser.add_argument("--memory-child", nargs=3, metavar=("ARCH", "VARIANT", "EXPERTS"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.memory_child:
-        arch, variant, num_experts = args.memory_child
-        memory_child(arch, variant, int(num_experts))
-        return
-    torch.set_num_threads(args.threads)
-    clock_name = args.clock or ("cpu" if args.threads == 1 else "wall")
-    clock = time.process_time if clock_name == "cpu" else time.perf_counter
-    archs = args.arch or list(SIZES)
-    load_before = os.getloadavg()[0]
+def spread(samples):
+    """'median (min-max)' of samples, in ms."""
+    ordered = sorted(samples)
+    return f"{ordered[len(ordered) // 2] * 1e3:.2f} ({ordered[0] * 1e3:.2f}-{ordered[-1] * 1e3:.2f})"
+
+
+def median(samples):
+    return sorted(samples)[len(samples) // 2]
+
+
+def run_table(archs, dtype, threads, quick, progress):
+    """One table: every architecture and phase at this dtype and thread count."""
+    torch.set_num_threads(threads)
+    clock = time.process_time if threads == 1 else time.perf_counter
+    bandwidth = memory_bandwidth()
     generator = torch.Generator().manual_seed(0)
-    progress = Progress(len(archs) * (1 + len(DECODE_BATCHES)), "bench/hf")
     rows, worst = [], 0.0
     for arch in archs:
-        variants = build_variants(arch)
+        variants = build_variants(arch, dtype)
         prefill_ids = random_ids(1, PREFILL, generator)
-        worst = max(worst, check_variants(arch, variants, prefill_ids))
+        worst = max(worst, check_variants(arch, variants, prefill_ids, dtype))
         phases = [(f"prefill {PREFILL}", 1, prefill_ids)]
         phases += [(f"decode b={b}", b, random_ids(b, CONTEXT, generator)) for b in DECODE_BATCHES]
         for phase, batch, ids in phases:
             skipped = {}
+            bandwidth_floor = None
             if phase.startswith("prefill"):
                 fns = {name: prefill_fn(arch, model, ids) for name, model in variants.items()}
                 if "HF batched_mm" in fns:
@@ -246,54 +310,97 @@ def main():
                     if gather > MAX_GATHER_BYTES:
                         del fns["HF batched_mm"]
                         skipped["HF batched_mm"] = f"({gather / 2**30:.0f} GiB)"
-                tokens, repeats = PREFILL, (3 if args.quick else 7)
+                tokens, repeats = PREFILL, (3 if quick else 7)
             else:
                 fns = {name: decode_fn(arch, model, ids) for name, model in variants.items()}
-                tokens, repeats = batch, (5 if args.quick else 15)
+                tokens, repeats = batch, (5 if quick else 15)
+                if arch not in hf_models.ENCODER_DECODER:
+                    bandwidth_floor = active_expert_bytes(variants["HF eager"], fns["HF eager"]) / bandwidth
             with torch.no_grad():
-                times = time_interleaved(
-                    fns, torch.device("cpu"), repeats, min_seconds=0.5 if args.quick else 2.0, clock=clock
+                samples = time_interleaved(
+                    fns,
+                    torch.device("cpu"),
+                    repeats,
+                    min_seconds=0.5 if quick else 2.0,
+                    statistic=list,
+                    clock=clock,
                 )
+            times = {name: median(values) for name, values in samples.items()}
             hf_times = {n: t for n, t in times.items() if n.startswith("HF") and "moe_infer" not in n}
             best_hf = min(hf_times, key=hf_times.get)
+            floor = times.get("GEMM floor")
             row = [arch, phase]
             row += [f"{tokens / times[c]:.0f}" if c in times else skipped.get(c, "n/a") for c in COLUMNS]
-            row.append(f"{times['HF eager'] / times['moe_infer']:.2f}x")
+            row.append(spread(samples["moe_infer"]))
+            row.append(f"{times['moe_infer'] / floor:.2f}" if floor else "n/a")
+            row.append(f"{bandwidth_floor * 1e3:.2f}" if bandwidth_floor else "")
+            row.append(f"{times['moe_infer'] / bandwidth_floor:.2f}" if bandwidth_floor else "")
             row.append(f"{hf_times[best_hf] / times['moe_infer']:.2f}x ({best_hf.removeprefix('HF ')})")
             rows.append(row)
-            progress.step(f"{arch} {phase}")
+            progress.step(f"{arch} {phase} {dtype} t={threads}")
         del variants
         gc.collect()
 
     headers = ["model", "phase", *(f"{c} tok/s" if c == "HF eager" else c for c in COLUMNS)]
-    table = markdown_table(headers + ["vs HF eager", "vs best HF"], rows)
+    headers += ["moe_infer ms", "moe_infer / GEMM floor", "bandwidth floor ms", "moe_infer / bandwidth floor"]
+    table = markdown_table(headers + ["vs best HF"], rows)
+    timing = "CPU time (time.process_time)" if threads == 1 else "wall-clock time"
+    return (
+        f"## {str(dtype).removeprefix('torch.')}, {threads} thread{'s' if threads > 1 else ''} ({timing})\n\n"
+        f"Memory bandwidth (copy, read + write): {bandwidth / 1e9:.1f} GB/s. Every variant agrees with HF eager "
+        f"(worst relative error of the logits {worst:.1e}).\n\n{table}\n"
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; memory at one expert count")
+    parser.add_argument("--arch", action="append", choices=list(SIZES), help="architectures (default: all)")
+    parser.add_argument("--dtype", action="append", choices=["bfloat16", "float32"], help="default: both")
+    parser.add_argument("--threads", action="append", type=int, help="torch threads (default: 1 and 2)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
+    parser.add_argument("--output", default=None, help="results file name under bench/results/")
+    parser.add_argument("--memory-child", nargs=3, metavar=("ARCH", "VARIANT", "EXPERTS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        arch, variant, num_experts = args.memory_child
+        memory_child(arch, variant, int(num_experts))
+        return
+    archs = args.arch or list(SIZES)
+    dtypes = [getattr(torch, d) for d in args.dtype or ["bfloat16", "float32"]]
+    threads = args.threads or [1, 2]
+    load_before = os.getloadavg()[0]
+    progress = Progress(len(dtypes) * len(threads) * len(archs) * (1 + len(DECODE_BATCHES)), "bench/hf")
+    sections = [run_table(archs, dtype, t, args.quick, progress) for dtype in dtypes for t in threads]
     sizes = "; ".join(
         f"{a}: H={s['hidden']}, ffn={s['ffn']}, E={s['experts']}, k={s['top_k']}"
         for a, s in SIZES.items()
         if a in archs
     )
-    timing = "CPU time of the benchmark thread (time.process_time)" if clock_name == "cpu" else "wall-clock time"
     text = (
-        f"# transformers v5 MoE models: HF experts implementations vs moe_infer (cpu, float32)\n\n"
+        f"# transformers v5 MoE models: HF experts implementations vs moe_infer (cpu)\n\n"
         f"Machine: {machine_description(torch.device('cpu'))}; load average {load_before:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after (the machine is shared).\n\n"
+        f"{os.getloadavg()[0]:.1f} after (the machine is shared: other jobs ran during the measurement).\n\n"
         f"Models ({COMMON['layers']} layers, vocab {COMMON['vocab']}, {COMMON['heads']} heads; "
         f"Switch/NLLB: {COMMON['layers']} encoder + {COMMON['layers']} decoder layers): {sizes}\n\n"
-        f"Tokens per second from the median {timing} of interleaved runs. Prefill: one sequence of "
-        f"{PREFILL} tokens (encoder-decoder: {PREFILL} source tokens, 1 target token). Decode: one step at "
-        f"batch b after a {CONTEXT}-token context. 'vs best HF' = fastest of HF eager / batched_mm / grouped_mm "
-        f"divided by moe_infer. Switch/NLLB: 'HF eager' is transformers' capacity routing and expert loop "
-        f"(NLLB-MoE's loop corrected). Every variant agrees with HF eager (worst relative error of the logits "
-        f"{worst:.1e}). HF batched_mm gathers one weight matrix pair per (token, expert); it is not run where "
-        f"that exceeds {MAX_GATHER_BYTES / 2**30:.0f} GiB (the size is shown instead).\n\n{table}\n"
+        f"Tokens per second from the median time of interleaved runs; 'moe_infer ms' is median (min-max). Prefill: "
+        f"one sequence of {PREFILL} tokens (encoder-decoder: {PREFILL} source tokens, 1 target token). Decode: one "
+        f"step at batch b after a {CONTEXT}-token context. 'GEMM floor': the whole model with experts that only run "
+        f"their GEMMs (F.linear per routed expert), so 'moe_infer / GEMM floor' includes attention etc. on both "
+        f"sides. 'bandwidth floor': bytes of the experts' weights one decode step reads (active experts of every "
+        f"layer) / the copy bandwidth. 'vs best HF' = fastest of HF eager / batched_mm / grouped_mm divided by "
+        f"moe_infer. Switch/NLLB: 'HF eager' is transformers' capacity routing and expert loop (NLLB-MoE's loop "
+        f"corrected); they have no experts interface, so no GEMM floor. HF batched_mm gathers one weight matrix "
+        f"pair per (token, expert); it is not run where that exceeds {MAX_GATHER_BYTES / 2**30:.0f} GiB (the size "
+        f"is shown instead).\n\n" + "\n".join(sections)
     )
     memory_archs = [a for a in archs if a in hf_models.ENCODER_DECODER]
-    if memory_archs:
+    if memory_archs and not args.no_memory:
         text += (
-            f"\nPeak memory of one MoE layer forward on {MEMORY_TOKENS} tokens (8 x 512, H=512; the [tokens, H] "
-            f"output alone is {MEMORY_TOKENS * 512 * 4 / 2**20:.0f} MiB): rise of VmHWM over the resting RSS. "
-            f"'HF as shipped': transformers 5.x's NLLB-MoE expert loop, which one-hot encodes its [tokens, experts] "
-            f"mask into [tokens, experts, experts].\n\n{memory_table(memory_archs, args.quick)}\n"
+            f"\nPeak memory of one MoE layer forward (float32) on {MEMORY_TOKENS} tokens (8 x 512, H=512; the "
+            f"[tokens, H] output alone is {MEMORY_TOKENS * 512 * 4 / 2**20:.0f} MiB): rise of VmHWM over the resting "
+            f"RSS. 'HF as shipped': transformers 5.x's NLLB-MoE expert loop, which one-hot encodes its [tokens, "
+            f"experts] mask into [tokens, experts, experts].\n\n{memory_table(memory_archs, args.quick)}\n"
         )
     print(text)
     name = args.output or ("hf_cpu_quick.md" if args.quick else "hf_cpu.md")

@@ -1,143 +1,211 @@
-"""MoELayer against the plain-PyTorch reference loop, and against its own expert GEMMs alone.
+"""One sparse MoE block, every implementation, against its limits: the GEMM floor and the bandwidth floor.
 
-For each shape and token count S: build the layer with seeded weights, check that moe_infer and
-the reference agree, then time (interleaved, median) the whole moe_infer layer, the reference
-layer, and the expert GEMMs alone (fc1 and fc2 of each non-empty expert on the same token counts,
-into preallocated buffers). Prints a table and writes bench/results/layer_<device>.md.
+For each shape (a transformers block: Mixtral-like and Qwen3-MoE-like, hidden 1024), token count
+S, dtype and thread count, times interleaved (min / median / max over the repeats):
+  moe_infer          the transformers block after moe_infer.optimize (fused routing + experts)
+  MoELayer           moe_infer.MoELayer of the same shape (its own seeded weights)
+  HF eager / HF batched_mm / HF grouped_mm
+                     the transformers block with each of transformers' experts implementations
+  GEMM floor         the two GEMMs of every routed expert alone (F.linear in the same dtype, on the
+                     block's own routing, inputs gathered beforehand): what the layer cannot beat
+and, for decode (S <= 16), the weight-bandwidth floor: the bytes of the active experts' weights
+over the memory bandwidth measured in the same run (a large torch copy, read + write bytes).
+Every row reads as ratios to those limits. Outputs are checked against HF eager first.
 
-    python bench/layer.py [--device cpu|cuda] [--quick] [--dtype float32|bfloat16]
+One thread: CPU time of the thread (time.thread_time; the machine is shared, and CPU time does not
+count what other jobs take). More threads: wall-clock time.
+
+    python bench/layer.py [--quick] [--dtype bfloat16 --dtype float32] [--threads 1 --threads 2]
 """
 
 import argparse
+import copy
 import os
 import sys
+import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))  # hf_models
+import hf_models  # noqa: E402
 import moe_infer  # noqa: E402
 from common import Progress, machine_description, markdown_table, time_interleaved, write_result  # noqa: E402
-from moe_infer import ops  # noqa: E402
-from moe_infer import reference as ref  # noqa: E402
 
 SHAPES = {
-    # name: (hidden, ffn, experts, top_k, activation)
-    "mixtral-like": (1024, 3584, 8, 2, "silu_glu"),
-    "many-expert": (512, 1024, 64, 2, "silu_glu"),
+    # name: (transformers architecture, hidden, ffn, experts, top_k)
+    "Mixtral-like": ("mixtral", 1024, 3584, 8, 2),
+    "Qwen3-MoE-like": ("qwen3_moe", 1024, 768, 64, 8),
 }
-TOKENS = [1, 32, 512, 4096]
+TOKENS = (1, 16, 512)
+HF_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+MAX_GATHER_BYTES = 2**27  # HF batched_mm gathers one weight matrix pair per (token, expert): skipped beyond
 
 
-def build_layer(shape, device, dtype):
-    hidden, ffn, experts, top_k, activation = SHAPES[shape]
+def build_blocks(shape, dtype):
+    """{variant: block} for one shape: transformers' block per experts implementation, moe_infer's, MoELayer."""
+    arch, hidden, ffn, experts, top_k = SHAPES[shape]
+    model = hf_models.build_model(arch, hidden=hidden, ffn=ffn, experts=experts, top_k=top_k, layers=1, vocab=128)
+    model = model.to(dtype)
+    blocks = {}
+    for implementation in HF_IMPLEMENTATIONS:
+        copy_ = copy.deepcopy(model)
+        copy_.set_experts_implementation(implementation)
+        blocks[f"HF {implementation}"] = sparse_block(copy_)
+    blocks["moe_infer"] = sparse_block(moe_infer.optimize(copy.deepcopy(model), verbose=False))
     torch.manual_seed(0)
-    layer = moe_infer.MoELayer(hidden, ffn, experts, top_k, activation=activation, renormalize=True, device=device)
-    return layer.to(dtype).eval()
+    layer = moe_infer.MoELayer(hidden, ffn, experts, top_k, activation="silu_glu", renormalize=True)
+    blocks["MoELayer"] = layer.to(dtype).eval()
+    return blocks
 
 
-def expert_gemms_fn(layer, x):
-    """The two GEMMs of every non-empty expert on the layer's own routing, nothing else."""
+def sparse_block(model):
+    return next(m for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock"))
+
+
+def gemm_floor_fn(block, x):
+    """The expert GEMMs alone, on the block's routing: F.linear per routed expert, in x's dtype."""
     with torch.no_grad():
-        _, weights, ids = layer.route(x)
-        plan = ops.dispatch_plan(ids, layer.num_experts)
-        rows = ops.permute(x, plan.sorted_pair_ids, layer.top_k)
-    bounds = plan.expert_offsets.tolist()
-    experts = layer.experts
-    fc1_width = experts.gate_up_proj.shape[1]
-    fc1_out = torch.empty(rows.shape[0], fc1_width, dtype=x.dtype, device=x.device)
-    act = torch.randn(rows.shape[0], experts.ffn_size, dtype=x.dtype, device=x.device)
-    out = torch.empty_like(rows)
-    segments = [(e, bounds[e], bounds[e + 1]) for e in range(layer.num_experts) if bounds[e + 1] > bounds[e]]
+        _, _, ids = block.gate(x.reshape(-1, x.shape[-1]))
+    experts = block.experts
+    counts = torch.bincount(ids.reshape(-1), minlength=experts.gate_up_proj.shape[0]).tolist()
+    ffn = experts.down_proj.shape[2]
+    inputs = [
+        (e, torch.randn(n, x.shape[-1], dtype=x.dtype), torch.randn(n, ffn, dtype=x.dtype))
+        for e, n in enumerate(counts)
+        if n
+    ]
 
     def run():
-        for e, begin, end in segments:
-            torch.mm(rows[begin:end], experts.gate_up_proj[e].t(), out=fc1_out[begin:end])
-            torch.mm(act[begin:end], experts.down_proj[e].t(), out=out[begin:end])
+        for e, rows, act in inputs:
+            F.linear(rows, experts.gate_up_proj[e])
+            F.linear(act, experts.down_proj[e])
 
-    return run
+    active_bytes = sum(
+        (experts.gate_up_proj[e].numel() + experts.down_proj[e].numel()) * x.element_size() for e, _, _ in inputs
+    )
+    return run, active_bytes, len(inputs)
+
+
+def memory_bandwidth(clock):
+    """Bytes per second of a large copy (read + write), best of several, on the current threads."""
+    source = torch.empty(2**27, dtype=torch.uint8).fill_(1)  # 128 MiB: far beyond the caches
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(5):
+        start = clock()
+        target.copy_(source)
+        best = min(best, clock() - start)
+    return 2 * source.numel() / best
+
+
+def spread(samples, scale=1e3):
+    """'median (min-max)' of samples, in ms."""
+    ordered = sorted(samples)
+    return f"{ordered[len(ordered) // 2] * scale:.3f} ({ordered[0] * scale:.3f}-{ordered[-1] * scale:.3f})"
+
+
+def median(samples):
+    return sorted(samples)[len(samples) // 2]
+
+
+def run_table(dtype, threads, quick, progress):
+    torch.set_num_threads(threads)
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    bandwidth = memory_bandwidth(time.perf_counter)  # a copy's time is wall time, whatever the clock
+    rows, worst = [], 0.0
+    for shape in SHAPES:
+        blocks = build_blocks(shape, dtype)
+        for num_tokens in TOKENS:
+            x = torch.randn(1, num_tokens, SHAPES[shape][1], dtype=dtype)
+            with torch.no_grad():
+                expected = blocks["HF eager"](x).double()
+                for name in ("moe_infer", "HF grouped_mm"):
+                    got = blocks[name](x).double()
+                    error = ((got - expected).norm() / expected.norm()).item()
+                    if not error < (1e-5 if dtype == torch.float32 else 2e-2):
+                        raise SystemExit(
+                            f"{shape} S={num_tokens} {dtype}: {name} disagrees with HF eager ({error:.1e})"
+                        )
+                    worst = max(worst, error)
+            floor, active_bytes, active = gemm_floor_fn(blocks["HF eager"], x)
+            fns = {name: (lambda block=block, x=x: block(x)) for name, block in blocks.items()}
+            _, hidden, ffn, _, top_k = SHAPES[shape]
+            gather = num_tokens * top_k * 3 * hidden * ffn * x.element_size()
+            if gather > MAX_GATHER_BYTES:
+                del fns["HF batched_mm"]
+            fns["GEMM floor"] = floor
+            repeats = 3 if quick else (15 if num_tokens <= 16 else 7)
+            with torch.inference_mode():
+                samples = time_interleaved(
+                    fns, torch.device("cpu"), repeats, min_seconds=0.3 if quick else 1.0, statistic=list, clock=clock
+                )
+            ours, gemms = samples["moe_infer"], samples["GEMM floor"]
+            hf = {n: median(t) for n, t in samples.items() if n.startswith("HF")}
+            best_hf = min(hf, key=hf.get)
+            bandwidth_floor = active_bytes / bandwidth
+            rows.append(
+                [
+                    shape,
+                    num_tokens,
+                    spread(ours),
+                    spread(samples["MoELayer"]),
+                    *(spread(samples[f"HF {i}"]) if f"HF {i}" in samples else "skipped" for i in HF_IMPLEMENTATIONS),
+                    spread(gemms),
+                    f"{bandwidth_floor * 1e3:.3f} ({active} experts)" if num_tokens <= 16 else "",
+                    f"{median(ours) / median(gemms):.3f} ({min(ours) / min(gemms):.3f})",
+                    f"{median(ours) / bandwidth_floor:.2f}" if num_tokens <= 16 else "",
+                    f"{hf[best_hf] / median(ours):.2f}x ({best_hf.removeprefix('HF ')})",
+                ]
+            )
+            progress.step(f"{shape} S={num_tokens} {dtype} t={threads}")
+    headers = [
+        "block",
+        "S",
+        "moe_infer ms",
+        "MoELayer ms",
+        *(f"HF {i} ms" for i in HF_IMPLEMENTATIONS),
+        "GEMM floor ms",
+        "bandwidth floor ms",
+        "moe_infer / GEMM floor (of mins)",
+        "moe_infer / bandwidth floor",
+        "best HF / moe_infer",
+    ]
+    clock_name = "CPU time of the thread" if threads == 1 else "wall-clock time"
+    title = f"## {str(dtype).removeprefix('torch.')}, {threads} thread{'s' if threads > 1 else ''} ({clock_name})"
+    note = f"Memory bandwidth (copy, read + write): {bandwidth / 1e9:.1f} GB/s. Outputs agree with HF eager (worst relative error {worst:.1e})."
+    return f"{title}\n\n{note}\n\n{markdown_table(headers, rows)}\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, S up to 512")
+    parser.add_argument(
+        "--dtype", action="append", choices=["bfloat16", "float32", "float16"], help="default: bfloat16 and float32"
+    )
+    parser.add_argument("--threads", action="append", type=int, help="default: 1 and 2")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--output", default=None, help="results file name under bench/results/")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    tokens = [s for s in TOKENS if not args.quick or s <= 512]
-    cases = [(shape, s) for shape in SHAPES for s in tokens]
-    progress = Progress(len(cases), "bench/layer")
-    rows = []
-    worst_error = 0.0
-    for shape, num_tokens in cases:
-        layer = build_layer(shape, device, dtype)
-        x = torch.randn(num_tokens, layer.hidden_size, device=device, dtype=dtype)
-        with torch.no_grad():
-            out = layer(x)
-            expected = ref.layer_forward(layer, x, compute_dtype=torch.float64)
-        error = ((out.double() - expected).norm() / expected.norm()).item()
-        worst_error = max(worst_error, error)
-        limit = 1e-5 if dtype == torch.float32 else 2e-2
-        if not error < limit:
-            raise SystemExit(
-                f"moe_infer and the reference disagree on {shape} S={num_tokens}: relative error {error:.2e}"
-            )
-        repeats = 3 if args.quick else (10 if num_tokens <= 32 else 5)
-        with torch.inference_mode():
-            times = time_interleaved(
-                {
-                    "moe_infer": lambda layer=layer, x=x: layer(x),
-                    "reference": lambda layer=layer, x=x: ref.layer_forward(layer, x),
-                    "gemms": expert_gemms_fn(layer, x),
-                },
-                device,
-                repeats,
-                min_seconds=0.3,
-            )
-        hidden, ffn, experts, top_k, _ = SHAPES[shape]
-        rows.append(
-            [
-                shape,
-                num_tokens,
-                f"{times['moe_infer'] * 1e3:.3f}",
-                f"{times['reference'] * 1e3:.3f}",
-                f"{times['gemms'] * 1e3:.3f}",
-                f"{times['reference'] / times['moe_infer']:.2f}x",
-                f"{times['moe_infer'] / times['gemms']:.2f}x",
-                f"{num_tokens / times['moe_infer']:.0f}",
-                f"{error:.1e}",
-            ]
-        )
-        progress.step(f"{shape} S={num_tokens}")
-    headers = [
-        "shape",
-        "S",
-        "moe_infer ms",
-        "reference ms",
-        "expert GEMMs ms",
-        "speedup vs ref",
-        "layer / GEMMs",
-        "tokens/s",
-        "rel. error",
-    ]
-    table = markdown_table(headers, rows)
-    shapes = "; ".join(f"{k}: H={v[0]}, ffn={v[1]}, E={v[2]}, k={v[3]}, {v[4]}" for k, v in SHAPES.items())
+    dtypes = [getattr(torch, d) for d in args.dtype or ["bfloat16", "float32"]]
+    threads = args.threads or [1, 2]
+    load_before = os.getloadavg()[0]
+    progress = Progress(len(dtypes) * len(threads) * len(SHAPES) * len(TOKENS), "bench/layer")
+    sections = [run_table(dtype, t, args.quick, progress) for dtype in dtypes for t in threads]
+    shapes = "; ".join(f"{k}: {v[0]} block, H={v[1]}, ffn={v[2]}, E={v[3]}, k={v[4]}" for k, v in SHAPES.items())
     text = (
-        f"# MoELayer vs reference ({args.device}, {args.dtype})\n\n"
-        f"Machine: {machine_description(device)}\n\nShapes: {shapes}\n\n"
-        f"Median of interleaved runs. 'speedup vs ref' = reference / moe_infer; "
-        f"'layer / GEMMs' = moe_infer layer / its expert GEMMs alone.\n\n{table}\n"
+        f"# One sparse MoE block against its limits (cpu)\n\n"
+        f"Machine: {machine_description(torch.device('cpu'))}; load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after (the machine is shared: other jobs ran during the measurement).\n\n"
+        f"Blocks: {shapes}; input [1, S, H]. Times: median (min-max) of interleaved repeats, in ms. "
+        f"GEMM floor: F.linear of each routed expert's fc1 and fc2 on its token count, in the same dtype. "
+        f"Bandwidth floor (S <= 16): bytes of the active experts' weights / the measured copy bandwidth. "
+        f"'best HF' = fastest median of transformers' eager / batched_mm / grouped_mm.\n\n" + "\n".join(sections)
     )
     print(text)
-    name = (
-        args.output
-        or f"layer_{device.type}{'_quick' if args.quick else ''}{'' if dtype == torch.float32 else '_' + args.dtype}.md"
-    )
-    print(
-        f"written: {write_result(name, text)}; outputs agree with the reference (worst relative error {worst_error:.1e})"
-    )
+    name = args.output or f"layer_cpu{'_quick' if args.quick else ''}.md"
+    print(f"written: {write_result(name, text)}")
 
 
 if __name__ == "__main__":

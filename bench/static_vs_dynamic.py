@@ -26,6 +26,7 @@ bench/results/static_vs_dynamic_<device>.{md,json} and PNG plots of throughput a
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -75,11 +76,11 @@ FAIRSEQ_MAX_SEC = 1 << 23
 # ---- the layer and its runs ------------------------------------------------------------------
 
 
-def build_layer(workload: str) -> MOELayer:
+def build_layer(workload: str, dtype: torch.dtype = torch.float32) -> MOELayer:
     spec = WORKLOADS[workload]
     torch.manual_seed(0)
     gate = Top2Gate(MODEL_DIM, spec["num_experts"], **spec["gate"])
-    return MOELayer.build(gate, FFN_DIM, spec["activation"]).eval()
+    return MOELayer.build(gate, FFN_DIM, spec["activation"]).to(dtype).eval()
 
 
 def run_mode(layer: MOELayer, x: torch.Tensor, mode: str):
@@ -116,7 +117,9 @@ def fairseq_forward(layer: MOELayer, x: torch.Tensor) -> torch.Tensor:
 
 
 def check_against_fairseq(layer: MOELayer, seq_len: int) -> float:
-    """Static mode must reproduce fairseq (same seed, same second-expert draws)."""
+    """Static mode must reproduce fairseq (same seed, same second-expert draws), checked in float32
+    (the re-implementation's one-hot einsums are too slow in bfloat16) on the layer's own weights."""
+    layer = copy.deepcopy(layer).float()
     x = torch.randn(2, seq_len, MODEL_DIM)
     torch.manual_seed(1)
     got = run_mode(layer, x, "static")
@@ -137,7 +140,8 @@ def static_stats(metadata: dict) -> tuple[float, float]:
 
 
 def sweep(workload: str, args, progress: Progress) -> dict:
-    layer = build_layer(workload)
+    dtype = getattr(torch, args.dtype)
+    layer = build_layer(workload, dtype)
     error = check_against_fairseq(layer, args.seq_len)
     cap = args.cap_mib * 2**20
     rows = []
@@ -146,12 +150,12 @@ def sweep(workload: str, args, progress: Progress) -> dict:
     batch = 1
     while batch <= args.max_batch and (fits["static"] or fits["dynamic"]):
         num_tokens = batch * args.seq_len
-        x = torch.randn(batch, args.seq_len, MODEL_DIM)
+        x = torch.randn(batch, args.seq_len, MODEL_DIM, dtype=dtype)
         modes = [m for m in ("static", "dynamic") if fits[m]]
         fns = {m: (lambda m=m, x=x: run_mode(layer, x, m)) for m in modes}
         capacity = layer.gate.capacity(num_tokens)
         affordable = num_tokens * layer.gate.num_experts * capacity <= FAIRSEQ_MAX_SEC
-        if "static" in modes and affordable and not args.quick:
+        if "static" in modes and affordable and not args.quick and dtype == torch.float32:
             fns["fairseq"] = lambda x=x: fairseq_forward(layer, x)
         row = {"batch": batch, "tokens": num_tokens, "capacity": capacity}
         slowest = 0.0
@@ -347,6 +351,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch tried")
     parser.add_argument("--workloads", default="lm,mt")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--output", default=None, help="results file stem under bench/results/")
     args = parser.parse_args()
     return_freed_memory_to_os()
@@ -361,12 +366,13 @@ def main():
     results = {}
     for workload in workloads:
         results[workload] = sweep(workload, args, progress)
-    stem = args.output or f"static_vs_dynamic_cpu{'_quick' if args.quick else ''}"
+    dtype_suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    stem = args.output or f"static_vs_dynamic_cpu{'_quick' if args.quick else ''}{dtype_suffix}"
     os.makedirs(RESULTS_DIR, exist_ok=True)
     plots = plot(results, args.cap_mib, os.path.join(RESULTS_DIR, stem))
     workload_lines = "\n".join(f"- {WORKLOADS[w]['title']}: {WORKLOADS[w]['description']}" for w in workloads)
     text = (
-        f"# Static vs dynamic gating (cpu, float32)\n\n"
+        f"# Static vs dynamic gating (cpu, {args.dtype})\n\n"
         f"Machine: {machine_description(torch.device('cpu'))}\n\n"
         f"Workloads (batches of {args.seq_len}-token sequences, moe_infer.fairseq.MOELayer, one set of weights "
         f"for both modes):\n{workload_lines}\n\n"

@@ -3,10 +3,13 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "common/options.h"
 
@@ -22,16 +25,35 @@ struct GatingConfig {
   int64_t topk_group = 1;
 };
 
-// Scratch floats route_token needs for one token.
-inline int64_t gating_scratch_size(const GatingConfig& config) {
-  return 2 * config.num_experts + config.n_group;
-}
+// One (score, expert id) entry of the selection queue; the same element torch.topk's CPU kernel
+// sorts (aten/src/ATen/native/TopKImpl.h), so the same std algorithms reorder it the same way.
+using ScoredExpert = std::pair<float, int64_t>;
 
-// Routes one token. `logits` and `selection_bias` (nullable) hold num_experts floats; `scratch`
-// holds gating_scratch_size floats. Writes top_k weights and ids, best first; ties go to the lower
-// expert id. Returns false (and writes nothing) if a logit is NaN. Torch-free.
-bool route_token(const float* logits, const float* selection_bias, const GatingConfig& config,
-                 float* scratch, float* topk_weights, int32_t* expert_ids);
+// Per-thread scratch of route_token.
+struct GatingScratch {
+  std::vector<float> choice;        // num_experts: the score that decides the selection
+  std::vector<float> group_scores;  // n_group
+  std::vector<ScoredExpert> queue;  // max(num_experts, n_group)
+  explicit GatingScratch(const GatingConfig& config)
+      : choice(config.num_experts),
+        group_scores(config.n_group),
+        queue(std::max(config.num_experts, config.n_group)) {}
+};
+
+// The k largest of values[0, n) in the order torch.topk(values, k) returns them on the CPU, ties
+// included: torch's own algorithm (TopKImpl.h: std::partial_sort when k * 64 <= n, else
+// std::nth_element and a sort of the first k - 1, NaN counted largest). Leaves them in queue[0, k).
+void select_topk_like_torch(const float* values, int64_t n, int64_t k, ScoredExpert* queue);
+
+// Whether a token's logits can be routed: no NaN or +inf, and (softmax) not all -inf.
+bool routable_logits(const float* logits, int64_t num_experts, Scoring scoring);
+
+// Routes one token from its `scores` (num_experts floats computed as transformers does: softmax
+// probabilities in float32, sigmoid scores, or the raw logits for kSoftmaxTopk) and an optional
+// selection-only `selection_bias`. Writes top_k weights and ids in torch.topk's order (best first;
+// tied experts where torch.topk puts them). Torch-free.
+void route_token(const float* scores, const float* selection_bias, const GatingConfig& config,
+                 GatingScratch& scratch, float* topk_weights, int32_t* expert_ids);
 
 std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logits, int64_t k,
                                                    const std::string& scoring, bool renormalize,

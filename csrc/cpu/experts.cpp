@@ -40,11 +40,12 @@ bool unary_out(Activation unary, at::Tensor& out, const at::Tensor& x) {
   }
 }
 
-// float32 through ATen's vectorized kernels (the same math, several times faster than the scalar
-// loop); GPT-OSS's clamped swiGLU and 16-bit types (one rounding, in float32) through activate_row.
+// ATen's vectorized kernels (several times faster than the scalar loop; in 16-bit types they round
+// as transformers' eager experts do: act(gate) rounded, then the product); GPT-OSS's clamped
+// swiGLU and float64 through activate_row.
 bool activate_rows_vectorized(const at::Tensor& fc1_out, int64_t ffn_size,
                               const ActivationParams& params, at::Tensor out) {
-  if (fc1_out.scalar_type() != at::kFloat || uses_swiglu_params(params.activation)) return false;
+  if (fc1_out.scalar_type() == at::kDouble || uses_swiglu_params(params.activation)) return false;
   if (!unary_out(unary_of(params.activation), out, fc1_out.narrow(1, 0, ffn_size))) return false;
   if (is_gated(params.activation)) out.mul_(fc1_out.narrow(1, ffn_size, ffn_size));
   return true;

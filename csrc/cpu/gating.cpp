@@ -1,10 +1,12 @@
-// CPU top-k gating: one token per iteration of at::parallel_for, float32 math.
+// CPU top-k gating: ATen scores as transformers computes them, then one token per iteration of
+// at::parallel_for, selecting in torch.topk's order.
 #include "gating.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -17,67 +19,48 @@ namespace moe_infer {
 
 namespace {
 
-// Index of the largest value, skipping NaN (used as the "already taken" marker); ties go to the
-// lower index. Returns -1 if every entry is NaN.
-int64_t argmax_skip_nan(const float* values, int64_t begin, int64_t end) {
-  int64_t best = -1;
-  float best_value = 0.0f;
-  for (int64_t i = begin; i < end; ++i) {
-    const float v = values[i];
-    if (std::isnan(v)) continue;
-    if (best < 0 || v > best_value) {
-      best = i;
-      best_value = v;
-    }
-  }
-  return best;
+// torch.topk's "largest" comparator: NaN above everything, then by value.
+bool ranks_above(const ScoredExpert& x, const ScoredExpert& y) {
+  return (std::isnan(x.first) && !std::isnan(y.first)) || x.first > y.first;
 }
 
 }  // namespace
 
-bool route_token(const float* logits, const float* selection_bias, const GatingConfig& config,
-                 float* scratch, float* topk_weights, int32_t* expert_ids) {
-  const int64_t num_experts = config.num_experts;
-  float* scores = scratch;                // score that becomes the weight
-  float* choice = scratch + num_experts;  // score that decides the selection
-  float* group_scores = choice + num_experts;
+void select_topk_like_torch(const float* values, int64_t n, int64_t k, ScoredExpert* queue) {
+  for (int64_t i = 0; i < n; ++i) queue[i] = {values[i], i};
+  if (k * 64 <= n) {
+    std::partial_sort(queue, queue + k, queue + n, ranks_above);
+  } else {
+    std::nth_element(queue, queue + k - 1, queue + n, ranks_above);
+    std::sort(queue, queue + k - 1, ranks_above);
+  }
+}
 
-  float max_logit = -std::numeric_limits<float>::infinity();
+bool routable_logits(const float* logits, int64_t num_experts, Scoring scoring) {
+  bool all_neg_inf = true;
   for (int64_t e = 0; e < num_experts; ++e) {
     const float l = logits[e];
     if (std::isnan(l) || l == std::numeric_limits<float>::infinity()) return false;
-    max_logit = std::max(max_logit, l);
+    all_neg_inf = all_neg_inf && l == -std::numeric_limits<float>::infinity();
   }
+  return !(scoring == Scoring::kSoftmax && all_neg_inf);
+}
 
-  switch (config.scoring) {
-    case Scoring::kSoftmax: {
-      if (std::isinf(max_logit)) return false;  // every logit is -inf: no distribution
-      float sum = 0.0f;
-      for (int64_t e = 0; e < num_experts; ++e) {
-        scores[e] = std::exp(logits[e] - max_logit);
-        sum += scores[e];
-      }
-      const float inv_sum = 1.0f / sum;
-      for (int64_t e = 0; e < num_experts; ++e) scores[e] *= inv_sum;
-      break;
-    }
-    case Scoring::kSoftmaxTopk:
-      for (int64_t e = 0; e < num_experts; ++e) scores[e] = logits[e];
-      break;
-    case Scoring::kSigmoid:
-      for (int64_t e = 0; e < num_experts; ++e) scores[e] = 1.0f / (1.0f + std::exp(-logits[e]));
-      break;
-  }
+void route_token(const float* scores, const float* selection_bias, const GatingConfig& config,
+                 GatingScratch& scratch, float* topk_weights, int32_t* expert_ids) {
+  const int64_t num_experts = config.num_experts;
+  float* choice = scratch.choice.data();
+  ScoredExpert* queue = scratch.queue.data();
   for (int64_t e = 0; e < num_experts; ++e) {
-    // NaN marks "taken" below, so a NaN choice (an unvalidated NaN bias) counts as -inf.
-    const float v = scores[e] + (selection_bias != nullptr ? selection_bias[e] : 0.0f);
-    choice[e] = std::isnan(v) ? -std::numeric_limits<float>::infinity() : v;
+    // float32 + float32, as transformers adds the bias to the float32 scores.
+    choice[e] = selection_bias != nullptr ? scores[e] + selection_bias[e] : scores[e];
   }
 
   if (config.n_group > 1) {
     // DeepSeek-V3: a group scores the sum of its two best choices; experts outside the best
     // topk_group groups get a choice of -inf (as transformers v5 does), so a chosen group's expert
     // wins even when the selection bias makes its choice score negative.
+    float* group_scores = scratch.group_scores.data();
     const int64_t group_size = num_experts / config.n_group;
     for (int64_t g = 0; g < config.n_group; ++g) {
       const float* group = choice + g * group_size;
@@ -91,27 +74,24 @@ bool route_token(const float* logits, const float* selection_bias, const GatingC
           second = group[i];
         }
       }
-      const float sum = first + second;
-      group_scores[g] = std::isnan(sum) ? -std::numeric_limits<float>::infinity() : sum;
+      group_scores[g] = first + second;
     }
-    // Mark chosen groups by replacing their score with NaN; the rest are masked.
+    select_topk_like_torch(group_scores, config.n_group, config.topk_group, queue);
+    // Keep the chosen groups' choices, mask the others (a chosen group's score becomes NaN).
     for (int64_t j = 0; j < config.topk_group; ++j) {
-      group_scores[argmax_skip_nan(group_scores, 0, config.n_group)] =
-          std::numeric_limits<float>::quiet_NaN();
+      group_scores[queue[j].second] = std::numeric_limits<float>::quiet_NaN();
     }
     for (int64_t g = 0; g < config.n_group; ++g) {
       if (std::isnan(group_scores[g])) continue;
-      for (int64_t i = 0; i < group_size; ++i) {
-        choice[g * group_size + i] = -std::numeric_limits<float>::infinity();
-      }
+      std::fill(choice + g * group_size, choice + (g + 1) * group_size,
+                -std::numeric_limits<float>::infinity());
     }
   }
 
+  select_topk_like_torch(choice, num_experts, config.top_k, queue);
   for (int64_t j = 0; j < config.top_k; ++j) {
-    const int64_t best = argmax_skip_nan(choice, 0, num_experts);
-    expert_ids[j] = static_cast<int32_t>(best);
-    topk_weights[j] = scores[best];
-    choice[best] = std::numeric_limits<float>::quiet_NaN();
+    expert_ids[j] = static_cast<int32_t>(queue[j].second);
+    topk_weights[j] = scores[queue[j].second];
   }
 
   if (config.scoring == Scoring::kSoftmaxTopk) {
@@ -133,7 +113,6 @@ bool route_token(const float* logits, const float* selection_bias, const GatingC
   if (config.scaling_factor != 1.0f) {
     for (int64_t j = 0; j < config.top_k; ++j) topk_weights[j] *= config.scaling_factor;
   }
-  return true;
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logits, int64_t k,
@@ -153,23 +132,12 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logi
                             sizes.n_group,
                             sizes.topk_group};
   const at::Tensor logits = router_logits.to(at::kFloat).contiguous();
-  at::Tensor bias;
-  if (selection_bias.has_value()) bias = selection_bias->to(at::kFloat).contiguous();
-
-  auto topk_weights = at::empty({sizes.num_tokens, k}, router_logits.options().dtype(at::kFloat));
-  auto expert_ids = at::empty({sizes.num_tokens, k}, router_logits.options().dtype(at::kInt));
-  const float* logits_ptr = logits.data_ptr<float>();
-  const float* bias_ptr = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  float* weights_ptr = topk_weights.data_ptr<float>();
-  int32_t* ids_ptr = expert_ids.data_ptr<int32_t>();
-
-  std::atomic<int64_t> bad_token{sizes.num_tokens};
+  const float* logits_ptr = logits.const_data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / sizes.num_experts);
+  std::atomic<int64_t> bad_token{sizes.num_tokens};
   at::parallel_for(0, sizes.num_tokens, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(gating_scratch_size(config));
     for (int64_t s = begin; s < end; ++s) {
-      if (!route_token(logits_ptr + s * sizes.num_experts, bias_ptr, config, scratch.data(),
-                       weights_ptr + s * k, ids_ptr + s * k)) {
+      if (!routable_logits(logits_ptr + s * sizes.num_experts, sizes.num_experts, sizes.scoring)) {
         int64_t seen = bad_token.load();
         while (s < seen && !bad_token.compare_exchange_weak(seen, s)) {
         }
@@ -178,6 +146,28 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logi
     }
   });
   if (bad_token.load() != sizes.num_tokens) fail_nonfinite_logits(bad_token.load());
+
+  // The scores by the ATen ops transformers calls (softmax(logits.float()), sigmoid), so they are
+  // bit for bit transformers' and the selection below ties exactly where torch.topk's does.
+  at::Tensor scores = logits;
+  if (sizes.scoring == Scoring::kSoftmax) scores = at::softmax(logits, -1);
+  if (sizes.scoring == Scoring::kSigmoid) scores = at::sigmoid(logits);
+  at::Tensor bias;
+  if (selection_bias.has_value()) bias = selection_bias->to(at::kFloat).contiguous();
+
+  auto topk_weights = at::empty({sizes.num_tokens, k}, router_logits.options().dtype(at::kFloat));
+  auto expert_ids = at::empty({sizes.num_tokens, k}, router_logits.options().dtype(at::kInt));
+  const float* scores_ptr = scores.const_data_ptr<float>();
+  const float* bias_ptr = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float* weights_ptr = topk_weights.data_ptr<float>();
+  int32_t* ids_ptr = expert_ids.data_ptr<int32_t>();
+  at::parallel_for(0, sizes.num_tokens, grain, [&](int64_t begin, int64_t end) {
+    GatingScratch scratch(config);
+    for (int64_t s = begin; s < end; ++s) {
+      route_token(scores_ptr + s * sizes.num_experts, bias_ptr, config, scratch,
+                  weights_ptr + s * k, ids_ptr + s * k);
+    }
+  });
   return {topk_weights, expert_ids};
 }
 

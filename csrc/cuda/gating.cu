@@ -1,9 +1,8 @@
-// CUDA glue for topk_gating: checks, device guard, current stream, launch; validation on the
-// device, raised later without a host sync (common/device_errors.h).
+// CUDA glue for topk_gating: checks, device guard, then ATen ops on the current stream (so the
+// experts chosen are torch.topk's on the device, ties included); the router logits are validated
+// on the device and an error is raised later without a host sync (common/device_errors.h).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -16,6 +15,29 @@
 
 namespace moe_infer {
 
+namespace {
+
+void check_router_logits_on_device(const at::Tensor& logits, const GatingSizes& sizes) {
+  if (sizes.num_tokens == 0) return;
+  const c10::DeviceIndex device = logits.device().index();
+  raise_device_error(device, false);  // an earlier kernel's report, without waiting
+  kernels::DeviceError* error = device_error_record(device);
+  const at::Tensor rows = logits.contiguous();
+  const int64_t blocks = kernels::ceil_div(sizes.num_tokens, kernels::kGatingCheckWarpsPerBlock);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "topk_gating: too many tokens");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  MOE_INFER_DISPATCH_FLOATS(rows.scalar_type(), "topk_gating", [&] {
+    kernels::check_router_logits_kernel<<<static_cast<unsigned>(blocks),
+                                          kernels::kGatingCheckWarpsPerBlock * kernels::kWarpSize,
+                                          0, stream>>>(
+        cuda_const_ptr<scalar_t>(rows), sizes.num_tokens, static_cast<int>(sizes.num_experts),
+        sizes.scoring == Scoring::kSoftmax, error);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& router_logits, int64_t k,
                                                     const std::string& scoring, bool renormalize,
                                                     const std::optional<at::Tensor>& selection_bias,
@@ -25,45 +47,12 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& router_log
                                               scaling_factor, n_group, topk_group);
   const c10::cuda::CUDAGuard guard(router_logits.device());
   const bool check = validate && !stream_is_capturing();
-  const int64_t floats_per_warp =
-      kernels::gating_shared_floats_per_warp(static_cast<int>(sizes.num_experts), n_group);
-  const int64_t shared_bytes = floats_per_warp * kernels::kGatingWarpsPerBlock * sizeof(float);
-  if (k > kernels::kWarpSize || shared_bytes > 48 * 1024) {
-    // Beyond the warp kernel's reach (k > 32, or about 1500+ experts): the composite version.
-    return composite::topk_gating(router_logits, sizes, renormalize, selection_bias, scaling_factor,
-                                  check);
-  }
   if (check && selection_bias.has_value()) check_finite_bias(*selection_bias);
-  const at::Tensor logits = router_logits.contiguous();
-  at::Tensor bias;
-  if (selection_bias.has_value()) bias = selection_bias->to(at::kFloat).contiguous();
-  auto topk_weights = at::empty({sizes.num_tokens, k}, logits.options().dtype(at::kFloat));
-  auto expert_ids = at::empty({sizes.num_tokens, k}, logits.options().dtype(at::kInt));
-  if (sizes.num_tokens == 0) return {topk_weights, expert_ids};
-  kernels::DeviceError* error = nullptr;
-  if (validate) {
-    if (!stream_is_capturing()) raise_device_error(router_logits.device().index(), false);
-    error = device_error_record(router_logits.device().index());
-  }
-
-  const kernels::GatingKernelParams params{
-      static_cast<int>(sizes.num_experts), static_cast<int>(k),
-      static_cast<int>(sizes.scoring),     renormalize,
-      static_cast<float>(scaling_factor),  static_cast<int>(n_group),
-      static_cast<int>(topk_group)};
-  const int64_t blocks = kernels::ceil_div(sizes.num_tokens, kernels::kGatingWarpsPerBlock);
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "topk_gating: too many tokens");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  MOE_INFER_DISPATCH_FLOATS(logits.scalar_type(), "topk_gating", [&] {
-    kernels::topk_gating_kernel<<<static_cast<unsigned>(blocks),
-                                  kernels::kGatingWarpsPerBlock * kernels::kWarpSize, shared_bytes,
-                                  stream>>>(cuda_const_ptr<scalar_t>(logits), sizes.num_tokens,
-                                            bias.defined() ? bias.const_data_ptr<float>() : nullptr,
-                                            params, topk_weights.data_ptr<float>(),
-                                            expert_ids.data_ptr<int32_t>(), error);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {topk_weights, expert_ids};
+  if (check) check_router_logits_on_device(router_logits, sizes);
+  // The scores and the selection by the ATen ops transformers calls (softmax / sigmoid in float32,
+  // torch.topk on the device); the logits' check above replaces the composite's host-side one.
+  return composite::topk_gating(router_logits, sizes, renormalize, selection_bias, scaling_factor,
+                                false);
 }
 
 TORCH_LIBRARY_IMPL(moe_infer, CUDA, m) { m.impl("topk_gating", &topk_gating_cuda); }

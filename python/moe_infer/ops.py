@@ -97,7 +97,11 @@ def topk_gating(
             always runs, and raises at once.
 
     Returns:
-        (topk_weights [S, k] float32, expert_ids [S, k] int32), best first; ties go to the lower id.
+        (topk_weights [S, k] float32, expert_ids [S, k] int32), best first. The experts are exactly
+        those transformers' routers pick: the scores are computed by the same ATen ops (softmax of
+        the logits in float32, sigmoid, the raw logits for ``softmax_topk``) and the selection is
+        torch.topk's on that device, ties included (on the CPU torch's own algorithm; on CUDA
+        torch.topk itself), so bfloat16 logits, which tie often, route as in transformers.
     """
     return _ops.topk_gating(
         router_logits, k, scoring, renormalize, selection_bias, scaling_factor, n_group, topk_group, validate

@@ -140,6 +140,75 @@ def test_bfloat16_within_tolerance(arch):
     assert all(p.dtype == torch.bfloat16 for n, p in opt.named_parameters() if "experts" in n)
 
 
+def experts_per_token(arch, router, args, output):
+    """(transformers' experts, ours) per token, as sorted [T, k] ids, for one call of a fused router.
+
+    transformers' choice comes from the original router class's forward on the same input, its
+    capacity lifted (Switch / NLLB-MoE) so that every token keeps its experts.
+    """
+    original = type(router)._moe_infer_original
+    if arch == "switch":
+        router.expert_capacity = 1 << 30
+        mask, _, _ = original.forward(router, *args)
+        theirs = mask.reshape(-1, mask.shape[-1]).argmax(-1, keepdim=True)
+        ours = output[0].reshape(-1, 1)
+    elif arch == "nllb_moe":
+        fraction, router.moe_eval_capacity_token_fraction = router.moe_eval_capacity_token_fraction, 1.0
+        _, gates, _ = original.forward(router, *args)
+        router.moe_eval_capacity_token_fraction = fraction
+        theirs = torch.stack([row.nonzero().flatten() for row in gates])
+        ours = output[0]
+    else:  # (router_logits, weights, ids)
+        theirs, ours = original.forward(router, *args)[2], output[2]
+    return theirs.long().sort(-1).values, ours.long().sort(-1).values
+
+
+def tied_routers(model):
+    """The model with experts 2i and 2i+1 given the same router row (and biases): every token's
+    router logits tie, in pairs, whatever its hidden state."""
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("Router"):
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    tensor[1::2] = tensor[0::2]
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bfloat16_routes_every_token_as_transformers(arch):
+    """Each router of a bfloat16 model picks transformers' experts for every token it sees, ties included."""
+    opt = moe_infer.optimize(tied_routers(reference(arch)), verbose=False).to(torch.bfloat16)
+    originals = [type(block)._moe_infer_original for block in fused_blocks(opt)]
+    routers = [
+        getattr(block, hf._BY_BLOCK[(cls.__module__, cls.__name__)].router_attr)
+        for block, cls in zip(fused_blocks(opt), originals)
+    ]
+    calls = []
+    hooks = [r.register_forward_hook(lambda m, a, o: calls.append((m, a, o))) for r in routers]
+    ids = torch.randint(3, VOCAB, (4, 64))
+    run(arch, opt, ids)
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == len(routers)
+    with torch.no_grad():
+        for router, args, output in calls:
+            theirs, ours = experts_per_token(arch, router, args, output)
+            assert ours.shape[0] >= ids.numel() or arch in hf_models.ENCODER_DECODER
+            assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("arch", DECODER_ONLY)
+def test_bfloat16_greedy_generate_is_identical(arch):
+    ref = tied_routers(reference(arch)).to(torch.bfloat16)
+    opt = moe_infer.optimize(copy.deepcopy(ref), verbose=False)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    options = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = ref.generate(ids, **options)
+        tokens = opt.generate(ids, **options)
+    assert torch.equal(tokens, expected)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_block_compiles_without_graph_breaks(arch):
     torch._dynamo.reset()

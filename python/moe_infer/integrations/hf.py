@@ -195,13 +195,13 @@ class _SwitchRouter:
             return super().forward(hidden_states)
         router_logits = _router_linear(self.classifier, hidden_states, self.dtype)  # [B, S, E]
         flat_logits = router_logits.view(-1, self.num_experts)
-        if hidden_states.dtype == self.dtype:
-            weights, ids = ops.topk_gating(flat_logits, 1, validate=self._moe_infer_validate)
-        else:
-            # transformers takes the argmax of probabilities rounded to the input dtype (ties -> first).
-            probs = F.softmax(flat_logits, dim=-1, dtype=self.dtype).to(hidden_states.dtype)
-            ids = probs.argmax(dim=-1, keepdim=True)
-            weights = probs.gather(1, ids)
+        if self._moe_infer_validate:
+            ops.topk_gating(flat_logits, 1)  # its checks: NaN / +inf logits are refused
+        # transformers takes the argmax (ties -> the first expert, not torch.topk's order) of the
+        # probabilities rounded to the input dtype.
+        probs = F.softmax(flat_logits, dim=-1, dtype=self.dtype).to(hidden_states.dtype)
+        ids = probs.argmax(dim=-1, keepdim=True)
+        weights = probs.gather(1, ids)
         # The logits stay at index 2, where transformers records them.
         return ids, weights.to(hidden_states.dtype), router_logits
 
@@ -219,20 +219,19 @@ class _NllbRouter:
         input_dtype = hidden_states.dtype
         router_logits = _router_linear(self.classifier, hidden_states, self.dtype)
         num_tokens = router_logits.shape[0]
-        if self.second_expert_policy == "sampling" or input_dtype != self.dtype:
-            # transformers' order exactly: top-1 on the probabilities in the input dtype, then top-2
-            # on the logits (plus Gumbel noise for "sampling", which the recorded logits keep).
-            probs = F.softmax(router_logits, dim=-1, dtype=self.dtype).to(input_dtype)
-            top_1 = probs.argmax(dim=-1)
-            if self.second_expert_policy == "sampling":
-                gumbel = torch.distributions.gumbel.Gumbel(0, 1).rsample
-                router_logits += gumbel(router_logits.shape).to(router_logits.device)
-            others = router_logits.masked_fill(F.one_hot(top_1, self.num_experts).bool(), float("-inf"))
-            ids = torch.stack([top_1, others.argmax(dim=-1)], dim=1)
-            top_probs = probs.gather(1, ids)
-        else:
-            top_probs, ids = ops.topk_gating(router_logits, 2, validate=self._moe_infer_validate)
-            top_probs = top_probs.to(input_dtype)
+        if self._moe_infer_validate:
+            ops.topk_gating(router_logits, 2)  # its checks: NaN / +inf logits are refused
+        # transformers' order exactly (fairseq's argmax, ties -> the first expert): top-1 on the
+        # probabilities in the input dtype, then top-2 on the logits (plus Gumbel noise for
+        # "sampling", which the recorded logits keep).
+        probs = F.softmax(router_logits, dim=-1, dtype=self.dtype).to(input_dtype)
+        top_1 = probs.argmax(dim=-1)
+        if self.second_expert_policy == "sampling":
+            gumbel = torch.distributions.gumbel.Gumbel(0, 1).rsample
+            router_logits += gumbel(router_logits.shape).to(router_logits.device)
+        others = router_logits.masked_fill(F.one_hot(top_1, self.num_experts).bool(), float("-inf"))
+        ids = torch.stack([top_1, others.argmax(dim=-1)], dim=1)
+        top_probs = probs.gather(1, ids)
         eps = torch.finfo(top_probs.dtype).eps
         raw_probs = top_probs
         keep = torch.ones_like(ids, dtype=torch.bool)
