@@ -123,7 +123,7 @@ def part_generation(cfg, progress):
         low, mid, high = spread(samples[name])
         buffers = buffers_of(model)
         if buffers:
-            on_device = sum(b.pool_bytes() for b in buffers.values())
+            on_device = sum(b.pool_bytes for b in buffers.values())
             hits = sum(b.stats()["hits"] for b in buffers.values())
             misses = sum(b.stats()["misses"] for b in buffers.values())
             slots = f"{next(iter(buffers.values())).num_slots} of {cfg['model']['experts']}"
@@ -327,7 +327,14 @@ def plot(generation, static, placement, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    names = [r["variant"].replace(" (as shipped)", "\n(as shipped)").replace(", ", ",\n") for r in generation]
+    names = [
+        r["variant"]
+        .replace("transformers ", "HF ")
+        .replace(" (as shipped)", "\n(as shipped)")
+        .replace("moe_infer.optimize", "moe_infer\noptimize")
+        .replace(", expert_buffer=", "\nexpert_buffer=")
+        for r in generation
+    ]
     medians = [r["tokens_per_s"][1] for r in generation]
     errors = [
         [m - r["tokens_per_s"][0] for m, r in zip(medians, generation)],
@@ -340,15 +347,17 @@ def plot(generation, static, placement, path):
     for i, r in enumerate(generation):
         if r["slots"] != "all":
             axes[0].annotate(
-                f"{r['memory_cut']:.1f}x less expert memory\nhit rate {r['hit_rate']}",
-                (i, medians[i]),
+                f"{r['memory_cut']:.1f}x less\nexpert\nmemory\n\nhit rate\n{r['hit_rate']}",
+                (i, medians[i] / 2),
                 ha="center",
-                va="bottom",
+                va="center",
                 fontsize=7,
+                color="white",
             )
     modes = [r["mode"] for r in static["rows"]]
     axes[1].bar(modes, [r["tokens_per_s"][1] for r in static["rows"]], color=["grey", "C0"])
     axes[1].set_ylabel("tokens/s")
+    axes[1].set_ylim(0, 1.2 * max(r["tokens_per_s"][1] for r in static["rows"]))
     axes[1].set_title(f"Static vs dynamic gating ({static['tokens']} tokens, E={STATIC_LAYER['num_experts']})")
     for i, r in enumerate(static["rows"]):
         axes[1].annotate(

@@ -6,10 +6,11 @@
 // [S, H], the layer's weights (router [E, H], gate_up_proj [E, 2I, H], down_proj [E, H, I]), its
 // top_k, and the output of moe_infer.MoELayer on that input in Python. Prints the largest
 // difference; exits 1 when it is above 1e-5.
+#include <ATen/ATen.h>
 #include <moe_infer/dispatch.h>
 #include <moe_infer/experts.h>
 #include <moe_infer/gating.h>
-#include <torch/torch.h>
+#include <torch/csrc/jit/serialization/pickle.h>
 
 #include <fstream>
 #include <iostream>
