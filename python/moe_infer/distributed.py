@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .layer import MoEExperts, MoELayer
+from .experts import MoEExperts
+from .layer import MoELayer
 from .placement import LoadRecorder, Placement
 
 MODES = ("dynamic", "static")

@@ -343,7 +343,7 @@ def _hf_worker(rank, world_size):
     rank's logits equal the single-process optimized model's on its own (uneven) batch."""
     import copy
 
-    from moe_infer.integrations import hf_models
+    import hf_models
 
     for arch in ("mixtral", "gpt_oss"):
         model = hf_models.build_model(arch, vocab=64)  # seeded: the same weights on every rank

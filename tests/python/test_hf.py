@@ -1,6 +1,6 @@
 """moe_infer.optimize and the "moe_infer" experts implementation against transformers v5's own forward.
 
-Small models from configs with seeded weights (moe_infer.integrations.hf_models); the reference is
+Small models from configs with seeded weights (hf_models.py beside these tests); the reference is
 transformers' eager experts implementation (NLLB-MoE: transformers' router with the expert loop of
 fairseq / transformers 4.x, because transformers 5.x's loop ignores the routing, see hf_models).
 """
@@ -17,8 +17,9 @@ import torch
 import transformers
 from torch import nn
 
+import hf_models
 import moe_infer
-from moe_infer.integrations import hf, hf_models
+from moe_infer.integrations import hf
 
 from conftest import relative_error
 

@@ -761,7 +761,7 @@ def _expert_parallel(weights: ExpertWeights, group, placement):
     """An ExpertParallelExperts over a block's stacked expert weights (read as they are, no copy;
     each rank then keeps only its own experts' weights)."""
     from ..distributed import ExpertParallelExperts
-    from ..layer import MoEExperts
+    from ..experts import MoEExperts
 
     num_experts = weights.fc1.shape[0]
     hidden_size = weights.fc1.shape[1] if weights.transposed else weights.fc1.shape[2]
