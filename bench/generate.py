@@ -29,10 +29,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))  # hf_models
+import hf_models  # noqa: E402
 import moe_infer  # noqa: E402
 from common import RESULTS_DIR, Progress, machine_description, markdown_table, time_interleaved  # noqa: E402
 from moe_infer.fairseq import MOELayer, Top2Gate  # noqa: E402
-from moe_infer.integrations import hf_models  # noqa: E402
 from moe_infer.placement import LoadRecorder, load_metrics, rank_loads  # noqa: E402
 from moe_infer.traces import RoutingRecorder, RoutingTrace, synthetic_trace  # noqa: E402
 

@@ -15,7 +15,8 @@ from . import _C  # registers the ops
 
 # isort: split
 from . import _autograd, _fake, ops, reference  # noqa: F401  (register_autograd / register_fake for every op)
-from .layer import MoEExperts, MoELayer
+from .experts import MoEExperts
+from .layer import MoELayer
 
 # isort: split
 # Expert parallelism, load balancing, and the fairseq-compatible layer (moe_infer.fairseq).
