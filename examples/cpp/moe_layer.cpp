@@ -51,7 +51,8 @@ int main(int argc, char** argv) {
   const std::vector<char> bytes((std::istreambuf_iterator<char>(file)),
                                 std::istreambuf_iterator<char>());
   try {
-    const c10::Dict<c10::IValue, c10::IValue> case_dict = torch::pickle_load(bytes).toGenericDict();
+    const c10::Dict<c10::IValue, c10::IValue> case_dict =
+        torch::jit::pickle_load(bytes).toGenericDict();
     auto tensor = [&](const char* key) { return case_dict.at(key).toTensor(); };
     const at::Tensor hidden = tensor("hidden");
     const at::Tensor out =
