@@ -434,7 +434,7 @@ def main():
         f"{static['tokens']} tokens. Static gating computes every expert's whole capacity "
         f"({static['placeholders']:.0%} of its rows are placeholders; {static['dropped']:.1%} of pairs dropped); "
         f"dynamic gating computes the {static['tokens'] * 2} real rows. Outputs "
-        f"{'identical (no pair dropped)' if static['same_output'] else 'differ where static gating drops pairs'}. "
+        f"{'equal to 1e-4 (no pair dropped)' if static['same_output'] else 'differ where static gating drops pairs'}. "
         "Peak: the process's peak resident memory during one forward above what was resident before.",
         "",
         static_table(static),
