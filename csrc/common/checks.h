@@ -81,7 +81,7 @@ MlpCombineSizes check_grouped_mlp_combine(const at::Tensor& hidden, const at::Te
 // Errors of the data-dependent checks, in the same words on every backend.
 [[noreturn]] void fail_nonfinite_logits(int64_t row, const char* op = "topk_gating");
 [[noreturn]] void fail_expert_id(int64_t pair, int64_t value, const PlanSizes& sizes);
-// ---- expert buffering (issue 5) ----
+// ---- expert buffering ----
 
 // simulate_expert_cache: the accesses and batch offsets of a flattened routing trace.
 struct SimulationSizes {
@@ -109,7 +109,7 @@ void check_buffer_segment(int64_t num_experts, const std::vector<at::Tensor>& po
 // Largest number of (token, slot) pairs the int32 index tensors can address.
 constexpr int64_t kMaxPairs = (int64_t{1} << 31) - 1;
 
-// ---- placement (issue 6) ----
+// ---- placement ----
 
 struct PlacementSizes {
   int64_t num_experts;
@@ -125,7 +125,7 @@ PlacementSizes check_expert_placement(const at::Tensor& expert_load, int64_t num
                                       bool replicate, const std::optional<at::Tensor>& correlation,
                                       double correlation_weight, int64_t num_nodes,
                                       const std::optional<at::Tensor>& expert_group);
-// ---- static gating (issue 3) ----
+// ---- static gating ----
 
 struct StaticGatingSizes {
   int64_t num_tokens;

@@ -6,13 +6,15 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import ops
+from ..experts import ExpertsBackend, ExpertSpec
 from .store import ExpertStore
 
 LIVE_POLICIES = ("paper", "fifo", "lru", "lfu")
 
 
-class ExpertBuffer:
-    """One MoE layer's slot pool on the compute device, and its cache (a C++ object).
+class ExpertBuffer(ExpertsBackend):
+    """One MoE layer's slot pool on the compute device, and its cache (a C++ object): an
+    :class:`moe_infer.experts.ExpertsBackend` (inference only).
 
     Args:
         store: the layer's :class:`ExpertStore`.
@@ -23,9 +25,12 @@ class ExpertBuffer:
         copy_threads: CPU copy threads (ignored on CUDA: one side stream).
         overlap: compute the resident experts while the missing ones are copied.
 
-    ``buffer(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`` has the
-    signature of a transformers v5 experts module. The expert weights are frozen (inference).
+    ``buffer.run(hidden [T, H], top_k_weights [T, k], top_k_index [T, k]) -> [T, H]`` is the
+    backend protocol; ``buffer(hidden, top_k_index, top_k_weights)`` has the signature of a
+    transformers v5 experts module. The expert weights are frozen (inference).
     """
+
+    inference_only = True
 
     def __init__(
         self,
@@ -80,14 +85,27 @@ class ExpertBuffer:
                         e, p, piece.source, piece.offset, piece.dest_offset, piece.num_bytes, piece.file, piece.offset
                     )
         self._core.finalize()
-        first = self.pools["fc1_weight"]
-        self.device = first.device  # with its index ("cuda" -> "cuda:0")
-        self.hidden_size = first.shape[1] if weights_transposed else first.shape[2]
+        # The slot pool as experts: slot s holds whichever expert the slot table maps there.
+        self.spec = ExpertSpec(
+            self.pools["fc1_weight"],
+            self.pools.get("fc1_bias"),
+            self.pools["fc2_weight"],
+            self.pools.get("fc2_bias"),
+            activation,
+            weights_transposed,
+            swiglu_alpha,
+            swiglu_limit,
+        )
+        self.device = self.spec.fc1_weight.device  # with its index ("cuda" -> "cuda:0")
+        self.hidden_size = self.spec.hidden_size
 
     # -- compute --
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return self.forward(hidden, top_k_index, top_k_weights)
+
+    def run(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return self.forward(hidden, topk_ids, topk_weights)
 
     @torch.compiler.disable  # host-side cache decisions: a graph break under torch.compile
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -189,18 +207,7 @@ class ExpertBuffer:
 
     def _grouped_mlp(self, rows, slot_offsets):
         """ops.grouped_mlp over the slot pool: slot s owns rows [slot_offsets[s], slot_offsets[s+1])."""
-        return ops.grouped_mlp(
-            rows,
-            slot_offsets,
-            self.pools["fc1_weight"],
-            self.pools.get("fc1_bias"),
-            self.pools["fc2_weight"],
-            self.pools.get("fc2_bias"),
-            self.activation,
-            self.weights_transposed,
-            self.swiglu_alpha,
-            self.swiglu_limit,
-        )
+        return ops.grouped_mlp(rows, slot_offsets, self.spec)
 
     def _check_inputs(self, hidden, ids, weights):
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
