@@ -1,18 +1,57 @@
-"""Builds moe_infer and its extension module moe_infer._C.
+"""Builds moe_infer's extension module moe_infer._C against the torch of the target environment.
 
-The CUDA sources are compiled when the installed torch has CUDA and nvcc is found; otherwise the
-extension is CPU-only. Build with `--no-build-isolation` so the installed torch is used:
+The package's metadata is in pyproject.toml. Install torch (>= 2.6) first, then, from a checkout:
 
-    pip install --no-build-isolation -e .       (or: python setup.py build_ext --inplace)
+    pip install --no-build-isolation .        (".[hf]" adds transformers; "-e ." for an editable install)
+    python setup.py build_ext --inplace       (the extension only, next to the sources in python/)
+
+Plain `pip install .` builds in an isolated environment that has no torch; there this file imports
+the torch of the environment being installed into (pip's isolation keeps the interpreter, so
+sysconfig still names that environment's site-packages). The CUDA sources are compiled when that
+torch has CUDA and nvcc is found (MOE_INFER_CUDA=0/1 forces it); otherwise the extension is CPU-only.
 """
 
 import glob
 import os
 import shutil
+import sys
+import sysconfig
 
-import torch
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+MIN_TORCH = (2, 6)
+
+
+def _import_torch():
+    """The torch to compile against, or a SystemExit that says what to do."""
+    try:
+        import torch
+    except ImportError:
+        # Under pip's build isolation: look in the target environment's site-packages.
+        for key in ("purelib", "platlib"):
+            site = sysconfig.get_paths()[key]
+            if os.path.isdir(os.path.join(site, "torch")) and site not in sys.path:
+                sys.path.append(site)
+        try:
+            import torch
+        except ImportError as error:
+            raise SystemExit(
+                f"moe_infer: cannot import torch ({error}). moe_infer compiles against the torch installed in the "
+                "environment it is installed into: install torch >= 2.6 first (https://pytorch.org/get-started), "
+                "then run `pip install --no-build-isolation .` from the checkout."
+            ) from None
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < MIN_TORCH:
+        raise SystemExit(
+            f"moe_infer: torch {torch.__version__} (at {os.path.dirname(torch.__file__)}) is too old; "
+            f"moe_infer needs torch >= {'.'.join(map(str, MIN_TORCH))}."
+        )
+    print(f"moe_infer: building against torch {torch.__version__} at {os.path.dirname(torch.__file__)}")
+    return torch
+
+
+torch = _import_torch()
+
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,15 +93,6 @@ def _extension():
 
 
 setup(
-    name="moe_infer",
-    version="0.1.0",
-    description="Fast, memory-lean Mixture-of-Experts inference: dynamic gating, expert buffering, load balancing",
-    package_dir={"": "python"},
-    packages=find_packages("python"),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.6"],
-    extras_require={"hf": ["transformers>=5.0"], "bench": ["matplotlib"], "safetensors": ["safetensors"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    zip_safe=False,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
 )

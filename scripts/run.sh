@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The main job: sets the machine up, then builds realistic MoE layers with seeded weights, checks
-# that moe_infer agrees with the plain-PyTorch reference, and prints a timing table (with a
-# progress bar while it runs). Results go to bench/results/. Arguments go to bench/layer.py
-# (e.g. scripts/run.sh --quick, or --device cuda on a GPU machine).
+# The main job: sets the machine up, then shows what moe_infer is for, end to end, on a transformers
+# MoE model built from a config (seeded weights, no download): generation as shipped vs optimized
+# (tokens identical, tokens/s), the same with expert buffering (expert memory, slots, hit rate),
+# static vs dynamic gating, and expert placement, with a plot (bench/generate.py).
+#   scripts/run.sh --quick     about a minute once set up
+#   scripts/run.sh --refresh   write the committed bench/results/main_cpu.* instead of results/
+# Tables and plot go to results/ (untracked), so running the main job leaves the clone clean.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec "${MOE_INFER_VENV:-$(pwd)/.venv}/bin/python" bench/layer.py "$@"
+exec "${MOE_INFER_VENV:-$(pwd)/.venv}/bin/python" bench/generate.py "$@"

@@ -314,13 +314,24 @@ def test_gated_activations_from_hidden_act(hidden_act, activation):
 def test_optimize_reports_and_is_idempotent(capsys):
     model = optimized("olmoe")
     assert model.moe_infer_report.replaced == {"model.layers.0.mlp": "OLMoE", "model.layers.1.mlp": "OLMoE"}
+    capsys.readouterr()
     moe_infer.optimize(model)
-    assert "replaced 0 sparse MoE block(s)" in capsys.readouterr().out
+    assert "replaced 0 sparse MoE block(s); 2 already optimized" in capsys.readouterr().out
     assert len(model.moe_infer_report.already_optimized) == 2
     hf.restore(model)
     assert not fused_blocks(model)
     ids = torch.randint(3, VOCAB, (1, 6))
     assert relative_error(run("olmoe", model, ids).logits, run("olmoe", reference("olmoe"), ids).logits) <= 1e-6
+
+
+def test_reoptimize_reports_what_it_did(capsys):
+    model = optimized("olmoe")
+    capsys.readouterr()
+    moe_infer.optimize(model, expert_buffer=2)
+    out = capsys.readouterr().out
+    assert "2 already optimized" in out
+    assert "attached expert buffers to 2 experts module(s) (2 slots per layer)" in out
+    assert len(model.moe_infer_report.buffers) == 2
 
 
 def test_training_mode_runs_transformers_forward():
@@ -353,7 +364,7 @@ def test_import_without_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert result.returncode == 0, result.stderr
     assert "ImportError: moe_infer.integrations.hf needs transformers >= 5.0" in result.stdout
-    assert "pip install 'moe_infer[hf]'" in result.stdout
+    assert "pip install 'transformers>=5'" in result.stdout
 
 
 # ---- capacity: SwitchTransformers and NLLB-MoE -------------------------------------------------

@@ -1,4 +1,4 @@
-"""Hugging Face transformers v5 on moe_infer's ops (the optional extra ``pip install moe_infer[hf]``).
+"""Hugging Face transformers v5 on moe_infer's ops (needs transformers >= 5: the extra ``[hf]``).
 
 Two entry points:
 
@@ -39,7 +39,7 @@ try:
     hf_moe.ALL_EXPERTS_FUNCTIONS  # noqa: B018  (transformers < 5 has no experts registry)
 except (ImportError, AttributeError) as error:
     raise ImportError(
-        "moe_infer.integrations.hf needs transformers >= 5.0 (its experts registry): pip install 'moe_infer[hf]'"
+        "moe_infer.integrations.hf needs transformers >= 5.0 (its experts registry): pip install 'transformers>=5'"
     ) from error
 
 from .. import ops
@@ -554,10 +554,21 @@ class OptimizeReport:
         counts: dict = {}
         for arch in self.replaced.values():
             counts[arch] = counts.get(arch, 0) + 1
-        done = ", ".join(f"{n} x {arch}" for arch, n in counts.items()) or "none"
-        lines = [f"moe_infer.optimize: replaced {len(self.replaced)} sparse MoE block(s) ({done})"]
+        done = ", ".join(f"{n} x {arch}" for arch, n in counts.items())
+        lines = [
+            f"moe_infer.optimize: replaced {len(self.replaced)} sparse MoE block(s)" + (f" ({done})" if done else "")
+        ]
         if self.already_optimized:
-            lines.append(f"  already optimized: {len(self.already_optimized)}")
+            lines[0] += f"; {len(self.already_optimized)} already optimized"
+        if self.buffers:
+            slots = sorted({buffer.num_slots for buffer in self.buffers.values()})
+            lines.append(
+                f"  attached expert buffers to {len(self.buffers)} experts module(s) "
+                f"({'/'.join(map(str, slots))} slots per layer)"
+            )
+        if self.expert_parallel:
+            blocks = len(self.replaced) + len(self.already_optimized)
+            lines.append(f"  spread the experts of {blocks} block(s) over the process group")
         lines += [f"  left as is: {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -668,7 +679,7 @@ def optimize(
     if ep_group is not None:
         from ..distributed import ExpertParallelExperts
 
-        for name in report.replaced:
+        for name in [*report.replaced, *report.already_optimized]:
             block = model.get_submodule(name)
             source = getattr(block, "_moe_infer_stack", None) or ModuleSpec(block.experts)
             # Read as they are, no copy; each rank then keeps only its own experts' weights.

@@ -1,0 +1,466 @@
+"""The main job (scripts/run.sh): what moe_infer is for, end to end, on a transformers MoE model.
+
+1. Generation: a Mixtral-style transformers v5 model built from a config with seeded weights (no
+   download) generates greedily as shipped (transformers' "eager" experts, and its "grouped_mm")
+   and after ``moe_infer.optimize(model)``. The generated tokens must be identical; tokens/s.
+2. Expert buffering: the same generation after ``optimize(model, expert_buffer=N)``: every
+   layer's experts in host memory, N expert slots per layer on the compute device. Tokens
+   identical; tokens/s, the experts' bytes on the compute device, hit rate of the slots.
+3. Static vs dynamic gating: one fairseq-style MoE layer (``moe_infer.fairseq``, top-2, fairseq's
+   eval capacity ceil(0.25 * S)) on one batch, both modes: tokens/s, rows computed, peak memory.
+4. Expert placement, the paper's protocol (plan on the first half of a routing trace, measure on
+   the second): Max Load on 4 ranks for the routing recorded in part 1 and for a skewed
+   synthetic trace.
+
+Timings are CPU time of one thread (the machine may be shared), variants interleaved, repeated;
+min / median / max. Prints tables and writes main_cpu[_quick].md and .png to --out (default:
+results/ at the repository root, untracked) or, with --refresh, to bench/results/.
+
+    python bench/generate.py [--quick] [--refresh | --out DIR]
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))  # hf_models
+import hf_models  # noqa: E402
+import moe_infer  # noqa: E402
+from common import RESULTS_DIR, Progress, machine_description, markdown_table, time_interleaved  # noqa: E402
+from moe_infer.fairseq import MOELayer, Top2Gate  # noqa: E402
+from moe_infer.placement import LoadRecorder, load_metrics, rank_loads  # noqa: E402
+from moe_infer.traces import RoutingRecorder, RoutingTrace, synthetic_trace  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# model: Mixtral-style sizes; run: batch of prompts, prompt and generated lengths, timed repeats.
+FULL = dict(
+    model=dict(hidden=512, ffn=1024, experts=16, top_k=2, layers=4, vocab=1024, heads=8),
+    batch=4,
+    prompt=32,
+    new_tokens=32,
+    repeats=5,
+    slots=[8, 4],
+    static_batch=(8, 128),
+)
+QUICK = dict(
+    model=dict(hidden=256, ffn=512, experts=8, top_k=2, layers=2, vocab=512, heads=4),
+    batch=2,
+    prompt=16,
+    new_tokens=16,
+    repeats=3,
+    slots=[4, 2],
+    static_batch=(4, 64),
+)
+STATIC_LAYER = dict(model_dim=256, ffn_dim=512, num_experts=64, eval_capacity_token_fraction=0.25)
+RANKS = 4
+
+
+def spread(samples: list[float]) -> tuple[float, float, float]:
+    return min(samples), statistics.median(samples), max(samples)
+
+
+def generate(model, prompt, new_tokens):
+    with torch.no_grad():
+        return model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+
+def buffers_of(model) -> dict:
+    report = getattr(model, "moe_infer_report", None)
+    return report.buffers if report is not None else {}
+
+
+def expert_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+
+
+# ---- 1 and 2: generation, as shipped, optimized, buffered ----------------------------------------
+
+
+def part_generation(cfg, progress):
+    base = hf_models.build_model("mixtral", **cfg["model"])
+    prompt = torch.randint(
+        3, cfg["model"]["vocab"], (cfg["batch"], cfg["prompt"]), generator=torch.Generator().manual_seed(1)
+    )
+    variants = {"transformers eager (as shipped)": base}
+    grouped = copy.deepcopy(base)
+    grouped.set_experts_implementation("grouped_mm")
+    variants["transformers grouped_mm"] = grouped
+    variants["moe_infer.optimize"] = moe_infer.optimize(copy.deepcopy(base), verbose=False)
+    for slots in cfg["slots"]:
+        variants[f"optimize, expert_buffer={slots}"] = moe_infer.optimize(
+            copy.deepcopy(base), expert_buffer=slots, verbose=False
+        )
+    expected = generate(base, prompt, cfg["new_tokens"])
+    identical = {}
+    for name, model in variants.items():
+        identical[name] = torch.equal(generate(model, prompt, cfg["new_tokens"]), expected)
+        progress.step(f"check {name}")
+    for model in variants.values():
+        for buffer in buffers_of(model).values():
+            buffer.reset_stats()  # hit rates of the timed runs only
+    fns = {name: (lambda m=model: generate(m, prompt, cfg["new_tokens"])) for name, model in variants.items()}
+    samples = time_interleaved(
+        fns, torch.device("cpu"), cfg["repeats"], warmup=0, statistic=list, clock=time.process_time
+    )
+    progress.step("timed generation")
+    tokens = cfg["batch"] * cfg["new_tokens"]
+    all_experts = expert_bytes(base)
+    rows = []
+    shipped = statistics.median(samples["transformers eager (as shipped)"])
+    for name, model in variants.items():
+        low, mid, high = spread(samples[name])
+        buffers = buffers_of(model)
+        if buffers:
+            on_device = sum(b.pool_bytes for b in buffers.values())
+            hits = sum(b.stats()["hits"] for b in buffers.values())
+            misses = sum(b.stats()["misses"] for b in buffers.values())
+            slots = f"{next(iter(buffers.values())).num_slots} of {cfg['model']['experts']}"
+            hit_rate = f"{hits / (hits + misses):.2f}"
+        else:
+            on_device, slots, hit_rate = all_experts, "all", "-"
+        rows.append(
+            dict(
+                variant=name,
+                identical=identical[name],
+                tokens_per_s=(tokens / high, tokens / mid, tokens / low),
+                vs_shipped=shipped / mid,
+                slots=slots,
+                device_mib=on_device / 2**20,
+                memory_cut=all_experts / on_device,
+                hit_rate=hit_rate,
+            )
+        )
+    recording = RoutingRecorder(base)
+    with recording:
+        generate(base, prompt, cfg["new_tokens"])
+    progress.step("routing trace")
+    return rows, recording.trace, all_experts
+
+
+def generation_table(rows) -> str:
+    return markdown_table(
+        [
+            "variant",
+            "tokens identical",
+            "tokens/s (median)",
+            "tokens/s (min-max)",
+            "vs as shipped",
+            "expert slots",
+            "experts on device MiB",
+            "memory cut",
+            "hit rate",
+        ],
+        [
+            [
+                r["variant"],
+                "yes" if r["identical"] else "NO",
+                f"{r['tokens_per_s'][1]:.1f}",
+                f"{r['tokens_per_s'][0]:.1f}-{r['tokens_per_s'][2]:.1f}",
+                f"{r['vs_shipped']:.2f}x",
+                r["slots"],
+                f"{r['device_mib']:.1f}",
+                f"{r['memory_cut']:.2f}x",
+                r["hit_rate"],
+            ]
+            for r in rows
+        ],
+    )
+
+
+# ---- 3: static vs dynamic gating -------------------------------------------------------------------
+
+
+def part_static_vs_dynamic(cfg, progress):
+    from static_vs_dynamic import peak_memory, static_stats  # here: importing it changes malloc settings
+
+    spec = STATIC_LAYER
+    torch.manual_seed(0)
+    gate = Top2Gate(
+        spec["model_dim"],
+        spec["num_experts"],
+        second_expert_policy="all",
+        moe_eval_capacity_token_fraction=spec["eval_capacity_token_fraction"],
+    )
+    layer = MOELayer.build(gate, spec["ffn_dim"], "gelu").eval()
+    batch, seq = cfg["static_batch"]
+    x = torch.randn(batch, seq, spec["model_dim"])
+
+    def run(mode):
+        layer.gating = mode
+        with torch.no_grad():
+            return layer(x)[0]
+
+    outputs = {mode: run(mode) for mode in ("dynamic", "static")}
+    placeholders, dropped = static_stats(layer.metadata)  # of the static run, the last one
+    capacity = layer.metadata["capacity"]
+    peaks = {mode: peak_memory(lambda m=mode: run(m)) for mode in ("static", "dynamic")}
+    fns = {mode: (lambda m=mode: run(m)) for mode in ("static", "dynamic")}
+    samples = time_interleaved(
+        fns, torch.device("cpu"), cfg["repeats"], warmup=1, statistic=list, clock=time.process_time
+    )
+    progress.step("static vs dynamic")
+    tokens = batch * seq
+    rows_computed = {"static": spec["num_experts"] * int(capacity), "dynamic": tokens * 2}
+    result = []
+    for mode in ("static", "dynamic"):
+        low, mid, high = spread(samples[mode])
+        result.append(
+            dict(
+                mode=mode,
+                tokens_per_s=(tokens / high, tokens / mid, tokens / low),
+                rows=rows_computed[mode],
+                peak_mib=peaks[mode] / 2**20,
+            )
+        )
+    same = dropped == 0 and torch.allclose(outputs["static"], outputs["dynamic"], rtol=1e-4, atol=1e-5)
+    return dict(
+        rows=result,
+        tokens=tokens,
+        capacity=int(capacity),
+        placeholders=placeholders,
+        dropped=dropped,
+        same_output=same,
+        speedup=statistics.median(samples["static"]) / statistics.median(samples["dynamic"]),
+    )
+
+
+def static_table(result) -> str:
+    return markdown_table(
+        ["gating", "tokens/s (median)", "tokens/s (min-max)", "expert rows computed", "peak MiB", "dynamic / static"],
+        [
+            [
+                r["mode"],
+                f"{r['tokens_per_s'][1]:.0f}",
+                f"{r['tokens_per_s'][0]:.0f}-{r['tokens_per_s'][2]:.0f}",
+                r["rows"],
+                f"{r['peak_mib']:.1f}",
+                f"{result['speedup']:.2f}x" if r["mode"] == "dynamic" else "1.00x",
+            ]
+            for r in result["rows"]
+        ],
+    )
+
+
+# ---- 4: expert placement ---------------------------------------------------------------------------
+
+
+def placements(num_experts):
+    base = -(-num_experts // RANKS)
+    return {
+        "contiguous": dict(algorithm="contiguous"),
+        "greedy (paper)": dict(algorithm="greedy"),
+        "anti-correlation (paper)": dict(algorithm="anti_correlation"),
+        "greedy + replicas": dict(algorithm="greedy", replicate=True, slots_per_rank=base + 1),
+    }
+
+
+def placement_rows(trace: RoutingTrace):
+    """Plan on the first half of the batches, measure on the second, averaged over layers."""
+    half = trace.num_batches // 2
+    history = LoadRecorder.from_trace(trace, range(half))
+    rows = {}
+    for name, options in placements(trace.num_experts).items():
+        metrics = []
+        for layer in range(trace.num_layers):
+            placement = history.plan(layer, RANKS, **options)
+            metrics.append(load_metrics(rank_loads(placement, trace.expert_counts(layer)[half:])))
+        rows[name] = (
+            max(m.max_load for m in metrics),
+            statistics.mean(m.avg_max_load for m in metrics),
+            statistics.mean(m.balancedness for m in metrics),
+        )
+    return rows
+
+
+def part_placement(model_trace, cfg, progress):
+    experts = cfg["model"]["experts"] * 4
+    skewed = synthetic_trace(experts, 2, 40, 512, num_layers=2, skew=1.5, locality=0.999, seed=0)
+    traces = {
+        f"recorded in part 1 (E={model_trace.num_experts}, {model_trace.num_batches} batches)": model_trace,
+        f"synthetic, Zipf skew 1.5 (E={experts}, 40 batches)": skewed,
+    }
+    out = {name: placement_rows(trace) for name, trace in traces.items()}
+    progress.step("placement")
+    return out
+
+
+def placement_table(results) -> str:
+    rows = []
+    for trace, by_placement in results.items():
+        contiguous = by_placement["contiguous"][0]
+        for name, (max_load, avg_max_load, balancedness) in by_placement.items():
+            rows.append(
+                [
+                    trace,
+                    name,
+                    f"{max_load:.3f}",
+                    f"{avg_max_load:.3f}",
+                    f"{balancedness:.3f}",
+                    f"{contiguous / max_load:.2f}x",
+                ]
+            )
+    return markdown_table(
+        ["routing trace", f"placement on {RANKS} ranks", "Max Load", "Avg Max Load", "balancedness", "vs contiguous"],
+        rows,
+    )
+
+
+# ---- plot and main -----------------------------------------------------------------------------------
+
+
+def plot(generation, static, placement, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    names = [
+        r["variant"]
+        .replace("transformers ", "HF ")
+        .replace(" (as shipped)", "\n(as shipped)")
+        .replace("moe_infer.optimize", "moe_infer\noptimize")
+        .replace(", expert_buffer=", "\nexpert_buffer=")
+        for r in generation
+    ]
+    medians = [r["tokens_per_s"][1] for r in generation]
+    errors = [
+        [m - r["tokens_per_s"][0] for m, r in zip(medians, generation)],
+        [r["tokens_per_s"][2] - m for m, r in zip(medians, generation)],
+    ]
+    axes[0].bar(range(len(names)), medians, yerr=errors, color=["grey", "grey"] + ["C0"] * (len(names) - 2))
+    axes[0].set_xticks(range(len(names)), names, fontsize=7)
+    axes[0].set_ylabel("generated tokens/s (1 thread)")
+    axes[0].set_title("Generation: as shipped vs moe_infer")
+    for i, r in enumerate(generation):
+        if r["slots"] != "all":
+            axes[0].annotate(
+                f"{r['memory_cut']:.1f}x less\nexpert\nmemory\n\nhit rate\n{r['hit_rate']}",
+                (i, medians[i] / 2),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white",
+            )
+    modes = [r["mode"] for r in static["rows"]]
+    axes[1].bar(modes, [r["tokens_per_s"][1] for r in static["rows"]], color=["grey", "C0"])
+    axes[1].set_ylabel("tokens/s")
+    axes[1].set_ylim(0, 1.2 * max(r["tokens_per_s"][1] for r in static["rows"]))
+    axes[1].set_title(f"Static vs dynamic gating ({static['tokens']} tokens, E={STATIC_LAYER['num_experts']})")
+    for i, r in enumerate(static["rows"]):
+        axes[1].annotate(
+            f"{r['rows']} rows\n{r['peak_mib']:.0f} MiB peak",
+            (i, r["tokens_per_s"][1]),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    width = 0.8 / len(placement)
+    for j, (trace, by_placement) in enumerate(placement.items()):
+        labels = list(by_placement)
+        axes[2].bar(
+            [i + j * width for i in range(len(labels))],
+            [v[0] for v in by_placement.values()],
+            width,
+            label=trace.split(" (")[0],
+        )
+        axes[2].set_xticks(
+            [i + width / 2 for i in range(len(labels))], [s.replace(" (", "\n(") for s in labels], fontsize=7
+        )
+    axes[2].axhline(1 / RANKS, color="k", lw=0.8, ls="--", label=f"perfect balance (1/{RANKS})")
+    axes[2].set_ylabel("Max Load (share of tokens on the busiest rank)")
+    axes[2].set_title(f"Expert placement on {RANKS} ranks")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smaller model and fewer repeats (about a minute)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=os.path.join(ROOT, "results"), help="folder for the tables and plot")
+    where.add_argument("--refresh", action="store_true", help="write to bench/results/ (the committed results)")
+    args = parser.parse_args()
+    out_dir = RESULTS_DIR if args.refresh else args.out
+    os.makedirs(out_dir, exist_ok=True)
+    name = "main_cpu_quick" if args.quick else "main_cpu"
+    cfg = QUICK if args.quick else FULL
+    torch.set_num_threads(1)
+    progress = Progress(len(cfg["slots"]) + 3 + 3, "main job")
+
+    generation, trace, all_experts = part_generation(cfg, progress)
+    static = part_static_vs_dynamic(cfg, progress)
+    placement = part_placement(trace, cfg, progress)
+
+    m = cfg["model"]
+    text = [
+        "# moe_infer end to end: generation, expert buffering, static vs dynamic gating, placement",
+        "",
+        f"Machine: {machine_description(torch.device('cpu'))}. Written by `bench/generate.py{' --quick' if args.quick else ''}`"
+        " (scripts/run.sh). Times are CPU time of one thread, variants interleaved, "
+        f"{cfg['repeats']} repeats: median, and min-max.",
+        "",
+        "## Generation",
+        "",
+        f"A Mixtral-style transformers model built from a config, seeded weights: hidden {m['hidden']}, expert ffn "
+        f"{m['ffn']}, {m['experts']} experts, top-{m['top_k']}, {m['layers']} layers ({all_experts / 2**20:.1f} MiB of "
+        f"experts). Greedy generation of {cfg['new_tokens']} tokens after {cfg['prompt']}-token prompts, batch "
+        f"{cfg['batch']}. 'tokens identical': the same generated ids as the model as shipped. With expert buffering "
+        "the experts live in host memory and each layer keeps its slots on the compute device (on this CPU both are "
+        "the same RAM: the column counts what a GPU would hold); hit rate over the timed runs.",
+        "",
+        generation_table(generation),
+        "",
+        "## Static vs dynamic gating",
+        "",
+        f"One fairseq-style MoE layer (moe_infer.fairseq): hidden {STATIC_LAYER['model_dim']}, ffn "
+        f"{STATIC_LAYER['ffn_dim']}, {STATIC_LAYER['num_experts']} experts, top-2, gelu, fairseq's eval capacity "
+        f"ceil({STATIC_LAYER['eval_capacity_token_fraction']} * S) = {static['capacity']} per expert; one batch of "
+        f"{static['tokens']} tokens. Static gating computes every expert's whole capacity "
+        f"({static['placeholders']:.0%} of its rows are placeholders; {static['dropped']:.1%} of pairs dropped); "
+        f"dynamic gating computes the {static['tokens'] * 2} real rows. Outputs "
+        f"{'equal to 1e-4 (no pair dropped)' if static['same_output'] else 'differ where static gating drops pairs'}. "
+        "Peak: the process's peak resident memory during one forward above what was resident before.",
+        "",
+        static_table(static),
+        "",
+        "## Expert placement",
+        "",
+        f"The paper's protocol: plan from the first half of a routing trace, measure the second half, {RANKS} ranks; "
+        "'+ replicas' has one spare slot per rank for copies of hot experts. Max Load: the largest share of a batch's "
+        "tokens on one rank (worst over batches and layers); the recorded trace comes from a model with random "
+        "weights, whose routing is close to uniform, so placement has little to gain there.",
+        "",
+        placement_table(placement),
+        "",
+        f"Plot: {name}.png",
+        "",
+    ]
+    text = "\n".join(text)
+    print()
+    print(text)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(text)
+    plot(generation, static, placement, os.path.join(out_dir, f"{name}.png"))
+    print(f"wrote {os.path.join(out_dir, name)}.md and .png")
+    if not all(r["identical"] for r in generation):
+        sys.exit("main job: the optimized model generated different tokens")
+
+
+if __name__ == "__main__":
+    main()
