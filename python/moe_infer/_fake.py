@@ -10,6 +10,21 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _GATED = ("silu_glu", "gpt_oss_swiglu")
 
 
+def _check_devices(op, **tensors):
+    """All tensor arguments on one device. The C++ checks say this too, but an argument on the meta
+    device routes the whole call here (Meta outranks every backend), so it is checked here as well:
+    otherwise a meta tensor next to real ones would return uninitialised real memory."""
+    present = [(name, t) for name, t in tensors.items() if t is not None]
+    ref_name, ref = present[0]
+    for name, t in present[1:]:
+        torch._check(
+            t.device == ref.device,
+            lambda name=name, t=t: (
+                f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; all arguments must be on one device"
+            ),
+        )
+
+
 def _check_float(op, name, t):
     torch._check(t.dtype in _FLOATS, lambda: f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
 
@@ -27,6 +42,7 @@ def _topk_gating_fake(
     validate=True,
 ):
     op = "topk_gating"
+    _check_devices(op, router_logits=router_logits, selection_bias=selection_bias)
     torch._check(router_logits.dim() == 2, lambda: f"{op}: router_logits must be 2-D [num_tokens, num_experts]")
     _check_float(op, "router_logits", router_logits)
     num_experts = router_logits.shape[1]
@@ -59,6 +75,7 @@ def _dispatch_plan_fake(expert_ids, num_experts, validate=True):
 @torch.library.register_fake("moe_infer::permute")
 def _permute_fake(hidden, sorted_pair_ids, top_k):
     op = "permute"
+    _check_devices(op, hidden=hidden, sorted_pair_ids=sorted_pair_ids)
     torch._check(hidden.dim() == 2, lambda: f"{op}: hidden must be 2-D [num_tokens, hidden_size]")
     _check_float(op, "hidden", hidden)
     torch._check(sorted_pair_ids.dtype == torch.int32, lambda: f"{op}: sorted_pair_ids must be int32")
@@ -73,6 +90,7 @@ def _permute_fake(hidden, sorted_pair_ids, top_k):
 @torch.library.register_fake("moe_infer::unpermute_combine")
 def _unpermute_combine_fake(expert_out, topk_weights, row_of_pair):
     op = "unpermute_combine"
+    _check_devices(op, expert_out=expert_out, topk_weights=topk_weights, row_of_pair=row_of_pair)
     torch._check(expert_out.dim() == 2, lambda: f"{op}: expert_out must be 2-D")
     torch._check(topk_weights.dim() == 2, lambda: f"{op}: topk_weights must be 2-D [num_tokens, top_k]")
     _check_float(op, "expert_out", expert_out)
@@ -102,6 +120,15 @@ def _grouped_mlp_fake(
     swiglu_limit=7.0,
 ):
     op = "grouped_mlp"
+    _check_devices(
+        op,
+        hidden=hidden,
+        expert_offsets=expert_offsets,
+        fc1_weight=fc1_weight,
+        fc1_bias=fc1_bias,
+        fc2_weight=fc2_weight,
+        fc2_bias=fc2_bias,
+    )
     torch._check(hidden.dim() == 2, lambda: f"{op}: hidden must be 2-D [num_rows, hidden_size]")
     _check_float(op, "hidden", hidden)
     torch._check(expert_offsets.dtype == torch.int32, lambda: f"{op}: expert_offsets must be int32")
@@ -138,6 +165,16 @@ def _grouped_mlp_backward_fake(
     swiglu_alpha,
     swiglu_limit,
 ):
+    _check_devices(
+        "grouped_mlp_backward",
+        grad_out=grad_out,
+        hidden=hidden,
+        expert_offsets=expert_offsets,
+        fc1_weight=fc1_weight,
+        fc1_bias=fc1_bias,
+        fc2_weight=fc2_weight,
+        fc2_bias=fc2_bias,
+    )
     torch._check(grad_out.shape == hidden.shape, lambda: "grouped_mlp_backward: grad_out must match hidden")
     empty = hidden.new_empty(0)
     return (
@@ -165,6 +202,7 @@ def _expert_placement_fake(
     expert_group=None,
 ):
     op = "expert_placement"
+    _check_devices(op, expert_load=expert_load, correlation=correlation, expert_group=expert_group)
     torch._check(expert_load.dim() == 1, lambda: f"{op}: expert_load must be 1-D [num_experts]")
     torch._check(
         expert_load.dtype in (torch.float32, torch.float64), lambda: f"{op}: expert_load must be float32 or float64"
@@ -190,6 +228,7 @@ def _expert_placement_fake(
 @torch.library.register_fake("moe_infer::simulate_expert_cache")
 def _simulate_expert_cache_fake(accesses, batch_offsets, num_experts, cache_sizes, policies):
     op = "simulate_expert_cache"
+    _check_devices(op, accesses=accesses, batch_offsets=batch_offsets)
     torch._check(accesses.dim() == 1, lambda: f"{op}: accesses must be 1-D [num_accesses]")
     torch._check(accesses.dtype in (torch.int32, torch.int64), lambda: f"{op}: accesses must be int32 or int64")
     torch._check(batch_offsets.dim() == 1, lambda: f"{op}: batch_offsets must be 1-D [num_batches + 1]")
@@ -215,6 +254,7 @@ def _static_gating_fake(
     batch_prioritized_routing=False,
 ):
     op = "static_gating"
+    _check_devices(op, router_logits=router_logits, padding_mask=padding_mask, second_expert_noise=second_expert_noise)
     torch._check(router_logits.dim() == 2, lambda: f"{op}: router_logits must be 2-D [num_tokens, num_experts]")
     _check_float(op, "router_logits", router_logits)
     torch._check(top_k in (1, 2), lambda: f"{op}: top_k ({top_k}) must be 1 or 2")
@@ -239,6 +279,7 @@ def _static_gating_fake(
 @torch.library.register_fake("moe_infer::static_routing_tensors")
 def _static_routing_tensors_fake(expert_ids, locations, topk_weights, num_experts, capacity):
     op = "static_routing_tensors"
+    _check_devices(op, expert_ids=expert_ids, locations=locations, topk_weights=topk_weights)
     torch._check(expert_ids.dim() == 2, lambda: f"{op}: expert_ids must be 2-D [num_tokens, top_k]")
     torch._check(expert_ids.dtype in (torch.int32, torch.int64), lambda: f"{op}: expert_ids must be int32 or int64")
     torch._check(locations.dtype == torch.int32, lambda: f"{op}: locations must be int32")
@@ -256,6 +297,7 @@ def _static_routing_tensors_fake(expert_ids, locations, topk_weights, num_expert
 @torch.library.register_fake("moe_infer::static_dispatch")
 def _static_dispatch_fake(hidden, dispatch_mask):
     op = "static_dispatch"
+    _check_devices(op, hidden=hidden, dispatch_mask=dispatch_mask)
     torch._check(hidden.dim() == 2, lambda: f"{op}: hidden must be 2-D [num_tokens, hidden_size]")
     _check_float(op, "hidden", hidden)
     torch._check(
@@ -271,6 +313,7 @@ def _static_dispatch_fake(hidden, dispatch_mask):
 @torch.library.register_fake("moe_infer::static_combine")
 def _static_combine_fake(expert_out, combine_weights):
     op = "static_combine"
+    _check_devices(op, expert_out=expert_out, combine_weights=combine_weights)
     torch._check(expert_out.dim() == 3, lambda: f"{op}: expert_out must be 3-D [num_experts, capacity, hidden_size]")
     torch._check(combine_weights.dim() == 3, lambda: f"{op}: combine_weights must be 3-D")
     _check_float(op, "expert_out", expert_out)
@@ -298,6 +341,7 @@ def _grouped_mlp_combine_fake(
     swiglu_limit=7.0,
 ):
     op = "grouped_mlp_combine"
+    _check_devices(op, hidden=hidden, topk_weights=topk_weights, sorted_pair_ids=sorted_pair_ids)
     _grouped_mlp_fake(
         hidden, expert_offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, weights_transposed
     )

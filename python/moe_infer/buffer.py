@@ -35,6 +35,7 @@ import json
 import math
 import mmap
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
@@ -193,8 +194,19 @@ class SafetensorsCheckpoint:
         if os.path.isdir(path):
             index = os.path.join(path, "model.safetensors.index.json")
             if os.path.exists(index):
-                with open(index) as f:
-                    weight_map = json.load(f).get("weight_map", {})
+                try:
+                    with open(index) as f:
+                        weight_map = json.load(f)
+                except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                    raise ValueError(f"SafetensorsCheckpoint: '{index}' is not valid JSON ({error})") from None
+                weight_map = weight_map.get("weight_map", {}) if isinstance(weight_map, dict) else weight_map
+                if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+                ):
+                    raise ValueError(
+                        f"SafetensorsCheckpoint: '{index}' is corrupt: its weight_map must be a JSON object "
+                        f"mapping tensor names to file names, got {type(weight_map).__name__}"
+                    )
                 self._file_of = {name: os.path.join(path, file) for name, file in weight_map.items()}
             else:
                 files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -433,6 +445,8 @@ class ExpertStore:
                         raise ValueError(f"{where}: missing tensor '{name}'")
                     data, offset, key_dtype, shape = ckpt.file(name).raw(name)
                     store_dtype = _check_dtype(where, name, key_dtype, store_dtype)
+                    if len(shape) == 0:
+                        raise ValueError(f"{where}: tensor '{name}' is 0-D; a per-expert weight is 2-D and a bias 1-D")
                     if width is not None and tuple(shape[1:]) != width:
                         raise ValueError(f"{where}: tensor '{name}' has shape {list(shape)}, unlike {keys[0]}")
                     width = tuple(shape[1:])
@@ -450,19 +464,44 @@ class ExpertStore:
         return cls(count, store_dtype, shapes, pieces, stacked, True, f"safetensors '{ckpt.path}' (per-expert keys)")
 
     def stacked(self, part: str, materialize: bool = True) -> Optional[torch.Tensor]:
-        """Host tensor [E, *shape] of one part: a view of the store when it is stacked there,
-        else (``materialize``) a new copy in host memory, else None."""
+        """Host tensor [E, *shape] of one part: a view of the store when it is stacked in host
+        memory, else (``materialize``) a new copy in host memory, else None.
+
+        A file-backed store never hands out views of its mapped files (a file truncated on disk
+        would turn a read of such a view into SIGBUS): its copies are read with ``pread``, and a
+        file that changed size raises a ValueError."""
         if part not in self.shapes:
             return None
-        if self._stacked.get(part) is not None or not materialize:
-            return self._stacked.get(part)
+        if not self.file_backed and self._stacked.get(part) is not None:
+            return self._stacked[part]
+        if not materialize:
+            return None
         out = torch.empty((self.num_experts, *self.shapes[part]), dtype=self.dtype)
         flat = out.view(self.num_experts, -1).view(torch.uint8)
         for e, expert_pieces in enumerate(self.pieces[part]):
             for piece in expert_pieces:
-                src = piece.source.view(-1).view(torch.uint8)[piece.offset : piece.offset + piece.num_bytes]
-                flat[e, piece.dest_offset : piece.dest_offset + piece.num_bytes] = src
+                dest = flat[e, piece.dest_offset : piece.dest_offset + piece.num_bytes]
+                if piece.file:
+                    dest.copy_(
+                        torch.frombuffer(
+                            bytearray(_pread(piece.file, piece.offset, piece.num_bytes)), dtype=torch.uint8
+                        )
+                    )
+                else:
+                    dest.copy_(piece.source.view(-1).view(torch.uint8)[piece.offset : piece.offset + piece.num_bytes])
         return out
+
+
+def _pread(path: str, offset: int, num_bytes: int) -> bytes:
+    """Bytes [offset, offset + num_bytes) of a file, read (not mapped); a short read is an error."""
+    with open(path, "rb") as f:
+        data = os.pread(f.fileno(), num_bytes, offset)
+    if len(data) != num_bytes:
+        raise ValueError(
+            f"'{path}' changed on disk: bytes [{offset}, {offset + num_bytes}) are no longer there (the file is "
+            f"{os.path.getsize(path)} bytes now)"
+        )
+    return data
 
 
 def _check_dtype(where, name, found, expected):
@@ -490,6 +529,12 @@ class ExpertBuffer:
 
     ``buffer(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`` has the
     signature of a transformers v5 experts module. The expert weights are frozen (inference).
+
+    Thread-safe: calls from several threads run one at a time. A buffer attached to a layer
+    (:func:`attach_expert_buffer`) follows the layer's parameters: with a host store (the
+    parameters are the store), an in-place change to them empties the pool and the next batch
+    loads the new weights; with a file store, writing the parameters, replacing them or changing a
+    file on disk raises a RuntimeError at the next call (never a silent mix of old and new weights).
     """
 
     def __init__(
@@ -523,6 +568,20 @@ class ExpertBuffer:
         self.swiglu_limit = swiglu_limit
         self.overlap = overlap
         self._deferred_computes = 0  # deferred resident experts computed while a copy ran
+        # One batch at a time: calls from several threads are serialised (the cache protocol of
+        # begin_batch .. end_round is one sequence).
+        self._lock = threading.RLock()
+        # The parameters the layer exposes, as (module, name, parameter, version), so that a change
+        # to them is followed (host store) or refused (file store): see _follow_parameters.
+        self._watched: list[tuple[nn.Module, str, nn.Parameter, int]] = []
+        # Each file the experts are read from: its (inode, size, mtime) and header when last seen.
+        self._files = {
+            piece.file: (_file_identity(piece.file), _file_header(piece.file))
+            for part in store.parts
+            for expert_pieces in store.pieces[part]
+            for piece in expert_pieces
+            if piece.file
+        }
         if self.device.type == "cuda" and store.file_backed:
             warnings.warn(
                 "ExpertBuffer: a file-backed store cannot be pinned, so copies to the GPU are synchronous; "
@@ -557,7 +616,12 @@ class ExpertBuffer:
     @torch.compiler.disable  # host-side cache decisions: a graph break under torch.compile
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], top_k_index [T, k] (ids in [0, E) or -1), top_k_weights [T, k] -> [T, H]."""
+        with self._lock:
+            return self._forward(hidden, top_k_index, top_k_weights)
+
+    def _forward(self, hidden, top_k_index, top_k_weights):
         self._check_inputs(hidden, top_k_index, top_k_weights)
+        self._follow_parameters()
         ids = top_k_index if top_k_index.dtype == torch.int32 else top_k_index.to(torch.int32)
         top_k = ids.shape[1]
         # The one host sync: which experts the batch needs (id -1 counts in bucket 0, dropped).
@@ -667,6 +731,54 @@ class ExpertBuffer:
             self.swiglu_limit,
         )
 
+    def watch_parameters(self, module: nn.Module, names: Mapping[str, str]) -> None:
+        """Follows ``module``'s parameters {part: parameter name} (what attach_expert_buffer sets)."""
+        self._watched = [
+            (module, name, module._parameters[name], module._parameters[name]._version) for name in names.values()
+        ]
+
+    def _follow_parameters(self) -> None:
+        """A buffered layer follows its parameters: with a host store the parameters are the store,
+        so an in-place change (``load_state_dict``, ``param.mul_()``) empties the pool and the next
+        batch loads the new weights; a file store reads its files, so a change to the parameters or
+        to the files is an error (never a silent mix of old and new weights)."""
+        changed = False
+        for path, (identity, header) in self._files.items():
+            now = _file_identity(path)
+            if now == identity:
+                continue
+            # The slots may hold the old bytes: drop them all, so no batch mixes old and new weights.
+            self._core.clear()
+            if self.device.type != "cpu":
+                raise RuntimeError(
+                    f"ExpertBuffer: '{path}' changed on disk since the buffer was built; a {self.device.type} buffer "
+                    "copies from its mapping of the file, so attach a new buffer to the new file"
+                )
+            if now[1] < identity[1] or _file_header(path) != header:
+                raise RuntimeError(
+                    f"ExpertBuffer: '{path}' changed on disk since the buffer was built and no longer has the same "
+                    f"tensors at the same places (its header differs, or it shrank from {identity[1]} to {now[1]} "
+                    "bytes); restore it or attach a new buffer to the new file"
+                )
+            self._files[path] = (now, header)  # the same layout: follow the new bytes
+        for i, (module, name, param, version) in enumerate(self._watched):
+            if module._parameters.get(name) is not param:
+                raise RuntimeError(
+                    f"ExpertBuffer: the layer's parameter '{name}' was replaced (load_state_dict(assign=True) or an "
+                    "assignment); the buffer copies experts from its store, not from the new tensor. Attach a new "
+                    "buffer to the new weights."
+                )
+            if param._version != version:
+                if self.store.file_backed:
+                    raise RuntimeError(
+                        f"ExpertBuffer: the layer's parameter '{name}' was written, but its experts are read from "
+                        f"{self.store.description}; write the new weights to a file and attach a new buffer"
+                    )
+                self._watched[i] = (module, name, param, param._version)
+                changed = True
+        if changed:
+            self._core.clear()  # the host store holds the new weights: reload them on demand
+
     def _check_inputs(self, hidden, ids, weights):
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
             raise ValueError(f"ExpertBuffer: hidden must be [tokens, {self.hidden_size}], got {list(hidden.shape)}")
@@ -694,7 +806,9 @@ class ExpertBuffer:
         (precision and recall in :meth:`stats`)."""
         if isinstance(experts, torch.Tensor):
             experts = experts.reshape(-1).tolist()
-        return int(self._core.prefetch([int(e) for e in experts], bool(is_prediction)))
+        with self._lock:
+            self._follow_parameters()
+            return int(self._core.prefetch([int(e) for e in experts], bool(is_prediction)))
 
     def warm_start(self, tokens_per_expert: torch.Tensor, batches_active: Optional[torch.Tensor] = None) -> list[int]:
         """Empties the pool and fills it with the experts that received the most tokens (a saved
@@ -708,16 +822,20 @@ class ExpertBuffer:
         order = sorted(range(self.num_experts), key=lambda e: (-int(tokens[e]), e))
         chosen = [e for e in order[: self.num_slots] if tokens[e] > 0]
         frequency = tokens if batches_active is None else torch.as_tensor(batches_active).reshape(-1).long()
-        self._core.warm_start(chosen, frequency)
+        with self._lock:
+            self._follow_parameters()
+            self._core.warm_start(chosen, frequency)
         return chosen
 
     def clear(self) -> None:
         """Empties every slot (e.g. after the store's weights changed)."""
-        self._core.clear()
+        with self._lock:
+            self._core.clear()
 
     def synchronize(self) -> None:
         """Waits for every copy started so far."""
-        self._core.synchronize()
+        with self._lock:
+            self._core.synchronize()
 
     def slot_table(self) -> torch.Tensor:
         """int32 [E]: each expert's slot, -1 if not resident."""
@@ -904,12 +1022,18 @@ def attach_expert_buffer(
         "fc2_bias": "down_proj_bias",
     }
     for part in store.parts:
+        # A file store's parameters are meta placeholders (never views of the mapped file); the
+        # state_dict reads them from the file (see _state_dict_from_store).
         host = store.stacked(part, materialize=not store.file_backed)
         if host is None:
             host = torch.empty((store.num_experts, *store.shapes[part]), dtype=store.dtype, device="meta")
         experts._parameters[param_names[part]] = nn.Parameter(host, requires_grad=False)
     _keep_on_host(experts)
     experts.expert_buffer = buffer
+    names = {part: param_names[part] for part in store.parts}
+    buffer.watch_parameters(experts, names)
+    if store.file_backed:
+        experts._register_state_dict_hook(_state_dict_from_store(store, names))
     if not hasattr(experts, "weights_transposed"):  # a transformers module: route its forward to the buffer
 
         def forward(hidden_states, top_k_index=None, top_k_weights=None, **kwargs):
@@ -920,6 +1044,31 @@ def attach_expert_buffer(
 
         experts.forward = forward
     return buffer
+
+
+def _state_dict_from_store(store: ExpertStore, names: Mapping[str, str]):
+    """A state_dict hook that gives a file store's parameters as host copies read from the files
+    (the parameters themselves are meta placeholders), so saving a buffered model works."""
+
+    def hook(module, state_dict, prefix, local_metadata):
+        for part, name in names.items():
+            if prefix + name in state_dict and state_dict[prefix + name].device.type == "meta":
+                state_dict[prefix + name] = store.stacked(part)
+        return state_dict
+
+    return hook
+
+
+def _file_identity(path: str) -> tuple[int, int, int]:
+    info = os.stat(path)
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _file_header(path: str) -> bytes:
+    """A safetensors file's header (its 8-byte length and the JSON), read, not mapped."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(os.pread(f.fileno(), 8, 0), "little")
+        return os.pread(f.fileno(), 8 + min(length, _MAX_HEADER_BYTES), 0)
 
 
 def _checkpoint_prefixes(name: str) -> list[str]:
@@ -952,7 +1101,7 @@ def attach_expert_buffers(
 
     if checkpoint is not None and not isinstance(checkpoint, SafetensorsCheckpoint):
         checkpoint = SafetensorsCheckpoint(checkpoint)
-    buffers = {}
+    buffers, existing = {}, {}
     for name, module in list(model.named_modules()):
         if isinstance(module, MoELayer):
             target, target_name = module.experts, f"{name}.experts" if name else "experts"
@@ -961,6 +1110,7 @@ def attach_expert_buffers(
         else:
             continue
         if getattr(target, "expert_buffer", None) is not None:
+            existing[target_name] = target.expert_buffer
             continue
         store = None
         if checkpoint is not None:
@@ -981,11 +1131,19 @@ def attach_expert_buffers(
         if isinstance(module, MoELayer):
             module.expert_buffer = buffer
         buffers[target_name] = buffer
+    if not buffers and existing:
+        sizes = {buffer.num_slots for buffer in existing.values()}
+        if sizes != {min(num_slots, buffer.num_experts) for buffer in existing.values()}:
+            raise ValueError(
+                f"attach_expert_buffers: every MoE layer already has an expert buffer ({sorted(sizes)} slots); a "
+                f"buffer of {num_slots} slots needs a model that is not buffered yet (load it again)"
+            )
+        return existing  # buffered already, as asked: the same buffers
     if not buffers:
         raise ValueError(
             "attach_expert_buffers: the model has no MoE layer (moe_infer.MoELayer or a transformers experts module)"
         )
-    return buffers
+    return {**existing, **buffers}
 
 
 def buffer_stats(buffers: Mapping[str, ExpertBuffer]) -> dict[str, dict[str, float]]:
@@ -1087,8 +1245,20 @@ class NextLayerPrefetcher:
     ):
         self.layers = list(layers)
         if buffers is None:
-            buffers = [getattr(layer, "expert_buffer", None) or layer.experts.expert_buffer for layer in self.layers]
+            buffers = [
+                getattr(layer, "expert_buffer", None) or getattr(getattr(layer, "experts", None), "expert_buffer", None)
+                for layer in self.layers
+            ]
         self.buffers = list(buffers)
+        if len(self.buffers) != len(self.layers):
+            raise ValueError(f"NextLayerPrefetcher: {len(self.layers)} layers but {len(self.buffers)} buffers")
+        unbuffered = [i for i, b in enumerate(self.buffers[1:], 1) if b is None]
+        if unbuffered:
+            raise ValueError(
+                f"NextLayerPrefetcher: layers {unbuffered} have no expert buffer to prefetch into; buffer them "
+                "first (MoELayer(expert_buffer=N) or moe_infer.integrations.hf.optimize(model, expert_buffer=N)) "
+                "or pass buffers="
+            )
         self.routers = list(routers) if routers is not None else [_default_router(layer) for layer in self.layers]
         self._handles = [
             self.layers[i].register_forward_pre_hook(self._hook(i + 1)) for i in range(len(self.layers) - 1)
