@@ -6,7 +6,7 @@ and copied per variant:
   HF + moe_infer experts                     model.set_experts_implementation("moe_infer")
   moe_infer                                  moe_infer.optimize(model): fused routing + experts
 SwitchTransformers and NLLB-MoE have no experts interface: "HF eager" is their capacity routing and
-expert loop (NLLB-MoE's loop corrected, see moe_infer.integrations.hf_models), and moe_infer is
+expert loop (NLLB-MoE's loop corrected, see tests/python/hf_models.py), and moe_infer is
 capacity-free. Every variant's float32 logits are checked against HF eager first, then the variants
 are timed interleaved (median): prefill of 512 tokens (encoder-decoder models: 512 source tokens
 and one target token), and one decode step at batch 1 and 16 after a 128-token context (the KV
@@ -36,9 +36,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))  # hf_models
+import hf_models  # noqa: E402
 import moe_infer  # noqa: E402
 from common import Progress, machine_description, markdown_table, time_interleaved, write_result  # noqa: E402
-from moe_infer.integrations import hf, hf_models  # noqa: E402
+from moe_infer.integrations import hf  # noqa: E402
 
 # arch: make_config options (hidden 512, 8-64 experts; COMMON: 2 layers)
 SIZES = {

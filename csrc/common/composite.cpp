@@ -153,8 +153,8 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& router_logits,
       const at::Tensor group_scores = std::get<0>(at::topk(grouped, 2, -1)).sum(-1);
       const at::Tensor best_groups = std::get<1>(at::topk(group_scores, sizes.topk_group, -1));
       const at::Tensor group_mask = at::zeros_like(group_scores).scatter_(1, best_groups, 1.0);
-      const at::Tensor expert_mask =
-          group_mask.unsqueeze(-1).expand_as(grouped).reshape({sizes.num_tokens, sizes.num_experts});
+      const at::Tensor expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(
+          {sizes.num_tokens, sizes.num_experts});
       // Experts of unchosen groups are out of the running, as in transformers v5.
       choice = choice.masked_fill(expert_mask == 0, -std::numeric_limits<float>::infinity());
     }
@@ -390,7 +390,8 @@ at::Tensor static_combine(const at::Tensor& expert_out, const at::Tensor& combin
   // fairseq's einsum("sec,ecm->sm") as one float32 matrix product.
   const at::Tensor weights = combine_weights.reshape({sizes.num_tokens, num_slots}).to(at::kFloat);
   const at::Tensor rows = expert_out.reshape({num_slots, sizes.hidden_size}).to(at::kFloat);
-  if (at::isfinite(rows).all().item<bool>()) return at::mm(weights, rows).to(expert_out.scalar_type());
+  if (at::isfinite(rows).all().item<bool>())
+    return at::mm(weights, rows).to(expert_out.scalar_type());
   // Slots of weight 0 contribute nothing, even where their rows hold inf or NaN (0 * inf would
   // be NaN in a matrix product): sum only the (token, slot) pairs of nonzero weight.
   const at::Tensor pairs = at::nonzero(weights);

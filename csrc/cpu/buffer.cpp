@@ -2,13 +2,13 @@
 // trace-driven cache simulator (a CPU op).
 #include "buffer.h"
 
-#include <algorithm>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <torch/library.h>
 #include <unistd.h>
+#include <algorithm>
 
 #include <cerrno>
 

@@ -35,7 +35,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .layer import MoEExperts, MoELayer
+from .experts import MoEExperts
+from .layer import MoELayer
 from .placement import LoadRecorder, Placement
 
 MODES = ("dynamic", "static")
@@ -302,14 +303,17 @@ class ExpertParallelExperts(nn.Module):
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         self._collective(f"handshake ({step})", dist.all_gather, gathered, mine)
         table = [g.tolist() for g in gathered]
+        differences = []
         for i, name in enumerate(names + ["setting names"]):
             column = [row[i] for row in table]
             if any(v != column[0] for v in column):
                 shown = ", ".join(f"rank {r} has {_decode_setting(fields.get(name), v)}" for r, v in enumerate(column))
-                raise ExpertParallelError(
-                    f"expert-parallel handshake ({step}): the ranks disagree on {name}: {shown}; every rank must "
-                    "build the layer with the same settings, placement and shapes"
-                )
+                differences.append(f"{name} ({shown})")
+        if differences:
+            raise ExpertParallelError(
+                f"expert-parallel handshake ({step}): the ranks disagree on {'; '.join(differences)}; every rank "
+                "must build the layer with the same settings, placement and shapes"
+            )
         if placement.num_ranks != self.world_size:
             raise ExpertParallelError(
                 f"expert-parallel handshake ({step}): the placement is for {placement.num_ranks} ranks but the "

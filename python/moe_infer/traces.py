@@ -11,6 +11,10 @@ from typing import Optional
 
 import torch
 
+from . import ops
+from .experts import is_transformers_experts
+from .layer import MoELayer
+
 
 @dataclass
 class RoutingTrace:
@@ -181,17 +185,6 @@ def _draw_batch(popularity, cluster_of, top_k, num_tokens, boost, gen) -> torch.
     return ids
 
 
-def is_transformers_experts(module: torch.nn.Module) -> bool:
-    """A transformers v5 experts module: called as experts(hidden, top_k_index, top_k_weights)."""
-    down = getattr(module, "down_proj", None)
-    return (
-        type(module).__name__.endswith("Experts")
-        and isinstance(down, torch.Tensor)
-        and down.dim() == 3
-        and not hasattr(module, "weights_transposed")  # moe_infer.MoEExperts is called differently
-    )
-
-
 class RoutingRecorder:
     """Records which experts each MoE layer chose, batch by batch, into a :class:`RoutingTrace`.
 
@@ -206,8 +199,6 @@ class RoutingRecorder:
     """
 
     def __init__(self, model: torch.nn.Module):
-        from .layer import MoELayer  # imported here: the rest of this module needs only torch
-
         self._hooks = []  # (name, module, kind) of every MoE layer
         for name, module in model.named_modules():
             if isinstance(module, MoELayer):
@@ -236,8 +227,6 @@ class RoutingRecorder:
         self.batches[layer].append(ids)
 
     def start(self) -> "RoutingRecorder":
-        from . import ops
-
         for index, (_, module, kind) in enumerate(self._hooks):
             if kind == "moe_infer":
 

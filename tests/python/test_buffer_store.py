@@ -332,6 +332,16 @@ def _stacked_layer_file(path, seed=0, scale=1.0):
     return plain
 
 
+def _rewrite_in_place(path, seed, scale):
+    """Writes new weights into the same file (same inode), as a process updating it would."""
+    other = path.with_suffix(".new")
+    plain = _stacked_layer_file(other, seed, scale)
+    with open(path, "r+b") as f:
+        f.write(other.read_bytes())
+        f.truncate()
+    return plain
+
+
 def _file_layer(path, plain):
     layer = moe_infer.MoELayer(**LAYER, expert_buffer=2, expert_store=ExpertStore.from_safetensors(str(path), PREFIX))
     layer.gate.load_state_dict(plain.gate.state_dict())
@@ -366,7 +376,7 @@ def test_truncated_file_under_a_layer_is_an_error_not_a_signal(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ERROR:" in done.stdout and "changed on disk" in done.stdout, done.stdout
     assert "device: meta" in done.stdout
-    assert f"sum: {float(plain.experts.gate_up_proj.sum())}" in done.stdout
+    assert f"sum: {float(plain.experts.gate_up_proj.detach().sum())}" in done.stdout
 
 
 def test_file_backed_layer_saves_its_weights(tmp_path):
@@ -402,7 +412,7 @@ def test_file_backed_layer_refuses_new_parameters_and_follows_its_file(tmp_path)
     with torch.no_grad():
         assert torch.equal(layer(x), plain(x))
         # The same layout with new values (rewritten in place): the buffer follows the file.
-        new = _stacked_layer_file(path, seed=0, scale=3.0)
+        new = _rewrite_in_place(path, seed=0, scale=3.0)
         assert torch.equal(layer(x), new(x))
         # Loading weights into the layer cannot change the file it reads: refused.
         layer.load_state_dict(plain.state_dict())
@@ -416,6 +426,13 @@ def test_file_backed_layer_refuses_new_parameters_and_follows_its_file(tmp_path)
         save_file(
             {PREFIX + "gate_up_proj": torch.randn(4, 32, 32), PREFIX + "down_proj": torch.randn(4, 32, 16)}, str(path)
         )
+        with pytest.raises(RuntimeError, match=r"was replaced on disk by another file|no longer has the same tensors"):
+            layer(x)
+    layer = _file_layer(path, new)
+    with torch.no_grad():
+        layer(x)
+        with open(path, "r+b") as f:  # the same file, another layout
+            f.write(b"\x00" * 16)
         with pytest.raises(RuntimeError, match=r"no longer has the same tensors"):
             layer(x)
 

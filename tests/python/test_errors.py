@@ -194,6 +194,11 @@ def test_empty_batch_gives_empty_result(device):
     assert plan.tokens_per_expert.tolist() == [0] * 4 and plan.expert_offsets.tolist() == [0] * 5
 
 
+# An op's argument error: the C++ checks raise RuntimeError (ValueError / TypeError where they say
+# which kind of argument is wrong).
+ARGUMENT_ERRORS = (RuntimeError, ValueError, TypeError)
+
+
 def _meta_cases():
     """One call per op with a single argument on the meta device and the rest on the CPU."""
     meta = torch.device("meta")
@@ -280,21 +285,21 @@ def _meta_cases():
 def test_meta_argument_next_to_real_tensors_is_an_error(op, argument, call):
     # A meta argument sends the call to the op's fake implementation; it must refuse, not return
     # uninitialised CPU memory.
-    with pytest.raises(RuntimeError, match=rf"{op}: .*{argument}|{argument} is on meta|is on meta"):
+    with pytest.raises(ARGUMENT_ERRORS, match=rf"{op}: .*{argument}|{argument} is on meta|is on meta"):
         call()
 
 
 def test_arguments_that_would_allocate_too_much_are_errors():
     ids = ids_of([[0, 1]])
-    with pytest.raises(RuntimeError, match=r"dispatch_plan: num_experts \(2147483647\) exceeds 16777216"):
+    with pytest.raises(ARGUMENT_ERRORS, match=r"dispatch_plan: num_experts \(2147483647\) exceeds 16777216"):
         ops.dispatch_plan(ids, 2**31 - 1)
-    with pytest.raises(RuntimeError, match=r"static_routing_tensors: num_experts \* capacity"):
+    with pytest.raises(ARGUMENT_ERRORS, match=r"static_routing_tensors: num_experts \* capacity"):
         ops.static_routing_tensors(ids, ids, torch.ones(1, 2), 2, 2**31 - 1)
-    with pytest.raises(RuntimeError, match=r"dense routing tensors .* would exceed"):
+    with pytest.raises(ARGUMENT_ERRORS, match=r"dense routing tensors .* would exceed"):
         ops.static_routing_tensors(ids_of([[0]] * 70000), ids_of([[0]] * 70000), torch.ones(70000, 1), 256, 256)
-    with pytest.raises(RuntimeError, match=r"expert_placement: num_ranks \* slots_per_rank"):
+    with pytest.raises(ARGUMENT_ERRORS, match=r"expert_placement: num_ranks \* slots_per_rank"):
         torch.ops.moe_infer.expert_placement(torch.rand(4), 2**20, 2**20)
-    with pytest.raises(RuntimeError, match=r"simulate_expert_cache: num_experts \(1099511627776\) exceeds"):
+    with pytest.raises(ARGUMENT_ERRORS, match=r"simulate_expert_cache: num_experts \(1099511627776\) exceeds"):
         torch.ops.moe_infer.simulate_expert_cache(torch.tensor([0]), torch.tensor([0, 1]), 2**40, [2], ["lru"])
 
 

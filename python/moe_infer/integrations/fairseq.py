@@ -49,7 +49,7 @@ from torch import nn
 from .. import ops
 from ..buffer import attach_expert_buffer
 from ..distributed import ExpertParallelExperts
-from ..layer import MoEExperts
+from ..experts import MoEExperts
 
 __all__ = ["FairseqExperts", "MOELayer", "Top1Gate", "Top2Gate", "convert_fairseq_moe", "gate_from_fairseq"]
 

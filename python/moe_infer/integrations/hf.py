@@ -190,7 +190,7 @@ class _SoftmaxRouter:
     _moe_infer_weights_in_logits_dtype = False  # Qwen and OLMoE round the weights to the logits' dtype
 
     def forward(self, hidden_states):
-        if self.training:
+        if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states)
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states, self.weight)
@@ -214,7 +214,7 @@ class _GptOssRouter:
     """Top-k on the logits (with the router bias), softmax over the k."""
 
     def forward(self, hidden_states):
-        if self.training:
+        if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states)
         router_logits = F.linear(hidden_states, self.weight, self.bias)
         weights, ids = ops.topk_gating(router_logits, self.top_k, "softmax_topk", validate=self._moe_infer_validate)
@@ -225,7 +225,7 @@ class _DeepseekV3Router:
     """Sigmoid scores in float32, a selection-only bias, group-limited top-k, renormalization, scaling."""
 
     def forward(self, hidden_states):
-        if self.training:
+        if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states)
         hidden_states = hidden_states.view(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states.float(), self.weight.float())
@@ -260,7 +260,7 @@ class _SwitchRouter:
     """SwitchTransformers: top-1 of the softmax (router dtype), weight = that probability."""
 
     def forward(self, hidden_states):
-        if self.training:
+        if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states)
         router_logits = _router_linear(self.classifier, hidden_states, self.dtype)  # [B, S, E]
         flat_logits = router_logits.view(-1, self.num_experts)
@@ -283,7 +283,7 @@ class _NllbRouter:
     """
 
     def forward(self, hidden_states, padding_mask=None):
-        if self.training or _offloaded(self):
+        if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states, padding_mask)
         input_dtype = hidden_states.dtype
         router_logits = _router_linear(self.classifier, hidden_states, self.dtype)
@@ -360,6 +360,19 @@ def _offloaded(block: nn.Module) -> bool:
     return any(hasattr(module, "_hf_hook") for module in block.experts.modules())
 
 
+def _transformers_forward(block: nn.Module, forward, *args):
+    """transformers' own forward of a fused block, its router's included (the fused router returns
+    int32 ids, which transformers' experts do not take)."""
+    if block.training:
+        return forward(*args)
+    router = getattr(block, getattr(block, "_router_attr", "router"))
+    router.__dict__["_moe_infer_passthrough"] = True
+    try:
+        return forward(*args)
+    finally:
+        router.__dict__["_moe_infer_passthrough"] = False
+
+
 class _RoutedBlock:
     """The part every router + stacked-experts block shares (eval mode)."""
 
@@ -387,7 +400,7 @@ class _TopKBlock(_RoutedBlock):
 
     def forward(self, hidden_states):
         if self._runs_transformers:
-            return super().forward(hidden_states)
+            return _transformers_forward(self, super().forward, hidden_states)
         return self._routed(hidden_states)[0].view(hidden_states.shape)
 
 
@@ -396,7 +409,7 @@ class _Qwen2MoeBlock(_RoutedBlock):
 
     def forward(self, hidden_states):
         if self._runs_transformers:
-            return super().forward(hidden_states)
+            return _transformers_forward(self, super().forward, hidden_states)
         out, hidden, _ = self._routed(hidden_states)
         shared = F.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
         return (out + shared).view(hidden_states.shape)
@@ -409,7 +422,7 @@ class _GptOssBlock(_RoutedBlock):
 
     def forward(self, hidden_states):
         if self._runs_transformers:
-            return super().forward(hidden_states)
+            return _transformers_forward(self, super().forward, hidden_states)
         out, _, weights = self._routed(hidden_states)
         return out.view(hidden_states.shape), weights
 
@@ -419,7 +432,7 @@ class _DeepseekV3Block(_RoutedBlock):
 
     def forward(self, hidden_states):
         if self._runs_transformers:
-            return super().forward(hidden_states)
+            return _transformers_forward(self, super().forward, hidden_states)
         return self._routed(hidden_states)[0].view(hidden_states.shape) + self.shared_experts(hidden_states)
 
 
@@ -428,7 +441,7 @@ class _SwitchBlock:
 
     def forward(self, hidden_states):
         if self.training or _offloaded(self):
-            return super().forward(hidden_states)
+            return _transformers_forward(self, super().forward, hidden_states)
         batch, seq, hidden_size = hidden_states.shape
         ids, weights, _ = self.router(hidden_states)
         if self._moe_infer_hf_capacity:
@@ -445,7 +458,7 @@ class _NllbBlock:
 
     def forward(self, hidden_states, padding_mask=None):
         if self.training or _offloaded(self):
-            return super().forward(hidden_states, padding_mask)
+            return _transformers_forward(self, super().forward, hidden_states, padding_mask)
         batch, seq, hidden_size = hidden_states.shape
         hidden = hidden_states.reshape(-1, hidden_size)
         ids, gates, _ = self.router(hidden, padding_mask)
@@ -774,7 +787,7 @@ def _expert_parallel(weights: ExpertWeights, group, placement):
     """An ExpertParallelExperts over a block's stacked expert weights (read as they are, no copy;
     each rank then keeps only its own experts' weights)."""
     from ..distributed import ExpertParallelExperts
-    from ..layer import MoEExperts
+    from ..experts import MoEExperts
 
     num_experts = weights.fc1.shape[0]
     hidden_size = weights.fc1.shape[1] if weights.transposed else weights.fc1.shape[2]
