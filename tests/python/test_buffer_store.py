@@ -466,3 +466,29 @@ def test_buffered_layer_from_two_threads():
     for t in threads:
         t.join(timeout=120)
     assert not errors and not mismatches
+
+
+@pytest.mark.parametrize(
+    "index,message",
+    [
+        ('{"weight_map": {"a": ', r"model.safetensors.index.json' is not valid JSON"),
+        ('{"weight_map": ["a.safetensors"]}', r"weight_map must be a JSON object .* got list"),
+        ('["a.safetensors"]', r"weight_map must be a JSON object .* got list"),
+    ],
+)
+def test_corrupt_sharded_index(tmp_path, index, message):
+    from moe_infer.buffer import SafetensorsCheckpoint
+
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=message):
+        SafetensorsCheckpoint(str(tmp_path))
+
+
+def test_zero_dimensional_per_expert_tensor(tmp_path):
+    path = tmp_path / "experts.safetensors"
+    tensors = {f"{PREFIX}{e}.{name}.weight": torch.randn(8, 4) for e in range(2) for name in ("gate_proj", "up_proj")}
+    tensors.update({f"{PREFIX}{e}.down_proj.weight": torch.randn(4, 8) for e in range(2)})
+    tensors[f"{PREFIX}1.up_proj.weight"] = torch.tensor(1.0)
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.experts.1.up_proj.weight' is 0-D"):
+        ExpertStore.from_safetensors(str(path), PREFIX)

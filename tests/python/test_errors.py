@@ -311,3 +311,37 @@ def test_simulated_cache_larger_than_the_experts_is_the_full_cache():
     full = torch.ops.moe_infer.simulate_expert_cache(accesses, offsets, 4, [4], ["lru", "belady"])
     assert torch.equal(huge, full)
     assert full[0, 0].tolist() == [3, 4, 0]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (dict(num_tokens=8, num_experts=4, capacity_factor=float("inf")), r"capacity_factor \(inf\) must be finite"),
+        (dict(num_tokens=-3, num_experts=4), r"num_tokens \(-3\) must be >= 0"),
+        (dict(num_tokens=8, num_experts=4, top_k=0), r"top_k \(0\) must be >= 1"),
+        (
+            dict(num_tokens=8, num_experts=4, eval_capacity_token_fraction=float("inf"), eval_mode=True),
+            r"eval_capacity_token_fraction \(inf\) must be finite",
+        ),
+    ],
+)
+def test_static_capacity_errors(args, message):
+    with pytest.raises(ValueError, match=rf"static_capacity: {message}"):
+        ops.static_capacity(**args)
+
+
+def test_layer_with_experts_on_the_meta_device_is_an_error():
+    # The fused entry points (MoELayer, the transformers blocks' moe_forward) reach the ops with
+    # the weights as they are: placeholders on the meta device are refused, not computed with.
+    from moe_infer.integrations import hf
+
+    layer = moe_infer.MoELayer(16, 8, 4, 2)
+    layer.experts.down_proj = torch.nn.Parameter(torch.empty(4, 16, 8, device="meta"), requires_grad=False)
+    with torch.no_grad(), pytest.raises(ARGUMENT_ERRORS, match=r"grouped_mlp(_combine)?: fc2_weight is on meta"):
+        layer(torch.randn(3, 16))
+    weights = hf.ExpertWeights(
+        torch.empty(4, 16, 16, device="meta"), None, torch.empty(4, 16, 8, device="meta"), None, "silu_glu"
+    )
+    ids = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    with pytest.raises(ARGUMENT_ERRORS, match=r"is on meta but hidden is on cpu"):
+        hf.moe_forward(torch.randn(2, 16), ids, torch.rand(2, 2), weights)
