@@ -4,21 +4,19 @@
 #
 #   bash scripts/hf_model_tests.sh [arch ...]      (default: the 8 supported architectures)
 #
-# Needs the transformers source distribution of the installed version (its tests/ are not in the
-# wheel; fetched with `pip download --no-binary :all:` into $MOE_INFER_TF_SRC, default
-# /tmp/transformers-src) and `parameterized` (installed into the venv if missing). Writes per-arch
-# JUnit XML and a summary table to bench/results/hf_model_tests.md. CPU only; one arch at a time.
+# Needs transformers' test tree at the installed version (tests/models is not in the wheel nor in
+# the sdist): a clone of the v<version> tag in $MOE_INFER_TF_SRC (default /tmp/transformers-src,
+# cloned with --depth 1 when missing), and `parameterized` (installed into the venv if missing).
+# Writes per-arch JUnit XML and logs under bench/results/hf_model_tests/ and a summary table to
+# bench/results/hf_model_tests.md. CPU only; one arch at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 py="${MOE_INFER_VENV:-$root/.venv}/bin/python"
 version=$("$py" -c "import transformers; print(transformers.__version__)")
 src="${MOE_INFER_TF_SRC:-/tmp/transformers-src}"
-tests="$src/transformers-$version/tests"
-if [[ ! -d "$tests" ]]; then
-  mkdir -p "$src"
-  "$py" -m pip download -q "transformers==$version" --no-binary :all: --no-deps -d "$src"
-  tar xzf "$src/transformers-$version.tar.gz" -C "$src"
+if [[ ! -d "$src/tests/models" ]]; then
+  git clone -q --depth 1 --branch "v$version" https://github.com/huggingface/transformers "$src"
 fi
 "$py" -c "import parameterized" 2>/dev/null || "$py" -m pip install -q "parameterized==0.9.0"
 
@@ -31,8 +29,8 @@ for arch in "${archs[@]}"; do
     flag=$([[ $mode == optimized ]] && echo 1 || echo 0)
     echo "[hf_model_tests] $arch ($mode)"
     # Run from the sdist root so `tests.` imports resolve; the plugin sits on PYTHONPATH.
-    (cd "$src/transformers-$version" &&
-      MOE_INFER_OPTIMIZE=$flag PYTHONPATH="$root/tests/hf_model_suite:$root/python:$src/transformers-$version" \
+    (cd "$src" &&
+      MOE_INFER_OPTIMIZE=$flag PYTHONPATH="$root/tests/hf_model_suite:$root/python:$src" \
         OMP_NUM_THREADS=1 timeout "${MOE_INFER_HF_TEST_TIMEOUT:-3000}" \
         "$py" -m pytest -q -p no:cacheprovider -p moe_infer_optimize_plugin "tests/models/$arch/test_modeling_$arch.py" \
         -k "not Integration and not integration" --timeout 300 \
