@@ -292,10 +292,12 @@ class ExpertParallelExperts(nn.Module):
             "placement fingerprint": placement.fingerprint(),
             **self._settings,
         }
-        names = list(fields)
-        values = [_encode_setting(v) for v in fields.values()]
-        # The field names are hashed in, so ranks built by different code versions disagree too.
-        values.append(zlib.crc32("|".join(names).encode()))
+        # First the hash of the setting names, so ranks with other settings (a layer and bare
+        # experts, or another code version) are told apart before the values are compared; the
+        # tensor always has _HANDSHAKE_SLOTS entries.
+        names = ["setting names", *fields]
+        values = [zlib.crc32("|".join(fields).encode())] + [_encode_setting(v) for v in fields.values()]
+        values += [0] * (_HANDSHAKE_SLOTS - len(values))
         # NCCL only moves CUDA tensors; gloo moves CPU (and some CUDA) tensors.
         nccl = dist.get_backend(self.group) == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else reference.device
@@ -303,8 +305,14 @@ class ExpertParallelExperts(nn.Module):
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         self._collective(f"handshake ({step})", dist.all_gather, gathered, mine)
         table = [g.tolist() for g in gathered]
+        if any(row[0] != table[0][0] for row in table):
+            raise ExpertParallelError(
+                f"expert-parallel handshake ({step}): the ranks disagree on setting names (they build different "
+                "kinds of expert-parallel module, e.g. a whole MoE layer on some ranks and bare experts on others, "
+                "or run different moe_infer versions)"
+            )
         differences = []
-        for i, name in enumerate(names + ["setting names"]):
+        for i, name in enumerate(names):
             column = [row[i] for row in table]
             if any(v != column[0] for v in column):
                 shown = ", ".join(f"rank {r} has {_decode_setting(fields.get(name), v)}" for r, v in enumerate(column))
@@ -585,6 +593,7 @@ def _wait(work, group=None):
     work.wait()
 
 
+_HANDSHAKE_SLOTS = 64
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 

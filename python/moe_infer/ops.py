@@ -233,6 +233,8 @@ def static_capacity(
         raise ValueError(f"static_capacity: num_tokens ({num_tokens}) must be >= 0")
     if top_k < 1:
         raise ValueError(f"static_capacity: top_k ({top_k}) must be >= 1")
+    if math.isnan(eval_capacity_token_fraction):
+        raise ValueError("static_capacity: eval_capacity_token_fraction is NaN")
     if not math.isfinite(eval_capacity_token_fraction):
         raise ValueError(
             f"static_capacity: eval_capacity_token_fraction ({eval_capacity_token_fraction}) must be finite"

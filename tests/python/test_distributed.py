@@ -316,6 +316,15 @@ def _differing_settings_worker(rank, world_size):
             messages.append(str(error))
         else:
             raise AssertionError(f"no error when the ranks differ in {name}")
+    # A whole layer on rank 0, its bare experts on rank 1: other settings, the same size on the wire.
+    layer = make_layer()
+    try:
+        expert_parallel(layer if rank == 0 else layer.experts)
+    except ExpertParallelError as error:
+        assert "setting names" in str(error), str(error)
+        messages.append(str(error))
+    else:
+        raise AssertionError("no error when one rank builds a layer and the other bare experts")
     # The experts alone (no top_k at construction) in static mode: k is agreed at the forward.
     ep = expert_parallel(make_layer().experts, mode="static")
     k = TOP_K if rank == 0 else 1
@@ -337,7 +346,7 @@ def _differing_settings_worker(rank, world_size):
 def test_ranks_that_differ_in_any_setting_raise_the_same_error(tmp_path):
     results = run_ranks(_differing_settings_worker, 2, tmp_path)
     assert sorted(results) == [0, 1]
-    assert len(results[0]) == len(DIFFERING_SETTINGS) + 1
+    assert len(results[0]) == len(DIFFERING_SETTINGS) + 2
     assert results[0] == results[1]  # the very same message on both ranks
 
 

@@ -313,23 +313,6 @@ def test_simulated_cache_larger_than_the_experts_is_the_full_cache():
     assert full[0, 0].tolist() == [3, 4, 0]
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (dict(num_tokens=8, num_experts=4, capacity_factor=float("inf")), r"capacity_factor \(inf\) must be finite"),
-        (dict(num_tokens=-3, num_experts=4), r"num_tokens \(-3\) must be >= 0"),
-        (dict(num_tokens=8, num_experts=4, top_k=0), r"top_k \(0\) must be >= 1"),
-        (
-            dict(num_tokens=8, num_experts=4, eval_capacity_token_fraction=float("inf"), eval_mode=True),
-            r"eval_capacity_token_fraction \(inf\) must be finite",
-        ),
-    ],
-)
-def test_static_capacity_errors(args, message):
-    with pytest.raises(ValueError, match=rf"static_capacity: {message}"):
-        ops.static_capacity(**args)
-
-
 def test_layer_with_experts_on_the_meta_device_is_an_error():
     # The fused entry points (MoELayer, the transformers blocks' moe_forward) reach the ops with
     # the weights as they are: placeholders on the meta device are refused, not computed with.
