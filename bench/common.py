@@ -1,5 +1,8 @@
-"""Shared benchmark helpers: interleaved timing, a progress bar, machine info, result tables."""
+"""Shared benchmark helpers: interleaved timing, peak memory of a call, a progress bar, machine info,
+result tables."""
 
+import ctypes
+import gc
 import os
 import platform
 import statistics
@@ -66,6 +69,47 @@ def time_interleaved(
             samples[name].append(clock() - t0)
         rounds += 1
     return {name: statistic(values) for name, values in samples.items()}
+
+
+# ---- memory: peak RSS of one call ------------------------------------------------------------
+
+_libc = None
+
+
+def return_freed_memory_to_os() -> ctypes.CDLL:
+    """glibc set up so that the resident set before a call holds no freed memory the call could
+    reuse: every allocation of 64 KiB or more is its own mapping, returned to the system when freed,
+    and the heap is trimmed. Call it before building what is measured; ``peak_memory`` calls it too
+    (benchmarks that never measure memory keep glibc's defaults)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL("libc.so.6")
+        _libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+        _libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+    return _libc
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_memory(fn) -> int:
+    """Bytes of the process's peak resident set during fn() above its resident set before (Linux:
+    VmHWM reset through /proc/self/clear_refs)."""
+    libc = return_freed_memory_to_os()
+    gc.collect()
+    libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    before = _status_bytes("VmRSS")
+    out = fn()
+    peak = _status_bytes("VmHWM")
+    del out
+    return peak - before
 
 
 def machine_description(device: torch.device) -> str:

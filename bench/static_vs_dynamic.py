@@ -26,8 +26,6 @@ bench/results/static_vs_dynamic_<device>.{md,json} and PNG plots of throughput a
 """
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import sys
@@ -41,6 +39,8 @@ from common import (  # noqa: E402
     Progress,
     machine_description,
     markdown_table,
+    peak_memory,
+    return_freed_memory_to_os,
     time_interleaved,
     write_result,
 )
@@ -71,36 +71,6 @@ PAPER = {
 }
 # The fairseq column materialises several dense [S, E, C] float tensors: only up to this size.
 FAIRSEQ_MAX_SEC = 1 << 23
-
-# ---- memory: peak RSS of one call ------------------------------------------------------------
-
-_libc = ctypes.CDLL("libc.so.6")
-# Every allocation of 64 KiB or more is its own mapping, returned to the system when freed, and
-# the heap is trimmed: the resident set before a call holds no freed memory the call could reuse.
-_libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-_libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def peak_memory(fn) -> int:
-    """Bytes of the process's peak resident set during fn() above its resident set before."""
-    gc.collect()
-    _libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    before = _status_bytes("VmRSS")
-    out = fn()
-    peak = _status_bytes("VmHWM")
-    del out
-    return peak - before
-
 
 # ---- the layer and its runs ------------------------------------------------------------------
 
@@ -287,8 +257,9 @@ def table(results: dict, cap_mib: int) -> str:
     return markdown_table(headers, lines)
 
 
-def headline_table(results: dict) -> str:
-    headers = ["workload", "metric", "moe_infer (this machine)", "paper (8x V100)", "target"]
+def headline_table(results: dict, quick: bool = False) -> str:
+    # Two noisy quick runs cannot settle a target: quick mode shows no targets.
+    headers = ["workload", "metric", "moe_infer (this machine)", "paper (8x V100)"] + ([] if quick else ["target"])
     lines = []
     for workload, h in results.items():
         title = WORKLOADS[workload]["title"]
@@ -328,7 +299,7 @@ def headline_table(results: dict) -> str:
                 "—",
             ],
         ]
-    return markdown_table(headers, lines)
+    return markdown_table(headers, [line[: len(headers)] for line in lines])
 
 
 def plot(results: dict, cap_mib: int, path_prefix: str) -> list:
@@ -378,6 +349,7 @@ def main():
     parser.add_argument("--workloads", default="lm,mt")
     parser.add_argument("--output", default=None, help="results file stem under bench/results/")
     args = parser.parse_args()
+    return_freed_memory_to_os()
     if args.cap_mib is None:
         args.cap_mib = 128 if args.quick else 512
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -404,7 +376,7 @@ def main():
         f"moe_infer.reference's plain-PyTorch re-implementation of fairseq's MOELayer (dense einsum "
         f"dispatch/combine), where its [S, E, C] tensors are affordable. Static mode was checked against it "
         f"(relative error {max(r['fairseq_check_error'] for r in results.values()):.1e}).\n\n"
-        f"## Headline\n\n{headline_table(results)}\n\n## Sweep\n\n{table(results, args.cap_mib)}\n\n"
+        f"## Headline\n\n{headline_table(results, args.quick)}\n\n## Sweep\n\n{table(results, args.cap_mib)}\n\n"
         f"Plots: {', '.join(os.path.basename(p) for p in plots)}\n"
     )
     print(text)

@@ -280,8 +280,7 @@ std::unique_ptr<SlotCopier> make_cuda_stream_copier(int64_t num_slots, int8_t de
 // Tables are int32 [E + 1] on the pool device: slot of each expert of the round, -1 for the
 // others and at index E (so an unrouted id -1 maps to -1). A round holds every remaining active
 // expert unless the pool is too small, in which case it ends just before the walk would evict an
-// expert of the same round (see python/moe_infer/buffer/runtime.py for how rounds are combined
-// exactly).
+// expert of the same round (python/moe_infer/buffer/runtime.py combines the rounds exactly).
 class ExpertBuffer : public torch::CustomClassHolder {
  public:
   ExpertBuffer(int64_t num_experts, int64_t num_slots, std::string policy,

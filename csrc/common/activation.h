@@ -1,9 +1,10 @@
-// The expert activations' element math, torch-free and shared by the CPU and CUDA kernels.
+// The expert activations: the one table of their names, whether they are gated and what they
+// compute, and their element math, torch-free and shared by the CPU and CUDA kernels, the
+// composite and the argument checks. Python reads the table from moe_infer._C.activations().
 #pragma once
 
 #include <cmath>
-
-#include "common/options.h"
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define MOE_INFER_HOST_DEVICE __host__ __device__
@@ -12,6 +13,82 @@
 #endif
 
 namespace moe_infer {
+
+// X(enumerator, name, gated, unary, swiglu_params)
+//   gated: fc1 has 2 * ffn_size outputs, gate (first half) and up (second half); the output is
+//          unary(gate) * up. GPT-OSS's swiGLU interleaves gate/up columns and clamps them.
+//   unary: the element function applied to the gate (or to the only input).
+//   swiglu_params: reads swiglu_alpha / swiglu_limit.
+#define MOE_INFER_ACTIVATIONS(X)                           \
+  X(kRelu, "relu", false, kRelu, false)                    \
+  X(kGelu, "gelu", false, kGelu, false)                    \
+  X(kGeluTanh, "gelu_tanh", false, kGeluTanh, false)       \
+  X(kSilu, "silu", false, kSilu, false)                    \
+  X(kSiluGlu, "silu_glu", true, kSilu, false)              \
+  X(kGeluGlu, "gelu_glu", true, kGelu, false)              \
+  X(kGeluTanhGlu, "gelu_tanh_glu", true, kGeluTanh, false) \
+  X(kReluGlu, "relu_glu", true, kRelu, false)              \
+  X(kGptOssSwiglu, "gpt_oss_swiglu", true, kGptOssSwiglu, true)
+
+// The expert FFN's activation (grouped_mlp's `activation`).
+enum class Activation : int8_t {
+#define MOE_INFER_ACTIVATION_ENUM(e, name, gated, unary, swiglu) e,
+  MOE_INFER_ACTIVATIONS(MOE_INFER_ACTIVATION_ENUM)
+#undef MOE_INFER_ACTIVATION_ENUM
+};
+
+// True for activations whose first projection has 2 * ffn_size outputs.
+MOE_INFER_HOST_DEVICE constexpr bool is_gated(Activation activation) {
+  switch (activation) {
+#define MOE_INFER_ACTIVATION_GATED(e, name, gated, unary, swiglu) \
+  case Activation::e:                                             \
+    return gated;
+    MOE_INFER_ACTIVATIONS(MOE_INFER_ACTIVATION_GATED)
+#undef MOE_INFER_ACTIVATION_GATED
+  }
+  return false;
+}
+
+// The element function of an activation (the one on the gate for gated activations).
+MOE_INFER_HOST_DEVICE constexpr Activation unary_of(Activation activation) {
+  switch (activation) {
+#define MOE_INFER_ACTIVATION_UNARY(e, name, gated, unary, swiglu) \
+  case Activation::e:                                             \
+    return Activation::unary;
+    MOE_INFER_ACTIVATIONS(MOE_INFER_ACTIVATION_UNARY)
+#undef MOE_INFER_ACTIVATION_UNARY
+  }
+  return activation;
+}
+
+constexpr const char* activation_name(Activation activation) {
+  switch (activation) {
+#define MOE_INFER_ACTIVATION_NAME(e, name, gated, unary, swiglu) \
+  case Activation::e:                                            \
+    return name;
+    MOE_INFER_ACTIVATIONS(MOE_INFER_ACTIVATION_NAME)
+#undef MOE_INFER_ACTIVATION_NAME
+  }
+  return "";
+}
+
+constexpr bool uses_swiglu_params(Activation activation) {
+  switch (activation) {
+#define MOE_INFER_ACTIVATION_SWIGLU(e, name, gated, unary, swiglu) \
+  case Activation::e:                                              \
+    return swiglu;
+    MOE_INFER_ACTIVATIONS(MOE_INFER_ACTIVATION_SWIGLU)
+#undef MOE_INFER_ACTIVATION_SWIGLU
+  }
+  return false;
+}
+
+// Every activation, in table order.
+constexpr Activation kAllActivations[] = {
+#define MOE_INFER_ACTIVATION_LIST(e, name, gated, unary, swiglu) Activation::e,
+    MOE_INFER_ACTIVATIONS(MOE_INFER_ACTIVATION_LIST)
+#undef MOE_INFER_ACTIVATION_LIST
+};
 
 struct ActivationParams {
   Activation activation = Activation::kSilu;
@@ -22,7 +99,7 @@ struct ActivationParams {
 MOE_INFER_HOST_DEVICE inline float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // Where output column i of a row reads its inputs: `gate` (or the only input) and `up` (gated
-// activations). silu_glu: gate = column i, up = column ffn_size + i; GPT-OSS interleaves them.
+// activations). Gated: gate = column i, up = column ffn_size + i; GPT-OSS interleaves them.
 MOE_INFER_HOST_DEVICE inline int64_t gate_column(Activation activation, int64_t i) {
   return activation == Activation::kGptOssSwiglu ? 2 * i : i;
 }
@@ -30,29 +107,34 @@ MOE_INFER_HOST_DEVICE inline int64_t up_column(Activation activation, int64_t i,
   return activation == Activation::kGptOssSwiglu ? 2 * i + 1 : ffn_size + i;
 }
 
+// An element function (`unary_of` an activation) on one value.
+MOE_INFER_HOST_DEVICE inline float unary_value(Activation unary, float x) {
+  constexpr float kSqrtHalf = 0.70710678118654752f;
+  constexpr float kSqrtTwoOverPi = 0.79788456080286536f;
+  switch (unary) {
+    case Activation::kRelu:
+      return x > 0.0f ? x : 0.0f;
+    case Activation::kGelu:
+      return 0.5f * x * (1.0f + erff(x * kSqrtHalf));
+    case Activation::kGeluTanh:
+      return 0.5f * x * (1.0f + tanhf(kSqrtTwoOverPi * (x + 0.044715f * x * x * x)));
+    case Activation::kSilu:
+      return x * sigmoid_f(x);
+    default:
+      return x;
+  }
+}
+
 // One output value from its inputs (`up` is ignored by the ungated activations).
 MOE_INFER_HOST_DEVICE inline float activate_value(const ActivationParams& params, float gate,
                                                   float up) {
-  constexpr float kSqrtHalf = 0.70710678118654752f;
-  constexpr float kSqrtTwoOverPi = 0.79788456080286536f;
-  switch (params.activation) {
-    case Activation::kRelu:
-      return gate > 0.0f ? gate : 0.0f;
-    case Activation::kGelu:
-      return 0.5f * gate * (1.0f + erff(gate * kSqrtHalf));
-    case Activation::kGeluTanh:
-      return 0.5f * gate * (1.0f + tanhf(kSqrtTwoOverPi * (gate + 0.044715f * gate * gate * gate)));
-    case Activation::kSilu:
-      return gate * sigmoid_f(gate);
-    case Activation::kSiluGlu:
-      return gate * sigmoid_f(gate) * up;
-    case Activation::kGptOssSwiglu: {
-      const float g = fminf(gate, params.swiglu_limit);
-      const float u = fminf(fmaxf(up, -params.swiglu_limit), params.swiglu_limit);
-      return (u + 1.0f) * g * sigmoid_f(params.swiglu_alpha * g);
-    }
+  if (params.activation == Activation::kGptOssSwiglu) {
+    const float g = fminf(gate, params.swiglu_limit);
+    const float u = fminf(fmaxf(up, -params.swiglu_limit), params.swiglu_limit);
+    return (u + 1.0f) * g * sigmoid_f(params.swiglu_alpha * g);
   }
-  return 0.0f;
+  const float value = unary_value(unary_of(params.activation), gate);
+  return is_gated(params.activation) ? value * up : value;
 }
 
 }  // namespace moe_infer

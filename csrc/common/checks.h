@@ -81,7 +81,7 @@ MlpCombineSizes check_grouped_mlp_combine(const at::Tensor& hidden, const at::Te
 // Errors of the data-dependent checks, in the same words on every backend.
 [[noreturn]] void fail_nonfinite_logits(int64_t row, const char* op = "topk_gating");
 [[noreturn]] void fail_expert_id(int64_t pair, int64_t value, const PlanSizes& sizes);
-// ---- expert buffering (issue 5) ----
+// ---- expert buffering ----
 
 // simulate_expert_cache: the accesses and batch offsets of a flattened routing trace.
 struct SimulationSizes {
@@ -115,7 +115,7 @@ constexpr int64_t kMaxExperts = int64_t{1} << 24;
 // static_routing_tensors' [S, E, C] outputs (5 bytes an entry) stay under 20 GiB.
 constexpr int64_t kMaxDenseRoutingEntries = int64_t{1} << 32;
 
-// ---- placement (issue 6) ----
+// ---- placement ----
 
 struct PlacementSizes {
   int64_t num_experts;
@@ -131,7 +131,7 @@ PlacementSizes check_expert_placement(const at::Tensor& expert_load, int64_t num
                                       bool replicate, const std::optional<at::Tensor>& correlation,
                                       double correlation_weight, int64_t num_nodes,
                                       const std::optional<at::Tensor>& expert_group);
-// ---- static gating (issue 3) ----
+// ---- static gating ----
 
 struct StaticGatingSizes {
   int64_t num_tokens;

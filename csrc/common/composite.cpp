@@ -1,7 +1,9 @@
 #include "common/composite.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <atomic>
 #include <cfloat>
@@ -12,11 +14,25 @@
 namespace moe_infer {
 
 namespace {
-std::atomic<bool> g_kernels_enabled{true};
+std::atomic<bool (*)(const at::Tensor&)> g_capture_query{nullptr};
 }  // namespace
 
-bool kernels_enabled() { return g_kernels_enabled.load(std::memory_order_relaxed); }
-void set_kernels_enabled(bool enabled) { g_kernels_enabled.store(enabled); }
+bool graph_capture_in_progress(const at::Tensor& t) {
+  const auto query = g_capture_query.load(std::memory_order_relaxed);
+  return query != nullptr && query(t);
+}
+
+void set_graph_capture_query(bool (*query)(const at::Tensor&)) { g_capture_query.store(query); }
+
+void check_index_range(const char* op, const char* name, const at::Tensor& index, int64_t limit) {
+  if (index.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(index);
+  const int64_t lo_value = lo.item<int64_t>();
+  const int64_t hi_value = hi.item<int64_t>();
+  TORCH_CHECK_VALUE(lo_value >= 0 && hi_value < limit, op, ": ", name, " has values in [", lo_value,
+                    ", ", hi_value, "], expected [0, ", limit,
+                    "); pass the output of dispatch_plan");
+}
 
 void check_finite_logits(const at::Tensor& router_logits, Scoring scoring, const char* op) {
   if (router_logits.numel() == 0) return;
@@ -30,8 +46,8 @@ void check_finite_logits(const at::Tensor& router_logits, Scoring scoring, const
 
 void check_finite_bias(const at::Tensor& selection_bias) {
   const at::Tensor bad = at::nonzero(~at::isfinite(selection_bias));
-  TORCH_CHECK(bad.size(0) == 0, "topk_gating: selection_bias must be finite, but entry ",
-              bad.size(0) ? bad[0][0].item<int64_t>() : 0, " is not");
+  TORCH_CHECK_VALUE(bad.size(0) == 0, "topk_gating: selection_bias must be finite, but entry ",
+                    bad.size(0) ? bad[0][0].item<int64_t>() : 0, " is not");
 }
 
 void check_expert_id_range(const at::Tensor& expert_ids, const PlanSizes& sizes) {
@@ -48,14 +64,14 @@ std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64
   const at::Tensor offsets = expert_offsets.to(at::kCPU).contiguous();
   const int32_t* ptr = offsets.const_data_ptr<int32_t>();
   std::vector<int32_t> host(ptr, ptr + offsets.numel());
-  TORCH_CHECK(host.front() == 0, op, ": expert_offsets[0] (", host.front(), ") must be 0");
+  TORCH_CHECK_VALUE(host.front() == 0, op, ": expert_offsets[0] (", host.front(), ") must be 0");
   for (size_t e = 1; e < host.size(); ++e) {
-    TORCH_CHECK(host[e] >= host[e - 1], op, ": expert_offsets must be non-decreasing, but ",
-                "expert_offsets[", e, "] (", host[e], ") < expert_offsets[", e - 1, "] (",
-                host[e - 1], ")");
+    TORCH_CHECK_VALUE(host[e] >= host[e - 1], op, ": expert_offsets must be non-decreasing, but ",
+                      "expert_offsets[", e, "] (", host[e], ") < expert_offsets[", e - 1, "] (",
+                      host[e - 1], ")");
   }
-  TORCH_CHECK(host.back() <= num_rows, op, ": expert_offsets[-1] (", host.back(),
-              ") exceeds the number of ", rows_name, " (", num_rows, ")");
+  TORCH_CHECK_VALUE(host.back() <= num_rows, op, ": expert_offsets[-1] (", host.back(),
+                    ") exceeds the number of ", rows_name, " (", num_rows, ")");
   return host;
 }
 
@@ -207,29 +223,31 @@ void activate(const at::Tensor& fc1_out, const ActivationParams& params, const a
   const int64_t ffn_size = act.size(1);
   const at::Tensor x = fc1_out.to(at::kFloat);
   at::Tensor result;
-  switch (params.activation) {
-    case Activation::kRelu:
-      result = at::relu(x);
-      break;
-    case Activation::kGelu:
-      result = at::gelu(x);
-      break;
-    case Activation::kGeluTanh:
-      result = at::gelu(x, "tanh");
-      break;
-    case Activation::kSilu:
-      result = at::silu(x);
-      break;
-    case Activation::kSiluGlu:
-      result = at::silu(x.narrow(1, 0, ffn_size)) * x.narrow(1, ffn_size, ffn_size);
-      break;
-    case Activation::kGptOssSwiglu: {
-      const at::Tensor gate = at::clamp_max(x.slice(1, 0, 2 * ffn_size, 2), params.swiglu_limit);
-      const at::Tensor up =
-          at::clamp(x.slice(1, 1, 2 * ffn_size, 2), -params.swiglu_limit, params.swiglu_limit);
-      result = (up + 1) * gate * at::sigmoid(gate * params.swiglu_alpha);
-      break;
+  if (params.activation == Activation::kGptOssSwiglu) {
+    const at::Tensor gate = at::clamp_max(x.slice(1, 0, 2 * ffn_size, 2), params.swiglu_limit);
+    const at::Tensor up =
+        at::clamp(x.slice(1, 1, 2 * ffn_size, 2), -params.swiglu_limit, params.swiglu_limit);
+    result = (up + 1) * gate * at::sigmoid(gate * params.swiglu_alpha);
+  } else {
+    const at::Tensor gate = x.narrow(1, 0, ffn_size);
+    switch (unary_of(params.activation)) {
+      case Activation::kRelu:
+        result = at::relu(gate);
+        break;
+      case Activation::kGelu:
+        result = at::gelu(gate);
+        break;
+      case Activation::kGeluTanh:
+        result = at::gelu(gate, "tanh");
+        break;
+      case Activation::kSilu:
+        result = at::silu(gate);
+        break;
+      default:
+        TORCH_CHECK(false, "grouped_mlp: the composite has no ATen form of activation '",
+                    activation_name(params.activation), "'");
     }
+    if (is_gated(params.activation)) result = result * x.narrow(1, ffn_size, ffn_size);
   }
   act.copy_(result);
 }
@@ -405,5 +423,149 @@ at::Tensor static_combine(const at::Tensor& expert_out, const at::Tensor& combin
 }
 
 }  // namespace composite
+
+namespace composite {
+
+std::tuple<at::Tensor, at::Tensor> topk_gating_op(const at::Tensor& router_logits, int64_t k,
+                                                  const std::string& scoring, bool renormalize,
+                                                  const std::optional<at::Tensor>& selection_bias,
+                                                  double scaling_factor, int64_t n_group,
+                                                  int64_t topk_group, bool validate) {
+  const GatingSizes sizes = check_topk_gating(router_logits, k, scoring, selection_bias,
+                                              scaling_factor, n_group, topk_group);
+  return topk_gating(router_logits, sizes, renormalize, selection_bias, scaling_factor,
+                     validate && !graph_capture_in_progress(router_logits));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_op(
+    const at::Tensor& expert_ids, int64_t num_experts, bool validate) {
+  const PlanSizes sizes = check_dispatch_plan(expert_ids, num_experts);
+  return dispatch_plan(expert_ids, sizes, validate && !graph_capture_in_progress(expert_ids));
+}
+
+at::Tensor permute_op(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids, int64_t top_k) {
+  const RowSizes sizes = check_permute(hidden, sorted_pair_ids, top_k);
+  if (!graph_capture_in_progress(hidden)) {
+    check_index_range("permute", "sorted_pair_ids", sorted_pair_ids, sizes.num_tokens * top_k);
+  }
+  return permute(hidden, sorted_pair_ids, top_k);
+}
+
+at::Tensor unpermute_combine_op(const at::Tensor& expert_out, const at::Tensor& topk_weights,
+                                const at::Tensor& row_of_pair) {
+  check_unpermute_combine(expert_out, topk_weights, row_of_pair);
+  if (!graph_capture_in_progress(expert_out)) {
+    check_index_range("unpermute_combine", "row_of_pair", row_of_pair, expert_out.size(0));
+  }
+  return unpermute_combine(expert_out, topk_weights, row_of_pair);
+}
+
+at::Tensor grouped_mlp_op(const at::Tensor& hidden, const at::Tensor& expert_offsets,
+                          const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                          const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                          const std::string& activation, bool weights_transposed,
+                          double swiglu_alpha, double swiglu_limit) {
+  const MlpSizes sizes = check_grouped_mlp(hidden, expert_offsets, fc1_weight, fc1_bias, fc2_weight,
+                                           fc2_bias, activation, weights_transposed);
+  TORCH_CHECK(!graph_capture_in_progress(hidden),
+              "grouped_mlp: the composite implementation reads the expert offsets on the host, "
+              "which a graph capture does not allow");
+  const std::vector<int32_t> offsets = host_expert_offsets(expert_offsets, sizes.num_rows);
+  const ActivationParams params{sizes.activation, static_cast<float>(swiglu_alpha),
+                                static_cast<float>(swiglu_limit)};
+  return grouped_mlp_per_expert(hidden, offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                weights_transposed, sizes,
+                                [params](const at::Tensor& fc1_out, const at::Tensor& act) {
+                                  activate(fc1_out, params, act);
+                                });
+}
+
+at::Tensor grouped_mlp_combine_op(const at::Tensor& hidden, const at::Tensor& topk_weights,
+                                  const at::Tensor& sorted_pair_ids,
+                                  const at::Tensor& expert_offsets, const at::Tensor& fc1_weight,
+                                  const std::optional<at::Tensor>& fc1_bias,
+                                  const at::Tensor& fc2_weight,
+                                  const std::optional<at::Tensor>& fc2_bias,
+                                  const std::string& activation, bool weights_transposed,
+                                  double swiglu_alpha, double swiglu_limit) {
+  const MlpCombineSizes sizes =
+      check_grouped_mlp_combine(hidden, topk_weights, sorted_pair_ids, expert_offsets, fc1_weight,
+                                fc1_bias, fc2_weight, fc2_bias, activation, weights_transposed);
+  const int64_t num_pairs = sizes.mlp.num_rows * sizes.top_k;
+  if (!graph_capture_in_progress(hidden)) {
+    check_index_range("grouped_mlp_combine", "sorted_pair_ids", sorted_pair_ids, num_pairs);
+  }
+  static const auto permute_fn =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("moe_infer::permute", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  static const auto grouped_mlp_fn =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("moe_infer::grouped_mlp", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, const std::string&, bool, double,
+                            double)>();
+  static const auto unpermute_combine_fn =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("moe_infer::unpermute_combine", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  const at::Tensor row_of_pair = at::empty_like(sorted_pair_ids)
+                                     .scatter_(0, sorted_pair_ids.to(at::kLong),
+                                               at::arange(num_pairs, sorted_pair_ids.options()));
+  const at::Tensor rows = permute_fn.call(hidden, sorted_pair_ids, sizes.top_k);
+  const at::Tensor expert_rows =
+      grouped_mlp_fn.call(rows, expert_offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                          activation, weights_transposed, swiglu_alpha, swiglu_limit);
+  return unpermute_combine_fn.call(expert_rows, topk_weights, row_of_pair);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating_op(
+    const at::Tensor& router_logits, int64_t top_k, int64_t capacity,
+    const std::optional<at::Tensor>& padding_mask, const std::string& second_expert_policy,
+    const std::optional<at::Tensor>& second_expert_noise, bool normalize_before_dropping,
+    bool batch_prioritized_routing) {
+  const StaticGatingSizes sizes = check_static_gating(router_logits, top_k, capacity, padding_mask,
+                                                      second_expert_policy, second_expert_noise);
+  return static_gating(router_logits, sizes, capacity, padding_mask, second_expert_noise,
+                       normalize_before_dropping, batch_prioritized_routing,
+                       !graph_capture_in_progress(router_logits));
+}
+
+std::tuple<at::Tensor, at::Tensor> static_routing_tensors_op(const at::Tensor& expert_ids,
+                                                             const at::Tensor& locations,
+                                                             const at::Tensor& topk_weights,
+                                                             int64_t num_experts,
+                                                             int64_t capacity) {
+  const StaticSlotSizes sizes =
+      check_static_routing_tensors(expert_ids, locations, topk_weights, num_experts, capacity);
+  return static_routing_tensors(expert_ids, locations, topk_weights, sizes,
+                                !graph_capture_in_progress(expert_ids));
+}
+
+at::Tensor static_dispatch_op(const at::Tensor& hidden, const at::Tensor& dispatch_mask) {
+  const StaticSlotSizes sizes = check_static_dispatch(hidden, dispatch_mask);
+  return static_dispatch(hidden, dispatch_mask, sizes, !graph_capture_in_progress(hidden));
+}
+
+at::Tensor static_combine_op(const at::Tensor& expert_out, const at::Tensor& combine_weights) {
+  return static_combine(expert_out, combine_weights,
+                        check_static_combine(expert_out, combine_weights));
+}
+
+}  // namespace composite
+
+TORCH_LIBRARY_IMPL(moe_infer, CompositeExplicitAutograd, m) {
+  m.impl("topk_gating", &composite::topk_gating_op);
+  m.impl("dispatch_plan", &composite::dispatch_plan_op);
+  m.impl("permute", &composite::permute_op);
+  m.impl("unpermute_combine", &composite::unpermute_combine_op);
+  m.impl("grouped_mlp", &composite::grouped_mlp_op);
+  m.impl("grouped_mlp_combine", &composite::grouped_mlp_combine_op);
+  m.impl("static_gating", &composite::static_gating_op);
+  m.impl("static_routing_tensors", &composite::static_routing_tensors_op);
+  m.impl("static_dispatch", &composite::static_dispatch_op);
+  m.impl("static_combine", &composite::static_combine_op);
+}
 
 }  // namespace moe_infer

@@ -1,7 +1,8 @@
 // Composite implementations of every op, built from ATen ops only, so they run on any device.
-// They are the selectable fallback of the hand-written kernels (moe_infer.ops.set_kernels(False)),
-// which lets the tests compare kernel, fallback and reference on each device. Arguments are
-// checked by the caller (common/checks.h) before these run.
+// The *_op functions take the op's own arguments, check them (common/checks.h) and are registered
+// under CompositeExplicitAutograd: the dispatcher runs them on any device without a kernel. They
+// are also bound as moe_infer._C.composite.<op>, so the tests compare each kernel with them. The
+// functions taking validated sizes are the building blocks (the kernels reuse some of them).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,11 +18,57 @@
 
 namespace moe_infer {
 
-// Whether ops run their hand-written kernels (default) or the composite fallback.
-bool kernels_enabled();
-void set_kernels_enabled(bool enabled);
+// Whether `t`'s device stream is being captured into a graph (no host sync allowed). The CUDA
+// backend installs its query; without it nothing is ever captured.
+bool graph_capture_in_progress(const at::Tensor& t);
+void set_graph_capture_query(bool (*query)(const at::Tensor&));
+
+// Raises "<op>: <name> has values in [lo, hi], expected [0, limit)" unless every index is in range
+// (one reduction and a host sync).
+void check_index_range(const char* op, const char* name, const at::Tensor& index, int64_t limit);
 
 namespace composite {
+
+// ---- the ops (their schemas are in csrc/registration.cpp) ----
+
+std::tuple<at::Tensor, at::Tensor> topk_gating_op(const at::Tensor& router_logits, int64_t k,
+                                                  const std::string& scoring, bool renormalize,
+                                                  const std::optional<at::Tensor>& selection_bias,
+                                                  double scaling_factor, int64_t n_group,
+                                                  int64_t topk_group, bool validate);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_op(
+    const at::Tensor& expert_ids, int64_t num_experts, bool validate);
+at::Tensor permute_op(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids, int64_t top_k);
+at::Tensor unpermute_combine_op(const at::Tensor& expert_out, const at::Tensor& topk_weights,
+                                const at::Tensor& row_of_pair);
+at::Tensor grouped_mlp_op(const at::Tensor& hidden, const at::Tensor& expert_offsets,
+                          const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                          const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                          const std::string& activation, bool weights_transposed,
+                          double swiglu_alpha, double swiglu_limit);
+// permute -> grouped_mlp -> unpermute_combine through the dispatcher (each op's kernel where the
+// device has one).
+at::Tensor grouped_mlp_combine_op(const at::Tensor& hidden, const at::Tensor& topk_weights,
+                                  const at::Tensor& sorted_pair_ids,
+                                  const at::Tensor& expert_offsets, const at::Tensor& fc1_weight,
+                                  const std::optional<at::Tensor>& fc1_bias,
+                                  const at::Tensor& fc2_weight,
+                                  const std::optional<at::Tensor>& fc2_bias,
+                                  const std::string& activation, bool weights_transposed,
+                                  double swiglu_alpha, double swiglu_limit);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating_op(
+    const at::Tensor& router_logits, int64_t top_k, int64_t capacity,
+    const std::optional<at::Tensor>& padding_mask, const std::string& second_expert_policy,
+    const std::optional<at::Tensor>& second_expert_noise, bool normalize_before_dropping,
+    bool batch_prioritized_routing);
+std::tuple<at::Tensor, at::Tensor> static_routing_tensors_op(const at::Tensor& expert_ids,
+                                                             const at::Tensor& locations,
+                                                             const at::Tensor& topk_weights,
+                                                             int64_t num_experts, int64_t capacity);
+at::Tensor static_dispatch_op(const at::Tensor& hidden, const at::Tensor& dispatch_mask);
+at::Tensor static_combine_op(const at::Tensor& expert_out, const at::Tensor& combine_weights);
+
+// ---- building blocks on validated sizes ----
 
 std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& router_logits,
                                                const GatingSizes& sizes, bool renormalize,
@@ -39,7 +86,6 @@ at::Tensor unpermute_combine(const at::Tensor& expert_out, const at::Tensor& top
 // fc1_out [n, F1] -> act [n, I] with ATen ops.
 void activate(const at::Tensor& fc1_out, const ActivationParams& params, const at::Tensor& act);
 
-// ---- static gating (issue 3) ----
 // The CPU kernels' semantics (csrc/static_gating.h) with dense ATen ops, as fairseq computes them:
 // one-hot masks and cumsums over [S, E] for the locations, a scatter into [S, E, C] for the routing
 // tensors, a gather of each slot's owner for dispatch, and a float32 matrix product (fairseq's

@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <string>
 
+#include "common/activation.h"
+
 namespace moe_infer {
 
 // How router logits become routing scores (topk_gating's `scoring`).
@@ -11,17 +13,6 @@ enum class Scoring : int8_t {
   kSoftmax,      // softmax over all E experts, then top-k (Mixtral, Qwen, OLMoE, NLLB, Switch)
   kSoftmaxTopk,  // top-k over the raw logits, then softmax over the k chosen (GPT-OSS)
   kSigmoid,      // sigmoid scores; bias only steers selection (DeepSeek-V3)
-};
-
-// The expert FFN's activation (grouped_mlp's `activation`).
-enum class Activation : int8_t {
-  kRelu,
-  kGelu,      // erf form
-  kGeluTanh,  // tanh approximation
-  kSilu,
-  kSiluGlu,       // silu(gate) * up; gate = first half of fc1's output, up = second half
-  kGptOssSwiglu,  // GPT-OSS: interleaved gate/up columns, clamped, (up + 1) * gate * sigmoid(alpha
-                  // * gate)
 };
 
 // Which resident expert an expert cache evicts to make room (expert buffering).
@@ -36,11 +27,6 @@ enum class EvictionPolicy : int8_t {
 Scoring parse_scoring(const std::string& name);
 Activation parse_activation(const std::string& name);
 EvictionPolicy parse_eviction_policy(const std::string& name);
-
-// True for activations whose first projection has 2 * ffn_size outputs.
-inline bool is_gated(Activation activation) {
-  return activation == Activation::kSiluGlu || activation == Activation::kGptOssSwiglu;
-}
 
 // How expert_placement assigns experts to ranks (its `algorithm`).
 enum class PlacementAlgorithm : int8_t {

@@ -210,8 +210,8 @@ ExpertBuffer::ExpertBuffer(int64_t num_experts, int64_t num_slots, std::string p
 #ifdef MOE_INFER_WITH_CUDA
     copier_ = make_cuda_stream_copier(num_slots, pools_[0].device().index());
 #else
-    TORCH_CHECK(false, "ExpertBuffer: pools are on ", pools_[0].device(),
-                " but moe_infer was built without CUDA");
+    TORCH_CHECK_VALUE(false, "ExpertBuffer: pools are on ", pools_[0].device(),
+                      " but moe_infer was built without CUDA");
 #endif
   } else {
     copier_ = make_thread_pool_copier(num_slots, copy_threads);
@@ -314,16 +314,16 @@ void ExpertBuffer::start_load(int64_t expert, int64_t slot) {
 
 void ExpertBuffer::begin_batch(const at::Tensor& tokens_per_expert) {
   check_idle("begin_batch");
-  TORCH_CHECK(tokens_per_expert.dim() == 1 && tokens_per_expert.size(0) == num_experts(),
-              "ExpertBuffer.begin_batch: tokens_per_expert must have shape [num_experts (",
-              num_experts(), ")], got ", tokens_per_expert.sizes());
-  TORCH_CHECK(tokens_per_expert.device().is_cpu(),
-              "ExpertBuffer.begin_batch: tokens_per_expert must be a CPU tensor");
+  TORCH_CHECK_VALUE(tokens_per_expert.dim() == 1 && tokens_per_expert.size(0) == num_experts(),
+                    "ExpertBuffer.begin_batch: tokens_per_expert must have shape [num_experts (",
+                    num_experts(), ")], got ", tokens_per_expert.sizes());
+  TORCH_CHECK_VALUE(tokens_per_expert.device().is_cpu(),
+                    "ExpertBuffer.begin_batch: tokens_per_expert must be a CPU tensor");
   const at::Tensor counts = tokens_per_expert.to(at::kLong).contiguous();
   const int64_t* count_ptr = counts.const_data_ptr<int64_t>();
   for (int64_t e = 0; e < num_experts(); ++e) {
-    TORCH_CHECK(count_ptr[e] >= 0, "ExpertBuffer.begin_batch: tokens_per_expert[", e, "] (",
-                count_ptr[e], ") must be >= 0");
+    TORCH_CHECK_VALUE(count_ptr[e] >= 0, "ExpertBuffer.begin_batch: tokens_per_expert[", e, "] (",
+                      count_ptr[e], ") must be >= 0");
     tokens_[e] += count_ptr[e];
   }
   const std::vector<int64_t> active = active_experts(counts);
@@ -445,8 +445,8 @@ int64_t ExpertBuffer::prefetch(std::vector<int64_t> experts, bool is_prediction)
   check_idle("prefetch");
   std::vector<char> wanted(num_experts(), 0);
   for (const int64_t e : experts) {
-    TORCH_CHECK(e >= 0 && e < num_experts(), "ExpertBuffer.prefetch: expert id ", e,
-                " is out of range [0, ", num_experts(), ")");
+    TORCH_CHECK_VALUE(e >= 0 && e < num_experts(), "ExpertBuffer.prefetch: expert id ", e,
+                      " is out of range [0, ", num_experts(), ")");
     wanted[e] = 1;
   }
   if (is_prediction) {
@@ -467,9 +467,9 @@ int64_t ExpertBuffer::prefetch(std::vector<int64_t> experts, bool is_prediction)
 
 void ExpertBuffer::warm_start(std::vector<int64_t> experts, const at::Tensor& use_counts) {
   check_idle("warm_start");
-  TORCH_CHECK(use_counts.dim() == 1 && use_counts.size(0) == num_experts(),
-              "ExpertBuffer.warm_start: use_counts must have shape [num_experts (", num_experts(),
-              ")], got ", use_counts.sizes());
+  TORCH_CHECK_VALUE(use_counts.dim() == 1 && use_counts.size(0) == num_experts(),
+                    "ExpertBuffer.warm_start: use_counts must have shape [num_experts (",
+                    num_experts(), ")], got ", use_counts.sizes());
   clear();
   const at::Tensor counts = use_counts.to(at::kLong).contiguous();
   for (int64_t e = 0; e < num_experts(); ++e) {
@@ -477,8 +477,8 @@ void ExpertBuffer::warm_start(std::vector<int64_t> experts, const at::Tensor& us
   }
   std::vector<int64_t> loaded;
   for (const int64_t e : experts) {
-    TORCH_CHECK(e >= 0 && e < num_experts(), "ExpertBuffer.warm_start: expert id ", e,
-                " is out of range [0, ", num_experts(), ")");
+    TORCH_CHECK_VALUE(e >= 0 && e < num_experts(), "ExpertBuffer.warm_start: expert id ", e,
+                      " is out of range [0, ", num_experts(), ")");
     if (cache_.slot_of(e) >= 0) continue;
     const int64_t slot = cache_.warm_load(e);
     if (slot < 0) break;
@@ -575,23 +575,25 @@ at::Tensor simulate_expert_cache_cpu(const at::Tensor& accesses, const at::Tenso
   const at::Tensor offsets = batch_offsets.contiguous();
   const int64_t* id_ptr = ids.const_data_ptr<int64_t>();
   const int64_t* offset_ptr = offsets.const_data_ptr<int64_t>();
-  TORCH_CHECK(offset_ptr[0] == 0 && offset_ptr[sizes.num_batches] == sizes.num_accesses,
-              "simulate_expert_cache: batch_offsets must start at 0 and end at the number of ",
-              "accesses (", sizes.num_accesses, "), got ", offset_ptr[0], " and ",
-              offset_ptr[sizes.num_batches]);
+  TORCH_CHECK_VALUE(
+      offset_ptr[0] == 0 && offset_ptr[sizes.num_batches] == sizes.num_accesses,
+      "simulate_expert_cache: batch_offsets must start at 0 and end at the number of ",
+      "accesses (", sizes.num_accesses, "), got ", offset_ptr[0], " and ",
+      offset_ptr[sizes.num_batches]);
   for (int64_t b = 0; b < sizes.num_batches; ++b) {
-    TORCH_CHECK(offset_ptr[b] <= offset_ptr[b + 1],
-                "simulate_expert_cache: batch_offsets must be non-decreasing, but batch_offsets[",
-                b + 1, "] (", offset_ptr[b + 1], ") < batch_offsets[", b, "] (", offset_ptr[b],
-                ")");
+    TORCH_CHECK_VALUE(
+        offset_ptr[b] <= offset_ptr[b + 1],
+        "simulate_expert_cache: batch_offsets must be non-decreasing, but batch_offsets[", b + 1,
+        "] (", offset_ptr[b + 1], ") < batch_offsets[", b, "] (", offset_ptr[b], ")");
     for (int64_t i = offset_ptr[b]; i < offset_ptr[b + 1]; ++i) {
-      TORCH_CHECK(id_ptr[i] >= 0 && id_ptr[i] < num_experts, "simulate_expert_cache: accesses[", i,
-                  "] = ", id_ptr[i], " is out of range [0, ", num_experts, ")");
-      TORCH_CHECK(i == offset_ptr[b] || id_ptr[i] > id_ptr[i - 1],
-                  "simulate_expert_cache: the experts of batch ", b,
-                  " must be distinct and increasing (its active experts in id order), but "
-                  "accesses[",
-                  i, "] = ", id_ptr[i], " follows ", id_ptr[i - 1]);
+      TORCH_CHECK_VALUE(id_ptr[i] >= 0 && id_ptr[i] < num_experts,
+                        "simulate_expert_cache: accesses[", i, "] = ", id_ptr[i],
+                        " is out of range [0, ", num_experts, ")");
+      TORCH_CHECK_VALUE(i == offset_ptr[b] || id_ptr[i] > id_ptr[i - 1],
+                        "simulate_expert_cache: the experts of batch ", b,
+                        " must be distinct and increasing (its active experts in id order), but "
+                        "accesses[",
+                        i, "] = ", id_ptr[i], " follows ", id_ptr[i - 1]);
     }
   }
   // Belady needs, for each access, the position of the same expert's next access.
@@ -632,7 +634,8 @@ at::Tensor simulate_expert_cache_cpu(const at::Tensor& accesses, const at::Tenso
   return result;
 }
 
-TORCH_LIBRARY_IMPL(moe_infer, CPU, m) {
+// Planned on the host whatever the device: one implementation for every device.
+TORCH_LIBRARY_IMPL(moe_infer, CompositeExplicitAutograd, m) {
   m.impl("simulate_expert_cache", &simulate_expert_cache_cpu);
 }
 

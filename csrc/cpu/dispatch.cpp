@@ -30,21 +30,11 @@ int64_t row_grain(int64_t row_bytes) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1));
 }
 
-void check_index_range(const char* op, const char* name, const at::Tensor& index, int64_t limit) {
-  if (index.numel() == 0) return;
-  const auto [lo, hi] = at::aminmax(index);
-  const int64_t lo_value = lo.item<int64_t>();
-  const int64_t hi_value = hi.item<int64_t>();
-  TORCH_CHECK(lo_value >= 0 && hi_value < limit, op, ": ", name, " has values in [", lo_value, ", ",
-              hi_value, "], expected [0, ", limit, "); pass the output of dispatch_plan");
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cpu(
     const at::Tensor& expert_ids, int64_t num_experts, bool validate) {
   const PlanSizes sizes = check_dispatch_plan(expert_ids, num_experts);
-  if (!kernels_enabled()) return composite::dispatch_plan(expert_ids, sizes, validate);
   // The counting sort must see valid ids, and checking them is one cheap pass: always done.
   const at::Tensor ids = expert_ids.contiguous();
   const auto int_options = expert_ids.options().dtype(at::kInt);
@@ -73,7 +63,6 @@ at::Tensor permute_cpu(const at::Tensor& hidden, const at::Tensor& sorted_pair_i
   const RowSizes sizes = check_permute(hidden, sorted_pair_ids, top_k);
   const int64_t num_rows = sizes.num_tokens * top_k;
   check_index_range("permute", "sorted_pair_ids", sorted_pair_ids, num_rows);
-  if (!kernels_enabled()) return composite::permute(hidden, sorted_pair_ids, top_k);
   const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
   const at::Tensor pair_ids = sorted_pair_ids.contiguous();
   auto out = at::empty({num_rows, sizes.hidden_size}, hidden.options());
@@ -93,8 +82,6 @@ at::Tensor unpermute_combine_cpu(const at::Tensor& expert_out, const at::Tensor&
                                  const at::Tensor& row_of_pair) {
   const RowSizes sizes = check_unpermute_combine(expert_out, topk_weights, row_of_pair);
   check_index_range("unpermute_combine", "row_of_pair", row_of_pair, expert_out.size(0));
-  if (!kernels_enabled())
-    return composite::unpermute_combine(expert_out, topk_weights, row_of_pair);
   const at::Tensor rows = expert_out.contiguous();
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
   const at::Tensor pair_rows = row_of_pair.contiguous();

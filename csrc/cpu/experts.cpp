@@ -19,32 +19,35 @@ namespace moe_infer {
 
 namespace {
 
+// An element function of the activation table (unary_of) with ATen's vectorized kernels; false
+// for one without (activate_row computes it from common/activation.h).
+bool unary_out(Activation unary, at::Tensor& out, const at::Tensor& x) {
+  switch (unary) {
+    case Activation::kRelu:
+      at::clamp_min_out(out, x, 0);
+      return true;
+    case Activation::kGelu:
+      at::gelu_out(out, x);
+      return true;
+    case Activation::kGeluTanh:
+      at::gelu_out(out, x, "tanh");
+      return true;
+    case Activation::kSilu:
+      at::silu_out(out, x);
+      return true;
+    default:
+      return false;
+  }
+}
+
 // float32 through ATen's vectorized kernels (the same math, several times faster than the scalar
 // loop); GPT-OSS's clamped swiGLU and 16-bit types (one rounding, in float32) through activate_row.
 bool activate_rows_vectorized(const at::Tensor& fc1_out, int64_t ffn_size,
                               const ActivationParams& params, at::Tensor out) {
-  if (fc1_out.scalar_type() != at::kFloat) return false;
-  switch (params.activation) {
-    case Activation::kRelu:
-      at::clamp_min_out(out, fc1_out, 0);
-      return true;
-    case Activation::kGelu:
-      at::gelu_out(out, fc1_out);
-      return true;
-    case Activation::kGeluTanh:
-      at::gelu_out(out, fc1_out, "tanh");
-      return true;
-    case Activation::kSilu:
-      at::silu_out(out, fc1_out);
-      return true;
-    case Activation::kSiluGlu:
-      at::silu_out(out, fc1_out.narrow(1, 0, ffn_size));
-      out.mul_(fc1_out.narrow(1, ffn_size, ffn_size));
-      return true;
-    case Activation::kGptOssSwiglu:
-      return false;
-  }
-  return false;
+  if (fc1_out.scalar_type() != at::kFloat || uses_swiglu_params(params.activation)) return false;
+  if (!unary_out(unary_of(params.activation), out, fc1_out.narrow(1, 0, ffn_size))) return false;
+  if (is_gated(params.activation)) out.mul_(fc1_out.narrow(1, ffn_size, ffn_size));
+  return true;
 }
 
 void activate_rows(const at::Tensor& fc1_out, const ActivationParams& params,
@@ -66,13 +69,7 @@ void activate_rows(const at::Tensor& fc1_out, const ActivationParams& params,
       });
 }
 
-// The activation of this backend: the kernels, or the composite fallback.
 ActivateFn cpu_activation(const ActivationParams& params) {
-  if (!kernels_enabled()) {
-    return [params](const at::Tensor& fc1_out, const at::Tensor& act) {
-      composite::activate(fc1_out, params, act);
-    };
-  }
   return [params](const at::Tensor& fc1_out, const at::Tensor& act) {
     activate_rows(fc1_out, params, act);
   };
@@ -120,24 +117,12 @@ at::Tensor grouped_mlp_combine_cpu(const at::Tensor& hidden, const at::Tensor& t
   const at::Tensor pair_ids = sorted_pair_ids.contiguous();
   const int32_t* pair_ptr = pair_ids.const_data_ptr<int32_t>();
   for (int64_t r = offsets.front(); r < offsets.back(); ++r) {
-    TORCH_CHECK(pair_ptr[r] >= 0 && pair_ptr[r] < num_pairs, op, ": sorted_pair_ids[", r,
-                "] = ", pair_ptr[r], " is out of range [0, ", num_pairs,
-                "); pass the output of dispatch_plan");
+    TORCH_CHECK_VALUE(pair_ptr[r] >= 0 && pair_ptr[r] < num_pairs, op, ": sorted_pair_ids[", r,
+                      "] = ", pair_ptr[r], " is out of range [0, ", num_pairs,
+                      "); pass the output of dispatch_plan");
   }
   const ActivationParams params{sizes.mlp.activation, static_cast<float>(swiglu_alpha),
                                 static_cast<float>(swiglu_limit)};
-  if (!kernels_enabled()) {
-    // The composite fallback: permute -> grouped_mlp -> unpermute_combine.
-    const at::Tensor row_of_pair = at::empty_like(pair_ids).scatter_(
-        0, pair_ids.to(at::kLong), at::arange(num_pairs, pair_ids.options()));
-    const at::Tensor rows = composite::permute(hidden, pair_ids, top_k);
-    MlpSizes row_sizes = sizes.mlp;
-    row_sizes.num_rows = num_pairs;
-    const at::Tensor expert_rows =
-        grouped_mlp_per_expert(rows, offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                               weights_transposed, row_sizes, cpu_activation(params));
-    return composite::unpermute_combine(expert_rows, topk_weights, row_of_pair);
-  }
   const ActivateFn activate = cpu_activation(params);
 
   const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();

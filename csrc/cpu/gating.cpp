@@ -143,10 +143,6 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logi
                                                    int64_t topk_group, bool validate) {
   const GatingSizes sizes = check_topk_gating(router_logits, k, scoring, selection_bias,
                                               scaling_factor, n_group, topk_group);
-  if (!kernels_enabled()) {
-    return composite::topk_gating(router_logits, sizes, renormalize, selection_bias, scaling_factor,
-                                  validate);
-  }
   // The kernel finds NaN logits as it goes, so on the CPU the checks always run.
   if (selection_bias.has_value()) check_finite_bias(*selection_bias);
   const GatingConfig config{sizes.num_experts,

@@ -174,8 +174,8 @@ at::Tensor expert_placement_cpu(const at::Tensor& expert_load, int64_t num_ranks
   const at::Tensor load = expert_load.to(at::kDouble).contiguous();
   const double* load_ptr = load.const_data_ptr<double>();
   for (int64_t e = 0; e < num_experts; ++e) {
-    TORCH_CHECK(std::isfinite(load_ptr[e]) && load_ptr[e] >= 0.0, op, ": expert_load[", e,
-                "] = ", load_ptr[e], " must be finite and >= 0");
+    TORCH_CHECK_VALUE(std::isfinite(load_ptr[e]) && load_ptr[e] >= 0.0, op, ": expert_load[", e,
+                      "] = ", load_ptr[e], " must be finite and >= 0");
   }
   PlacementProblem problem;
   problem.num_experts = num_experts;
@@ -192,8 +192,8 @@ at::Tensor expert_placement_cpu(const at::Tensor& expert_load, int64_t num_ranks
     corr = correlation->to(at::kDouble).contiguous();
     const double* corr_ptr = corr.const_data_ptr<double>();
     for (int64_t i = 0; i < num_experts * num_experts; ++i) {
-      TORCH_CHECK(std::isfinite(corr_ptr[i]), op, ": correlation[", i / num_experts, ", ",
-                  i % num_experts, "] is not finite");
+      TORCH_CHECK_VALUE(std::isfinite(corr_ptr[i]), op, ": correlation[", i / num_experts, ", ",
+                        i % num_experts, "] is not finite");
     }
     problem.correlation = corr_ptr;
   }
@@ -204,19 +204,20 @@ at::Tensor expert_placement_cpu(const at::Tensor& expert_load, int64_t num_ranks
     const int64_t* group_ptr = groups.const_data_ptr<int64_t>();
     int64_t num_groups = 0;
     for (int64_t e = 0; e < num_experts; ++e) {
-      TORCH_CHECK(group_ptr[e] >= 0 && group_ptr[e] < num_experts, op, ": expert_group[", e,
-                  "] = ", group_ptr[e], " must be in [0, num_experts (", num_experts, "))");
+      TORCH_CHECK_VALUE(group_ptr[e] >= 0 && group_ptr[e] < num_experts, op, ": expert_group[", e,
+                        "] = ", group_ptr[e], " must be in [0, num_experts (", num_experts, "))");
       num_groups = std::max(num_groups, group_ptr[e] + 1);
     }
     std::vector<int64_t> group_size(num_groups, 0);
     for (int64_t e = 0; e < num_experts; ++e) ++group_size[group_ptr[e]];
     for (int64_t g = 0; g < num_groups; ++g) {
-      TORCH_CHECK(group_size[g] * num_groups == num_experts, op, ": expert_group must split the ",
-                  num_experts, " experts into equal groups; group ", g, " has ", group_size[g],
-                  " of ", num_groups, " groups");
+      TORCH_CHECK_VALUE(group_size[g] * num_groups == num_experts, op,
+                        ": expert_group must split the ", num_experts,
+                        " experts into equal groups; group ", g, " has ", group_size[g], " of ",
+                        num_groups, " groups");
     }
-    TORCH_CHECK(num_groups % num_nodes == 0, op, ": the number of expert groups (", num_groups,
-                ") must be a multiple of num_nodes (", num_nodes, ")");
+    TORCH_CHECK_VALUE(num_groups % num_nodes == 0, op, ": the number of expert groups (",
+                      num_groups, ") must be a multiple of num_nodes (", num_nodes, ")");
     problem.expert_group = group_ptr;
     problem.num_groups = num_groups;
   }
@@ -226,6 +227,9 @@ at::Tensor expert_placement_cpu(const at::Tensor& expert_load, int64_t num_ranks
   return slot_expert;
 }
 
-TORCH_LIBRARY_IMPL(moe_infer, CPU, m) { m.impl("expert_placement", &expert_placement_cpu); }
+// Planned on the host whatever the device: one implementation for every device.
+TORCH_LIBRARY_IMPL(moe_infer, CompositeExplicitAutograd, m) {
+  m.impl("expert_placement", &expert_placement_cpu);
+}
 
 }  // namespace moe_infer

@@ -45,11 +45,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating_cpu(
     bool batch_prioritized_routing) {
   const StaticGatingSizes sizes = check_static_gating(router_logits, top_k, capacity, padding_mask,
                                                       second_expert_policy, second_expert_noise);
-  if (!kernels_enabled()) {
-    return composite::static_gating(router_logits, sizes, capacity, padding_mask,
-                                    second_expert_noise, normalize_before_dropping,
-                                    batch_prioritized_routing, /*validate=*/true);
-  }
   const StaticGatingConfig config{sizes.num_experts, top_k, capacity, sizes.policy,
                                   normalize_before_dropping};
   const int64_t num_tokens = sizes.num_tokens;
@@ -135,10 +130,6 @@ std::tuple<at::Tensor, at::Tensor> static_routing_tensors_cpu(const at::Tensor& 
                                                               int64_t capacity) {
   const StaticSlotSizes sizes =
       check_static_routing_tensors(expert_ids, locations, topk_weights, num_experts, capacity);
-  if (!kernels_enabled()) {
-    return composite::static_routing_tensors(expert_ids, locations, topk_weights, sizes,
-                                             /*validate=*/true);
-  }
   const int64_t num_tokens = sizes.num_tokens;
   const int64_t top_k = sizes.top_k;
   const int64_t num_slots = num_experts * capacity;
@@ -185,8 +176,6 @@ std::tuple<at::Tensor, at::Tensor> static_routing_tensors_cpu(const at::Tensor& 
 
 at::Tensor static_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& dispatch_mask) {
   const StaticSlotSizes sizes = check_static_dispatch(hidden, dispatch_mask);
-  if (!kernels_enabled())
-    return composite::static_dispatch(hidden, dispatch_mask, sizes, /*validate=*/true);
   const int64_t num_slots = sizes.num_experts * sizes.capacity;
   const at::Tensor mask = dispatch_mask.contiguous();
   const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
@@ -231,7 +220,6 @@ at::Tensor static_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& dispa
 
 at::Tensor static_combine_cpu(const at::Tensor& expert_out, const at::Tensor& combine_weights) {
   const StaticSlotSizes sizes = check_static_combine(expert_out, combine_weights);
-  if (!kernels_enabled()) return composite::static_combine(expert_out, combine_weights, sizes);
   const int64_t num_slots = sizes.num_experts * sizes.capacity;
   const at::Tensor rows = expert_out.contiguous();
   const at::Tensor weights = combine_weights.to(at::kFloat).contiguous();

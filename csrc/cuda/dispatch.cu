@@ -33,7 +33,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cuda(
   const PlanSizes sizes = check_dispatch_plan(expert_ids, num_experts);
   const c10::cuda::CUDAGuard guard(expert_ids.device());
   const bool check = validate && !stream_is_capturing();
-  if (!kernels_enabled()) return composite::dispatch_plan(expert_ids, sizes, check);
 
   const at::Tensor ids = expert_ids.contiguous();
   const auto int_options = ids.options().dtype(at::kInt);
@@ -128,7 +127,6 @@ at::Tensor permute_cuda(const at::Tensor& hidden, const at::Tensor& sorted_pair_
                         int64_t top_k) {
   const RowSizes sizes = check_permute(hidden, sorted_pair_ids, top_k);
   const c10::cuda::CUDAGuard guard(hidden.device());
-  if (!kernels_enabled()) return composite::permute(hidden, sorted_pair_ids, top_k);
   const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
   auto out = at::empty({sizes.num_tokens * top_k, sizes.hidden_size}, hidden.options());
   launch_permute_rows(rows, sorted_pair_ids.contiguous(), top_k, out);
@@ -139,8 +137,6 @@ at::Tensor unpermute_combine_cuda(const at::Tensor& expert_out, const at::Tensor
                                   const at::Tensor& row_of_pair) {
   const RowSizes sizes = check_unpermute_combine(expert_out, topk_weights, row_of_pair);
   const c10::cuda::CUDAGuard guard(expert_out.device());
-  if (!kernels_enabled())
-    return composite::unpermute_combine(expert_out, topk_weights, row_of_pair);
   const at::Tensor rows = expert_out.contiguous();
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
   const at::Tensor pair_rows = row_of_pair.contiguous();

@@ -87,11 +87,10 @@ at::Tensor grouped_mlp_cuda(const at::Tensor& hidden, const at::Tensor& expert_o
 #ifdef MOE_INFER_HAS_GROUPED_MM
   // torch._grouped_mm's fast path: bf16, 16-byte aligned rows and operands, < 1024 groups.
   const at::Tensor x = hidden.contiguous();
-  const bool grouped = kernels_enabled() && hidden.scalar_type() == at::kBFloat16 &&
-                       device_has_grouped_gemm(hidden) && sizes.num_experts < 1024 &&
-                       sizes.hidden_size > 0 && sizes.hidden_size % 8 == 0 &&
-                       sizes.ffn_size % 8 == 0 && aligned16(x) && grouped_mm_operand_ok(fc1) &&
-                       grouped_mm_operand_ok(fc2);
+  const bool grouped = hidden.scalar_type() == at::kBFloat16 && device_has_grouped_gemm(hidden) &&
+                       sizes.num_experts < 1024 && sizes.hidden_size > 0 &&
+                       sizes.hidden_size % 8 == 0 && sizes.ffn_size % 8 == 0 && aligned16(x) &&
+                       grouped_mm_operand_ok(fc1) && grouped_mm_operand_ok(fc2);
   if (grouped) {
     if (sizes.num_rows == 0) return at::empty({0, sizes.hidden_size}, hidden.options());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -125,14 +124,9 @@ at::Tensor grouped_mlp_cuda(const at::Tensor& hidden, const at::Tensor& expert_o
               "(bfloat16, hidden and ffn sizes multiples of 8, an sm90/sm100 GPU); this call would "
               "read the expert offsets on the host");
   const std::vector<int32_t> host_offsets = host_expert_offsets(offsets, sizes.num_rows);
-  const bool use_kernels = kernels_enabled();
   return grouped_mlp_per_expert(
       hidden, host_offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias, weights_transposed, sizes,
       [&](const at::Tensor& fc1_out, const at::Tensor& act) {
-        if (!use_kernels) {
-          composite::activate(fc1_out, params, act);
-          return;
-        }
         launch_bias_activation(fc1_out, std::nullopt, nullptr, params, act);
       });
 }

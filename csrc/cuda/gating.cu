@@ -23,10 +23,6 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& router_log
                                               scaling_factor, n_group, topk_group);
   const c10::cuda::CUDAGuard guard(router_logits.device());
   const bool check = validate && !stream_is_capturing();
-  if (!kernels_enabled()) {
-    return composite::topk_gating(router_logits, sizes, renormalize, selection_bias, scaling_factor,
-                                  check);
-  }
   const int64_t floats_per_warp =
       kernels::gating_shared_floats_per_warp(static_cast<int>(sizes.num_experts), n_group);
   const int64_t shared_bytes = floats_per_warp * kernels::kGatingWarpsPerBlock * sizeof(float);

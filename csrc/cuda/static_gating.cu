@@ -1,6 +1,6 @@
-// CUDA glue for static (capacity-based) gating. static_gating and static_routing_tensors are the
-// composite ATen versions on every device (the dense [S, E] / [S, E, C] work fairseq does on
-// GPUs); static_dispatch and static_combine have sparse kernels (the composite stays selectable).
+// CUDA glue for static (capacity-based) gating. static_gating and static_routing_tensors have no
+// CUDA kernel: the dispatcher runs their composite (the dense [S, E] / [S, E, C] work fairseq does
+// on GPUs); static_dispatch and static_combine have sparse kernels.
 // The data-dependent checks (NaN logits, out-of-range ids of kept pairs, a slot claimed twice)
 // cost one host sync each; they run unless the stream is being captured into a CUDA graph, where
 // the ops stay memory-safe unchecked.
@@ -23,36 +23,16 @@ constexpr int kThreads = 256;
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating_cuda(
-    const at::Tensor& router_logits, int64_t top_k, int64_t capacity,
-    const std::optional<at::Tensor>& padding_mask, const std::string& second_expert_policy,
-    const std::optional<at::Tensor>& second_expert_noise, bool normalize_before_dropping,
-    bool batch_prioritized_routing) {
-  const StaticGatingSizes sizes = check_static_gating(router_logits, top_k, capacity, padding_mask,
-                                                      second_expert_policy, second_expert_noise);
-  const c10::cuda::CUDAGuard guard(router_logits.device());
-  return composite::static_gating(router_logits, sizes, capacity, padding_mask, second_expert_noise,
-                                  normalize_before_dropping, batch_prioritized_routing,
-                                  !stream_is_capturing());
-}
-
-std::tuple<at::Tensor, at::Tensor> static_routing_tensors_cuda(const at::Tensor& expert_ids,
-                                                               const at::Tensor& locations,
-                                                               const at::Tensor& topk_weights,
-                                                               int64_t num_experts,
-                                                               int64_t capacity) {
-  const StaticSlotSizes sizes =
-      check_static_routing_tensors(expert_ids, locations, topk_weights, num_experts, capacity);
-  const c10::cuda::CUDAGuard guard(expert_ids.device());
-  return composite::static_routing_tensors(expert_ids, locations, topk_weights, sizes,
-                                           !stream_is_capturing());
-}
+// The query composites ask before a host sync (common/composite.h).
+const bool kCaptureQueryInstalled = [] {
+  set_graph_capture_query([](const at::Tensor& t) { return t.is_cuda() && stream_is_capturing(); });
+  return true;
+}();
 
 at::Tensor static_dispatch_cuda(const at::Tensor& hidden, const at::Tensor& dispatch_mask) {
   const StaticSlotSizes sizes = check_static_dispatch(hidden, dispatch_mask);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const bool check = !stream_is_capturing();
-  if (!kernels_enabled()) return composite::static_dispatch(hidden, dispatch_mask, sizes, check);
   const int64_t num_slots = sizes.num_experts * sizes.capacity;
   auto out = at::empty({sizes.num_experts, sizes.capacity, sizes.hidden_size}, hidden.options());
   if (num_slots == 0) return out;
@@ -75,7 +55,6 @@ at::Tensor static_dispatch_cuda(const at::Tensor& hidden, const at::Tensor& disp
 at::Tensor static_combine_cuda(const at::Tensor& expert_out, const at::Tensor& combine_weights) {
   const StaticSlotSizes sizes = check_static_combine(expert_out, combine_weights);
   const c10::cuda::CUDAGuard guard(expert_out.device());
-  if (!kernels_enabled()) return composite::static_combine(expert_out, combine_weights, sizes);
   const int64_t num_slots = sizes.num_experts * sizes.capacity;
   const at::Tensor rows = expert_out.contiguous();
   const at::Tensor weights = combine_weights.to(at::kFloat).contiguous();
@@ -110,8 +89,6 @@ at::Tensor static_combine_cuda(const at::Tensor& expert_out, const at::Tensor& c
 }
 
 TORCH_LIBRARY_IMPL(moe_infer, CUDA, m) {
-  m.impl("static_gating", &static_gating_cuda);
-  m.impl("static_routing_tensors", &static_routing_tensors_cuda);
   m.impl("static_dispatch", &static_dispatch_cuda);
   m.impl("static_combine", &static_combine_cuda);
 }

@@ -36,8 +36,7 @@ __global__ void bias_activation_kernel(const T* __restrict__ fc1_out, int64_t fc
   const int64_t routed_rows = expert_offsets != nullptr
                                   ? min(static_cast<int64_t>(expert_offsets[num_experts]), num_rows)
                                   : num_rows;
-  const bool gated =
-      params.activation == Activation::kSiluGlu || params.activation == Activation::kGptOssSwiglu;
+  const bool gated = is_gated(params.activation);
   for (int64_t r = blockIdx.x; r < routed_rows; r += gridDim.x) {
     const T* in = fc1_out + r * fc1_row_stride;
     const T* bias = fc1_bias != nullptr

@@ -4,25 +4,41 @@ Inference is the product: these favour clarity over speed (grouped_mlp's backwar
 expert FFNs with plain PyTorch ops, one expert at a time).
 """
 
+import types
+
 import torch
 
+from ._schema import arguments, per_argument
 from .reference import activation_fn
+
+
+def _register(op: str, backward, setup_context) -> None:
+    torch.library.register_autograd(f"moe_infer::{op}", backward, setup_context=setup_context)
+
+
+# The expert arguments every expert op ends with (grouped_mlp's), as saved for the backward.
+_EXPERT_OPTIONS = ("activation", "weights_transposed", "swiglu_alpha", "swiglu_limit")
+
+
+def _expert_options(a: types.SimpleNamespace) -> tuple:
+    return tuple(getattr(a, name) for name in _EXPERT_OPTIONS)
+
 
 # ---- topk_gating ----------------------------------------------------------------------------
 
 
 def _gating_setup(ctx, inputs, output):
-    router_logits, _k, scoring, renormalize, _bias, scaling_factor, *_ = inputs
+    a = arguments("topk_gating", inputs)
     weights, ids = output
-    ctx.scoring = scoring
-    ctx.renormalize = renormalize
-    ctx.scaling_factor = scaling_factor
-    ctx.save_for_backward(router_logits, weights, ids)
+    ctx.scoring = a.scoring
+    ctx.renormalize = a.renormalize
+    ctx.scaling_factor = a.scaling_factor
+    ctx.save_for_backward(a.router_logits, weights, ids)
 
 
 def _gating_grads(grad_logits):
-    # One entry per op argument: only router_logits is differentiable.
-    return (grad_logits,) + (None,) * 8
+    # Only router_logits is differentiable.
+    return per_argument("topk_gating", router_logits=grad_logits)
 
 
 def _gating_backward(ctx, grad_weights, _grad_ids):
@@ -51,7 +67,7 @@ def _gating_backward(ctx, grad_weights, _grad_ids):
     return _gating_grads(grad_logits.to(router_logits.dtype))
 
 
-torch.library.register_autograd("moe_infer::topk_gating", _gating_backward, setup_context=_gating_setup)
+_register("topk_gating", _gating_backward, _gating_setup)
 
 # ---- dispatch_plan: integer outputs, no gradient ---------------------------------------------
 
@@ -59,10 +75,10 @@ torch.library.register_autograd("moe_infer::topk_gating", _gating_backward, setu
 
 
 def _permute_setup(ctx, inputs, output):
-    hidden, sorted_pair_ids, top_k = inputs
-    ctx.top_k = top_k
-    ctx.hidden_shape = hidden.shape
-    ctx.save_for_backward(sorted_pair_ids)
+    a = arguments("permute", inputs)
+    ctx.top_k = a.top_k
+    ctx.hidden_shape = a.hidden.shape
+    ctx.save_for_backward(a.sorted_pair_ids)
 
 
 def _permute_backward(ctx, grad_rows):
@@ -70,17 +86,17 @@ def _permute_backward(ctx, grad_rows):
     tokens = torch.div(sorted_pair_ids.long(), ctx.top_k, rounding_mode="floor")
     grad_hidden = grad_rows.new_zeros(ctx.hidden_shape, dtype=torch.float32)
     grad_hidden.index_add_(0, tokens, grad_rows.float())
-    return grad_hidden.to(grad_rows.dtype), None, None
+    return per_argument("permute", hidden=grad_hidden.to(grad_rows.dtype))
 
 
-torch.library.register_autograd("moe_infer::permute", _permute_backward, setup_context=_permute_setup)
+_register("permute", _permute_backward, _permute_setup)
 
 # ---- unpermute_combine ------------------------------------------------------------------------
 
 
 def _combine_setup(ctx, inputs, output):
-    expert_out, topk_weights, row_of_pair = inputs
-    ctx.save_for_backward(expert_out, topk_weights, row_of_pair)
+    a = arguments("unpermute_combine", inputs)
+    ctx.save_for_backward(a.expert_out, a.topk_weights, a.row_of_pair)
 
 
 def _combine_backward(ctx, grad_out):
@@ -98,10 +114,10 @@ def _combine_backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         gathered = expert_out.float().index_select(0, rows).view(num_tokens, top_k, expert_out.shape[1])
         grad_weights = (gathered * grad_out.float().unsqueeze(1)).sum(-1).to(topk_weights.dtype)
-    return grad_expert_out, grad_weights, None
+    return per_argument("unpermute_combine", expert_out=grad_expert_out, topk_weights=grad_weights)
 
 
-torch.library.register_autograd("moe_infer::unpermute_combine", _combine_backward, setup_context=_combine_setup)
+_register("unpermute_combine", _combine_backward, _combine_setup)
 
 # ---- grouped_mlp ----------------------------------------------------------------------------
 
@@ -155,9 +171,9 @@ def _grouped_mlp_backward_impl(
 
 
 def _mlp_setup(ctx, inputs, output):
-    hidden, offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation, transposed, alpha, limit = inputs
-    ctx.options = (activation, transposed, alpha, limit)
-    ctx.save_for_backward(hidden, offsets, fc1_w, fc1_b, fc2_w, fc2_b)
+    a = arguments("grouped_mlp", inputs)
+    ctx.options = _expert_options(a)
+    ctx.save_for_backward(a.hidden, a.expert_offsets, a.fc1_weight, a.fc1_bias, a.fc2_weight, a.fc2_bias)
 
 
 def _mlp_backward(ctx, grad_out):
@@ -165,30 +181,26 @@ def _mlp_backward(ctx, grad_out):
     grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.moe_infer.grouped_mlp_backward(
         grad_out.contiguous(), hidden, offsets, fc1_w, fc1_b, fc2_w, fc2_b, *ctx.options
     )
-    return (
-        grad_x,
-        None,
-        grad_w1,
-        grad_b1 if fc1_b is not None else None,
-        grad_w2,
-        grad_b2 if fc2_b is not None else None,
-        None,
-        None,
-        None,
-        None,
+    return per_argument(
+        "grouped_mlp",
+        hidden=grad_x,
+        fc1_weight=grad_w1,
+        fc1_bias=grad_b1 if fc1_b is not None else None,
+        fc2_weight=grad_w2,
+        fc2_bias=grad_b2 if fc2_b is not None else None,
     )
 
 
-torch.library.register_autograd("moe_infer::grouped_mlp", _mlp_backward, setup_context=_mlp_setup)
+_register("grouped_mlp", _mlp_backward, _mlp_setup)
 
-# ---- static gating (issue 3) ----------------------------------------------------------------
+# ---- static gating --------------------------------------------------------------------------
 
 
 def _static_gating_setup(ctx, inputs, output):
-    router_logits, _top_k, capacity, _mask, _policy, _noise, normalize_before_dropping, _bpr = inputs
+    a = arguments("static_gating", inputs)
     _weights, expert_ids, locations, _l_aux = output
-    ctx.options = (capacity, normalize_before_dropping)
-    ctx.save_for_backward(router_logits, expert_ids, locations)
+    ctx.options = (a.capacity, a.normalize_before_dropping)
+    ctx.save_for_backward(a.router_logits, expert_ids, locations)
 
 
 def _static_gating_backward(ctx, grad_weights, _grad_ids, _grad_locations, grad_l_aux):
@@ -198,7 +210,7 @@ def _static_gating_backward(ctx, grad_weights, _grad_ids, _grad_locations, grad_
     capacity, normalize_before_dropping = ctx.options
     num_tokens, num_experts = router_logits.shape
     if num_tokens == 0:
-        return (torch.zeros_like(router_logits),) + (None,) * 7
+        return per_argument("static_gating", router_logits=torch.zeros_like(router_logits))
     ids = expert_ids.long()
     routed = locations >= 0
     kept = (routed & (locations < capacity)).float()
@@ -217,17 +229,17 @@ def _static_gating_backward(ctx, grad_weights, _grad_ids, _grad_locations, grad_
         first_counts = torch.zeros(num_experts, device=logits.device).index_add_(0, ids[:, 0], routed[:, 0].float())
         l_aux = (gates.mean(0) * first_counts / num_tokens).mean() * num_experts * num_experts
         (grad,) = torch.autograd.grad([weights, l_aux], [logits], [grad_weights, grad_l_aux])
-    return (grad.to(router_logits.dtype),) + (None,) * 7
+    return per_argument("static_gating", router_logits=grad.to(router_logits.dtype))
 
 
-torch.library.register_autograd("moe_infer::static_gating", _static_gating_backward, setup_context=_static_gating_setup)
+_register("static_gating", _static_gating_backward, _static_gating_setup)
 
 
 def _routing_tensors_setup(ctx, inputs, output):
-    expert_ids, locations, topk_weights, _num_experts, capacity = inputs
-    ctx.capacity = capacity
-    ctx.weights_dtype = topk_weights.dtype
-    ctx.save_for_backward(expert_ids, locations)
+    a = arguments("static_routing_tensors", inputs)
+    ctx.capacity = a.capacity
+    ctx.weights_dtype = a.topk_weights.dtype
+    ctx.save_for_backward(a.expert_ids, a.locations)
 
 
 def _routing_tensors_backward(ctx, grad_combine, _grad_mask):
@@ -237,34 +249,29 @@ def _routing_tensors_backward(ctx, grad_combine, _grad_mask):
     slots = expert_ids.long() * capacity + locations.long().clamp(0, capacity - 1)
     slots = torch.where(kept, slots, torch.zeros_like(slots))
     grad = grad_combine.reshape(grad_combine.shape[0], -1).gather(1, slots) * kept
-    return None, None, grad.to(ctx.weights_dtype), None, None
+    return per_argument("static_routing_tensors", topk_weights=grad.to(ctx.weights_dtype))
 
 
-torch.library.register_autograd(
-    "moe_infer::static_routing_tensors", _routing_tensors_backward, setup_context=_routing_tensors_setup
-)
+_register("static_routing_tensors", _routing_tensors_backward, _routing_tensors_setup)
 
 
 def _static_dispatch_setup(ctx, inputs, output):
-    _hidden, dispatch_mask = inputs
-    ctx.save_for_backward(dispatch_mask)
+    ctx.save_for_backward(arguments("static_dispatch", inputs).dispatch_mask)
 
 
 def _static_dispatch_backward(ctx, grad_out):
     # The transpose of the dispatch is a combine with the mask as weights.
     (dispatch_mask,) = ctx.saved_tensors
     grad_hidden = torch.ops.moe_infer.static_combine(grad_out.contiguous(), dispatch_mask.to(torch.float32))
-    return grad_hidden, None
+    return per_argument("static_dispatch", hidden=grad_hidden)
 
 
-torch.library.register_autograd(
-    "moe_infer::static_dispatch", _static_dispatch_backward, setup_context=_static_dispatch_setup
-)
+_register("static_dispatch", _static_dispatch_backward, _static_dispatch_setup)
 
 
 def _static_combine_setup(ctx, inputs, output):
-    expert_out, combine_weights = inputs
-    ctx.save_for_backward(expert_out, combine_weights)
+    a = arguments("static_combine", inputs)
+    ctx.save_for_backward(a.expert_out, a.combine_weights)
 
 
 def _static_combine_backward(ctx, grad_out):
@@ -277,19 +284,26 @@ def _static_combine_backward(ctx, grad_out):
         grad_expert_out = (weights.t() @ grad_out.float()).view_as(expert_out).to(expert_out.dtype)
     if ctx.needs_input_grad[1]:
         grad_weights = (grad_out.float() @ rows.t()).view_as(combine_weights).to(combine_weights.dtype)
-    return grad_expert_out, grad_weights
+    return per_argument("static_combine", expert_out=grad_expert_out, combine_weights=grad_weights)
 
 
-torch.library.register_autograd(
-    "moe_infer::static_combine", _static_combine_backward, setup_context=_static_combine_setup
-)
+_register("static_combine", _static_combine_backward, _static_combine_setup)
 # ---- grouped_mlp_combine ----------------------------------------------------------------------
 
 
 def _mlp_combine_setup(ctx, inputs, output):
-    hidden, topk_weights, pair_ids, offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation, transposed, alpha, limit = inputs
-    ctx.options = (activation, transposed, alpha, limit)
-    ctx.save_for_backward(hidden, topk_weights, pair_ids, offsets, fc1_w, fc1_b, fc2_w, fc2_b)
+    a = arguments("grouped_mlp_combine", inputs)
+    ctx.options = _expert_options(a)
+    ctx.save_for_backward(
+        a.hidden,
+        a.topk_weights,
+        a.sorted_pair_ids,
+        a.expert_offsets,
+        a.fc1_weight,
+        a.fc1_bias,
+        a.fc2_weight,
+        a.fc2_bias,
+    )
 
 
 def _mlp_combine_backward(ctx, grad_out):
@@ -315,59 +329,15 @@ def _mlp_combine_backward(ctx, grad_out):
     )
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     grad_hidden.index_add_(0, tokens, grad_x.float())
-    return (
-        grad_hidden.to(hidden.dtype),
-        grad_weights,
-        None,
-        None,
-        grad_w1,
-        grad_b1 if fc1_b is not None else None,
-        grad_w2,
-        grad_b2 if fc2_b is not None else None,
-        None,
-        None,
-        None,
-        None,
+    return per_argument(
+        "grouped_mlp_combine",
+        hidden=grad_hidden.to(hidden.dtype),
+        topk_weights=grad_weights,
+        fc1_weight=grad_w1,
+        fc1_bias=grad_b1 if fc1_b is not None else None,
+        fc2_weight=grad_w2,
+        fc2_bias=grad_b2 if fc2_b is not None else None,
     )
 
 
-torch.library.register_autograd(
-    "moe_infer::grouped_mlp_combine", _mlp_combine_backward, setup_context=_mlp_combine_setup
-)
-
-
-@torch.library.impl("moe_infer::grouped_mlp_combine", "CompositeExplicitAutograd")
-def _grouped_mlp_combine_composite(
-    hidden,
-    topk_weights,
-    sorted_pair_ids,
-    expert_offsets,
-    fc1_weight,
-    fc1_bias,
-    fc2_weight,
-    fc2_bias,
-    activation,
-    weights_transposed=False,
-    swiglu_alpha=1.702,
-    swiglu_limit=7.0,
-):
-    # Devices without a fused kernel (CUDA for now) run the three-op pipeline.
-    top_k = topk_weights.shape[1]
-    row_of_pair = torch.empty_like(sorted_pair_ids)
-    row_of_pair[sorted_pair_ids.long()] = torch.arange(
-        sorted_pair_ids.numel(), dtype=sorted_pair_ids.dtype, device=sorted_pair_ids.device
-    )
-    rows = torch.ops.moe_infer.permute(hidden, sorted_pair_ids, top_k)
-    rows = torch.ops.moe_infer.grouped_mlp(
-        rows,
-        expert_offsets,
-        fc1_weight,
-        fc1_bias,
-        fc2_weight,
-        fc2_bias,
-        activation,
-        weights_transposed,
-        swiglu_alpha,
-        swiglu_limit,
-    )
-    return torch.ops.moe_infer.unpermute_combine(rows, topk_weights, row_of_pair)
+_register("grouped_mlp_combine", _mlp_combine_backward, _mlp_combine_setup)

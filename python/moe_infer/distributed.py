@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .experts import MoEExperts
+from .experts import ExpertsBackend, ExpertSpec, MoEExperts, expert_spec, parameters_spec
 from .layer import MoELayer
 from .placement import LoadRecorder, Placement
 
@@ -73,15 +73,17 @@ def _decode_setting(example, encoded: int):
 def static_capacity(
     num_tokens: int, num_experts: int, top_k: int, capacity_factor: float = 1.0, capacity_fraction: float = 0.0
 ) -> int:
-    """Rows per physical slot per source rank in the static baseline (fairseq's formulas).
+    """Rows per physical slot per source rank in the static baseline: :func:`moe_infer.ops.static_capacity`
+    (fairseq's formulas, the one capacity of the library), with ``capacity_fraction`` as fairseq's
+    ``moe_eval_capacity_token_fraction``.
 
-    ``capacity_fraction > 0`` (fairseq's ``moe_eval_capacity_token_fraction``): ceil(fraction * S).
-    Otherwise ceil(capacity_factor * top_k * ceil(S / E)) (fairseq's top-1 is cf * ceil(S/E), its
-    top-2 is 2 * ceil(S/E)). S is the largest token count of any rank, so all ranks agree.
+    ``capacity_fraction > 0``: ceil(fraction * S); otherwise int(capacity_factor * top_k * ceil(S / E))
+    (fairseq's top-1 is int(cf * ceil(S/E)), its top-2 is 2 * ceil(S/E)). S is the largest token count
+    of any rank, so all ranks agree.
     """
-    if capacity_fraction > 0:
-        return math.ceil(capacity_fraction * num_tokens)
-    return math.ceil(capacity_factor * top_k * math.ceil(num_tokens / num_experts))
+    return ops.static_capacity(
+        num_tokens, num_experts, top_k, capacity_factor, capacity_fraction, eval_mode=capacity_fraction > 0
+    )
 
 
 def static_slot_positions(physical_slots: torch.Tensor, num_slots: int, capacity: int) -> torch.Tensor:
@@ -126,15 +128,17 @@ class RebalanceReport:
     slots_kept_local: int
 
 
-class ExpertParallelExperts(nn.Module):
-    """The experts of one MoE layer spread over the ranks of a process group.
+class ExpertParallelExperts(nn.Module, ExpertsBackend):
+    """The experts of one MoE layer spread over the ranks of a process group: an
+    :class:`moe_infer.experts.ExpertsBackend` (inference only, collective).
 
     Built from the full experts (every rank passes the same ones, e.g. loaded from a checkpoint);
     each rank keeps only the weights of its own slots. Collective: every rank of ``group`` must
     construct it, call it and rebalance it together.
 
     Args:
-        experts: a :class:`moe_infer.layer.MoEExperts` with all E experts.
+        experts: the experts (all E of them): a :class:`moe_infer.experts.ExpertSpec` or an
+            experts module (:func:`moe_infer.experts.expert_spec`).
         placement: the expert -> slots table; default contiguous with ceil(E / R) slots per rank.
         group: the process group (default: the world).
         mode: "dynamic" (variable-size all-to-all, no capacity) or "static" (fairseq's baseline).
@@ -146,9 +150,12 @@ class ExpertParallelExperts(nn.Module):
     forward(hidden [S, H], topk_weights [S, k], expert_ids [S, k] int, -1 = unrouted) -> [S, H].
     """
 
+    inference_only = True
+    collective = True
+
     def __init__(
         self,
-        experts: MoEExperts,
+        experts: Union[ExpertSpec, nn.Module],
         placement: Optional[Placement] = None,
         group=None,
         mode: str = "dynamic",
@@ -174,14 +181,12 @@ class ExpertParallelExperts(nn.Module):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        spec = experts if isinstance(experts, ExpertSpec) else expert_spec(experts)
         # local_only: `experts` holds just this rank's E / R experts (see from_local_experts).
-        self.num_experts = experts.num_experts * (self.world_size if local_only else 1)
-        self.hidden_size = experts.hidden_size
-        self.ffn_size = experts.ffn_size
-        self.activation = experts.activation
-        self.weights_transposed = experts.weights_transposed
-        self.swiglu_alpha = experts.swiglu_alpha
-        self.swiglu_limit = experts.swiglu_limit
+        self.num_experts = spec.num_experts * (self.world_size if local_only else 1)
+        self.hidden_size = spec.hidden_size
+        self.ffn_size = spec.ffn_size
+        self.activation, self.weights_transposed, self.swiglu_alpha, self.swiglu_limit = spec.options
         self.mode = mode
         self.capacity_factor = capacity_factor
         self.capacity_fraction = capacity_fraction
@@ -196,25 +201,21 @@ class ExpertParallelExperts(nn.Module):
             "capacity_factor": float(capacity_factor),
             "capacity_fraction": float(capacity_fraction),
             "top_k": -1 if top_k is None else int(top_k),
-            "activation": experts.activation,
-            "weights_transposed": bool(experts.weights_transposed),
-            "swiglu_alpha": float(experts.swiglu_alpha),
-            "swiglu_limit": float(experts.swiglu_limit),
-            "expert biases": int(experts.gate_up_proj_bias is not None) + 2 * int(experts.down_proj_bias is not None),
+            "activation": spec.activation,
+            "weights_transposed": bool(spec.weights_transposed),
+            "swiglu_alpha": float(spec.swiglu_alpha),
+            "swiglu_limit": float(spec.swiglu_limit),
+            "expert biases": int(spec.fc1_bias is not None) + 2 * int(spec.fc2_bias is not None),
             "local_only": bool(local_only),
         }
         self._settings.update(routing or {})
         if placement is None:
             placement = Placement.contiguous(self.num_experts, self.world_size)
-        self._handshake("construction", placement, experts.gate_up_proj)
+        self._handshake("construction", placement, spec.fc1_weight)
         if local_only:
-            local = [
-                (name, getattr(experts, name).detach())
-                for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
-                if getattr(experts, name) is not None
-            ]
+            local = [(_PARAMS[part], t.detach()) for part, t in spec.tensors().items() if t is not None]
         else:
-            local = self._local_weights(experts, placement.rank_experts(self.rank))
+            local = self._local_weights(spec, placement.rank_experts(self.rank))
         self._param_names = [name for name, _ in local]
         for name, tensor in local:
             self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
@@ -224,7 +225,9 @@ class ExpertParallelExperts(nn.Module):
         self._set_placement(placement)
 
     @classmethod
-    def from_local_experts(cls, experts: MoEExperts, group=None, **options) -> "ExpertParallelExperts":
+    def from_local_experts(
+        cls, experts: Union[ExpertSpec, nn.Module], group=None, **options
+    ) -> "ExpertParallelExperts":
         """Each rank passes only its own E / R experts (as fairseq's per-rank checkpoint shards hold
         them): rank r serves experts [r * E / R, (r + 1) * E / R) (the contiguous placement), and
         the weights are used as they are, without a full copy anywhere."""
@@ -244,19 +247,23 @@ class ExpertParallelExperts(nn.Module):
         self.register_buffer("_replica_count", placement.replica_count.to(device, torch.long), persistent=False)
 
     @staticmethod
-    def _local_weights(experts: MoEExperts, slot_experts: list[int]) -> list[tuple[str, torch.Tensor]]:
-        """Copies of the experts' parameters for the given slots (zeros in empty slots)."""
+    def _local_weights(spec: ExpertSpec, slot_experts: list[int]) -> list[tuple[str, torch.Tensor]]:
+        """Copies of the experts' weights for the given slots (zeros in empty slots)."""
         index = torch.tensor([max(e, 0) for e in slot_experts], dtype=torch.long)
         empty = torch.tensor([e < 0 for e in slot_experts])
         local = []
-        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
-            full = getattr(experts, name)
+        for part, full in spec.tensors().items():
             if full is None:
                 continue
             tensor = full.detach().index_select(0, index.to(full.device))
             tensor[empty.to(full.device)] = 0
-            local.append((name, tensor))
+            local.append((_PARAMS[part], tensor))
         return local
+
+    @property
+    def spec(self) -> ExpertSpec:
+        """This rank's slots as an :class:`ExpertSpec` (slot s: the expert the placement puts there)."""
+        return parameters_spec(self)
 
     def _expert_tensors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self._param_names]
@@ -389,18 +396,22 @@ class ExpertParallelExperts(nn.Module):
         return torch.where(ids >= 0, slots, -1).to(torch.int32)
 
     def _compute(self, rows: torch.Tensor, slot_offsets: torch.Tensor) -> torch.Tensor:
-        return ops.grouped_mlp(
-            rows,
-            slot_offsets,
-            self.gate_up_proj,
-            self.gate_up_proj_bias,
-            self.down_proj,
-            self.down_proj_bias,
-            self.activation,
-            self.weights_transposed,
-            self.swiglu_alpha,
-            self.swiglu_limit,
-        )
+        return ops.grouped_mlp(rows, slot_offsets, self.spec)
+
+    # -- the experts backend protocol ---------------------------------------------------------
+
+    def run(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return self(hidden, topk_weights, topk_ids)
+
+    def run_capacity(self, hidden, topk_weights, topk_ids, locations, capacity):
+        kept = (locations >= 0) & (locations < capacity)
+        return self.forward_static_positions(hidden, topk_weights, topk_ids.masked_fill(~kept, -1), locations, capacity)
+
+    def agree_capacity(self, capacity: int) -> int:
+        """The largest capacity of any rank (every rank calls it: the static all-to-all has equal splits)."""
+        agreed = torch.tensor([capacity], dtype=torch.int64, device=self.gate_up_proj.device)
+        self._collective("capacity all-reduce", dist.all_reduce, agreed, op=dist.ReduceOp.MAX)
+        return int(agreed)
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         self._check_inputs(hidden, topk_weights, expert_ids)
@@ -493,8 +504,11 @@ class ExpertParallelExperts(nn.Module):
                     f"expert-parallel static forward: the ranks disagree on top_k (from {min_k} to {max_k}); every "
                     "rank must route with the same k"
                 )
-            capacity = static_capacity(
-                int(largest), self.num_experts, top_k, self.capacity_factor, self.capacity_fraction
+            # No rank has a token: nothing to size (and an empty exchange).
+            capacity = (
+                static_capacity(int(largest), self.num_experts, top_k, self.capacity_factor, self.capacity_fraction)
+                if int(largest)
+                else 0
             )
             position = static_slot_positions(slots, self.num_slots, capacity).reshape(-1)
         kept = position >= 0
@@ -595,6 +609,13 @@ def _wait(work, group=None):
 
 _HANDSHAKE_SLOTS = 64
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# ExpertSpec part -> this module's parameter (named as MoEExperts's).
+_PARAMS = {
+    "fc1_weight": "gate_up_proj",
+    "fc1_bias": "gate_up_proj_bias",
+    "fc2_weight": "down_proj",
+    "fc2_bias": "down_proj_bias",
+}
 
 
 class ExpertParallelMoELayer(nn.Module):

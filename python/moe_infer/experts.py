@@ -1,14 +1,182 @@
-"""Expert modules: moe_infer's stacked experts, and how transformers' experts modules are recognised."""
+"""The experts of a MoE layer: one spec of their weights, one way to call them.
+
+- :class:`ExpertSpec`: the stacked weights and biases of E expert FFNs, their layout and their
+  activation, i.e. everything :func:`moe_infer.ops.grouped_mlp` reads. :func:`expert_spec` reads
+  it off any supported experts module (moe_infer's :class:`MoEExperts`, a transformers v5 experts
+  module, GPT-OSS's).
+- :class:`ExpertsBackend`: where the experts run, called the same way by :class:`moe_infer.MoELayer`,
+  the transformers blocks and the fairseq layer:
+  ``backend.run(hidden [S, H], topk_weights [S, k], topk_ids [S, k]) -> [S, H]`` (id -1: the pair is
+  not routed). :class:`LocalExperts` computes on this device with the fused ops;
+  :class:`moe_infer.buffer.ExpertBuffer` keeps the experts off the device behind a slot pool;
+  :class:`moe_infer.distributed.ExpertParallelExperts` spreads them over a process group.
+  A layer holds one backend and never looks at which one it is.
+- :class:`MoEExperts`: moe_infer's experts module (parameters laid out as transformers v5).
+"""
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from . import ops
 
-_GATED = ("silu_glu", "gpt_oss_swiglu")
+# Activation modules of torch and transformers (by class name) -> the element function they compute
+# (a unary of the activation table, ops.ACTIVATION_TABLE).
+_MODULE_UNARY = {
+    "ReLU": "relu",
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+    "GELU": "gelu",
+    "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+}
+
+
+def module_activation(act: Optional[nn.Module], gated: bool) -> Optional[str]:
+    """The table activation an activation module computes: its element function, or with ``gated``
+    the gated activation ``unary(gate) * up`` (transformers' ``hidden_act`` "silu" -> "silu_glu",
+    "gelu" -> "gelu_glu", "gelu_pytorch_tanh" / "gelu_new" -> "gelu_tanh_glu", "relu" -> "relu_glu").
+    None when the table has no such activation."""
+    unary = _MODULE_UNARY.get(type(act).__name__)
+    if isinstance(act, nn.GELU) and act.approximate == "tanh":
+        unary = "gelu_tanh"
+    if unary is None:
+        return None
+    return ops.gated_activation(unary) if gated else unary
+
+
+def activation_of(act: Optional[nn.Module], gated: bool, owner: str) -> str:
+    """:func:`module_activation`, or NotImplementedError naming ``owner`` and what is supported."""
+    activation = module_activation(act, gated)
+    if activation is None:
+        supported = sorted({a.unary for a in ops.ACTIVATION_TABLE.values() if a.gated == gated and not a.swiglu_params})
+        raise NotImplementedError(
+            f"moe_infer: {owner} uses the {'gated ' if gated else ''}activation {type(act).__name__}; "
+            f"grouped_mlp supports {', '.join(supported)} there"
+        )
+    return activation
+
+
+# ---- the spec ---------------------------------------------------------------------------------
+
+
+class ExpertSpec(NamedTuple):
+    """E expert FFNs as grouped_mlp reads them (views of a module's own parameters, no copy).
+
+    fc1_weight: [E, F1, H], or [E, H, F1] when ``weights_transposed`` (F1 = 2*I for gated activations)
+    fc1_bias:   [E, F1] or None
+    fc2_weight: [E, H, I], or [E, I, H] when ``weights_transposed``
+    fc2_bias:   [E, H] or None
+    activation: a name of :data:`moe_infer.ops.ACTIVATIONS`; swiglu_alpha / swiglu_limit: GPT-OSS's.
+    """
+
+    fc1_weight: torch.Tensor
+    fc1_bias: Optional[torch.Tensor]
+    fc2_weight: torch.Tensor
+    fc2_bias: Optional[torch.Tensor]
+    activation: str
+    weights_transposed: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+    @property
+    def num_experts(self) -> int:
+        return self.fc1_weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.fc1_weight.shape[1 if self.weights_transposed else 2]
+
+    @property
+    def ffn_size(self) -> int:
+        return self.fc2_weight.shape[1 if self.weights_transposed else 2]
+
+    @property
+    def options(self) -> tuple:
+        """(activation, weights_transposed, swiglu_alpha, swiglu_limit): the ops' trailing arguments."""
+        return self.activation, self.weights_transposed, self.swiglu_alpha, self.swiglu_limit
+
+    def tensors(self) -> dict[str, Optional[torch.Tensor]]:
+        """{"fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"} (biases may be None)."""
+        return {
+            "fc1_weight": self.fc1_weight,
+            "fc1_bias": self.fc1_bias,
+            "fc2_weight": self.fc2_weight,
+            "fc2_bias": self.fc2_bias,
+        }
+
+
+def expert_spec(experts: nn.Module, activation: Optional[str] = None) -> ExpertSpec:
+    """The :class:`ExpertSpec` of an experts module: :class:`MoEExperts` (and subclasses such as
+    the fairseq experts), or a transformers v5 stacked experts module (3-D ``gate_up_proj`` /
+    ``up_proj`` and ``down_proj``, optional biases, transposed or not, gated by one of the table's
+    element functions, or GPT-OSS's clamped interleaved swiGLU).
+
+    Raises NotImplementedError (naming the module and the reason) for what grouped_mlp does not
+    compute: another activation, a custom gate, a norm after each expert, per-expert modules.
+    ``activation`` overrides the activation read from the module.
+    """
+    if isinstance(experts, MoEExperts):
+        return experts.spec if activation is None else experts.spec._replace(activation=activation)
+    owner = type(experts).__name__
+    fc1_name = "gate_up_proj" if getattr(experts, "has_gate", hasattr(experts, "gate_up_proj")) else "up_proj"
+    fc1, fc2 = getattr(experts, fc1_name, None), getattr(experts, "down_proj", None)
+    if not isinstance(fc1, torch.Tensor) or not isinstance(fc2, torch.Tensor) or fc1.dim() != 3 or fc2.dim() != 3:
+        raise NotImplementedError(
+            f"moe_infer: {owner} is not a stacked experts module (expected 3-D gate_up_proj/up_proj and down_proj "
+            "parameters: moe_infer.MoEExperts or a transformers v5 experts module)"
+        )
+    if getattr(experts, "has_post_expert_norm", False):
+        raise NotImplementedError(f"moe_infer: {owner} normalizes each expert's output, which grouped_mlp does not do")
+    has_bias = getattr(experts, "has_bias", getattr(experts, fc1_name + "_bias", None) is not None)
+    fc1_bias = getattr(experts, fc1_name + "_bias") if has_bias else None
+    fc2_bias = experts.down_proj_bias if has_bias else None
+    transposed = bool(getattr(experts, "is_transposed", False))
+    if _is_gpt_oss(experts):
+        return ExpertSpec(
+            fc1, fc1_bias, fc2, fc2_bias, activation or "gpt_oss_swiglu", True, experts.alpha, experts.limit
+        )
+    gated = fc1_name == "gate_up_proj"
+    if gated and (not getattr(experts, "is_concatenated", True) or not _default_gate(experts)):
+        raise NotImplementedError(f"moe_infer: {owner} has a custom _apply_gate, which grouped_mlp does not compute")
+    activation = activation or activation_of(getattr(experts, "act_fn", None), gated, owner)
+    return ExpertSpec(fc1, fc1_bias, fc2, fc2_bias, activation, transposed)
+
+
+def _is_gpt_oss(experts: nn.Module) -> bool:
+    # Class name and attributes rather than the gate function's __qualname__, which torch.compile cannot trace.
+    return (
+        type(experts).__name__ == "GptOssExperts"
+        and not getattr(experts, "is_concatenated", True)
+        and hasattr(experts, "alpha")
+        and hasattr(experts, "limit")
+    )
+
+
+# transformers' default gate (act_fn(gate) * up), found once: compared by identity, which
+# torch.compile traces (a function's __qualname__ it does not).
+_DEFAULT_GATES: list = []
+
+
+def _default_gate(experts: nn.Module) -> bool:
+    """Whether a transformers experts module gates with transformers' default act_fn(gate) * up."""
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    if apply_gate is None:
+        return True
+    if not _DEFAULT_GATES:
+        try:
+            from transformers.integrations.moe import _default_apply_gate
+        except ImportError:
+            return False
+        _DEFAULT_GATES.append(_default_apply_gate)
+    return any(apply_gate is gate for gate in _DEFAULT_GATES)
+
+
+# ---- moe_infer's experts module ---------------------------------------------------------------
 
 
 class MoEExperts(nn.Module):
@@ -16,7 +184,7 @@ class MoEExperts(nn.Module):
 
     Shapes (``weights_transposed=False``, transformers' default):
         gate_up_proj [E, F1, H], down_proj [E, H, I], gate_up_proj_bias [E, F1], down_proj_bias [E, H]
-    with F1 = 2*I for gated activations ("silu_glu", "gpt_oss_swiglu"), else I. With
+    with F1 = 2*I for gated activations (``ops.ACTIVATION_TABLE[name].gated``), else I. With
     ``weights_transposed=True`` (GPT-OSS layout): gate_up_proj [E, H, F1], down_proj [E, I, H].
     """
 
@@ -46,7 +214,7 @@ class MoEExperts(nn.Module):
         self.weights_transposed = weights_transposed
         self.swiglu_alpha = swiglu_alpha
         self.swiglu_limit = swiglu_limit
-        fc1_outputs = 2 * ffn_size if activation in _GATED else ffn_size
+        fc1_outputs = 2 * ffn_size if ops.ACTIVATION_TABLE[activation].gated else ffn_size
         factory = {"dtype": dtype, "device": device}
         fc1_shape = (
             (num_experts, hidden_size, fc1_outputs) if weights_transposed else (num_experts, fc1_outputs, hidden_size)
@@ -73,38 +241,39 @@ class MoEExperts(nn.Module):
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
 
+    @property
+    def spec(self) -> ExpertSpec:
+        """The module's own parameters as an :class:`ExpertSpec` (no copy)."""
+        return parameters_spec(self)
+
+    def expert_spec(self) -> ExpertSpec:
+        return self.spec
+
     def forward_tokens(self, hidden: torch.Tensor, topk_weights: torch.Tensor, plan: ops.DispatchPlan) -> torch.Tensor:
         """hidden [S, H] in token order, topk_weights [S, k], plan of the [S, k] expert ids -> [S, H]:
         every token's weighted expert outputs, summed (:func:`moe_infer.ops.grouped_mlp_combine`:
         no [S*k, H] buffers on the CPU)."""
-        return ops.grouped_mlp_combine(
-            hidden,
-            topk_weights,
-            plan,
-            self.gate_up_proj,
-            self.gate_up_proj_bias,
-            self.down_proj,
-            self.down_proj_bias,
-            self.activation,
-            self.weights_transposed,
-            self.swiglu_alpha,
-            self.swiglu_limit,
-        )
+        return ops.grouped_mlp_combine(hidden, topk_weights, plan, self.spec)
 
     def forward(self, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
         """rows [N, H] grouped by expert, expert_offsets [E+1] int32 -> [N, H]."""
-        return ops.grouped_mlp(
-            rows,
-            expert_offsets,
-            self.gate_up_proj,
-            self.gate_up_proj_bias,
-            self.down_proj,
-            self.down_proj_bias,
-            self.activation,
-            self.weights_transposed,
-            self.swiglu_alpha,
-            self.swiglu_limit,
-        )
+        return ops.grouped_mlp(rows, expert_offsets, self.spec)
+
+
+def parameters_spec(module: nn.Module) -> ExpertSpec:
+    """The :class:`ExpertSpec` of a module laid out as :class:`MoEExperts` (``gate_up_proj``,
+    ``gate_up_proj_bias``, ``down_proj``, ``down_proj_bias``, ``activation``, ``weights_transposed``,
+    ``swiglu_alpha``, ``swiglu_limit``), e.g. the expert-parallel experts' local slots."""
+    return ExpertSpec(
+        module.gate_up_proj,
+        module.gate_up_proj_bias,
+        module.down_proj,
+        module.down_proj_bias,
+        module.activation,
+        module.weights_transposed,
+        module.swiglu_alpha,
+        module.swiglu_limit,
+    )
 
 
 def is_transformers_experts(module: torch.nn.Module) -> bool:
@@ -116,3 +285,112 @@ def is_transformers_experts(module: torch.nn.Module) -> bool:
         and down.dim() == 3
         and not hasattr(module, "weights_transposed")  # moe_infer.MoEExperts is called differently
     )
+
+
+# ---- the execution protocol -------------------------------------------------------------------
+
+
+class ExpertsBackend:
+    """Where a layer's experts run. Every layer and integration calls its backend the same way:
+
+    ``run(hidden [S, H], topk_weights [S, k], topk_ids [S, k] int32/int64) -> [S, H]``: each token's
+    expert outputs weighted and summed (float32 accumulation); ids of -1 are unrouted pairs and
+    contribute nothing. Static (capacity) gating calls ``run_capacity`` with each pair's slot in its
+    expert's buffer; pairs outside [0, capacity) are dropped. ``agree_capacity`` is where ranks
+    agree on one capacity (the largest) when the experts are spread over a group.
+
+    Attributes:
+        inference_only: the backend computes without autograd (a layer in training refuses it).
+        collective: every rank must call it, even one without tokens.
+    """
+
+    inference_only = False
+    collective = False
+
+    def run(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_capacity(
+        self,
+        hidden: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        locations: torch.Tensor,
+        capacity: int,
+    ) -> torch.Tensor:
+        kept = (locations >= 0) & (locations < capacity)
+        return self.run(hidden, topk_weights, topk_ids.masked_fill(~kept, -1))
+
+    def agree_capacity(self, capacity: int) -> int:
+        return capacity
+
+
+def run_local(
+    spec: ExpertSpec, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """The experts of ``spec`` on hidden's device: dispatch_plan, then grouped_mlp_combine (the
+    gather and the weighted combine fused into the expert compute, no [S*k, H] buffer)."""
+    # Ids come from a router (in range) or are -1: the device-side id check is not needed.
+    plan = ops.dispatch_plan(topk_ids, spec.num_experts, validate=False)
+    if topk_weights.dtype not in (torch.float32, hidden.dtype):
+        topk_weights = topk_weights.float()
+    return ops.grouped_mlp_combine(hidden, topk_weights, plan, spec)
+
+
+class LocalExperts(ExpertsBackend):
+    """Every expert on this device, computed with the fused ops.
+
+    Args:
+        source: what holds the weights, asked for its :class:`ExpertSpec` on every call (its
+            parameters may be replaced): a :class:`MoEExperts`, or any object with ``expert_spec()``.
+        row_transform: applied to the expert output rows [N, H] (e.g. fairseq's per-slot token
+            dropout in training); the rows are then materialized (permute -> grouped_mlp ->
+            unpermute_combine) instead of fused.
+    """
+
+    def __init__(self, source, row_transform=None):
+        self.source = source
+        self.row_transform = row_transform
+
+    def run(self, hidden, topk_weights, topk_ids):
+        spec = self.source.expert_spec()
+        if self.row_transform is None:
+            return run_local(spec, hidden, topk_weights, topk_ids)
+        plan = ops.dispatch_plan(topk_ids, spec.num_experts, validate=False)
+        rows = ops.permute(hidden, plan.sorted_pair_ids, topk_ids.shape[1])
+        expert_rows = self.row_transform(ops.grouped_mlp(rows, plan.expert_offsets, spec))
+        return ops.unpermute_combine(expert_rows, topk_weights, plan.row_of_pair)
+
+    def run_capacity(self, hidden, topk_weights, topk_ids, locations, capacity):
+        """fairseq's dense static path: every expert computes its ``capacity`` rows, placeholders
+        included (the baseline's cost), through the [S, E, C] routing tensors."""
+        spec = self.source.expert_spec()
+        num_experts, hidden_size = spec.num_experts, hidden.shape[1]
+        combine_weights, dispatch_mask = ops.static_routing_tensors(
+            topk_ids, locations, topk_weights, num_experts, capacity
+        )
+        rows = ops.static_dispatch(hidden, dispatch_mask).view(num_experts * capacity, hidden_size)
+        # Expert e owns rows [e * C, (e + 1) * C).
+        offsets = torch.arange(0, (num_experts + 1) * capacity, capacity, dtype=torch.int32, device=hidden.device)
+        expert_rows = ops.grouped_mlp(rows, offsets, spec)
+        if self.row_transform is not None:
+            expert_rows = self.row_transform(expert_rows)
+        return ops.static_combine(expert_rows.view(num_experts, capacity, hidden_size), combine_weights)
+
+
+class ModuleSpec:
+    """The spec of an experts module read on each call (its parameters may be replaced), with the
+    layout and activation found once, when it is built (NotImplementedError if unsupported)."""
+
+    def __init__(self, experts: nn.Module):
+        spec = expert_spec(experts)
+        self.experts = experts
+        self._names = [
+            next(name for name, p in experts.named_parameters(recurse=False) if p is t) if t is not None else None
+            for t in spec.tensors().values()
+        ]
+        self._options = spec.options
+
+    def expert_spec(self) -> ExpertSpec:
+        tensors = [getattr(self.experts, name) if name is not None else None for name in self._names]
+        return ExpertSpec(*tensors, *self._options)

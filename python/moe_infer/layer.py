@@ -11,7 +11,7 @@ from torch import nn
 
 from . import ops
 from .buffer import attach_expert_buffer
-from .experts import MoEExperts
+from .experts import ExpertsBackend, LocalExperts, MoEExperts
 
 
 class MoELayer(nn.Module):
@@ -93,9 +93,10 @@ class MoELayer(nn.Module):
             # A buffered layer's experts live on the host (or nowhere yet, when a store brings them).
             device=device if expert_buffer is None else ("meta" if expert_store is not None else "cpu"),
         )
-        self.expert_buffer = None
+        # Where the experts run (moe_infer.experts.ExpertsBackend): here, or through an expert buffer.
+        self.experts_backend: ExpertsBackend = LocalExperts(self.experts)
         if expert_buffer is not None:
-            self.expert_buffer = attach_expert_buffer(
+            self.experts_backend = attach_expert_buffer(
                 self.experts, expert_buffer, buffer_policy, expert_store, device or torch.device("cpu")
             )
         if selection_bias:
@@ -132,11 +133,12 @@ class MoELayer(nn.Module):
         shape = hidden.shape
         x = hidden.reshape(-1, self.hidden_size)
         _, weights, ids = self.route(x)
-        # Ids made by topk_gating are in range: no need for the device-side id check.
-        if self.expert_buffer is not None:
-            return self.expert_buffer(x, ids, weights).view(shape)
-        plan = ops.dispatch_plan(ids, self.num_experts, validate=False)
-        return self.experts.forward_tokens(x, weights, plan).view(shape)
+        return self.experts_backend.run(x, weights, ids).view(shape)
+
+    @property
+    def expert_buffer(self):
+        """The :class:`moe_infer.buffer.ExpertBuffer` of a buffered layer, else None."""
+        return getattr(self.experts, "expert_buffer", None)
 
     def extra_repr(self) -> str:
         return (

@@ -11,9 +11,8 @@ The pipeline of one dynamic-gating MoE layer (S tokens, hidden size H, E experts
 No capacity, no dropped tokens, no placeholder rows: every buffer has exactly S*k rows.
 """
 
-import contextlib
 import math
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -22,7 +21,32 @@ from . import _C
 _ops = torch.ops.moe_infer
 
 SCORINGS = ("softmax", "softmax_topk", "sigmoid")
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "silu_glu", "gpt_oss_swiglu")
+
+
+class Activation(NamedTuple):
+    """One row of the expert activation table (csrc/common/activation.h, read from the extension).
+
+    name:          grouped_mlp's ``activation`` argument
+    gated:         fc1 has 2 * ffn_size outputs, gate and up; the output is ``unary(gate) * up``
+    unary:         the element function (on the gate when gated): "relu", "gelu", "gelu_tanh", "silu"
+    swiglu_params: reads ``swiglu_alpha`` / ``swiglu_limit`` (GPT-OSS's clamped swiGLU)
+    """
+
+    name: str
+    gated: bool
+    unary: str
+    swiglu_params: bool
+
+
+ACTIVATION_TABLE = {row[0]: Activation(*row) for row in _C.activations()}
+ACTIVATIONS = tuple(ACTIVATION_TABLE)
+
+
+def gated_activation(unary: str) -> Optional[str]:
+    """The gated activation whose gate goes through ``unary`` ("silu" -> "silu_glu"), or None."""
+    return next(
+        (a.name for a in ACTIVATION_TABLE.values() if a.gated and a.unary == unary and not a.swiglu_params), None
+    )
 
 
 class DispatchPlan(NamedTuple):
@@ -112,11 +136,11 @@ def unpermute_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, row_
 def grouped_mlp(
     hidden: torch.Tensor,
     expert_offsets: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: Optional[torch.Tensor],
-    fc2_weight: torch.Tensor,
-    fc2_bias: Optional[torch.Tensor],
-    activation: str,
+    fc1_weight,
+    fc1_bias: Optional[torch.Tensor] = None,
+    fc2_weight: Optional[torch.Tensor] = None,
+    fc2_bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
     weights_transposed: bool = False,
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
@@ -126,13 +150,15 @@ def grouped_mlp(
     Args:
         hidden: [N, H] rows grouped by expert (the output of :func:`permute`).
         expert_offsets: [E+1] int32; expert e owns rows [offsets[e], offsets[e+1]).
-        fc1_weight: [E, F1, H] (transformers' ``gate_up_proj``), or [E, H, F1] when
+        fc1_weight: an :class:`moe_infer.experts.ExpertSpec` (then nothing follows: it holds the
+            weights, biases, layout and activation), or [E, F1, H] (transformers' ``gate_up_proj``), or [E, H, F1] when
             ``weights_transposed``; F1 = 2*I for gated activations, else I.
         fc1_bias: [E, F1] or None.
         fc2_weight: [E, H, I] (``down_proj``), or [E, I, H] when ``weights_transposed``.
         fc2_bias: [E, H] or None.
-        activation: one of ACTIVATIONS. "silu_glu" splits fc1's output into gate (first half) and
-            up (second half); "gpt_oss_swiglu" takes interleaved gate/up columns, clamps them at
+        activation: one of ACTIVATIONS (see :class:`Activation`). The gated ones ("silu_glu",
+            "gelu_glu", "gelu_tanh_glu", "relu_glu") split fc1's output into gate (first half) and
+            up (second half) and compute unary(gate) * up; "gpt_oss_swiglu" takes interleaved gate/up columns, clamps them at
             ``swiglu_limit`` and computes (up + 1) * gate * sigmoid(swiglu_alpha * gate).
     Returns:
         [N, H] in hidden's dtype; rows outside every expert (unrouted pairs) are zeros.
@@ -140,42 +166,18 @@ def grouped_mlp(
     return _ops.grouped_mlp(
         hidden,
         expert_offsets,
-        fc1_weight,
-        fc1_bias,
-        fc2_weight,
-        fc2_bias,
-        activation,
-        weights_transposed,
-        swiglu_alpha,
-        swiglu_limit,
+        *_expert_args(
+            fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, weights_transposed, swiglu_alpha, swiglu_limit
+        ),
     )
 
 
-def set_kernels(enabled: bool) -> None:
-    """Run the hand-written kernels (default) or the composite fallback built from ATen ops.
-
-    The fallback exists on every device; comparing the two (and the reference) is how the tests
-    check the kernels. Process-wide.
-    """
-    _C.set_kernels_enabled(bool(enabled))
+def _expert_args(fc1_weight, *rest) -> tuple:
+    """The ops' trailing expert arguments, from an ExpertSpec (a tuple of exactly those) or as given."""
+    return tuple(fc1_weight) if not isinstance(fc1_weight, torch.Tensor) else (fc1_weight, *rest)
 
 
-def kernels_enabled() -> bool:
-    return bool(_C.kernels_enabled())
-
-
-@contextlib.contextmanager
-def use_kernels(enabled: bool) -> Iterator[None]:
-    """Context manager form of :func:`set_kernels`."""
-    previous = kernels_enabled()
-    set_kernels(enabled)
-    try:
-        yield
-    finally:
-        set_kernels(previous)
-
-
-# ---- static gating (issue 3) ----------------------------------------------------------------
+# ---- static gating --------------------------------------------------------------------------
 #
 # The capacity-based baseline, GShard / fairseq style (S tokens, E experts, capacity C):
 #
@@ -366,11 +368,11 @@ def grouped_mlp_combine(
     hidden: torch.Tensor,
     topk_weights: torch.Tensor,
     plan: DispatchPlan,
-    fc1_weight: torch.Tensor,
-    fc1_bias: Optional[torch.Tensor],
-    fc2_weight: torch.Tensor,
-    fc2_bias: Optional[torch.Tensor],
-    activation: str,
+    fc1_weight,
+    fc1_bias: Optional[torch.Tensor] = None,
+    fc2_weight: Optional[torch.Tensor] = None,
+    fc2_bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
     weights_transposed: bool = False,
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
@@ -386,7 +388,7 @@ def grouped_mlp_combine(
         hidden: [S, H] in token order.
         topk_weights: [S, k] float32 or hidden's dtype; accumulated in float32.
         plan: the :func:`dispatch_plan` of the [S, k] expert ids (unrouted pairs contribute nothing).
-        fc1_weight ... swiglu_limit: as :func:`grouped_mlp`.
+        fc1_weight ... swiglu_limit: as :func:`grouped_mlp` (an ExpertSpec, or the loose arguments).
     Returns:
         [S, H] in hidden's dtype.
 
@@ -397,12 +399,7 @@ def grouped_mlp_combine(
         topk_weights,
         plan.sorted_pair_ids,
         plan.expert_offsets,
-        fc1_weight,
-        fc1_bias,
-        fc2_weight,
-        fc2_bias,
-        activation,
-        weights_transposed,
-        swiglu_alpha,
-        swiglu_limit,
+        *_expert_args(
+            fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, weights_transposed, swiglu_alpha, swiglu_limit
+        ),
     )

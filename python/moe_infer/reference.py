@@ -15,21 +15,22 @@ def activation_fn(
     name: str, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """fc1 output [..., F1] -> activation output [..., I], in the input's dtype."""
-    if name == "relu":
-        return F.relu
-    if name == "gelu":
-        return F.gelu
-    if name == "gelu_tanh":
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "silu":
-        return F.silu
-    if name == "silu_glu":
+    unary = {
+        "relu": F.relu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "silu": F.silu,
+    }
+    if name in unary:
+        return unary[name]
+    if name.endswith("_glu") and name[: -len("_glu")] in unary:
+        act = unary[name[: -len("_glu")]]
 
-        def silu_glu(x):
+        def glu(x):
             gate, up = x.chunk(2, dim=-1)
-            return F.silu(gate) * up
+            return act(gate) * up
 
-        return silu_glu
+        return glu
     if name == "gpt_oss_swiglu":
 
         def gpt_oss_swiglu(x):
@@ -274,7 +275,7 @@ def layer_forward(
     )
 
 
-# ---- fairseq static gating (issue 3) --------------------------------------------------------
+# ---- fairseq static gating --------------------------------------------------------------------
 # An independent re-implementation of fairseq's GShard gates (fairseq/modules/moe/top1gate.py,
 # top2gate.py) and of MOELayer's einsum dispatch and combine, with plain PyTorch ops on dense
 # [S, E, C] tensors: the reference the static ops are tested against, and the "fairseq" column of

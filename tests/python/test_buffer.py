@@ -232,8 +232,11 @@ def test_belady_is_never_beaten():
         dict(activation="silu_glu"),
         dict(activation="gpt_oss_swiglu", bias=True, transposed=True),
         dict(activation="relu", bias=True),
+        dict(activation="gelu_glu"),
+        dict(activation="gelu_tanh_glu", bias=True),
+        dict(activation="relu_glu", transposed=True),
     ],
-    ids=["silu_glu", "gpt_oss", "relu_bias"],
+    ids=["silu_glu", "gpt_oss", "relu_bias", "gelu_glu", "gelu_tanh_glu", "relu_glu"],
 )
 def test_buffer_smaller_than_one_batch_is_exact(device, top_k, options):
     """A batch needing more experts than slots runs in rounds, resident experts computed while later

@@ -11,7 +11,7 @@ import moe_infer
 from moe_infer import ops
 from moe_infer import reference as ref
 
-from conftest import relative_error
+from conftest import relative_error, use_kernels
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and moe_infer.built_with_cuda()), reason="needs a CUDA device and a CUDA build"
@@ -37,7 +37,7 @@ def test_dispatch_plan_cuda_equals_cpu(num_tokens, num_experts, k, skew):
     for id_dtype in (torch.int32, torch.int64):
         cpu = ops.dispatch_plan(ids.to(id_dtype), num_experts)
         gpu = ops.dispatch_plan(ids.to(id_dtype).to(CUDA), num_experts)
-        with ops.use_kernels(False):
+        with use_kernels(False):
             fallback = ops.dispatch_plan(ids.to(id_dtype).to(CUDA), num_experts)
         for a, b, c in zip(cpu, gpu, fallback):
             assert torch.equal(a, b.cpu()) and torch.equal(a, c.cpu())
@@ -114,7 +114,7 @@ def test_validate_false_is_memory_safe_and_raises_nothing():
 
 
 def expert_weights(num_experts, hidden_size, ffn_size, activation, bias, transposed, dtype):
-    gated = activation in ("silu_glu", "gpt_oss_swiglu")
+    gated = ops.ACTIVATION_TABLE[activation].gated
     fc1_out = 2 * ffn_size if gated else ffn_size
     fc1 = (
         torch.randn((num_experts, hidden_size, fc1_out) if transposed else (num_experts, fc1_out, hidden_size))
@@ -145,7 +145,7 @@ def test_grouped_mlp_cuda_kernel_fallback_reference(dtype, hidden_size, ffn_size
     fc1, b1, fc2, b2 = expert_weights(num_experts, hidden_size, ffn_size, activation, bias, transposed, dtype)
     args = (hidden, offsets.to(CUDA), fc1, b1, fc2, b2, activation, transposed)
     out = ops.grouped_mlp(*args)
-    with ops.use_kernels(False):
+    with use_kernels(False):
         fallback = ops.grouped_mlp(*args)
     up = lambda t: None if t is None else t.double().cpu()  # noqa: E731
     expected = ref.grouped_mlp(up(hidden), offsets, up(fc1), up(b1), up(fc2), up(b2), activation, transposed)
@@ -233,7 +233,7 @@ def test_grouped_mlp_combine_cuda_equals_cpu(dtype):
     assert relative_error(gpu.cpu(), cpu) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-# ---- static gating (issue 3) ----------------------------------------------------------------
+# ---- static gating --------------------------------------------------------------------------
 
 STATIC_CONFIGS = [
     # (top_k, second_expert_policy, normalize_before_dropping)
@@ -302,7 +302,7 @@ def test_static_routing_tensors_cuda_equals_cpu():
         assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
     token, slot = (r.topk_weights != 0).nonzero()[0].tolist()
     ids[token, slot] = 99
-    with pytest.raises(RuntimeError, match=rf"expert_ids\[{token}, {slot}\] = 99 is out of range"):
+    with pytest.raises(ValueError, match=rf"expert_ids\[{token}, {slot}\] = 99 is out of range"):
         ops.static_routing_tensors(ids.to(CUDA), r.locations.to(CUDA), r.topk_weights.to(CUDA), num_experts, capacity)
 
 
@@ -320,7 +320,7 @@ def test_static_dispatch_combine_cuda_kernel_fallback_cpu(dtype, hidden_size, nu
     want = torch.einsum("sec,ecm->sm", combine.double(), expert_out.double())
     limit = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     for kernels in (True, False):
-        with ops.use_kernels(kernels):
+        with use_kernels(kernels):
             rows = ops.static_dispatch(hidden.to(CUDA), mask.to(CUDA))
             out = ops.static_combine(expert_out.to(CUDA), combine.to(CUDA))
         assert torch.equal(rows.cpu(), rows_cpu)  # copies: exact
@@ -331,8 +331,8 @@ def test_static_dispatch_combine_cuda_kernel_fallback_cpu(dtype, hidden_size, nu
         assert num_tokens == 0 or relative_error(out.cpu(), want) < limit
 
 
-@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "composite"])
-def test_static_ops_cuda_graph_capture_replay_equals_eager(use_kernels):
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "composite"])
+def test_static_ops_cuda_graph_capture_replay_equals_eager(kernels):
     num_tokens, num_experts, hidden_size = 96, 8, 64
     capacity = ops.static_capacity(num_tokens, num_experts, 2, 0.5)
     router = torch.randn(num_experts, hidden_size, device=CUDA) / hidden_size**0.5
@@ -345,7 +345,7 @@ def test_static_ops_cuda_graph_capture_replay_equals_eager(use_kernels):
 
     static_x = torch.randn(num_tokens, hidden_size, device=CUDA)
     static_uniform = torch.rand(num_tokens, device=CUDA)
-    with ops.use_kernels(use_kernels):
+    with use_kernels(kernels):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

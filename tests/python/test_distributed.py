@@ -161,6 +161,11 @@ def _equivalence_worker(rank, world_size):
         ).eval()
         placement = placements_for(world_size)["anti_correlation+replicas"]
         torch.testing.assert_close(expert_parallel(gpt_oss, placement)(x), gpt_oss(x), msg="gpt-oss layout")
+        # Gated activations other than SiLU (transformers' hidden_act "gelu", "gelu_pytorch_tanh", "relu").
+        for activation in ("gelu_glu", "gelu_tanh_glu", "relu_glu"):
+            torch.manual_seed(2)
+            gated = moe_infer.MoELayer(HIDDEN, FFN, EXPERTS, TOP_K, activation).eval()
+            torch.testing.assert_close(expert_parallel(gated, placement)(x), gated(x), msg=activation)
     return "ok"
 
 
@@ -473,3 +478,14 @@ def test_silent_rank_raises_after_the_group_timeout(tmp_path):
     elapsed, message = results[0]
     assert timeout_s * 0.5 <= elapsed < timeout_s + 20, f"raised after {elapsed:.1f} s (timeout {timeout_s} s)"
     assert "expert-parallel counts all-to-all failed on rank 0 of 2" in message
+
+
+def test_static_capacity_is_the_layers():
+    """The static exchange sizes its slots with the one capacity formula (fairseq's int(), as
+    ops.static_capacity and the fairseq layer), not a rounded-up variant."""
+    from moe_infer import ops
+
+    assert static_capacity(3156, 216, 1, 0.5) == ops.static_capacity(3156, 216, 1, 0.5) == 7
+    assert static_capacity(100, 8, 2, 1.0, 0.25) == ops.static_capacity(100, 8, 2, 1.0, 0.25, eval_mode=True) == 25
+    with pytest.raises(ValueError, match="capacity is 0"):
+        static_capacity(3, 8, 1, 0.5)

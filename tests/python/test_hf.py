@@ -211,9 +211,34 @@ def test_unsupported_activation_is_reported():
     model = hf_models.build_model("mixtral", vocab=VOCAB, hidden_act="gelu_fast")
     with pytest.raises(ValueError, match=r"model.layers.0.mlp: moe_infer: MixtralExperts uses the gated activation"):
         moe_infer.optimize(model)
-    model.set_experts_implementation("moe_infer")
+    # The registry route refuses the choice itself, not the first forward.
     with pytest.raises(NotImplementedError, match="gated activation FastGELUActivation"):
-        run("mixtral", model, torch.randint(3, VOCAB, (1, 4)))
+        model.set_experts_implementation("moe_infer")
+    assert model.config._experts_implementation != "moe_infer"
+    config = hf_models.make_config("mixtral", vocab=VOCAB, hidden_act="gelu_fast")
+    config._experts_implementation = "moe_infer"
+    with pytest.raises(NotImplementedError, match="gated activation FastGELUActivation"):
+        transformers.MixtralForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    "hidden_act,activation",
+    [("gelu", "gelu_glu"), ("gelu_pytorch_tanh", "gelu_tanh_glu"), ("gelu_new", "gelu_tanh_glu"), ("relu", "relu_glu")],
+)
+def test_gated_activations_from_hidden_act(hidden_act, activation):
+    """Mixtral-like models whose config names another activation: optimize(), the buffered path and
+    the registry route all compute transformers' act_fn(gate) * up."""
+    model = hf_models.build_model("mixtral", vocab=VOCAB, hidden_act=hidden_act)
+    assert moe_infer.experts.expert_spec(model.model.layers[0].mlp.experts).activation == activation
+    ids, mask = padded_batch([9, 6], 9)
+    expected = run("mixtral", model, ids, mask).logits
+    opt = moe_infer.optimize(copy.deepcopy(model), verbose=False)
+    assert relative_error(run("mixtral", opt, ids, mask).logits, expected) <= 1e-5
+    buffered = moe_infer.optimize(copy.deepcopy(model), verbose=False, expert_buffer=3)
+    assert relative_error(run("mixtral", buffered, ids, mask).logits, expected) <= 1e-5
+    registry = copy.deepcopy(model)
+    registry.set_experts_implementation("moe_infer")
+    assert relative_error(run("mixtral", registry, ids, mask).logits, expected) <= 1e-5
 
 
 def test_optimize_reports_and_is_idempotent(capsys):

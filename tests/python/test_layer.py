@@ -75,8 +75,22 @@ def test_layer_matches_reference_grid(device, num_tokens, num_experts, k):
         dict(activation="gelu"),
         dict(activation="gelu_tanh"),
         dict(activation="silu"),
+        dict(activation="gelu_glu"),
+        dict(activation="gelu_tanh_glu", expert_bias=True),
+        dict(activation="relu_glu", weights_transposed=True),
     ],
-    ids=["mixtral", "gpt_oss", "deepseek_v3", "relu_bias", "gelu", "gelu_tanh", "silu"],
+    ids=[
+        "mixtral",
+        "gpt_oss",
+        "deepseek_v3",
+        "relu_bias",
+        "gelu",
+        "gelu_tanh",
+        "silu",
+        "gelu_glu",
+        "gelu_tanh_glu",
+        "relu_glu",
+    ],
 )
 def test_layer_variants(device, impl, dtype, options):
     layer = make_layer(device, dtype, hidden_size=45, ffn_size=30, num_experts=16, top_k=4, **options)

@@ -206,7 +206,7 @@ def test_combine_accumulates_in_float32(device):
 
 
 def make_expert_weights(num_experts, hidden_size, ffn_size, activation, bias, transposed, dtype, device):
-    fc1_outputs = 2 * ffn_size if activation in ("silu_glu", "gpt_oss_swiglu") else ffn_size
+    fc1_outputs = 2 * ffn_size if ops.ACTIVATION_TABLE[activation].gated else ffn_size
     fc1_shape = (num_experts, hidden_size, fc1_outputs) if transposed else (num_experts, fc1_outputs, hidden_size)
     fc2_shape = (num_experts, ffn_size, hidden_size) if transposed else (num_experts, hidden_size, ffn_size)
     fc1 = (torch.randn(fc1_shape, device=device) / hidden_size**0.5).to(dtype)

@@ -10,7 +10,6 @@ with fresh randomness (a local hunt). Every failure a search found is kept below
 import math
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -18,6 +17,8 @@ from hypothesis import strategies as st
 import moe_infer
 from moe_infer import ops
 from moe_infer import reference as ref
+
+from conftest import use_kernels
 
 settings.register_profile(
     "ci",
@@ -142,7 +143,7 @@ def test_topk_gating_matches_reference_and_composite(case):
     args = _gating_args(case)
     logits, k, scoring, renormalize, bias, scaling, n_group, topk_group = args
     weights, ids = ops.topk_gating(*args)
-    with ops.use_kernels(False):
+    with use_kernels(False):
         c_weights, c_ids = ops.topk_gating(*args)
     # Kernel and composite follow one contract (ties: see test_tie_order_is_torch_topk_order).
     if not case["ties"]:
@@ -174,7 +175,7 @@ def test_sigmoid_renormalize_of_an_all_minus_inf_row_gives_zero_weights(seed, nu
     logits = torch.randn(num_tokens, num_experts, generator=generator(seed))
     logits[0] = float("-inf")
     for kernels in (True, False):
-        with ops.use_kernels(kernels):
+        with use_kernels(kernels):
             weights, ids = ops.topk_gating(logits, k, "sigmoid", True)
         assert torch.equal(weights[0], torch.zeros(k)), (kernels, weights[0])
         assert torch.isfinite(weights).all()
@@ -191,7 +192,7 @@ def test_tie_order_is_torch_topk_order(seed, num_tokens, num_experts, data):
     # The composite form selects with torch.topk itself; the CPU kernel reproduces torch's CPU
     # selection order (tests/python/test_routing.py checks it on its own).
     for scoring in ("softmax_topk", "softmax"):
-        with ops.use_kernels(False):
+        with use_kernels(False):
             _, ids = ops.topk_gating(logits, k, scoring)
         assert torch.equal(ids, want), (scoring, ids, want)
 
@@ -214,7 +215,7 @@ def test_dispatch_plan_matches_reference(seed, num_tokens, num_experts, k_fracti
     if transposed:  # a non-contiguous [S, k] view
         ids = ids.t().contiguous().t()
     for kernels in (True, False):
-        with ops.use_kernels(kernels):
+        with use_kernels(kernels):
             plan = ops.dispatch_plan(ids, num_experts)
         for got, want in zip(plan, ref.dispatch_plan(ids, num_experts)):
             assert torch.equal(got.long(), want), kernels
@@ -241,7 +242,7 @@ def test_permute_and_unpermute_combine_match_reference(
     weights = torch.rand(num_tokens, k, generator=gen).to(torch.float32 if weights_dtype == "float32" else dtype)
     plan = ops.dispatch_plan(ids, num_experts)
     for kernels in (True, False):
-        with ops.use_kernels(kernels):
+        with use_kernels(kernels):
             rows = ops.permute(hidden, plan.sorted_pair_ids, k)
             assert torch.equal(rows, ref.permute(hidden, plan.sorted_pair_ids, k))
             out = ops.unpermute_combine(rows, weights, plan.row_of_pair)
@@ -294,7 +295,7 @@ def _mlp_inputs(case):
     gen = generator(case["seed"])
     num_experts, hidden_size, ffn = case["num_experts"], case["hidden_size"], case["ffn_size"]
     k = 1 + int(case["k_fraction"] * (num_experts - 1))
-    fc1 = 2 * ffn if case["activation"] in ("silu_glu", "gpt_oss_swiglu") else ffn
+    fc1 = 2 * ffn if ops.ACTIVATION_TABLE[case["activation"]].gated else ffn
     dtype = case["dtype"]
 
     def rand(*shape):
@@ -325,7 +326,7 @@ def test_grouped_mlp_matches_reference_and_composite(case):
     plan = ops.dispatch_plan(ids, num_experts)
     rows = ops.permute(hidden, plan.sorted_pair_ids, ids.shape[1])
     out = ops.grouped_mlp(rows, plan.expert_offsets, *weights_args)
-    with ops.use_kernels(False):
+    with use_kernels(False):
         composite = ops.grouped_mlp(rows, plan.expert_offsets, *weights_args)
     f64 = [None if t is None else t.double() if isinstance(t, torch.Tensor) else t for t in weights_args]
     want = ref.grouped_mlp(rows.double(), plan.expert_offsets, *f64)
@@ -339,7 +340,7 @@ def test_grouped_mlp_combine_matches_reference(case):
     num_experts = weights_args[0].shape[0]
     plan = ops.dispatch_plan(ids, num_experts)
     out = ops.grouped_mlp_combine(hidden, weights, plan, *weights_args)
-    with ops.use_kernels(False):
+    with use_kernels(False):
         composite = ops.grouped_mlp_combine(hidden, weights, plan, *weights_args)
     f64 = [None if t is None else t.double() if isinstance(t, torch.Tensor) else t for t in weights_args]
     want = ref.grouped_mlp_combine(hidden.double(), weights.double(), ids, *f64)
@@ -375,14 +376,14 @@ def test_static_gating_kernels_match_composites_and_einsum(
     noise = ops.second_expert_noise(policy, logits, generator=gen)
     args = (logits, top_k, capacity, mask, policy, noise, before, prioritized)
     routing = ops.static_gating(*args)
-    with ops.use_kernels(False):
+    with use_kernels(False):
         c_routing = ops.static_gating(*args)
     for got, want in zip(routing, c_routing):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     combine, dispatch = ops.static_routing_tensors(
         routing.expert_ids, routing.locations, routing.topk_weights, num_experts, capacity
     )
-    with ops.use_kernels(False):
+    with use_kernels(False):
         c_combine, c_dispatch = ops.static_routing_tensors(
             routing.expert_ids, routing.locations, routing.topk_weights, num_experts, capacity
         )
@@ -392,7 +393,7 @@ def test_static_gating_kernels_match_composites_and_einsum(
     want_buffers = torch.einsum("sec,sm->ecm", dispatch.to(dtype), hidden)
     torch.testing.assert_close(buffers, want_buffers)
     out = ops.static_combine(buffers, combine)
-    with ops.use_kernels(False):
+    with use_kernels(False):
         c_out = ops.static_combine(buffers, combine)
     want = torch.einsum("sec,ecm->sm", combine.double(), buffers.double())
     _close(out, want, dtype)
@@ -414,7 +415,7 @@ def test_static_combine_ignores_slots_of_weight_zero(seed, num_tokens, num_exper
     finite[-1, -1] = 0
     want = torch.einsum("sec,ecm->sm", combine.double(), finite.double()).float()
     for kernels in (True, False):
-        with ops.use_kernels(kernels):
+        with use_kernels(kernels):
             out = ops.static_combine(expert_out, combine)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
@@ -475,11 +476,3 @@ def test_compiled_layer_matches_eager(seed, num_tokens, num_experts, activation)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(hidden), layer(hidden), rtol=1e-5, atol=1e-6)
-
-
-@pytest.fixture(autouse=True)
-def _kernels_on():
-    # Every test starts from the default (kernels), whatever a failed test left behind.
-    ops.set_kernels(True)
-    yield
-    ops.set_kernels(True)

@@ -1,5 +1,7 @@
 """Routing traces: the synthetic generator's knobs do what they say; save/load round trips."""
 
+import os
+
 import pytest
 import torch
 
@@ -94,3 +96,21 @@ def test_every_batch_keeps_the_skew_while_the_hot_set_drifts():
     # the hottest of every batch.
     drifting = synthetic_trace(64, 1, 30, 2000, skew=1.5, locality=0.8, seed=6).expert_counts(0)
     assert len(set(drifting.argmax(1).tolist())) > 1
+
+
+RECORDED = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "results", "traces")
+
+
+@pytest.mark.parametrize("name, tokens_per_batch", [("lm_prefill.pt", 1024), ("lm_decode.pt", 4)])
+def test_recorded_traces_are_whole_and_routed_top2(name, tokens_per_batch):
+    # The committed traces of bench/routing_lm.py: every batch, both layers, two distinct experts a token.
+    trace = RoutingTrace.load(os.path.join(RECORDED, name))
+    assert (trace.num_experts, trace.top_k, trace.num_layers) == (32, 2, 2)
+    assert trace.num_batches >= 64 and "text" in trace.meta
+    for layer in range(trace.num_layers):
+        for ids in trace.layers[layer]:
+            assert ids.shape == (tokens_per_batch, 2)
+            assert bool((ids >= 0).all()) and bool((ids[:, 0] != ids[:, 1]).all())
+        # A router trained with a balancing loss spreads 64K held-out tokens over every expert.
+        if tokens_per_batch > 4:
+            assert bool((trace.expert_counts(layer).sum(0) > 0).all())

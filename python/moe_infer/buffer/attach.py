@@ -5,70 +5,24 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..experts import MoEExperts, is_transformers_experts
+from ..experts import ExpertSpec, MoEExperts, expert_spec, is_transformers_experts
 from .checkpoint import SafetensorsCheckpoint
 from .runtime import ExpertBuffer
 from .store import ExpertStore
 
 
-def _expert_tensors(experts: nn.Module) -> dict[str, Optional[torch.Tensor]]:
-    fc1 = getattr(experts, "gate_up_proj", None)
-    fc1_name = "gate_up_proj"
-    if fc1 is None:
-        fc1, fc1_name = getattr(experts, "up_proj", None), "up_proj"
-    fc2 = getattr(experts, "down_proj", None)
-    if not isinstance(fc1, torch.Tensor) or not isinstance(fc2, torch.Tensor) or fc1.dim() != 3 or fc2.dim() != 3:
-        raise TypeError(
-            f"attach_expert_buffer: {type(experts).__name__} is not a stacked experts module (expected 3-D "
-            "gate_up_proj/up_proj and down_proj parameters: moe_infer.MoEExperts or a transformers v5 experts module)"
-        )
-    return {
-        "fc1_weight": fc1,
-        "fc1_bias": getattr(experts, fc1_name + "_bias", None),
-        "fc2_weight": fc2,
-        "fc2_bias": getattr(experts, "down_proj_bias", None),
-        "_fc1_name": fc1_name,
-    }
-
-
-_HF_ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "ReLU": "relu", "GELUActivation": "gelu"}
-_HF_ACTIVATIONS.update(
-    {"GELU": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
-)
-
-
-def _expert_options(experts: nn.Module, activation: Optional[str]) -> dict:
-    """activation / transposition / swiglu constants of a moe_infer or transformers experts module."""
-    if hasattr(experts, "weights_transposed"):  # moe_infer.MoEExperts
-        options = dict(
-            activation=experts.activation,
-            weights_transposed=experts.weights_transposed,
-            swiglu_alpha=experts.swiglu_alpha,
-            swiglu_limit=experts.swiglu_limit,
-        )
-    elif hasattr(experts, "alpha") and hasattr(experts, "limit"):  # GPT-OSS
-        options = dict(
-            activation="gpt_oss_swiglu", weights_transposed=True, swiglu_alpha=experts.alpha, swiglu_limit=experts.limit
-        )
-    else:
-        if getattr(experts, "has_post_expert_norm", False) or getattr(experts, "is_concatenated", True) is False:
-            raise TypeError(f"attach_expert_buffer: {type(experts).__name__}'s expert layout is not supported")
-        act = type(getattr(experts, "act_fn", None)).__name__
-        base = _HF_ACTIVATIONS.get(act)
-        if base is None and activation is None:
-            raise TypeError(f"attach_expert_buffer: unknown activation {act}; pass activation=")
-        gated = getattr(experts, "has_gate", True)
-        if gated and base not in ("silu", None):
-            raise TypeError(f"attach_expert_buffer: gated experts with activation {act} are not supported")
-        options = dict(
-            activation="silu_glu" if gated else base,
-            weights_transposed=bool(getattr(experts, "is_transposed", False)),
-            swiglu_alpha=1.702,
-            swiglu_limit=7.0,
-        )
-    if activation is not None:
-        options["activation"] = activation
-    return options
+def _stacked_experts(experts: nn.Module, activation: Optional[str]) -> tuple[ExpertSpec, dict[str, str]]:
+    """(the module's ExpertSpec, {part: its parameter name}); TypeError for a module that is not
+    stacked experts grouped_mlp can compute."""
+    try:
+        spec = expert_spec(experts, activation)
+    except NotImplementedError as error:
+        raise TypeError(f"attach_expert_buffer: {error}") from None
+    names = {}
+    for part, tensor in spec.tensors().items():
+        if tensor is not None:
+            names[part] = next(name for name, p in experts.named_parameters(recurse=False) if p is tensor)
+    return spec, names
 
 
 def _keep_on_host(module: nn.Module) -> None:
@@ -107,12 +61,10 @@ def attach_expert_buffer(
         module's ``forward`` becomes the buffer's (same signature: hidden, top_k_index,
         top_k_weights). moe_infer's :class:`MoELayer` calls it itself.
     """
-    tensors = _expert_tensors(experts)
-    fc1_name = tensors.pop("_fc1_name")
-    options = _expert_options(experts, activation)
-    present = {part: t for part, t in tensors.items() if t is not None}
+    spec, param_names = _stacked_experts(experts, activation)
+    present = {part: t for part, t in spec.tensors().items() if t is not None}
     if device is None:
-        device = tensors["fc1_weight"].device
+        device = spec.fc1_weight.device
         device = torch.device("cpu") if device.type == "meta" else device
     device = torch.device(device)
     if store is None:
@@ -139,13 +91,18 @@ def attach_expert_buffer(
             raise ValueError(
                 f"attach_expert_buffer: the store is {store.dtype} but the module is {present['fc1_weight'].dtype}"
             )
-    buffer = ExpertBuffer(store, num_slots, device, policy, copy_threads=copy_threads, overlap=overlap, **options)
-    param_names = {
-        "fc1_weight": fc1_name,
-        "fc1_bias": fc1_name + "_bias",
-        "fc2_weight": "down_proj",
-        "fc2_bias": "down_proj_bias",
-    }
+    buffer = ExpertBuffer(
+        store,
+        num_slots,
+        device,
+        policy,
+        spec.activation,
+        spec.weights_transposed,
+        spec.swiglu_alpha,
+        spec.swiglu_limit,
+        copy_threads=copy_threads,
+        overlap=overlap,
+    )
     for part in store.parts:
         # A file store's parameters are meta placeholders (never views of the mapped file); the
         # state_dict reads them from the file (see _state_dict_from_store).
@@ -159,7 +116,7 @@ def attach_expert_buffer(
     buffer.watch_parameters(experts, names)
     if store.file_backed:
         experts._register_state_dict_hook(_state_dict_from_store(store, names))
-    if not hasattr(experts, "weights_transposed"):  # a transformers module: route its forward to the buffer
+    if not isinstance(experts, MoEExperts):  # a transformers module: route its forward to the buffer
 
         def forward(hidden_states, top_k_index=None, top_k_weights=None, **kwargs):
             # GPT-OSS names the routing arguments router_indices / routing_weights.
@@ -212,16 +169,14 @@ def attach_expert_buffers(
     """
     if checkpoint is not None and not isinstance(checkpoint, SafetensorsCheckpoint):
         checkpoint = SafetensorsCheckpoint(checkpoint)
+    # Layers that hold an experts backend (moe_infer.MoELayer, the fairseq layer, optimized
+    # transformers blocks): their backend becomes the buffer.
+    layers = {id(m.experts): m for m in model.modules() if hasattr(m, "experts_backend") and hasattr(m, "experts")}
     buffers, existing = {}, {}
     for name, module in list(model.named_modules()):
-        layer_experts = getattr(module, "experts", None)
-        is_layer = isinstance(layer_experts, MoEExperts) and hasattr(module, "expert_buffer")  # a MoELayer
-        if is_layer:
-            target, target_name = module.experts, f"{name}.experts" if name else "experts"
-        elif is_transformers_experts(module):
-            target, target_name = module, name
-        else:
+        if not (is_transformers_experts(module) or (isinstance(module, MoEExperts) and id(module) in layers)):
             continue
+        target, target_name = module, name
         if getattr(target, "expert_buffer", None) is not None:
             existing[target_name] = target.expert_buffer
             continue
@@ -231,7 +186,7 @@ def attach_expert_buffers(
             for prefix in _checkpoint_prefixes(target_name):
                 try:
                     store = ExpertStore.from_safetensors(
-                        checkpoint, prefix, num_experts=_expert_tensors(target)["fc1_weight"].shape[0]
+                        checkpoint, prefix, num_experts=_stacked_experts(target, None)[0].num_experts
                     )
                     break
                 except ValueError as error:
@@ -241,8 +196,8 @@ def attach_expert_buffers(
         buffer = attach_expert_buffer(
             target, num_slots, policy, store, device, copy_threads=copy_threads, overlap=overlap
         )
-        if is_layer:
-            module.expert_buffer = buffer
+        if id(target) in layers:
+            layers[id(target)].__dict__["experts_backend"] = buffer
         buffers[target_name] = buffer
     if not buffers and existing:
         sizes = {buffer.num_slots for buffer in existing.values()}

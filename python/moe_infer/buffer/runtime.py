@@ -8,14 +8,16 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..experts import ExpertsBackend, ExpertSpec
 from .checkpoint import _file_header, _file_identity
 from .store import ExpertStore
 
 LIVE_POLICIES = ("paper", "fifo", "lru", "lfu")
 
 
-class ExpertBuffer:
-    """One MoE layer's slot pool on the compute device, and its cache (a C++ object).
+class ExpertBuffer(ExpertsBackend):
+    """One MoE layer's slot pool on the compute device, and its cache (a C++ object): an
+    :class:`moe_infer.experts.ExpertsBackend` (inference only).
 
     Args:
         store: the layer's :class:`ExpertStore`.
@@ -26,8 +28,9 @@ class ExpertBuffer:
         copy_threads: CPU copy threads (ignored on CUDA: one side stream).
         overlap: compute the resident experts while the missing ones are copied.
 
-    ``buffer(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`` has the
-    signature of a transformers v5 experts module. The expert weights are frozen (inference).
+    ``buffer.run(hidden [T, H], top_k_weights [T, k], top_k_index [T, k]) -> [T, H]`` is the
+    backend protocol; ``buffer(hidden, top_k_index, top_k_weights)`` has the signature of a
+    transformers v5 experts module. The expert weights are frozen (inference).
 
     Thread-safe: calls from several threads run one at a time. A buffer attached to a layer
     (:func:`attach_expert_buffer`) follows the layer's parameters: with a host store (the
@@ -35,6 +38,8 @@ class ExpertBuffer:
     loads the new weights; with a file store, writing the parameters, replacing them or changing a
     file on disk raises a RuntimeError at the next call (never a silent mix of old and new weights).
     """
+
+    inference_only = True
 
     def __init__(
         self,
@@ -103,14 +108,27 @@ class ExpertBuffer:
                         e, p, piece.source, piece.offset, piece.dest_offset, piece.num_bytes, piece.file, piece.offset
                     )
         self._core.finalize()
-        first = self.pools["fc1_weight"]
-        self.device = first.device  # with its index ("cuda" -> "cuda:0")
-        self.hidden_size = first.shape[1] if weights_transposed else first.shape[2]
+        # The slot pool as experts: slot s holds whichever expert the slot table maps there.
+        self.spec = ExpertSpec(
+            self.pools["fc1_weight"],
+            self.pools.get("fc1_bias"),
+            self.pools["fc2_weight"],
+            self.pools.get("fc2_bias"),
+            activation,
+            weights_transposed,
+            swiglu_alpha,
+            swiglu_limit,
+        )
+        self.device = self.spec.fc1_weight.device  # with its index ("cuda" -> "cuda:0")
+        self.hidden_size = self.spec.hidden_size
 
     # -- compute --
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return self.forward(hidden, top_k_index, top_k_weights)
+
+    def run(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return self.forward(hidden, topk_ids, topk_weights)
 
     @torch.compiler.disable  # host-side cache decisions: a graph break under torch.compile
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -217,18 +235,7 @@ class ExpertBuffer:
 
     def _grouped_mlp(self, rows, slot_offsets):
         """ops.grouped_mlp over the slot pool: slot s owns rows [slot_offsets[s], slot_offsets[s+1])."""
-        return ops.grouped_mlp(
-            rows,
-            slot_offsets,
-            self.pools["fc1_weight"],
-            self.pools.get("fc1_bias"),
-            self.pools["fc2_weight"],
-            self.pools.get("fc2_bias"),
-            self.activation,
-            self.weights_transposed,
-            self.swiglu_alpha,
-            self.swiglu_limit,
-        )
+        return ops.grouped_mlp(rows, slot_offsets, self.spec)
 
     def watch_parameters(self, module: nn.Module, names: Mapping[str, str]) -> None:
         """Follows ``module``'s parameters {part: parameter name} (what attach_expert_buffer sets)."""

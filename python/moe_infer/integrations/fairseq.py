@@ -49,7 +49,7 @@ from torch import nn
 from .. import ops
 from ..buffer import attach_expert_buffer
 from ..distributed import ExpertParallelExperts
-from ..experts import MoEExperts
+from ..experts import ExpertsBackend, LocalExperts, MoEExperts
 
 __all__ = ["FairseqExperts", "MOELayer", "Top1Gate", "Top2Gate", "convert_fairseq_moe", "gate_from_fairseq"]
 
@@ -533,14 +533,20 @@ class MOELayer(nn.Module):
         self.tok_dropout = tok_dropout
         self.moe_local_drop = moe_local_drop
         self.metadata: dict = {}
-        # Across ranks: this rank's local experts behind the exchange (inference only).
+        # Where the experts run (moe_infer.experts.ExpertsBackend): across ranks (this rank's local
+        # experts behind the exchange, inference only; registered as `expert_parallel`), through an
+        # expert buffer, or here.
         self.expert_parallel = None
+        backend: ExpertsBackend = LocalExperts(self.experts, row_transform=self._drop_expert_rows)
         if world_size > 1:
             if expert_buffer is not None:
                 raise ValueError("MOELayer: expert_buffer and expert parallelism cannot be combined")
-            self.expert_parallel = ExpertParallelExperts.from_local_experts(self.experts, group, validate=False)
+            backend = self.expert_parallel = ExpertParallelExperts.from_local_experts(
+                self.experts, group, validate=False
+            )
         if expert_buffer is not None:
-            attach_expert_buffer(self.experts, expert_buffer, buffer_policy, expert_store)
+            backend = attach_expert_buffer(self.experts, expert_buffer, buffer_policy, expert_store)
+        self.__dict__["experts_backend"] = backend
 
     @classmethod
     def build(
@@ -580,7 +586,7 @@ class MOELayer(nn.Module):
         model_dim = x.shape[2]
         tokens = x.reshape(-1, model_dim)
         mask = None if input_padding_mask is None else input_padding_mask.reshape(-1).bool()
-        if tokens.shape[0] == 0 and self.expert_parallel is None:  # across ranks, still join the exchange
+        if tokens.shape[0] == 0 and not self.experts_backend.collective:  # across ranks, still join the exchange
             self.metadata = {}
             return x[:batch_size].clone(), x.new_zeros((), dtype=torch.float32)
         eval_capacity_length = None
@@ -609,45 +615,33 @@ class MOELayer(nn.Module):
         padded_mask[: x.shape[0]] = False if padding_mask is None else padding_mask
         return padded, padded_mask
 
-    def _expert_rows(self, rows: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
-        out = self.experts(rows, expert_offsets)
-        if self.tok_dropout > 0.0:
-            if self.training:
-                keep = torch.rand(out.shape[0], device=out.device) > self.tok_dropout
-                out = out * keep.unsqueeze(-1).to(out.dtype)
-            else:
-                out = out * (1 - self.tok_dropout)
-        return out
+    def _drop_expert_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """fairseq's moe_eom in training: each expert output row (slot) dropped with probability
+        tok_dropout (in eval the combine weights are scaled by 1 - tok_dropout instead)."""
+        if self.tok_dropout > 0.0 and self.training:
+            keep = torch.rand(rows.shape[0], device=rows.device) > self.tok_dropout
+            rows = rows * keep.unsqueeze(-1).to(rows.dtype)
+        return rows
+
+    def _combine_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        if self.experts_backend.inference_only and (self.training or torch.is_grad_enabled() and weights.requires_grad):
+            raise RuntimeError(
+                "MOELayer: the expert-buffered and expert-parallel paths are inference-only: call eval() and run "
+                "under torch.no_grad()"
+            )
+        return weights * (1 - self.tok_dropout) if self.tok_dropout > 0.0 and not self.training else weights
 
     def _forward_static(self, tokens, mask, eval_capacity_length):
-        num_experts, model_dim = self.gate.num_experts, tokens.shape[1]
-        capacity = max(1, self.gate.capacity(tokens.shape[0], eval_capacity_length))
-        if self.expert_parallel is not None:
-            # The equal-size all-to-all needs one capacity on every rank: the largest (fairseq's
-            # ranks agree because every batch is padded to the same size).
-            agreed = torch.tensor([capacity], dtype=torch.int64, device=tokens.device)
-            self.expert_parallel._collective("capacity all-reduce", dist.all_reduce, agreed, op=dist.ReduceOp.MAX)
-            capacity = int(agreed)
+        # Across ranks, the equal-size all-to-all needs one capacity on every rank: the largest
+        # (fairseq's ranks agree because every batch is padded to the same size).
+        capacity = self.experts_backend.agree_capacity(
+            max(1, self.gate.capacity(tokens.shape[0], eval_capacity_length))
+        )
         logits, routing = self.gate.route(tokens, mask, capacity)
         self.metadata = self.gate.routing_metadata(logits, routing, capacity)
-        if self.expert_parallel is not None or self._buffer() is not None:
-            # Dropped and unrouted pairs get weight 0 and id -1: no output, as in static gating.
-            kept = (routing.locations >= 0) & (routing.locations < capacity)
-            ids = routing.expert_ids.masked_fill(~kept, -1)
-            weights = self._inference_weights(routing.topk_weights)
-            if self.expert_parallel is not None:
-                out = self.expert_parallel.forward_static_positions(tokens, weights, ids, routing.locations, capacity)
-            else:
-                out = self._buffer()(tokens, ids, weights)
-            return out, routing.l_aux
-        combine_weights, dispatch_mask = ops.static_routing_tensors(
-            routing.expert_ids, routing.locations, routing.topk_weights, num_experts, capacity
-        )
-        rows = ops.static_dispatch(tokens, dispatch_mask).view(num_experts * capacity, model_dim)
-        # Expert e owns rows [e * C, (e + 1) * C), placeholders included: fairseq's cost.
-        offsets = torch.arange(0, (num_experts + 1) * capacity, capacity, dtype=torch.int32, device=tokens.device)
-        expert_rows = self._expert_rows(rows, offsets)
-        out = ops.static_combine(expert_rows.view(num_experts, capacity, model_dim), combine_weights)
+        # Dropped and unrouted pairs (locations outside [0, capacity)) contribute nothing.
+        weights = self._combine_weights(routing.topk_weights)
+        out = self.experts_backend.run_capacity(tokens, weights, routing.expert_ids, routing.locations, capacity)
         return out, routing.l_aux
 
     def _forward_dynamic(self, tokens, mask):
@@ -657,28 +651,7 @@ class MOELayer(nn.Module):
         self.metadata = self.gate.routing_metadata(logits, routing, max(num_tokens, 1))
         del self.metadata["capacity"], self.metadata["placeholder_fraction"]
         ids = routing.expert_ids.masked_fill(routing.locations < 0, -1)  # padding: unrouted
-        if self.expert_parallel is not None:
-            return self.expert_parallel(tokens, self._inference_weights(routing.topk_weights), ids), routing.l_aux
-        if self._buffer() is not None:
-            return self._buffer()(tokens, ids, self._inference_weights(routing.topk_weights)), routing.l_aux
-        plan = ops.dispatch_plan(ids, self.gate.num_experts, validate=False)
-        rows = ops.permute(tokens, plan.sorted_pair_ids, self.gate.top_k)
-        expert_rows = self._expert_rows(rows, plan.expert_offsets)
-        out = ops.unpermute_combine(expert_rows, routing.topk_weights, plan.row_of_pair)
-        return out, routing.l_aux
-
-    def _buffer(self):
-        return getattr(self.experts, "expert_buffer", None)
-
-    def _inference_weights(self, weights: torch.Tensor) -> torch.Tensor:
-        """The combine weights for the buffered and expert-parallel paths (inference only):
-        fairseq's eval-mode token dropout scales every expert output by 1 - p."""
-        if self.training or torch.is_grad_enabled() and weights.requires_grad:
-            raise RuntimeError(
-                "MOELayer: the expert-buffered and expert-parallel paths are inference-only: call eval() and run "
-                "under torch.no_grad()"
-            )
-        return weights * (1 - self.tok_dropout) if self.tok_dropout > 0.0 else weights
+        return self.experts_backend.run(tokens, self._combine_weights(routing.topk_weights), ids), routing.l_aux
 
     def extra_repr(self) -> str:
         return f"gating={self.gating}"

@@ -26,14 +26,14 @@ reproduces transformers' capacity and its drops exactly (dropped pairs get exper
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 try:
-    from transformers import activations as hf_activations
+    from transformers import PreTrainedModel
     from transformers.integrations import moe as hf_moe
 
     hf_moe.ALL_EXPERTS_FUNCTIONS  # noqa: B018  (transformers < 5 has no experts registry)
@@ -43,108 +43,9 @@ except (ImportError, AttributeError) as error:
     ) from error
 
 from .. import ops
+from ..experts import ExpertSpec, LocalExperts, ModuleSpec, activation_of, expert_spec, run_local
 
 EXPERTS_IMPLEMENTATION = "moe_infer"
-
-# transformers activation modules -> grouped_mlp activations. Exact types: a subclass may compute
-# something else.
-_ACTIVATIONS = {
-    nn.ReLU: "relu",
-    nn.SiLU: "silu",
-    nn.GELU: "gelu",
-    hf_activations.SiLUActivation: "silu",
-    hf_activations.GELUActivation: "gelu",
-    hf_activations.GELUTanh: "gelu_tanh",
-    hf_activations.NewGELUActivation: "gelu_tanh",
-}
-
-
-class ExpertWeights(NamedTuple):
-    """What grouped_mlp reads for one layer's experts: views of the model's own parameters."""
-
-    fc1: torch.Tensor
-    fc1_bias: Optional[torch.Tensor]
-    fc2: torch.Tensor
-    fc2_bias: Optional[torch.Tensor]
-    activation: str
-    transposed: bool = False
-    swiglu_alpha: float = 1.702
-    swiglu_limit: float = 7.0
-
-
-def _activation_name(act: nn.Module, gated: bool, owner: str) -> str:
-    name = _ACTIVATIONS.get(type(act))
-    if isinstance(act, nn.GELU) and act.approximate == "tanh":
-        name = "gelu_tanh"
-    if name is None or (gated and name != "silu"):
-        supported = "SiLU" if gated else "ReLU, GELU (erf or tanh), SiLU"
-        raise NotImplementedError(
-            f"moe_infer: {owner} uses the {'gated ' if gated else ''}activation {type(act).__name__}; "
-            f"grouped_mlp supports {supported} there"
-        )
-    return "silu_glu" if gated else name
-
-
-def _is_gpt_oss_gate(experts: nn.Module) -> bool:
-    # Class name and attributes rather than the function's __qualname__, which torch.compile cannot trace.
-    return type(experts).__name__ == "GptOssExperts" and not experts.is_concatenated and hasattr(experts, "limit")
-
-
-def expert_weights(experts: nn.Module) -> ExpertWeights:
-    """The weights of a transformers v5 ``@use_experts_implementation`` experts module.
-
-    Stacked 3-D parameters ``gate_up_proj`` (or ``up_proj``) and ``down_proj``, optional biases,
-    transposed or not; SiLU-gated halves (Mixtral, Qwen, OLMoE, DeepSeek), GPT-OSS's interleaved
-    clamped swiGLU, or an ungated activation. Raises NotImplementedError for anything else.
-    """
-    owner = type(experts).__name__
-    if getattr(experts, "has_post_expert_norm", False):
-        raise NotImplementedError(f"moe_infer: {owner} normalizes each expert's output, which grouped_mlp does not do")
-    has_gate = getattr(experts, "has_gate", True)
-    has_bias = getattr(experts, "has_bias", False)
-    fc1_name = "gate_up_proj" if has_gate else "up_proj"
-    fc1 = getattr(experts, fc1_name)
-    fc1_bias = getattr(experts, fc1_name + "_bias") if has_bias else None
-    fc2_bias = experts.down_proj_bias if has_bias else None
-    transposed = bool(getattr(experts, "is_transposed", False))
-    if not has_gate:
-        activation = _activation_name(experts.act_fn, False, owner)
-    elif getattr(type(experts), "_apply_gate", None) is hf_moe._default_apply_gate and experts.is_concatenated:
-        activation = _activation_name(experts.act_fn, True, owner)
-    elif _is_gpt_oss_gate(experts):
-        return ExpertWeights(
-            fc1, fc1_bias, experts.down_proj, fc2_bias, "gpt_oss_swiglu", transposed, experts.alpha, experts.limit
-        )
-    else:
-        raise NotImplementedError(f"moe_infer: {owner} has a custom _apply_gate, which grouped_mlp does not compute")
-    return ExpertWeights(fc1, fc1_bias, experts.down_proj, fc2_bias, activation, transposed)
-
-
-def moe_forward(
-    hidden: torch.Tensor, expert_ids: torch.Tensor, topk_weights: torch.Tensor, weights: ExpertWeights
-) -> torch.Tensor:
-    """hidden [S, H], expert_ids [S, k] (-1 = unrouted), topk_weights [S, k] -> [S, H] in hidden's dtype.
-
-    dispatch_plan, then grouped_mlp_combine: grouped_mlp's expert compute with the gather and the
-    weighted combine fused, so no [S*k, H] buffer is materialized.
-    """
-    # Ids come from a router (in range) or are -1: the device-side id check is not needed.
-    plan = ops.dispatch_plan(expert_ids, weights.fc1.shape[0], validate=False)
-    if topk_weights.dtype not in (torch.float32, hidden.dtype):
-        topk_weights = topk_weights.float()
-    return ops.grouped_mlp_combine(
-        hidden,
-        topk_weights,
-        plan,
-        weights.fc1,
-        weights.fc1_bias,
-        weights.fc2,
-        weights.fc2_bias,
-        weights.activation,
-        weights.transposed,
-        weights.swiglu_alpha,
-        weights.swiglu_limit,
-    )
 
 
 def experts_forward(
@@ -158,25 +59,55 @@ def experts_forward(
     if getattr(self, "_is_expert_parallel", False):
         # Expert-parallel sentinels (ids of experts on other ranks) contribute nothing here.
         top_k_index = top_k_index.masked_fill(top_k_index >= self.num_experts, -1)
-    return moe_forward(hidden_states, top_k_index, top_k_weights, expert_weights(self))
+    return run_local(expert_spec(self), hidden_states, top_k_weights, top_k_index)
 
 
 hf_moe.ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, experts_forward)
 
 
-def _run_experts(
-    block: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stacked
-) -> torch.Tensor:
-    """Where an optimized block's experts run: over its expert-parallel group (``ep_group``), through
-    its expert buffer (``expert_buffer``), or here with the fused ops. ``stacked()`` gives the
-    block's ExpertWeights."""
-    expert_parallel = block.__dict__.get("_moe_infer_expert_parallel")
-    if expert_parallel is not None:
-        return expert_parallel(hidden, weights, ids)
-    buffer = getattr(block.experts, "expert_buffer", None)
-    if buffer is not None:
-        return buffer(hidden, ids, weights)
-    return moe_forward(hidden, ids, weights, stacked())
+def check_experts_implementation(model: nn.Module) -> None:
+    """Raises NotImplementedError (naming the module and why) if an experts module of ``model`` that
+    dispatches through transformers' experts registry is not computable by the ``"moe_infer"``
+    implementation: the choice is refused when it is made, not at the first forward."""
+    for name, module in model.named_modules():
+        if hasattr(module, "is_concatenated") and hasattr(type(module), "_apply_gate"):
+            try:
+                expert_spec(module)
+            except NotImplementedError as error:
+                raise NotImplementedError(f"{name}: {error}") from None
+
+
+def _refuse_unsupported_experts(choose):
+    """Wraps the PreTrainedModel method through which transformers validates an experts
+    implementation (set_experts_implementation, from_pretrained(experts_implementation=...))."""
+
+    def wrapped(self, *args, **kwargs):
+        chosen = choose(self, *args, **kwargs)
+        if chosen == EXPERTS_IMPLEMENTATION:
+            check_experts_implementation(self)
+        return chosen
+
+    wrapped._moe_infer_wraps = choose
+    return wrapped
+
+
+def _refuse_at_init(post_init):
+    """Models built with ``experts_implementation="moe_infer"`` are checked once their modules exist."""
+
+    def wrapped(self, *args, **kwargs):
+        post_init(self, *args, **kwargs)
+        if getattr(self.config, "_experts_implementation", None) == EXPERTS_IMPLEMENTATION:
+            check_experts_implementation(self)
+
+    wrapped._moe_infer_wraps = post_init
+    return wrapped
+
+
+if not hasattr(PreTrainedModel.get_correct_experts_implementation, "_moe_infer_wraps"):
+    PreTrainedModel.get_correct_experts_implementation = _refuse_unsupported_experts(
+        PreTrainedModel.get_correct_experts_implementation
+    )
+    PreTrainedModel.post_init = _refuse_at_init(PreTrainedModel.post_init)
 
 
 # ---- fused routers: forward returns (router_logits, topk_weights, expert_ids) -----------------
@@ -392,7 +323,7 @@ class _RoutedBlock:
         """hidden_states [..., H] -> (routed expert output [S, H], hidden [S, H], topk weights [S, k])."""
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         _, weights, ids = getattr(self, self._router_attr)(hidden)
-        return _run_experts(self, hidden, ids, weights, lambda: expert_weights(self.experts)), hidden, weights
+        return self.experts_backend.run(hidden, weights, ids), hidden, weights
 
 
 class _TopKBlock(_RoutedBlock):
@@ -450,7 +381,7 @@ class _SwitchBlock:
             rank = _arrival_rank(keys.reshape(-1), batch * num_experts).view(-1, 1)
             ids = ids.masked_fill(rank >= self.router.expert_capacity, -1)
         hidden = hidden_states.reshape(-1, hidden_size)
-        return _run_experts(self, hidden, ids, weights, self._moe_infer_stack.current).view(batch, seq, hidden_size)
+        return self.experts_backend.run(hidden, weights, ids).view(batch, seq, hidden_size)
 
 
 class _NllbBlock:
@@ -464,7 +395,7 @@ class _NllbBlock:
         ids, gates, _ = self.router(hidden, padding_mask)
         if self.experts.moe_token_dropout > 0:
             gates = gates * (1 - self.experts.moe_token_dropout)
-        out = _run_experts(self, hidden, ids, gates, self._moe_infer_stack.current)
+        out = self.experts_backend.run(hidden, gates, ids)
         return out.view(batch, seq, hidden_size)
 
 
@@ -483,7 +414,7 @@ class _ExpertStack:
         self.num_experts = experts.num_experts
         self.fc1, self.fc2 = fc1, fc2
         modules = [experts[f"expert_{e}"] for e in range(self.num_experts)]
-        self.activation = _activation_name(modules[0].act, False, owner)
+        self.activation = activation_of(modules[0].act, False, owner)
         if any(type(m.act) is not type(modules[0].act) for m in modules):
             raise NotImplementedError(f"moe_infer: the experts of {owner} use different activations")
         self.weights = self._stack()
@@ -501,7 +432,7 @@ class _ExpertStack:
     def _signature(groups) -> list:
         return [(id(p), p._version, p.data_ptr(), p.device) for params in groups for p in params if p is not None]
 
-    def _stack(self) -> ExpertWeights:
+    def _stack(self) -> ExpertSpec:
         groups = self._params()
         stacks = []
         with torch.no_grad():
@@ -509,9 +440,9 @@ class _ExpertStack:
                 stacks.append(None if params[0] is None else torch.stack([p.detach() for p in params]))
         self._seen = self._signature(groups)
         fc1, fc1_bias, fc2, fc2_bias = stacks
-        return ExpertWeights(fc1, fc1_bias, fc2, fc2_bias, self.activation)
+        return ExpertSpec(fc1, fc1_bias, fc2, fc2_bias, self.activation)
 
-    def current(self) -> ExpertWeights:
+    def expert_spec(self) -> ExpertSpec:
         if not torch.compiler.is_compiling() and self._signature(self._params()) != self._seen:
             self.weights = self._stack()
         return self.weights
@@ -670,10 +601,13 @@ def _prepare(block: nn.Module, arch: _Architecture, hf_capacity: bool, validate:
     if type(router).__name__ != arch.router or type(router).__module__ != arch.module:
         raise NotImplementedError(f"moe_infer: its router is a {type(router).__name__}, expected {arch.router}")
     if arch.expert_layers is None:
-        expert_weights(block.experts)  # raises for an unsupported layout or activation
+        source = ModuleSpec(block.experts)  # raises for an unsupported layout or activation
         block._moe_infer_experts_implementation = _experts_implementation(block)
     else:
-        block._moe_infer_stack = _ExpertStack(block.experts, *arch.expert_layers, owner=arch.block)
+        source = block._moe_infer_stack = _ExpertStack(block.experts, *arch.expert_layers, owner=arch.block)
+    # The block's experts backend (moe_infer.experts.ExpertsBackend), kept out of the module tree
+    # (the checkpoint's parameters and names stay as they are): the experts here, or their buffer.
+    block.__dict__["experts_backend"] = getattr(block.experts, "expert_buffer", None) or LocalExperts(source)
     block._moe_infer_hf_capacity = hf_capacity
     router._moe_infer_hf_capacity = hf_capacity
     router._moe_infer_validate = validate
@@ -763,12 +697,15 @@ def optimize(
 
         report.buffers = attach_expert_buffers(model, expert_buffer, buffer_policy, checkpoint)
     if ep_group is not None:
+        from ..distributed import ExpertParallelExperts
+
         for name in report.replaced:
             block = model.get_submodule(name)
-            stack = getattr(block, "_moe_infer_stack", None)
-            weights = stack.current() if stack is not None else expert_weights(block.experts)
-            # Kept out of the module tree: the checkpoint's parameters and names stay as they are.
-            block.__dict__["_moe_infer_expert_parallel"] = _expert_parallel(weights, ep_group, ep_placement)
+            source = getattr(block, "_moe_infer_stack", None) or ModuleSpec(block.experts)
+            # Read as they are, no copy; each rank then keeps only its own experts' weights.
+            block.__dict__["experts_backend"] = ExpertParallelExperts(
+                source.expert_spec(), ep_placement, ep_group, validate=False
+            )
         report.expert_parallel = True
     model.moe_infer_report = report
     if verbose:
@@ -781,37 +718,6 @@ def _separate_experts_block(module: nn.Module) -> bool:
     cls = getattr(type(module), "_moe_infer_original", None) or type(module)
     arch = _BY_BLOCK.get((cls.__module__, cls.__name__))
     return arch is not None and arch.name in ("SwitchTransformers", "NLLB-MoE")
-
-
-def _expert_parallel(weights: ExpertWeights, group, placement):
-    """An ExpertParallelExperts over a block's stacked expert weights (read as they are, no copy;
-    each rank then keeps only its own experts' weights)."""
-    from ..distributed import ExpertParallelExperts
-    from ..experts import MoEExperts
-
-    num_experts = weights.fc1.shape[0]
-    hidden_size = weights.fc1.shape[1] if weights.transposed else weights.fc1.shape[2]
-    ffn_size = weights.fc2.shape[1] if weights.transposed else weights.fc2.shape[2]
-    with torch.device("meta"):
-        experts = MoEExperts(
-            num_experts,
-            hidden_size,
-            ffn_size,
-            weights.activation,
-            weights.fc1_bias is not None,
-            weights.transposed,
-            weights.swiglu_alpha,
-            weights.swiglu_limit,
-        )
-    for name, tensor in (
-        ("gate_up_proj", weights.fc1),
-        ("down_proj", weights.fc2),
-        ("gate_up_proj_bias", weights.fc1_bias),
-        ("down_proj_bias", weights.fc2_bias),
-    ):
-        if tensor is not None:
-            setattr(experts, name, nn.Parameter(tensor.detach(), requires_grad=False))
-    return ExpertParallelExperts(experts, placement, group, validate=False)
 
 
 def restore(model: nn.Module) -> nn.Module:

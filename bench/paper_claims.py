@@ -1,0 +1,344 @@
+"""The paper's nine claims beside ours, from the committed benchmark results.
+
+Reads the result files the benchmarks write (bench/results/*.json), and writes
+bench/results/paper_claims.json, bench/results/paper_claims.md (the full table) and the README's
+short table (between its paper-claims markers).
+Each claim carries our figure, the setting it was measured in, how that differs from the paper's,
+a verdict and its evidence files. A claim whose evidence is missing gets ours = null and verdict
+"not" with the reason.
+
+Verdicts: "reproduced" when our figure shows the paper's effect at least as strongly in a setting
+that keeps what drives the result; "partly" when the effect is there but weaker, or the setting
+differs in a way that matters; "not" when it is absent or unmeasured.
+
+    python bench/paper_claims.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS_DIR, markdown_table, write_result  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The README's paper table sits between these markers; this script rewrites it.
+README_BEGIN, README_END = "<!-- paper-claims:begin -->", "<!-- paper-claims:end -->"
+
+
+def _load(name):
+    path = os.path.join(RESULTS_DIR, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _evidence(*names):
+    return [f"bench/results/{n}" for n in names if os.path.exists(os.path.join(RESULTS_DIR, n))]
+
+
+def _claim(id, claim, paper, unit, ours=None, setting="", verdict="not", evidence=(), **extra):
+    return dict(
+        id=id,
+        claim=claim,
+        paper=paper,
+        ours=ours,
+        unit=unit,
+        setting=setting,
+        verdict=verdict,
+        evidence=list(evidence),
+        **extra,
+    )
+
+
+def _throughput_claims(models):
+    """Claims 1-5 from bench/paper_models.py (whole models, dynamic vs static gating), bfloat16, at the
+    headline memory budget (the other budgets and float32 are in its results)."""
+    missing = "not measured: bench/paper_models.py has not run"
+    if not models:
+        return [
+            _claim(1, "LM: dynamic / static gating, maximum throughput", 6.21, "x", setting=missing),
+            _claim(2, "MT encoder: dynamic / static gating, maximum throughput", 5.75, "x", setting=missing),
+            _claim(3, "MT decoder: dynamic / static gating, maximum throughput", 2.58, "x", setting=missing),
+            _claim(4, "LM: memory, static / dynamic gating at equal batch", 1.36, "x", setting=missing),
+            _claim(5, "LM: largest batch that fits, static -> dynamic", 8.0, "x (8 -> 64)", setting=missing),
+        ]
+    budget = models["headline_budget"]
+    evidence = _evidence("paper_models.json", "paper_models.md")
+    common = (
+        f"whole model, bfloat16 (float32 in the evidence), one CPU thread, CPU time; memory budget {budget} "
+        "(the paper's V100s held about 2.5x their weights); no expert parallelism, so static pays for "
+        "placeholder compute and [S, E, C] tensors, not for a fixed-size all-to-all"
+    )
+    claims = []
+    specs = [
+        (1, "lm", "LM: dynamic / static gating, maximum throughput", 6.21, ""),
+        (
+            2,
+            "mt_encoder",
+            "MT encoder: dynamic / static gating, maximum throughput",
+            5.75,
+            "; static = transformers 5.24's NLLB-MoE as shipped (its expert loop computes E x tokens rows, as fairseq's "
+            "static gating at fraction 1.0 does, but routes them wrongly)",
+        ),
+        (
+            3,
+            "mt_decoder",
+            "MT decoder: dynamic / static gating, maximum throughput",
+            2.58,
+            "; greedy generation of 16 tokens with a KV cache; neither mode outgrew the budget within the sweep (batch "
+            "128), so both are compared there; static = transformers as shipped (see claim 2)",
+        ),
+    ]
+    for id, key, text, paper, note in specs:
+        entry = models["workloads"][key]["bf16"]
+        best = entry["budgets"][budget]["best_vs_best"]
+        ours = best["median"]
+        verdict = "reproduced" if best["min"] >= paper else ("partly" if ours > 1.0 else "not")
+        setting = (
+            f"{entry['setting']}; {common}{note}; static at batch {best['static_batch']}, dynamic at "
+            f"{best['dynamic_batch']}; spread {best['min']:.2f}-{best['max']:.2f}x"
+        )
+        claims.append(
+            _claim(
+                id,
+                text,
+                paper,
+                "x",
+                ours,
+                setting,
+                verdict,
+                evidence,
+                spread=[best["min"], best["median"], best["max"]],
+            )
+        )
+    lm = models["workloads"]["lm"]["bf16"]
+    headline = lm["budgets"][budget]
+    memory = headline["memory_ratio_equal_batch"]
+    claims.append(
+        _claim(
+            4,
+            "LM: memory, static / dynamic gating at equal batch",
+            1.36,
+            "x",
+            memory,
+            f"{lm['setting']}; {common}; total peak memory (weights + activations) at static's largest batch "
+            f"({headline['largest_batch']['static']}); up to {lm['memory_ratio_max']:.2f}x at larger batches",
+            "reproduced" if memory >= 1.36 else ("partly" if memory > 1.0 else "not"),
+            evidence,
+        )
+    )
+    sizes = {name: b["largest_batch"] for name, b in lm["budgets"].items()}
+    static_b, dynamic_b = headline["largest_batch"]["static"], headline["largest_batch"]["dynamic"]
+    growth = dynamic_b / max(static_b, 1)
+    bound = "+" if headline.get("dynamic_limited_by_sweep") else ""
+    claims.append(
+        _claim(
+            5,
+            "LM: largest batch that fits, static -> dynamic",
+            8.0,
+            "x (8 -> 64)",
+            growth,
+            f"{lm['setting']}; {common}; {static_b} -> {dynamic_b}{bound} sequences ('+': the sweep ended first, "
+            f"a lower bound); every budget: {json.dumps(sizes)}",
+            "reproduced" if growth >= 8.0 else ("partly" if growth > 1.0 else "not"),
+            evidence,
+            before=static_b,
+            after=dynamic_b,
+        )
+    )
+    return claims
+
+
+def _buffer_claims(recorded):
+    claims = [
+        _claim(
+            6,
+            "Expert buffering: less static memory",
+            1.47,
+            "x",
+            1.76,
+            "one MoE layer (E=32, SiLU-GLU, float32, experts in a safetensors file), 16 of 32 slots, 512-token "
+            "batches, peak process RSS against the fully resident layer, at 0.94x its throughput; the paper's "
+            "1.47x is the total static GPU memory of a whole MT model on 8 V100s, so this is the same mechanism "
+            "on a layer, not the same total",
+            "partly",
+            _evidence("buffer_cpu.md"),
+        )
+    ]
+    if not recorded:
+        claims.append(
+            _claim(
+                7,
+                "LIFO eviction beats FIFO and comes close to Belady's MIN",
+                1.0,
+                "paper / Belady misses",
+                setting="not measured: no recorded traces",
+            )
+        )
+        return claims
+    prefill = recorded.get("lm_prefill.pt")
+    decode = recorded.get("lm_decode.pt")
+    size = "16"
+    p = prefill["sizes"][size] if prefill else None
+    d = decode["sizes"][size] if decode else None
+    ours = p["paper_over_belady"] if p else None
+    lifo_beats_fifo = p is not None and p["paper_over_fifo"] <= 1.0
+    near = ours is not None and ours <= 1.10
+    setting = (
+        f"routing recorded from a trained MoE LM (E=32, top-2) on held-out text, 16 of 32 slots per layer; "
+        f"prefill batches: paper/FIFO {p['paper_over_fifo']:.2f}, paper/Belady {p['paper_over_belady']:.2f}"
+        if p
+        else ""
+    )
+    if d:
+        setting += (
+            f"; decode (4 tokens per batch): paper/FIFO {d['paper_over_fifo']:.2f}, paper/Belady "
+            f"{d['paper_over_belady']:.2f}, LRU {d['miss_rate']['lru']:.3f} vs paper {d['miss_rate']['paper']:.3f} miss rate"
+        )
+    verdict = (
+        "reproduced"
+        if lifo_beats_fifo and near and (d is None or d["paper_over_belady"] <= 1.10)
+        else ("partly" if lifo_beats_fifo or near else "not")
+    )
+    claims.append(
+        _claim(
+            7,
+            "LIFO eviction beats FIFO and comes close to Belady's MIN",
+            1.0,
+            "paper / Belady misses",
+            ours,
+            setting,
+            verdict,
+            _evidence("buffer_recorded.json", "buffer_recorded.md"),
+        )
+    )
+    return claims
+
+
+def _placement_claims(placement):
+    if not placement:
+        return [
+            _claim(
+                8,
+                "Max Load, 8 GPUs: > 0.6 -> < 0.4 with greedy placement",
+                0.4,
+                "share of tokens",
+                setting="not measured",
+            ),
+            _claim(
+                9, "Throughput from load balancing (+10.1% LM, +19.5% MT encoder)", 1.101, "x", setting="not measured"
+            ),
+        ]
+    lm = placement["traces"]["LM-like, calibrated"]
+    mt = placement["traces"]["MT-like, calibrated"]
+    before, after = lm["placements"]["contiguous"]["max_load"], lm["placements"]["greedy"]["max_load"]
+    anti = lm["placements"]["anti-correlation"]["max_load"]
+    recorded = {k: v for k, v in placement["traces"].items() if k.startswith("recorded")}
+    rec_text = "; ".join(
+        f"{name}: contiguous {v['placements']['contiguous']['max_load']:.3f} -> greedy "
+        f"{v['placements']['greedy']['max_load']:.3f}"
+        for name, v in recorded.items()
+    )
+    claims = [
+        _claim(
+            8,
+            "Max Load, 8 GPUs: > 0.6 -> < 0.4 with greedy placement",
+            0.4,
+            "share of tokens",
+            after,
+            f"8 ranks, planned on the first half of the trace, measured on the second; LM-like calibrated trace "
+            f"(E=512, expert ids by popularity, hottest expert {lm['hottest_expert_share']:.3f} of pairs): "
+            f"contiguous {before:.3f} -> greedy {after:.3f}, anti-correlation {anti:.3f}"
+            + (f"; recorded traces (E=32): {rec_text}" if rec_text else ""),
+            "reproduced" if before > 0.6 and after < 0.4 else "partly",
+            _evidence("placement_paper.json", "placement_paper.md"),
+            before=before,
+            after=after,
+        )
+    ]
+    lm_gain = lm["placements"]["contiguous"]["avg_max_load"] / lm["placements"]["greedy"]["avg_max_load"]
+    mt_gain = mt["placements"]["contiguous"]["avg_max_load"] / mt["placements"]["greedy"]["avg_max_load"]
+    claims.append(
+        _claim(
+            9,
+            "Throughput from load balancing (+10.1% LM, +19.5% MT encoder)",
+            1.101,
+            "x",
+            lm_gain,
+            f"modelled, not timed: the MoE layer's busiest-rank load, contiguous over greedy, on the calibrated "
+            f"traces (LM {lm_gain:.2f}x, MT {mt_gain:.2f}x); the paper's figure is whole-model throughput on 8 GPUs, "
+            f"where attention, dense layers and the all-to-all dilute the MoE layer's gain"
+            + "".join(
+                f"; {name} (a router trained with a balancing loss): "
+                f"{v['placements']['contiguous']['avg_max_load'] / v['placements']['greedy']['avg_max_load']:.2f}x"
+                for name, v in recorded.items()
+            ),
+            "partly",
+            _evidence("placement_paper.json", "placement_cpu.md"),
+            mt=mt_gain,
+        )
+    )
+    return claims
+
+
+def main():
+    models = _load("paper_models.json")
+    recorded = _load("buffer_recorded.json")
+    placement = _load("placement_paper.json")
+    lm_made = _load("traces/routing_lm.json")
+    claims = _throughput_claims(models) + _buffer_claims(recorded) + _placement_claims(placement)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    payload = dict(
+        claims=claims,
+        recorded_traces=[
+            f"bench/results/traces/{n}"
+            for n in ("lm_prefill.pt", "lm_decode.pt")
+            if os.path.exists(os.path.join(RESULTS_DIR, "traces", n))
+        ],
+        quality=(lm_made or {}).get("quality"),
+        commit=commit.strip(),
+    )
+    write_result("paper_claims.json", json.dumps(payload, indent=1) + "\n")
+    fmt = lambda v: "—" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
+    rows = [
+        [c["id"], c["claim"], f"{fmt(c['paper'])} {c['unit']}", fmt(c["ours"]), c["verdict"], c["setting"]]
+        for c in claims
+    ]
+    table = markdown_table(["#", "claim", "paper", "ours", "verdict", "how ours was measured"], rows)
+    text = "# The paper's claims beside ours (bench/paper_claims.py)\n\n" + table + "\n"
+    if payload["quality"]:
+        q_rows = [
+            [q["gating"], f"{q['bits_per_byte']:.4f}", f"{q['dropped_pair_fraction']:.2%}"] for q in payload["quality"]
+        ]
+        text += (
+            "\nWhat capacity costs in quality (held-out bits per byte of the trained LM):\n\n"
+            + markdown_table(["gating", "bits/byte", "pairs dropped"], q_rows)
+            + "\n"
+        )
+    write_result("paper_claims.md", text)
+    print(text)
+    readme = os.path.join(ROOT, "README.md")
+    with open(readme) as f:
+        current = f.read()
+    if README_BEGIN in current and README_END in current:
+        short = [[c["id"], c["claim"], f"{fmt(c['paper'])} {c['unit']}", fmt(c["ours"]), c["verdict"]] for c in claims]
+        block = (
+            f"{README_BEGIN}\n"
+            + markdown_table(["#", "claim", "paper", "ours", "verdict"], short)
+            + "\n\nGenerated by `bench/paper_claims.py` from the committed results; how each figure was measured and "
+            "how its setting differs from the paper's: [bench/results/paper_claims.md](bench/results/paper_claims.md).\n"
+            f"{README_END}"
+        )
+        head, rest = current.split(README_BEGIN, 1)
+        updated = head + block + rest.split(README_END, 1)[1]
+        if updated != current:
+            with open(readme, "w") as f:
+                f.write(updated)
+            print("README.md: paper table updated")
+
+
+if __name__ == "__main__":
+    main()
