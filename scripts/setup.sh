@@ -18,6 +18,8 @@ PY_PINS=(
   "matplotlib==3.11.2"
   "safetensors==0.8.0"
   "transformers==5.24.0"
+  "hypothesis==6.170.15"
+  "accelerate==1.15.0"
 )
 APT_PKGS=(catch2 clang-format-14 cmake ninja-build g++)
 

@@ -143,7 +143,8 @@ PlanSizes check_dispatch_plan(const at::Tensor& expert_ids, int64_t num_experts)
   TORCH_CHECK_TYPE(is_index_type(expert_ids.scalar_type()), op,
                    ": expert_ids must be int32 or int64, got ", expert_ids.scalar_type());
   TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
-  TORCH_CHECK_VALUE(num_experts <= kMaxPairs, op, ": num_experts (", num_experts, ") is too large");
+  TORCH_CHECK_VALUE(num_experts <= kMaxExperts, op, ": num_experts (", num_experts, ") exceeds ",
+                    kMaxExperts, " (the op allocates O(num_experts) per call)");
   PlanSizes sizes{expert_ids.size(0), expert_ids.size(1), expert_ids.numel(), num_experts};
   TORCH_CHECK_VALUE(sizes.top_k >= 1, op,
                     ": expert_ids must have at least one column (top_k >= 1)");
@@ -321,8 +322,8 @@ PlacementSizes check_expert_placement(const at::Tensor& expert_load, int64_t num
   TORCH_CHECK_VALUE(num_ranks >= 1, op, ": num_ranks (", num_ranks, ") must be >= 1");
   TORCH_CHECK_VALUE(slots_per_rank >= 1, op, ": slots_per_rank (", slots_per_rank,
                     ") must be >= 1");
-  TORCH_CHECK_VALUE(num_ranks <= kMaxPairs / slots_per_rank, op,
-                    ": num_ranks * slots_per_rank is too large");
+  TORCH_CHECK_VALUE(num_ranks <= kMaxExperts / slots_per_rank, op, ": num_ranks * slots_per_rank (",
+                    num_ranks, " * ", slots_per_rank, ") exceeds ", kMaxExperts);
   TORCH_CHECK_VALUE(sizes.num_experts <= num_ranks * slots_per_rank, op, ": ", sizes.num_experts,
                     " experts do not fit on ", num_ranks, " ranks x ", slots_per_rank,
                     " slots per rank (", num_ranks * slots_per_rank, " slots)");
@@ -380,6 +381,8 @@ SimulationSizes check_simulate_expert_cache(const at::Tensor& accesses,
       accesses.device().is_cpu() && batch_offsets.device().is_cpu(), op,
       ": accesses and batch_offsets must be CPU tensors (the simulator runs on the host)");
   TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
+  TORCH_CHECK_VALUE(num_experts <= kMaxExperts, op, ": num_experts (", num_experts, ") exceeds ",
+                    kMaxExperts);
   TORCH_CHECK_VALUE(!cache_sizes.empty(), op, ": cache_sizes must not be empty");
   for (const int64_t size : cache_sizes) {
     TORCH_CHECK_VALUE(size >= 1, op, ": every cache size must be >= 1, got ", size);
@@ -396,6 +399,8 @@ EvictionPolicy check_expert_buffer(int64_t num_experts, int64_t num_slots,
   constexpr const char* op = "ExpertBuffer";
   TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
   TORCH_CHECK_VALUE(num_slots >= 1, op, ": num_slots (", num_slots, ") must be >= 1");
+  TORCH_CHECK_VALUE(num_experts <= kMaxExperts && num_slots <= kMaxExperts, op, ": num_experts (",
+                    num_experts, ") and num_slots (", num_slots, ") must be <= ", kMaxExperts);
   TORCH_CHECK_VALUE(copy_threads >= 1 && copy_threads <= 64, op, ": copy_threads (", copy_threads,
                     ") must be in [1, 64]");
   const EvictionPolicy parsed = parse_eviction_policy(policy);
@@ -528,6 +533,13 @@ StaticSlotSizes check_static_routing_tensors(const at::Tensor& expert_ids,
   check_same_device(op, "topk_weights", topk_weights, expert_ids, "expert_ids");
   TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
   TORCH_CHECK_VALUE(capacity >= 1, op, ": capacity (", capacity, ") must be >= 1");
+  TORCH_CHECK_VALUE(num_experts <= kMaxExperts && capacity <= kMaxPairs / num_experts, op,
+                    ": num_experts * capacity (", num_experts, " * ", capacity, ") exceeds ",
+                    kMaxPairs);
+  TORCH_CHECK_VALUE(expert_ids.size(0) <= kMaxDenseRoutingEntries / (num_experts * capacity), op,
+                    ": the dense routing tensors [num_tokens, num_experts, capacity] = [",
+                    expert_ids.size(0), ", ", num_experts, ", ", capacity, "] would exceed ",
+                    kMaxDenseRoutingEntries, " entries; lower the capacity");
   return StaticSlotSizes{expert_ids.size(0), num_experts, capacity, 0, expert_ids.size(1)};
 }
 

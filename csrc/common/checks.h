@@ -109,6 +109,12 @@ void check_buffer_segment(int64_t num_experts, const std::vector<at::Tensor>& po
 // Largest number of (token, slot) pairs the int32 index tensors can address.
 constexpr int64_t kMaxPairs = (int64_t{1} << 31) - 1;
 
+// Largest expert count (and placement slot count) an op accepts: the ops allocate O(num_experts)
+// per call, so an absurd count is an error, not an allocation that the OOM killer ends.
+constexpr int64_t kMaxExperts = int64_t{1} << 24;
+// static_routing_tensors' [S, E, C] outputs (5 bytes an entry) stay under 20 GiB.
+constexpr int64_t kMaxDenseRoutingEntries = int64_t{1} << 32;
+
 // ---- placement ----
 
 struct PlacementSizes {

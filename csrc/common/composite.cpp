@@ -164,18 +164,23 @@ std::tuple<at::Tensor, at::Tensor> topk_gating(const at::Tensor& router_logits,
     at::Tensor choice =
         selection_bias.has_value() ? scores + selection_bias->to(at::kFloat) : scores;
     if (sizes.n_group > 1) {
-      const at::Tensor grouped = choice.view({sizes.num_tokens, sizes.n_group, -1});
+      const at::Tensor grouped =
+          choice.view({sizes.num_tokens, sizes.n_group, sizes.num_experts / sizes.n_group});
       const at::Tensor group_scores = std::get<0>(at::topk(grouped, 2, -1)).sum(-1);
       const at::Tensor best_groups = std::get<1>(at::topk(group_scores, sizes.topk_group, -1));
       const at::Tensor group_mask = at::zeros_like(group_scores).scatter_(1, best_groups, 1.0);
-      const at::Tensor expert_mask =
-          group_mask.unsqueeze(-1).expand_as(grouped).reshape({sizes.num_tokens, -1});
+      const at::Tensor expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(
+          {sizes.num_tokens, sizes.num_experts});
       // Experts of unchosen groups are out of the running, as in transformers v5.
       choice = choice.masked_fill(expert_mask == 0, -std::numeric_limits<float>::infinity());
     }
     ids = std::get<1>(at::topk(choice, sizes.top_k, -1));
     weights = scores.gather(1, ids);
-    if (renormalize) weights = weights / weights.sum(-1, true);
+    // A row whose k weights sum to 0 (sigmoid of -inf logits) keeps weights 0, as in the kernels.
+    if (renormalize) {
+      const at::Tensor sum = weights.sum(-1, true);
+      weights = weights / at::where(sum > 0, sum, at::ones_like(sum));
+    }
   }
   if (scaling_factor != 1.0) weights = weights * scaling_factor;
   return {weights.contiguous(), ids.to(at::kInt)};
@@ -403,7 +408,18 @@ at::Tensor static_combine(const at::Tensor& expert_out, const at::Tensor& combin
   // fairseq's einsum("sec,ecm->sm") as one float32 matrix product.
   const at::Tensor weights = combine_weights.reshape({sizes.num_tokens, num_slots}).to(at::kFloat);
   const at::Tensor rows = expert_out.reshape({num_slots, sizes.hidden_size}).to(at::kFloat);
-  return at::mm(weights, rows).to(expert_out.scalar_type());
+  if (at::isfinite(rows).all().item<bool>())
+    return at::mm(weights, rows).to(expert_out.scalar_type());
+  // Slots of weight 0 contribute nothing, even where their rows hold inf or NaN (0 * inf would
+  // be NaN in a matrix product): sum only the (token, slot) pairs of nonzero weight.
+  const at::Tensor pairs = at::nonzero(weights);
+  const at::Tensor tokens = pairs.select(1, 0);
+  const at::Tensor slots = pairs.select(1, 1);
+  const at::Tensor pair_weights = weights.reshape(-1).index_select(0, tokens * num_slots + slots);
+  const at::Tensor terms = rows.index_select(0, slots) * pair_weights.unsqueeze(1);
+  return at::zeros({sizes.num_tokens, sizes.hidden_size}, rows.options())
+      .index_add_(0, tokens, terms)
+      .to(expert_out.scalar_type());
 }
 
 }  // namespace composite

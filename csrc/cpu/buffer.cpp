@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <torch/library.h>
 #include <unistd.h>
+#include <algorithm>
 
 #include <cerrno>
 
@@ -632,7 +633,9 @@ at::Tensor simulate_expert_cache_cpu(const at::Tensor& accesses, const at::Tenso
   at::parallel_for(0, num_policies * num_sizes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
       const EvictionPolicy policy = sizes.policies[job / num_sizes];
-      ExpertCache cache(num_experts, cache_size_list[job % num_sizes], policy);
+      // A cache of more slots than experts never evicts: it is the cache of num_experts slots.
+      const int64_t num_slots = std::min(cache_size_list[job % num_sizes], num_experts);
+      ExpertCache cache(num_experts, num_slots, policy);
       for (int64_t e = 0; e < num_experts; ++e) cache.set_next_use(e, first_position[e]);
       for (int64_t b = 0; b < sizes.num_batches; ++b) {
         const int64_t first = offset_ptr[b];

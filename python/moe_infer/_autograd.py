@@ -107,7 +107,9 @@ def _combine_backward(ctx, grad_out):
     if ctx.needs_input_grad[0]:
         per_pair = topk_weights.float().unsqueeze(-1) * grad_out.float().unsqueeze(1)
         grad_expert_out = torch.zeros(expert_out.shape, dtype=torch.float32, device=expert_out.device)
-        grad_expert_out.index_copy_(0, rows, per_pair.reshape(num_tokens * top_k, expert_out.shape[1]))
+        # index_add_, not index_copy_: a row that several pairs read gets the sum of their gradients
+        # (row_of_pair from dispatch_plan is a permutation, where the two agree bit for bit).
+        grad_expert_out.index_add_(0, rows, per_pair.reshape(num_tokens * top_k, expert_out.shape[1]))
         grad_expert_out = grad_expert_out.to(expert_out.dtype)
     if ctx.needs_input_grad[1]:
         gathered = expert_out.float().index_select(0, rows).view(num_tokens, top_k, expert_out.shape[1])
@@ -318,7 +320,7 @@ def _mlp_combine_backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         per_row = (expert_rows.float() * grad_out.index_select(0, tokens)).sum(-1)
         grad_weights = torch.zeros(num_tokens * top_k, dtype=torch.float32, device=hidden.device)
-        grad_weights = grad_weights.index_copy_(0, pairs, per_row).view(num_tokens, top_k).to(topk_weights.dtype)
+        grad_weights = grad_weights.index_add_(0, pairs, per_row).view(num_tokens, top_k).to(topk_weights.dtype)
     grad_rows = (grad_out.index_select(0, tokens) * topk_weights.float().reshape(-1)[pairs].unsqueeze(-1)).to(
         hidden.dtype
     )

@@ -24,6 +24,9 @@ rank agrees on the world size, the placement and the layer's shapes.
 Inference only: the forward runs without autograd (a tensor that requires grad is refused).
 """
 
+import math
+import struct
+import zlib
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -45,6 +48,26 @@ class ExpertParallelError(RuntimeError):
 
 
 # ---- the static (capacity) baseline: capacity and slot positions, isolated -------------------------
+
+
+def _encode_setting(value) -> int:
+    """A setting as one int64: ints (and bools) as they are, floats by their bit pattern, names and
+    dtypes by their CRC-32."""
+    if isinstance(value, (str, torch.dtype)):
+        return zlib.crc32(str(value).encode())
+    if isinstance(value, float):
+        return struct.unpack("<q", struct.pack("<d", value))[0]
+    return int(value)
+
+
+def _decode_setting(example, encoded: int):
+    """The readable form of an encoded setting (``example``: a value of the same kind)."""
+    if isinstance(example, float):
+        return struct.unpack("<d", struct.pack("<q", encoded))[0]
+    if isinstance(example, (str, torch.dtype)):
+        known = (*MODES, *ops.ACTIVATIONS, *ops.SCORINGS, *map(str, _DTYPES))
+        return next((repr(n) for n in known if zlib.crc32(n.encode()) == encoded), f"an unknown value #{encoded}")
+    return encoded
 
 
 def static_capacity(
@@ -142,14 +165,19 @@ class ExpertParallelExperts(nn.Module, ExpertsBackend):
         layer_index: int = 0,
         validate: bool = True,
         local_only: bool = False,
+        top_k: Optional[int] = None,
+        routing: Optional[dict] = None,
     ):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ExpertParallelExperts: torch.distributed is not initialised (call init_process_group)")
         if mode not in MODES:
             raise ValueError(f"ExpertParallelExperts: mode must be one of {MODES}, got '{mode}'")
-        if capacity_factor <= 0 or capacity_fraction < 0:
-            raise ValueError("ExpertParallelExperts: capacity_factor must be > 0 and capacity_fraction >= 0")
+        if not (0 < capacity_factor < math.inf) or not (0 <= capacity_fraction < math.inf):
+            raise ValueError(
+                f"ExpertParallelExperts: capacity_factor ({capacity_factor}) must be finite and > 0 and "
+                f"capacity_fraction ({capacity_fraction}) finite and >= 0"
+            )
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -165,7 +193,22 @@ class ExpertParallelExperts(nn.Module, ExpertsBackend):
         self.recorder = recorder
         self.layer_index = layer_index
         self.validate = validate
+        self.top_k = top_k
         self.last_stats = ExchangeStats()
+        # Settings that change what is exchanged or computed, checked equal on every rank.
+        self._settings = {
+            "mode": mode,
+            "capacity_factor": float(capacity_factor),
+            "capacity_fraction": float(capacity_fraction),
+            "top_k": -1 if top_k is None else int(top_k),
+            "activation": spec.activation,
+            "weights_transposed": bool(spec.weights_transposed),
+            "swiglu_alpha": float(spec.swiglu_alpha),
+            "swiglu_limit": float(spec.swiglu_limit),
+            "expert biases": int(spec.fc1_bias is not None) + 2 * int(spec.fc2_bias is not None),
+            "local_only": bool(local_only),
+        }
+        self._settings.update(routing or {})
         if placement is None:
             placement = Placement.contiguous(self.num_experts, self.world_size)
         self._handshake("construction", placement, spec.fc1_weight)
@@ -241,42 +284,51 @@ class ExpertParallelExperts(nn.Module, ExpertsBackend):
             ) from error
 
     def _handshake(self, step: str, placement: Placement, reference: torch.Tensor) -> None:
-        """Every rank shares what it believes; all raise the same clear error on any difference."""
-        fields = (
-            "world size",
-            "placement ranks",
-            "slots per rank",
-            "num_experts",
-            "hidden_size",
-            "ffn_size",
-            "weight dtype",
-            "mode",
-            "placement fingerprint",
-        )
-        values = [
-            self.world_size,
-            placement.num_ranks,
-            placement.slots_per_rank,
-            placement.num_experts,
-            self.hidden_size,
-            self.ffn_size,
-            _DTYPES.index(reference.dtype) if reference.dtype in _DTYPES else -1,
-            MODES.index(self.mode),
-            placement.fingerprint(),
-        ]
+        """Every rank shares what it believes; all raise the same clear error on any difference.
+
+        The values travel as one int64 tensor of a fixed length whatever the settings (a float as
+        its bit pattern), so the gather itself never disagrees on sizes."""
+        fields = {
+            "world size": self.world_size,
+            "placement ranks": placement.num_ranks,
+            "slots per rank": placement.slots_per_rank,
+            "num_experts": placement.num_experts,
+            "hidden_size": self.hidden_size,
+            "ffn_size": self.ffn_size,
+            "weight dtype": reference.dtype,
+            "placement fingerprint": placement.fingerprint(),
+            **self._settings,
+        }
+        # First the hash of the setting names, so ranks with other settings (a layer and bare
+        # experts, or another code version) are told apart before the values are compared; the
+        # tensor always has _HANDSHAKE_SLOTS entries.
+        names = ["setting names", *fields]
+        values = [zlib.crc32("|".join(fields).encode())] + [_encode_setting(v) for v in fields.values()]
+        values += [0] * (_HANDSHAKE_SLOTS - len(values))
         # NCCL only moves CUDA tensors; gloo moves CPU (and some CUDA) tensors.
         nccl = dist.get_backend(self.group) == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else reference.device
         mine = torch.tensor(values, dtype=torch.int64, device=device)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         self._collective(f"handshake ({step})", dist.all_gather, gathered, mine)
-        for rank, theirs in enumerate(gathered):
-            for field, a, b in zip(fields, theirs.tolist(), values):
-                if a != b:
-                    raise ExpertParallelError(
-                        f"expert-parallel handshake ({step}): rank {rank} has {field} {a} but rank {self.rank} "
-                        f"has {b}; every rank must build the layer with the same placement and shapes"
-                    )
+        table = [g.tolist() for g in gathered]
+        if any(row[0] != table[0][0] for row in table):
+            raise ExpertParallelError(
+                f"expert-parallel handshake ({step}): the ranks disagree on setting names (they build different "
+                "kinds of expert-parallel module, e.g. a whole MoE layer on some ranks and bare experts on others, "
+                "or run different moe_infer versions)"
+            )
+        differences = []
+        for i, name in enumerate(names):
+            column = [row[i] for row in table]
+            if any(v != column[0] for v in column):
+                shown = ", ".join(f"rank {r} has {_decode_setting(fields.get(name), v)}" for r, v in enumerate(column))
+                differences.append(f"{name} ({shown})")
+        if differences:
+            raise ExpertParallelError(
+                f"expert-parallel handshake ({step}): the ranks disagree on {'; '.join(differences)}; every rank "
+                "must build the layer with the same settings, placement and shapes"
+            )
         if placement.num_ranks != self.world_size:
             raise ExpertParallelError(
                 f"expert-parallel handshake ({step}): the placement is for {placement.num_ranks} ranks but the "
@@ -301,6 +353,11 @@ class ExpertParallelExperts(nn.Module, ExpertsBackend):
             )
         if expert_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"ExpertParallelExperts: expert_ids must be int32 or int64, got {expert_ids.dtype}")
+        if self.top_k is not None and expert_ids.shape[1] != self.top_k:
+            raise ValueError(
+                f"ExpertParallelExperts: expert_ids has {expert_ids.shape[1]} columns but the layer was built with "
+                f"top_k {self.top_k}"
+            )
         if topk_weights.shape != expert_ids.shape:
             raise ValueError(
                 f"ExpertParallelExperts: topk_weights {tuple(topk_weights.shape)} must match expert_ids {tuple(expert_ids.shape)}"
@@ -437,8 +494,16 @@ class ExpertParallelExperts(nn.Module, ExpertsBackend):
         if position is None:
             # Capacity from the largest batch of any rank, so the all-to-all splits agree (fairseq
             # pads every rank's batch to the same size for the same reason).
-            largest = torch.tensor([num_tokens], dtype=torch.int64, device=hidden.device)
-            self._collective("capacity all-reduce", dist.all_reduce, largest, op=dist.ReduceOp.MAX)
+            # top_k rides along (as k and -k): ranks with different k would size their buffers
+            # differently, so every rank raises the same error before any exchange.
+            agreed = torch.tensor([num_tokens, top_k, -top_k], dtype=torch.int64, device=hidden.device)
+            self._collective("capacity all-reduce", dist.all_reduce, agreed, op=dist.ReduceOp.MAX)
+            largest, max_k, min_k = agreed[0], int(agreed[1]), -int(agreed[2])
+            if max_k != min_k:
+                raise ExpertParallelError(
+                    f"expert-parallel static forward: the ranks disagree on top_k (from {min_k} to {max_k}); every "
+                    "rank must route with the same k"
+                )
             # No rank has a token: nothing to size (and an empty exchange).
             capacity = (
                 static_capacity(int(largest), self.num_experts, top_k, self.capacity_factor, self.capacity_fraction)
@@ -542,6 +607,7 @@ def _wait(work, group=None):
     work.wait()
 
 
+_HANDSHAKE_SLOTS = 64
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # ExpertSpec part -> this module's parameter (named as MoEExperts's).
 _PARAMS = {
@@ -586,7 +652,17 @@ class ExpertParallelMoELayer(nn.Module):
             self.selection_bias = None
         # Ids come from topk_gating, always in range: the experts need not check them again.
         options.setdefault("validate", False)
-        self.experts = ExpertParallelExperts(layer.experts, placement, group, **options)
+        routing = {
+            "scoring": self.scoring,
+            "renormalize": bool(self.renormalize),
+            "scaling_factor": float(self.scaling_factor),
+            "n_group": self.n_group,
+            "topk_group": self.topk_group,
+            "selection_bias": self.selection_bias is not None,
+        }
+        self.experts = ExpertParallelExperts(
+            layer.experts, placement, group, top_k=self.top_k, routing=routing, **options
+        )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[-1] != self.hidden_size:

@@ -126,6 +126,11 @@ class MoELayer(nn.Module):
             raise ValueError(
                 f"MoELayer: hidden's last dimension ({hidden.shape[-1]}) must be hidden_size ({self.hidden_size})"
             )
+        if hidden.dtype != self.gate.weight.dtype:
+            raise TypeError(
+                f"MoELayer: hidden is {hidden.dtype} but the layer's weights are {self.gate.weight.dtype}; "
+                f"convert one of them (hidden.to({self.gate.weight.dtype}) or layer.to({hidden.dtype}))"
+            )
         shape = hidden.shape
         x = hidden.reshape(-1, self.hidden_size)
         _, weights, ids = self.route(x)

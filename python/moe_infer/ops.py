@@ -252,8 +252,23 @@ def static_capacity(
     """
     if num_experts < 1:
         raise ValueError(f"static_capacity: num_experts ({num_experts}) must be >= 1")
-    if not eval_capacity_token_fraction == eval_capacity_token_fraction:  # NaN
+    if not isinstance(num_tokens, torch.SymInt) and num_tokens < 0:
+        raise ValueError(f"static_capacity: num_tokens ({num_tokens}) must be >= 0")
+    if top_k < 1:
+        raise ValueError(f"static_capacity: top_k ({top_k}) must be >= 1")
+    if math.isnan(eval_capacity_token_fraction):
         raise ValueError("static_capacity: eval_capacity_token_fraction is NaN")
+    if not math.isfinite(eval_capacity_token_fraction):
+        raise ValueError(
+            f"static_capacity: eval_capacity_token_fraction ({eval_capacity_token_fraction}) must be finite"
+        )
+    if capacity_factor is not None and not math.isfinite(capacity_factor):
+        raise ValueError(
+            f"static_capacity: capacity_factor ({capacity_factor}) must be finite "
+            "(for no dropping, give a capacity of at least the number of tokens)"
+        )
+    if eval_capacity_length is not None and eval_capacity_length < 0:
+        raise ValueError(f"static_capacity: eval_capacity_length ({eval_capacity_length}) must be >= 0")
     if eval_mode and eval_capacity_token_fraction > 0.0:
         length = num_tokens if eval_capacity_length is None else eval_capacity_length
         capacity = math.ceil(eval_capacity_token_fraction * length)

@@ -308,10 +308,22 @@ class LoadRecorder:
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"LoadRecorder: layer {layer} is out of range [0, {self.num_layers})")
 
-    def record(self, layer: int, expert_ids: torch.Tensor) -> None:
-        """Adds one batch of one layer: expert ids [tokens, k] (-1 = unrouted, ignored)."""
-        # Bin 0 collects the unrouted pairs; index_add_ keeps it free of host syncs on CUDA.
+    def record(self, layer: int, expert_ids: torch.Tensor, validate: bool = True) -> None:
+        """Adds one batch of one layer: expert ids [tokens, k] (-1 = unrouted, ignored).
+
+        ``validate`` checks the ids are in [-1, E) (one host sync on CUDA); without it an id out
+        of range is undefined behaviour on CUDA."""
+        self._check_layer(layer)
         flat = expert_ids.reshape(-1).long() + 1
+        if validate and flat.numel() > 0:
+            bad = (flat < 0) | (flat > self.num_experts)
+            if bad.any():
+                where = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"LoadRecorder.record: expert_ids has {int(flat[where]) - 1} (flat index {where}); "
+                    f"expected -1 (unrouted) or an expert in [0, {self.num_experts})"
+                )
+        # Bin 0 collects the unrouted pairs; index_add_ keeps it free of host syncs on CUDA.
         counts = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=flat.device)
         counts.index_add_(0, flat, torch.ones_like(flat))
         self.record_counts(layer, counts[1:])

@@ -62,17 +62,20 @@ def topk_gating(
     choice = scores if selection_bias is None else scores + selection_bias.float()
     if n_group > 1:
         num_tokens, num_experts = choice.shape
-        group_scores = choice.view(num_tokens, n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        group_scores = choice.view(num_tokens, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
         group_idx = torch.topk(group_scores, k=topk_group, dim=-1)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
         score_mask = (
-            group_mask.unsqueeze(-1).expand(num_tokens, n_group, num_experts // n_group).reshape(num_tokens, -1)
+            group_mask.unsqueeze(-1)
+            .expand(num_tokens, n_group, num_experts // n_group)
+            .reshape(num_tokens, num_experts)
         )
         choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
     ids = torch.topk(choice, k, dim=-1)[1]
     weights = scores.gather(1, ids)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if renormalize:  # a row whose k weights sum to 0 (sigmoid of -inf logits) keeps them 0
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = weights / torch.where(total > 0, total, torch.ones_like(total))
     return weights * scaling_factor, ids
 
 

@@ -237,7 +237,7 @@ def test_file_truncated_after_opening(tmp_path):
         buffer(x, first, w)
         with open(path, "r+b") as f:
             f.truncate(len(whole) - 1000)  # the last bytes (of expert 3) are gone
-        with pytest.raises(RuntimeError, match=r"copying an expert into slot \d failed: unexpected end of file"):
+        with pytest.raises(RuntimeError, match=r"changed on disk .* shrank from \d+ to \d+ bytes"):
             buffer(x, last, w)
         assert buffer.resident_experts() == []
         path.write_bytes(whole)
@@ -317,3 +317,185 @@ def test_gpt_oss_stacked_checkpoint(tmp_path):
     assert buffer.activation == "gpt_oss_swiglu" and buffer.weights_transposed
     assert set(buffer.store.parts) == {"fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"}
     torch.testing.assert_close(buffered, eager, rtol=1e-5, atol=1e-5)
+
+
+# ---- a buffered layer and changes to its weights or files ---------------------------------------------
+
+LAYER = dict(hidden_size=32, ffn_size=16, num_experts=4, top_k=2)
+
+
+def _stacked_layer_file(path, seed=0, scale=1.0):
+    torch.manual_seed(seed)
+    plain = moe_infer.MoELayer(**LAYER).eval()
+    with torch.no_grad():
+        plain.experts.down_proj.mul_(scale)
+    save_file(
+        {
+            PREFIX + "gate_up_proj": plain.experts.gate_up_proj.detach(),
+            PREFIX + "down_proj": plain.experts.down_proj.detach(),
+        },
+        str(path),
+    )
+    return plain
+
+
+def _rewrite_in_place(path, seed, scale):
+    """Writes new weights into the same file (same inode), as a process updating it would."""
+    other = path.with_suffix(".new")
+    plain = _stacked_layer_file(other, seed, scale)
+    with open(path, "r+b") as f:
+        f.write(other.read_bytes())
+        f.truncate()
+    return plain
+
+
+def _file_layer(path, plain):
+    layer = moe_infer.MoELayer(**LAYER, expert_buffer=2, expert_store=ExpertStore.from_safetensors(str(path), PREFIX))
+    layer.gate.load_state_dict(plain.gate.state_dict())
+    return layer.eval()
+
+
+def test_truncated_file_under_a_layer_is_an_error_not_a_signal(tmp_path):
+    """The parameters of a file-backed layer are never views of the mapped file: reading them
+    (state_dict) after the file shrank raises, where a mapped view would kill the process (SIGBUS)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import torch, moe_infer
+        from moe_infer.buffer import ExpertStore
+        layer = moe_infer.MoELayer(32, 16, 4, 2, expert_buffer=2,
+                                   expert_store=ExpertStore.from_safetensors({str(tmp_path / "e.safetensors")!r}, {PREFIX!r}))
+        whole = layer.state_dict()["experts.gate_up_proj"].clone()
+        with open({str(tmp_path / "e.safetensors")!r}, "r+b") as f:
+            f.truncate(200)
+        try:
+            layer.state_dict()["experts.gate_up_proj"].sum()
+        except ValueError as error:
+            print("ERROR:", error)
+        print("device:", layer.experts.gate_up_proj.device, "sum:", float(whole.sum()))
+        """
+    )
+    plain = _stacked_layer_file(tmp_path / "e.safetensors")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ERROR:" in done.stdout and "changed on disk" in done.stdout, done.stdout
+    assert "device: meta" in done.stdout
+    assert f"sum: {float(plain.experts.gate_up_proj.detach().sum())}" in done.stdout
+
+
+def test_file_backed_layer_saves_its_weights(tmp_path):
+    plain = _stacked_layer_file(tmp_path / "e.safetensors")
+    layer = _file_layer(tmp_path / "e.safetensors", plain)
+    state = layer.state_dict()
+    assert torch.equal(state["experts.gate_up_proj"], plain.experts.gate_up_proj)
+    assert torch.equal(state["experts.down_proj"], plain.experts.down_proj)
+
+
+def test_host_buffered_layer_follows_its_parameters():
+    torch.manual_seed(3)
+    plain = moe_infer.MoELayer(**LAYER).eval()
+    layer = moe_infer.MoELayer(**LAYER, expert_buffer=2).eval()
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        layer(x)  # fills the pool with the old weights
+        layer.load_state_dict(plain.state_dict())  # no clear(): the buffer notices
+        assert torch.equal(layer(x), plain(x))
+        layer.experts.down_proj.mul_(2)  # an in-place edit
+        plain.experts.down_proj.mul_(2)
+        assert torch.equal(layer(x), plain(x))
+        layer.experts.down_proj = torch.nn.Parameter(torch.zeros_like(plain.experts.down_proj), requires_grad=False)
+        with pytest.raises(RuntimeError, match=r"parameter 'down_proj' was replaced"):
+            layer(x)
+
+
+def test_file_backed_layer_refuses_new_parameters_and_follows_its_file(tmp_path):
+    path = tmp_path / "e.safetensors"
+    plain = _stacked_layer_file(path)
+    layer = _file_layer(path, plain)
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain(x))
+        # The same layout with new values (rewritten in place): the buffer follows the file.
+        new = _rewrite_in_place(path, seed=0, scale=3.0)
+        assert torch.equal(layer(x), new(x))
+        # Loading weights into the layer cannot change the file it reads: refused.
+        layer.load_state_dict(plain.state_dict())
+        with pytest.raises(
+            RuntimeError, match=r"parameter '(gate_up_proj|down_proj)' was written, but its experts are read"
+        ):
+            layer(x)
+    layer = _file_layer(path, new)
+    with torch.no_grad():
+        layer(x)
+        save_file(
+            {PREFIX + "gate_up_proj": torch.randn(4, 32, 32), PREFIX + "down_proj": torch.randn(4, 32, 16)}, str(path)
+        )
+        with pytest.raises(RuntimeError, match=r"was replaced on disk by another file|no longer has the same tensors"):
+            layer(x)
+    layer = _file_layer(path, new)
+    with torch.no_grad():
+        layer(x)
+        with open(path, "r+b") as f:  # the same file, another layout
+            f.write(b"\x00" * 16)
+        with pytest.raises(RuntimeError, match=r"no longer has the same tensors"):
+            layer(x)
+
+
+def test_buffered_layer_from_two_threads():
+    """Calls from several threads run one at a time and give the single-threaded results."""
+    import threading
+
+    torch.manual_seed(4)
+    plain = moe_infer.MoELayer(**LAYER).eval()
+    layer = moe_infer.MoELayer(**LAYER, expert_buffer=2, buffer_policy="lru").eval()
+    layer.load_state_dict(plain.state_dict())
+    inputs = [torch.randn(5, 32) for _ in range(8)]
+    with torch.no_grad():
+        expected = [plain(x) for x in inputs]
+    errors, mismatches = [], []
+
+    def worker():
+        try:
+            with torch.no_grad():
+                for _ in range(10):
+                    for x, want in zip(inputs, expected):
+                        if not torch.equal(layer(x), want):
+                            mismatches.append(1)
+        except Exception as error:  # noqa: BLE001  (reported below)
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and not mismatches
+
+
+@pytest.mark.parametrize(
+    "index,message",
+    [
+        ('{"weight_map": {"a": ', r"model.safetensors.index.json' is not valid JSON"),
+        ('{"weight_map": ["a.safetensors"]}', r"weight_map must be a JSON object .* got list"),
+        ('["a.safetensors"]', r"weight_map must be a JSON object .* got list"),
+    ],
+)
+def test_corrupt_sharded_index(tmp_path, index, message):
+    from moe_infer.buffer import SafetensorsCheckpoint
+
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=message):
+        SafetensorsCheckpoint(str(tmp_path))
+
+
+def test_zero_dimensional_per_expert_tensor(tmp_path):
+    path = tmp_path / "experts.safetensors"
+    tensors = {f"{PREFIX}{e}.{name}.weight": torch.randn(8, 4) for e in range(2) for name in ("gate_proj", "up_proj")}
+    tensors.update({f"{PREFIX}{e}.down_proj.weight": torch.randn(4, 8) for e in range(2)})
+    tensors[f"{PREFIX}1.up_proj.weight"] = torch.tensor(1.0)
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.experts.1.up_proj.weight' is 0-D"):
+        ExpertStore.from_safetensors(str(path), PREFIX)

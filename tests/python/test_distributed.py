@@ -242,7 +242,7 @@ def _errors_worker(rank, world_size):
     # Ranks that disagree on the placement, or a placement for another world size: every rank raises.
     disagreeing = Placement.contiguous(EXPERTS, world_size) if rank == 0 else plan_placement(load, world_size)
     for placement, pattern in [
-        (disagreeing, r"rank \d has placement fingerprint \d+ but rank \d has \d+"),
+        (disagreeing, r"the ranks disagree on (.*; )?placement fingerprint \(rank 0 has -?\d+, rank 1 has -?\d+"),
         (
             Placement.contiguous(EXPERTS, world_size + 1),
             rf"placement is for {world_size + 1} ranks but the process group has {world_size}",
@@ -276,6 +276,83 @@ def _errors_worker(rank, world_size):
     with torch.no_grad():
         torch.testing.assert_close(ep(x), layer(x))
     return messages
+
+
+# Each setting that changes what is exchanged or computed, as (name in the error, MoELayer
+# arguments, expert_parallel options) for rank 1; rank 0 builds the default layer.
+DIFFERING_SETTINGS = [
+    ("hidden_size", {"hidden_size": HIDDEN + 4}, {}),
+    ("ffn_size", {"ffn_size": FFN * 2}, {}),
+    ("num_experts", {"num_experts": EXPERTS * 2}, {}),
+    ("top_k", {"top_k": TOP_K - 1}, {}),
+    ("activation", {"activation": "gelu"}, {}),
+    ("weight dtype", {"dtype": torch.float64}, {}),
+    ("expert biases", {"expert_bias": False}, {}),
+    ("weights_transposed", {"weights_transposed": True}, {}),
+    ("scoring", {"scoring": "sigmoid"}, {}),
+    ("renormalize", {"renormalize": False}, {}),
+    ("scaling_factor", {"scaling_factor": 2.5}, {}),
+    ("selection_bias", {"selection_bias": True}, {}),
+    ("mode", {}, {"mode": "static"}),
+    ("capacity_factor", {}, {"capacity_factor": 2.0}),
+    ("capacity_fraction", {}, {"capacity_fraction": 0.5}),
+    ("placement fingerprint", {}, {"placement": "planned"}),
+]
+
+
+def _differing_settings_worker(rank, world_size):
+    """Rank 1 differs from rank 0 in one setting at a time: both must raise the same error."""
+    messages = []
+    for name, layer_args, options in DIFFERING_SETTINGS:
+        mine_layer, mine_options = ({}, {}) if rank == 0 else (layer_args, dict(options))
+        if name.startswith("capacity"):  # both ranks static, so only the named setting differs
+            mine_options["mode"] = "static"
+        args = {"hidden_size": HIDDEN, "ffn_size": FFN, "num_experts": EXPERTS, "top_k": TOP_K}
+        args.update(mine_layer)
+        torch.manual_seed(0)
+        sizes = [args.pop(k) for k in ("hidden_size", "ffn_size", "num_experts", "top_k")]
+        layer = moe_infer.MoELayer(*sizes, **{"expert_bias": True, "renormalize": True, **args}).eval()
+        if mine_options.get("placement") == "planned":
+            mine_options["placement"] = plan_placement(torch.arange(EXPERTS, dtype=torch.float64) ** 2, world_size)
+        try:
+            expert_parallel(layer, **mine_options)
+        except ExpertParallelError as error:
+            assert re.search(rf"disagree on (.*; )?{name} \(rank 0 has .*, rank 1 has ", str(error)), (name, str(error))
+            messages.append(str(error))
+        else:
+            raise AssertionError(f"no error when the ranks differ in {name}")
+    # A whole layer on rank 0, its bare experts on rank 1: other settings, the same size on the wire.
+    layer = make_layer()
+    try:
+        expert_parallel(layer if rank == 0 else layer.experts)
+    except ExpertParallelError as error:
+        assert "setting names" in str(error), str(error)
+        messages.append(str(error))
+    else:
+        raise AssertionError("no error when one rank builds a layer and the other bare experts")
+    # The experts alone (no top_k at construction) in static mode: k is agreed at the forward.
+    ep = expert_parallel(make_layer().experts, mode="static")
+    k = TOP_K if rank == 0 else 1
+    try:
+        with torch.no_grad():
+            ep(torch.randn(4, HIDDEN), torch.rand(4, k), torch.zeros(4, k, dtype=torch.int32))
+    except ExpertParallelError as error:
+        assert "disagree on top_k" in str(error), str(error)
+        messages.append(str(error))
+    else:
+        raise AssertionError("no error when the ranks route with different k")
+    with torch.no_grad():  # and the group still works
+        layer = make_layer()
+        x = torch.randn(3, HIDDEN)
+        torch.testing.assert_close(expert_parallel(layer)(x), layer(x))
+    return messages
+
+
+def test_ranks_that_differ_in_any_setting_raise_the_same_error(tmp_path):
+    results = run_ranks(_differing_settings_worker, 2, tmp_path)
+    assert sorted(results) == [0, 1]
+    assert len(results[0]) == len(DIFFERING_SETTINGS) + 2
+    assert results[0] == results[1]  # the very same message on both ranks
 
 
 def _dying_peer_worker(rank, world_size):

@@ -190,7 +190,7 @@ def test_layer_configuration_errors():
     layer = moe_infer.MoELayer(16, 8, 4, 2)
     with pytest.raises(ValueError, match=r"last dimension \(15\) must be hidden_size \(16\)"):
         layer(torch.randn(2, 15))
-    with pytest.raises(RuntimeError, match=r"expected m1 and m2 to have the same dtype|dtype"):
+    with pytest.raises(TypeError, match=r"MoELayer: hidden is torch.float64 but the layer's weights are torch.float32"):
         layer(torch.randn(2, 16, dtype=torch.float64))
 
 
@@ -205,6 +205,142 @@ def test_empty_batch_gives_empty_result(device):
     assert weights.shape == ids.shape == (0, 2)
     plan = ops.dispatch_plan(ids, 4)
     assert plan.tokens_per_expert.tolist() == [0] * 4 and plan.expert_offsets.tolist() == [0] * 5
+
+
+# An op's argument error: the C++ checks raise RuntimeError (ValueError / TypeError where they say
+# which kind of argument is wrong).
+ARGUMENT_ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+def _meta_cases():
+    """One call per op with a single argument on the meta device and the rest on the CPU."""
+    meta = torch.device("meta")
+
+    def logits(d="cpu"):
+        return torch.randn(4, 8, device=d)
+
+    def mlp(**moved):
+        args = mlp_args("cpu", fc2_bias=torch.randn(4, 8))
+        for name in moved:
+            args[name] = args[name].to(meta)
+        return lambda: ops.grouped_mlp(**args)
+
+    plan = ops.dispatch_plan(ids_of([[0, 1], [2, 3]]), 4)
+    hidden = torch.randn(2, 8)
+    w1, w2 = torch.randn(4, 6, 8), torch.randn(4, 8, 3)
+    routing = ops.static_gating(logits(), 1, 4)
+    combine, mask = ops.static_routing_tensors(routing.expert_ids, routing.locations, routing.topk_weights, 8, 4)
+    return [
+        (
+            "topk_gating",
+            "selection_bias",
+            lambda: ops.topk_gating(logits(), 2, "sigmoid", False, torch.zeros(8, device=meta)),
+        ),
+        ("topk_gating", "router_logits", lambda: ops.topk_gating(logits(meta), 2, "sigmoid", False, torch.zeros(8))),
+        ("permute", "sorted_pair_ids", lambda: ops.permute(hidden, plan.sorted_pair_ids.to(meta), 2)),
+        (
+            "unpermute_combine",
+            "row_of_pair",
+            lambda: ops.unpermute_combine(torch.randn(4, 8), torch.rand(2, 2), plan.row_of_pair.to(meta)),
+        ),
+        (
+            "unpermute_combine",
+            "topk_weights",
+            lambda: ops.unpermute_combine(torch.randn(4, 8), torch.rand(2, 2, device=meta), plan.row_of_pair),
+        ),
+        ("grouped_mlp", "fc1_weight", mlp(fc1_weight=True)),
+        ("grouped_mlp", "fc2_bias", mlp(fc2_bias=True)),
+        ("grouped_mlp", "expert_offsets", mlp(expert_offsets=True)),
+        (
+            "grouped_mlp_combine",
+            "fc2_weight",
+            lambda: ops.grouped_mlp_combine(hidden, torch.rand(2, 2), plan, w1, None, w2.to(meta), None, "silu_glu"),
+        ),
+        (
+            "grouped_mlp_combine",
+            "topk_weights",
+            lambda: ops.grouped_mlp_combine(
+                hidden, torch.rand(2, 2, device=meta), plan, w1, None, w2, None, "silu_glu"
+            ),
+        ),
+        (
+            "static_gating",
+            "padding_mask",
+            lambda: ops.static_gating(logits(), 1, 4, torch.zeros(4, dtype=torch.bool, device=meta)),
+        ),
+        (
+            "static_routing_tensors",
+            "locations",
+            lambda: ops.static_routing_tensors(
+                routing.expert_ids, routing.locations.to(meta), routing.topk_weights, 8, 4
+            ),
+        ),
+        ("static_dispatch", "dispatch_mask", lambda: ops.static_dispatch(torch.randn(4, 16), mask.to(meta))),
+        ("static_combine", "combine_weights", lambda: ops.static_combine(torch.randn(8, 4, 16), combine.to(meta))),
+        (
+            "expert_placement",
+            "correlation",
+            lambda: torch.ops.moe_infer.expert_placement(
+                torch.rand(4), 2, 2, "anti_correlation", False, torch.rand(4, 4, device=meta)
+            ),
+        ),
+        (
+            "simulate_expert_cache",
+            "batch_offsets",
+            lambda: torch.ops.moe_infer.simulate_expert_cache(
+                torch.tensor([0, 1]), torch.tensor([0, 2], device=meta), 4, [2], ["lru"]
+            ),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("op,argument,call", _meta_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_meta_argument_next_to_real_tensors_is_an_error(op, argument, call):
+    # A meta argument sends the call to the op's fake implementation; it must refuse, not return
+    # uninitialised CPU memory.
+    with pytest.raises(ARGUMENT_ERRORS, match=rf"{op}: .*{argument}|{argument} is on meta|is on meta"):
+        call()
+
+
+def test_arguments_that_would_allocate_too_much_are_errors():
+    ids = ids_of([[0, 1]])
+    with pytest.raises(ARGUMENT_ERRORS, match=r"dispatch_plan: num_experts \(2147483647\) exceeds 16777216"):
+        ops.dispatch_plan(ids, 2**31 - 1)
+    with pytest.raises(ARGUMENT_ERRORS, match=r"static_routing_tensors: num_experts \* capacity"):
+        ops.static_routing_tensors(ids, ids, torch.ones(1, 2), 2, 2**31 - 1)
+    with pytest.raises(ARGUMENT_ERRORS, match=r"dense routing tensors .* would exceed"):
+        ops.static_routing_tensors(ids_of([[0]] * 70000), ids_of([[0]] * 70000), torch.ones(70000, 1), 256, 256)
+    with pytest.raises(ARGUMENT_ERRORS, match=r"expert_placement: num_ranks \* slots_per_rank"):
+        torch.ops.moe_infer.expert_placement(torch.rand(4), 2**20, 2**20)
+    with pytest.raises(ARGUMENT_ERRORS, match=r"simulate_expert_cache: num_experts \(1099511627776\) exceeds"):
+        torch.ops.moe_infer.simulate_expert_cache(torch.tensor([0]), torch.tensor([0, 1]), 2**40, [2], ["lru"])
+
+
+def test_simulated_cache_larger_than_the_experts_is_the_full_cache():
+    # A cache of 2^40 slots (more than experts) never evicts: the same counters as one of E slots.
+    accesses = torch.tensor([0, 2, 1, 3, 0, 1, 2])
+    offsets = torch.tensor([0, 2, 4, 7])
+    huge = torch.ops.moe_infer.simulate_expert_cache(accesses, offsets, 4, [2**40], ["lru", "belady"])
+    full = torch.ops.moe_infer.simulate_expert_cache(accesses, offsets, 4, [4], ["lru", "belady"])
+    assert torch.equal(huge, full)
+    assert full[0, 0].tolist() == [3, 4, 0]
+
+
+def test_layer_with_experts_on_the_meta_device_is_an_error():
+    # The fused entry points (MoELayer, the transformers blocks' experts backend) reach the ops with
+    # the weights as they are: placeholders on the meta device are refused, not computed with.
+    from moe_infer.experts import ExpertSpec, run_local
+
+    layer = moe_infer.MoELayer(16, 8, 4, 2)
+    layer.experts.down_proj = torch.nn.Parameter(torch.empty(4, 16, 8, device="meta"), requires_grad=False)
+    with torch.no_grad(), pytest.raises(ARGUMENT_ERRORS, match=r"grouped_mlp(_combine)?: fc2_weight is on meta"):
+        layer(torch.randn(3, 16))
+    spec = ExpertSpec(
+        torch.empty(4, 16, 16, device="meta"), None, torch.empty(4, 16, 8, device="meta"), None, "silu_glu"
+    )
+    ids = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    with pytest.raises(ARGUMENT_ERRORS, match=r"is on meta but hidden is on cpu"):
+        run_local(spec, torch.randn(2, 16), torch.rand(2, 2), ids)
 
 
 # ---- every bad-argument case of the suite, eagerly and under FakeTensorMode ----------------------

@@ -484,3 +484,92 @@ def test_optimize_expert_buffer_errors():
         optimized("switch", expert_buffer=2)
     with pytest.raises(ValueError, match="cannot be combined"):
         optimized("mixtral", expert_buffer=2, ep_group=object())
+
+
+def test_buffered_checkpoint_model_saves_and_optimizes_again(tmp_path):
+    """optimize(expert_buffer=N, checkpoint=dir) on per-expert checkpoint keys leaves placeholders
+    in the model, yet save_pretrained writes the real weights; a second optimize(expert_buffer=N)
+    keeps the buffers it has."""
+    ids, mask = padded_batch([9, 5], 9)
+    reference("mixtral").save_pretrained(tmp_path / "original")
+    model = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "original").eval()
+    moe_infer.optimize(model, expert_buffer=3, checkpoint=str(tmp_path / "original"), verbose=False)
+    expected = run("mixtral", model, ids, mask).logits
+    buffers = model.moe_infer_report.buffers
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    torch.testing.assert_close(run("mixtral", reloaded, ids, mask).logits, expected, rtol=1e-5, atol=1e-5)
+    again = moe_infer.optimize(model, expert_buffer=3, verbose=False).moe_infer_report.buffers
+    assert again == buffers
+    with pytest.raises(ValueError, match=r"already has an expert buffer \(\[3\] slots\)"):
+        moe_infer.optimize(model, expert_buffer=5, verbose=False)
+
+
+def test_refused_options_leave_the_model_unchanged():
+    for arch, options, message in [
+        ("mixtral", dict(expert_buffer=2, ep_group=object()), "cannot be combined"),
+        ("switch", dict(expert_buffer=2), "expert_buffer needs stacked experts"),
+    ]:
+        model = reference(arch)
+        classes = [type(m) for m in model.modules()]
+        with pytest.raises(ValueError, match=message):
+            moe_infer.optimize(model, verbose=False, **options)
+        assert [type(m) for m in model.modules()] == classes
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_experts_implementation_chosen_after_optimize_is_honoured(arch):
+    ids, mask = padded_batch([9, 5], 9)
+    model = optimized(arch)
+    calls = []
+    original = transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS["batched_mm"]
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS.register("counting_batched_mm", counting)
+    model.set_experts_implementation("counting_batched_mm")
+    got = run(arch, model, ids, mask).logits
+    assert calls, "the experts implementation chosen after optimize() was not used"
+    plain = reference(arch)
+    plain.set_experts_implementation("batched_mm")
+    torch.testing.assert_close(got, run(arch, plain, ids, mask).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("offload", ["cpu_offload", "disk_offload"])
+def test_accelerate_offloading_is_exact(offload, tmp_path):
+    """accelerate's offloading hooks load the experts only inside the hooked forward: the fused
+    blocks run it, so offloaded models give the logits of the plain model."""
+    import accelerate  # pinned in scripts/setup.sh
+
+    ids, mask = padded_batch([9, 5], 9)
+    expected = run("mixtral", optimized("mixtral"), ids, mask).logits
+    model = optimized("mixtral")
+    if offload == "cpu_offload":
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    else:
+        accelerate.disk_offload(model, str(tmp_path), execution_device=torch.device("cpu"))
+    assert model.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"
+    torch.testing.assert_close(run("mixtral", model, ids, mask).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["switch", "nllb_moe"])
+def test_separate_experts_stay_independent_parameters(arch):
+    """SwitchTransformers / NLLB-MoE keep one module per expert: after optimize() their parameters
+    still have storages of their own (views of one stack would look tied to transformers' checks),
+    and an in-place change to one expert is followed by the next forward."""
+    model = optimized(arch)
+    storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(storages) == len(set(storages))
+    ids, mask = padded_batch([9, 5], 9)
+    plain = reference(arch)
+    for m in (model, plain):
+        block = next(b for b in m.modules() if hasattr(b, "experts") and hasattr(b.experts, "expert_0"))
+        with torch.no_grad():
+            for name, expert in block.experts.named_children():
+                if name.startswith("expert_"):
+                    next(expert.parameters()).mul_(1.5)
+    torch.testing.assert_close(
+        run(arch, model, ids, mask).logits, run(arch, plain, ids, mask).logits, rtol=1e-5, atol=1e-5
+    )

@@ -346,3 +346,15 @@ def test_recorder_plans_from_a_trace():
     planned = recorder.plan(0, 4, algorithm="anti_correlation", replicate=True, slots_per_rank=5)
     direct = plan_placement(load, 4, 5, "anti_correlation", True, pearson_correlation(trace.expert_counts(0)[:10]))
     assert planned == direct
+
+
+def test_recorder_rejects_expert_ids_out_of_range():
+    recorder = LoadRecorder(num_layers=2, num_experts=5)
+    with pytest.raises(ValueError, match=r"LoadRecorder.record: expert_ids has 5 \(flat index 3\); expected -1"):
+        recorder.record(0, torch.tensor([[0, 1], [-1, 5]]))
+    with pytest.raises(ValueError, match=r"expert_ids has -2"):
+        recorder.record(0, torch.tensor([[-2, 1]]))
+    with pytest.raises(IndexError, match=r"layer 2 is out of range"):
+        recorder.record(2, torch.tensor([[0, 1]]))
+    recorder.record(1, torch.tensor([[0, -1], [4, 4]]))
+    assert recorder.counts[1, 0].tolist() == [1, 0, 0, 0, 2]

@@ -92,3 +92,9 @@ def test_recorder_errors():
         layers[0](torch.randn(3, 8))
     with pytest.raises(ValueError, match="different numbers of batches"):
         _ = recorder.trace
+
+
+def test_unbuffered_layers_cannot_be_prefetched():
+    layers = [moe_infer.MoELayer(16, 8, 4, 2) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"NextLayerPrefetcher: layers \[1, 2\] have no expert buffer"):
+        NextLayerPrefetcher(layers)

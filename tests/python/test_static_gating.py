@@ -73,6 +73,13 @@ def test_static_capacity_formulas():
             r"eval_capacity_token_fraction is NaN",
         ),
         (dict(num_tokens=10, num_experts=0), r"num_experts \(0\) must be >= 1"),
+        (dict(num_tokens=8, num_experts=4, capacity_factor=float("inf")), r"capacity_factor \(inf\) must be finite"),
+        (dict(num_tokens=-3, num_experts=4), r"num_tokens \(-3\) must be >= 0"),
+        (dict(num_tokens=8, num_experts=4, top_k=0), r"top_k \(0\) must be >= 1"),
+        (
+            dict(num_tokens=8, num_experts=4, eval_capacity_token_fraction=float("inf"), eval_mode=True),
+            r"eval_capacity_token_fraction \(inf\) must be finite",
+        ),
     ],
 )
 def test_static_capacity_errors(kwargs, message):

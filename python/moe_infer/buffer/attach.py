@@ -104,12 +104,18 @@ def attach_expert_buffer(
         overlap=overlap,
     )
     for part in store.parts:
+        # A file store's parameters are meta placeholders (never views of the mapped file); the
+        # state_dict reads them from the file (see _state_dict_from_store).
         host = store.stacked(part, materialize=not store.file_backed)
         if host is None:
             host = torch.empty((store.num_experts, *store.shapes[part]), dtype=store.dtype, device="meta")
         experts._parameters[param_names[part]] = nn.Parameter(host, requires_grad=False)
     _keep_on_host(experts)
     experts.expert_buffer = buffer
+    names = {part: param_names[part] for part in store.parts}
+    buffer.watch_parameters(experts, names)
+    if store.file_backed:
+        experts._register_state_dict_hook(_state_dict_from_store(store, names))
     if not isinstance(experts, MoEExperts):  # a transformers module: route its forward to the buffer
 
         def forward(hidden_states, top_k_index=None, top_k_weights=None, **kwargs):
@@ -120,6 +126,19 @@ def attach_expert_buffer(
 
         experts.forward = forward
     return buffer
+
+
+def _state_dict_from_store(store: ExpertStore, names: Mapping[str, str]):
+    """A state_dict hook that gives a file store's parameters as host copies read from the files
+    (the parameters themselves are meta placeholders), so saving a buffered model works."""
+
+    def hook(module, state_dict, prefix, local_metadata):
+        for part, name in names.items():
+            if prefix + name in state_dict and state_dict[prefix + name].device.type == "meta":
+                state_dict[prefix + name] = store.stacked(part)
+        return state_dict
+
+    return hook
 
 
 def _checkpoint_prefixes(name: str) -> list[str]:
@@ -153,12 +172,13 @@ def attach_expert_buffers(
     # Layers that hold an experts backend (moe_infer.MoELayer, the fairseq layer, optimized
     # transformers blocks): their backend becomes the buffer.
     layers = {id(m.experts): m for m in model.modules() if hasattr(m, "experts_backend") and hasattr(m, "experts")}
-    buffers = {}
+    buffers, existing = {}, {}
     for name, module in list(model.named_modules()):
         if not (is_transformers_experts(module) or (isinstance(module, MoEExperts) and id(module) in layers)):
             continue
         target, target_name = module, name
         if getattr(target, "expert_buffer", None) is not None:
+            existing[target_name] = target.expert_buffer
             continue
         store = None
         if checkpoint is not None:
@@ -179,11 +199,19 @@ def attach_expert_buffers(
         if id(target) in layers:
             layers[id(target)].__dict__["experts_backend"] = buffer
         buffers[target_name] = buffer
+    if not buffers and existing:
+        sizes = {buffer.num_slots for buffer in existing.values()}
+        if sizes != {min(num_slots, buffer.num_experts) for buffer in existing.values()}:
+            raise ValueError(
+                f"attach_expert_buffers: every MoE layer already has an expert buffer ({sorted(sizes)} slots); a "
+                f"buffer of {num_slots} slots needs a model that is not buffered yet (load it again)"
+            )
+        return existing  # buffered already, as asked: the same buffers
     if not buffers:
         raise ValueError(
             "attach_expert_buffers: the model has no MoE layer (moe_infer.MoELayer or a transformers experts module)"
         )
-    return buffers
+    return {**existing, **buffers}
 
 
 def buffer_stats(buffers: Mapping[str, ExpertBuffer]) -> dict[str, dict[str, float]]:

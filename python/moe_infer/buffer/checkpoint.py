@@ -124,8 +124,19 @@ class SafetensorsCheckpoint:
         if os.path.isdir(path):
             index = os.path.join(path, "model.safetensors.index.json")
             if os.path.exists(index):
-                with open(index) as f:
-                    weight_map = json.load(f).get("weight_map", {})
+                try:
+                    with open(index) as f:
+                        weight_map = json.load(f)
+                except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                    raise ValueError(f"SafetensorsCheckpoint: '{index}' is not valid JSON ({error})") from None
+                weight_map = weight_map.get("weight_map", {}) if isinstance(weight_map, dict) else weight_map
+                if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+                ):
+                    raise ValueError(
+                        f"SafetensorsCheckpoint: '{index}' is corrupt: its weight_map must be a JSON object "
+                        f"mapping tensor names to file names, got {type(weight_map).__name__}"
+                    )
                 self._file_of = {name: os.path.join(path, file) for name, file in weight_map.items()}
             else:
                 files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -155,3 +166,15 @@ class SafetensorsCheckpoint:
         if name not in self._file_of:
             raise KeyError(name)
         return self._open(self._file_of[name])
+
+
+def _file_identity(path: str) -> tuple[int, int, int]:
+    info = os.stat(path)
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _file_header(path: str) -> bytes:
+    """A safetensors file's header (its 8-byte length and the JSON), read, not mapped."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(os.pread(f.fileno(), 8, 0), "little")
+        return os.pread(f.fileno(), 8 + min(length, _MAX_HEADER_BYTES), 0)

@@ -50,8 +50,20 @@ class NextLayerPrefetcher:
     ):
         self.layers = list(layers)
         if buffers is None:
-            buffers = [getattr(layer, "expert_buffer", None) or layer.experts.expert_buffer for layer in self.layers]
+            buffers = [
+                getattr(layer, "expert_buffer", None) or getattr(getattr(layer, "experts", None), "expert_buffer", None)
+                for layer in self.layers
+            ]
         self.buffers = list(buffers)
+        if len(self.buffers) != len(self.layers):
+            raise ValueError(f"NextLayerPrefetcher: {len(self.layers)} layers but {len(self.buffers)} buffers")
+        unbuffered = [i for i, b in enumerate(self.buffers[1:], 1) if b is None]
+        if unbuffered:
+            raise ValueError(
+                f"NextLayerPrefetcher: layers {unbuffered} have no expert buffer to prefetch into; buffer them "
+                "first (MoELayer(expert_buffer=N) or moe_infer.integrations.hf.optimize(model, expert_buffer=N)) "
+                "or pass buffers="
+            )
         self.routers = list(routers) if routers is not None else [_default_router(layer) for layer in self.layers]
         self._handles = [
             self.layers[i].register_forward_pre_hook(self._hook(i + 1)) for i in range(len(self.layers) - 1)

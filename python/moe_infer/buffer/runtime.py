@@ -1,12 +1,15 @@
 """ExpertBuffer: one MoE layer's slot pool on the compute device, driven by the C++ cache."""
 
+import threading
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
+from torch import nn
 
 from .. import ops
 from ..experts import ExpertsBackend, ExpertSpec
+from .checkpoint import _file_header, _file_identity
 from .store import ExpertStore
 
 LIVE_POLICIES = ("paper", "fifo", "lru", "lfu")
@@ -28,6 +31,12 @@ class ExpertBuffer(ExpertsBackend):
     ``buffer.run(hidden [T, H], top_k_weights [T, k], top_k_index [T, k]) -> [T, H]`` is the
     backend protocol; ``buffer(hidden, top_k_index, top_k_weights)`` has the signature of a
     transformers v5 experts module. The expert weights are frozen (inference).
+
+    Thread-safe: calls from several threads run one at a time. A buffer attached to a layer
+    (:func:`attach_expert_buffer`) follows the layer's parameters: with a host store (the
+    parameters are the store), an in-place change to them empties the pool and the next batch
+    loads the new weights; with a file store, writing the parameters, replacing them or changing a
+    file on disk raises a RuntimeError at the next call (never a silent mix of old and new weights).
     """
 
     inference_only = True
@@ -63,6 +72,20 @@ class ExpertBuffer(ExpertsBackend):
         self.swiglu_limit = swiglu_limit
         self.overlap = overlap
         self._deferred_computes = 0  # deferred resident experts computed while a copy ran
+        # One batch at a time: calls from several threads are serialised (the cache protocol of
+        # begin_batch .. end_round is one sequence).
+        self._lock = threading.RLock()
+        # The parameters the layer exposes, as (module, name, parameter, version), so that a change
+        # to them is followed (host store) or refused (file store): see _follow_parameters.
+        self._watched: list[tuple[nn.Module, str, nn.Parameter, int]] = []
+        # Each file the experts are read from: its (inode, size, mtime) and header when last seen.
+        self._files = {
+            piece.file: (_file_identity(piece.file), _file_header(piece.file))
+            for part in store.parts
+            for expert_pieces in store.pieces[part]
+            for piece in expert_pieces
+            if piece.file
+        }
         if self.device.type == "cuda" and store.file_backed:
             warnings.warn(
                 "ExpertBuffer: a file-backed store cannot be pinned, so copies to the GPU are synchronous; "
@@ -110,7 +133,12 @@ class ExpertBuffer(ExpertsBackend):
     @torch.compiler.disable  # host-side cache decisions: a graph break under torch.compile
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], top_k_index [T, k] (ids in [0, E) or -1), top_k_weights [T, k] -> [T, H]."""
+        with self._lock:
+            return self._forward(hidden, top_k_index, top_k_weights)
+
+    def _forward(self, hidden, top_k_index, top_k_weights):
         self._check_inputs(hidden, top_k_index, top_k_weights)
+        self._follow_parameters()
         ids = top_k_index if top_k_index.dtype == torch.int32 else top_k_index.to(torch.int32)
         top_k = ids.shape[1]
         # The one host sync: which experts the batch needs (id -1 counts in bucket 0, dropped).
@@ -209,6 +237,59 @@ class ExpertBuffer(ExpertsBackend):
         """ops.grouped_mlp over the slot pool: slot s owns rows [slot_offsets[s], slot_offsets[s+1])."""
         return ops.grouped_mlp(rows, slot_offsets, self.spec)
 
+    def watch_parameters(self, module: nn.Module, names: Mapping[str, str]) -> None:
+        """Follows ``module``'s parameters {part: parameter name} (what attach_expert_buffer sets)."""
+        self._watched = [
+            (module, name, module._parameters[name], module._parameters[name]._version) for name in names.values()
+        ]
+
+    def _follow_parameters(self) -> None:
+        """A buffered layer follows its parameters: with a host store the parameters are the store,
+        so an in-place change (``load_state_dict``, ``param.mul_()``) empties the pool and the next
+        batch loads the new weights; a file store reads its files, so a change to the parameters or
+        to the files is an error (never a silent mix of old and new weights)."""
+        changed = False
+        for path, (identity, header) in self._files.items():
+            now = _file_identity(path)
+            if now == identity:
+                continue
+            # The slots may hold the old bytes: drop them all, so no batch mixes old and new weights.
+            self._core.clear()
+            if self.device.type != "cpu":
+                raise RuntimeError(
+                    f"ExpertBuffer: '{path}' changed on disk since the buffer was built; a {self.device.type} buffer "
+                    "copies from its mapping of the file, so attach a new buffer to the new file"
+                )
+            if now[0] != identity[0]:
+                raise RuntimeError(
+                    f"ExpertBuffer: '{path}' was replaced on disk by another file since the buffer was built (the "
+                    "copy threads read the file they opened); attach a new buffer to the new file"
+                )
+            if now[1] < identity[1] or _file_header(path) != header:
+                raise RuntimeError(
+                    f"ExpertBuffer: '{path}' changed on disk since the buffer was built and no longer has the same "
+                    f"tensors at the same places (its header differs, or it shrank from {identity[1]} to {now[1]} "
+                    "bytes); restore it or attach a new buffer to the new file"
+                )
+            self._files[path] = (now, header)  # the same layout: follow the new bytes
+        for i, (module, name, param, version) in enumerate(self._watched):
+            if module._parameters.get(name) is not param:
+                raise RuntimeError(
+                    f"ExpertBuffer: the layer's parameter '{name}' was replaced (load_state_dict(assign=True) or an "
+                    "assignment); the buffer copies experts from its store, not from the new tensor. Attach a new "
+                    "buffer to the new weights."
+                )
+            if param._version != version:
+                if self.store.file_backed:
+                    raise RuntimeError(
+                        f"ExpertBuffer: the layer's parameter '{name}' was written, but its experts are read from "
+                        f"{self.store.description}; write the new weights to a file and attach a new buffer"
+                    )
+                self._watched[i] = (module, name, param, param._version)
+                changed = True
+        if changed:
+            self._core.clear()  # the host store holds the new weights: reload them on demand
+
     def _check_inputs(self, hidden, ids, weights):
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
             raise ValueError(f"ExpertBuffer: hidden must be [tokens, {self.hidden_size}], got {list(hidden.shape)}")
@@ -236,7 +317,9 @@ class ExpertBuffer(ExpertsBackend):
         (precision and recall in :meth:`stats`)."""
         if isinstance(experts, torch.Tensor):
             experts = experts.reshape(-1).tolist()
-        return int(self._core.prefetch([int(e) for e in experts], bool(is_prediction)))
+        with self._lock:
+            self._follow_parameters()
+            return int(self._core.prefetch([int(e) for e in experts], bool(is_prediction)))
 
     def warm_start(self, tokens_per_expert: torch.Tensor, batches_active: Optional[torch.Tensor] = None) -> list[int]:
         """Empties the pool and fills it with the experts that received the most tokens (a saved
@@ -250,16 +333,20 @@ class ExpertBuffer(ExpertsBackend):
         order = sorted(range(self.num_experts), key=lambda e: (-int(tokens[e]), e))
         chosen = [e for e in order[: self.num_slots] if tokens[e] > 0]
         frequency = tokens if batches_active is None else torch.as_tensor(batches_active).reshape(-1).long()
-        self._core.warm_start(chosen, frequency)
+        with self._lock:
+            self._follow_parameters()
+            self._core.warm_start(chosen, frequency)
         return chosen
 
     def clear(self) -> None:
         """Empties every slot (e.g. after the store's weights changed)."""
-        self._core.clear()
+        with self._lock:
+            self._core.clear()
 
     def synchronize(self) -> None:
         """Waits for every copy started so far."""
-        self._core.synchronize()
+        with self._lock:
+            self._core.synchronize()
 
     def slot_table(self) -> torch.Tensor:
         """int32 [E]: each expert's slot, -1 if not resident."""

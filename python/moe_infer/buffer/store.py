@@ -1,6 +1,7 @@
 """The expert store: where every expert's weights of one MoE layer are, off the compute device."""
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
@@ -215,6 +216,8 @@ class ExpertStore:
                         raise ValueError(f"{where}: missing tensor '{name}'")
                     data, offset, key_dtype, shape = ckpt.file(name).raw(name)
                     store_dtype = _check_dtype(where, name, key_dtype, store_dtype)
+                    if len(shape) == 0:
+                        raise ValueError(f"{where}: tensor '{name}' is 0-D; a per-expert weight is 2-D and a bias 1-D")
                     if width is not None and tuple(shape[1:]) != width:
                         raise ValueError(f"{where}: tensor '{name}' has shape {list(shape)}, unlike {keys[0]}")
                     width = tuple(shape[1:])
@@ -232,19 +235,44 @@ class ExpertStore:
         return cls(count, store_dtype, shapes, pieces, stacked, True, f"safetensors '{ckpt.path}' (per-expert keys)")
 
     def stacked(self, part: str, materialize: bool = True) -> Optional[torch.Tensor]:
-        """Host tensor [E, *shape] of one part: a view of the store when it is stacked there,
-        else (``materialize``) a new copy in host memory, else None."""
+        """Host tensor [E, *shape] of one part: a view of the store when it is stacked in host
+        memory, else (``materialize``) a new copy in host memory, else None.
+
+        A file-backed store never hands out views of its mapped files (a file truncated on disk
+        would turn a read of such a view into SIGBUS): its copies are read with ``pread``, and a
+        file that changed size raises a ValueError."""
         if part not in self.shapes:
             return None
-        if self._stacked.get(part) is not None or not materialize:
-            return self._stacked.get(part)
+        if not self.file_backed and self._stacked.get(part) is not None:
+            return self._stacked[part]
+        if not materialize:
+            return None
         out = torch.empty((self.num_experts, *self.shapes[part]), dtype=self.dtype)
         flat = out.view(self.num_experts, -1).view(torch.uint8)
         for e, expert_pieces in enumerate(self.pieces[part]):
             for piece in expert_pieces:
-                src = piece.source.view(-1).view(torch.uint8)[piece.offset : piece.offset + piece.num_bytes]
-                flat[e, piece.dest_offset : piece.dest_offset + piece.num_bytes] = src
+                dest = flat[e, piece.dest_offset : piece.dest_offset + piece.num_bytes]
+                if piece.file:
+                    dest.copy_(
+                        torch.frombuffer(
+                            bytearray(_pread(piece.file, piece.offset, piece.num_bytes)), dtype=torch.uint8
+                        )
+                    )
+                else:
+                    dest.copy_(piece.source.view(-1).view(torch.uint8)[piece.offset : piece.offset + piece.num_bytes])
         return out
+
+
+def _pread(path: str, offset: int, num_bytes: int) -> bytes:
+    """Bytes [offset, offset + num_bytes) of a file, read (not mapped); a short read is an error."""
+    with open(path, "rb") as f:
+        data = os.pread(f.fileno(), num_bytes, offset)
+    if len(data) != num_bytes:
+        raise ValueError(
+            f"'{path}' changed on disk: bytes [{offset}, {offset + num_bytes}) are no longer there (the file is "
+            f"{os.path.getsize(path)} bytes now)"
+        )
+    return data
 
 
 def _check_dtype(where, name, found, expected):

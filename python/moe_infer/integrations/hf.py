@@ -121,7 +121,7 @@ class _SoftmaxRouter:
     _moe_infer_weights_in_logits_dtype = False  # Qwen and OLMoE round the weights to the logits' dtype
 
     def forward(self, hidden_states):
-        if self.training:
+        if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states)
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states, self.weight)
@@ -145,7 +145,7 @@ class _GptOssRouter:
     """Top-k on the logits (with the router bias), softmax over the k."""
 
     def forward(self, hidden_states):
-        if self.training:
+        if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states)
         router_logits = F.linear(hidden_states, self.weight, self.bias)
         weights, ids = ops.topk_gating(router_logits, self.top_k, "softmax_topk", validate=self._moe_infer_validate)
@@ -156,7 +156,7 @@ class _DeepseekV3Router:
     """Sigmoid scores in float32, a selection-only bias, group-limited top-k, renormalization, scaling."""
 
     def forward(self, hidden_states):
-        if self.training:
+        if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states)
         hidden_states = hidden_states.view(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states.float(), self.weight.float())
@@ -191,7 +191,7 @@ class _SwitchRouter:
     """SwitchTransformers: top-1 of the softmax (router dtype), weight = that probability."""
 
     def forward(self, hidden_states):
-        if self.training:
+        if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states)
         router_logits = _router_linear(self.classifier, hidden_states, self.dtype)  # [B, S, E]
         flat_logits = router_logits.view(-1, self.num_experts)
@@ -214,7 +214,7 @@ class _NllbRouter:
     """
 
     def forward(self, hidden_states, padding_mask=None):
-        if self.training:
+        if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states, padding_mask)
         input_dtype = hidden_states.dtype
         router_logits = _router_linear(self.classifier, hidden_states, self.dtype)
@@ -280,10 +280,43 @@ def _nllb_non_padding(padding_mask: torch.Tensor, num_tokens: int) -> torch.Tens
 # ---- fused blocks -----------------------------------------------------------------------------
 
 
+def _experts_implementation(block: nn.Module) -> Optional[str]:
+    return getattr(getattr(block.experts, "config", None), "_experts_implementation", None)
+
+
+def _offloaded(block: nn.Module) -> bool:
+    """accelerate hooks on the experts (cpu_offload, disk_offload, a device_map with "cpu"/"disk"):
+    their weights are placeholders until a hook loads them, so only the hooked forward is exact."""
+    return any(hasattr(module, "_hf_hook") for module in block.experts.modules())
+
+
+def _transformers_forward(block: nn.Module, forward, *args):
+    """transformers' own forward of a fused block, its router's included (the fused router returns
+    int32 ids, which transformers' experts do not take)."""
+    if block.training:
+        return forward(*args)
+    router = getattr(block, getattr(block, "_router_attr", "router"))
+    router.__dict__["_moe_infer_passthrough"] = True
+    try:
+        return forward(*args)
+    finally:
+        router.__dict__["_moe_infer_passthrough"] = False
+
+
 class _RoutedBlock:
     """The part every router + stacked-experts block shares (eval mode)."""
 
     _router_attr = "gate"
+
+    @property
+    def _runs_transformers(self) -> bool:
+        """Training mode, or an experts implementation chosen after optimize()
+        (``model.set_experts_implementation(...)``): transformers' own forward, which honours it."""
+        return (
+            self.training
+            or _experts_implementation(self) != self.__dict__.get("_moe_infer_experts_implementation")
+            or _offloaded(self)
+        )
 
     def _routed(self, hidden_states):
         """hidden_states [..., H] -> (routed expert output [S, H], hidden [S, H], topk weights [S, k])."""
@@ -296,8 +329,8 @@ class _TopKBlock(_RoutedBlock):
     """Mixtral, Qwen3-MoE, OLMoE: router + experts."""
 
     def forward(self, hidden_states):
-        if self.training:
-            return super().forward(hidden_states)
+        if self._runs_transformers:
+            return _transformers_forward(self, super().forward, hidden_states)
         return self._routed(hidden_states)[0].view(hidden_states.shape)
 
 
@@ -305,8 +338,8 @@ class _Qwen2MoeBlock(_RoutedBlock):
     """Qwen2-MoE: router + experts + a shared expert scaled by sigmoid(shared_expert_gate)."""
 
     def forward(self, hidden_states):
-        if self.training:
-            return super().forward(hidden_states)
+        if self._runs_transformers:
+            return _transformers_forward(self, super().forward, hidden_states)
         out, hidden, _ = self._routed(hidden_states)
         shared = F.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
         return (out + shared).view(hidden_states.shape)
@@ -318,8 +351,8 @@ class _GptOssBlock(_RoutedBlock):
     _router_attr = "router"
 
     def forward(self, hidden_states):
-        if self.training:
-            return super().forward(hidden_states)
+        if self._runs_transformers:
+            return _transformers_forward(self, super().forward, hidden_states)
         out, _, weights = self._routed(hidden_states)
         return out.view(hidden_states.shape), weights
 
@@ -328,8 +361,8 @@ class _DeepseekV3Block(_RoutedBlock):
     """DeepSeek-V3: routed experts + always-on shared experts."""
 
     def forward(self, hidden_states):
-        if self.training:
-            return super().forward(hidden_states)
+        if self._runs_transformers:
+            return _transformers_forward(self, super().forward, hidden_states)
         return self._routed(hidden_states)[0].view(hidden_states.shape) + self.shared_experts(hidden_states)
 
 
@@ -337,8 +370,8 @@ class _SwitchBlock:
     """SwitchTransformers: top-1, capacity-free unless hf_capacity (then per sequence, in token order)."""
 
     def forward(self, hidden_states):
-        if self.training:
-            return super().forward(hidden_states)
+        if self.training or _offloaded(self):
+            return _transformers_forward(self, super().forward, hidden_states)
         batch, seq, hidden_size = hidden_states.shape
         ids, weights, _ = self.router(hidden_states)
         if self._moe_infer_hf_capacity:
@@ -354,8 +387,8 @@ class _NllbBlock:
     """NLLB-MoE: top-2 with padding and capacity rules, outputs scaled by (1 - moe_token_dropout) in eval."""
 
     def forward(self, hidden_states, padding_mask=None):
-        if self.training:
-            return super().forward(hidden_states, padding_mask)
+        if self.training or _offloaded(self):
+            return _transformers_forward(self, super().forward, hidden_states, padding_mask)
         batch, seq, hidden_size = hidden_states.shape
         hidden = hidden_states.reshape(-1, hidden_size)
         ids, gates, _ = self.router(hidden, padding_mask)
@@ -368,10 +401,11 @@ class _NllbBlock:
 class _ExpertStack:
     """Stacked [E, ...] weights for experts kept as E separate modules (SwitchTransformers, NLLB-MoE).
 
-    The expert modules' parameters become views of the stacks: same Parameter objects, names and
-    values, one copy in memory, so grouped_mlp reads them in place and state dicts are unchanged.
-    If something replaces the parameters' storage (``model.to(...)``, ``load_state_dict(...,
-    assign=True)``), the next forward stacks them again.
+    The stacks are copies: the expert modules keep their own, independent parameters, so
+    checkpoints and transformers' storage-based tied-weight checks see E separate tensors (views of
+    one stack would look tied). The price is a second copy of these experts' weights. Any change to
+    a parameter (in place, ``load_state_dict``, ``model.to(...)``, a replaced Parameter) is seen
+    through its version and storage, and the next forward stacks them again.
     """
 
     def __init__(self, experts: nn.ModuleDict, fc1: str, fc2: str, owner: str):
@@ -384,38 +418,31 @@ class _ExpertStack:
             raise NotImplementedError(f"moe_infer: the experts of {owner} use different activations")
         self.weights = self._stack()
 
-    def _stack(self) -> ExpertSpec:
-        stacks = []
+    def _params(self) -> list[list[Optional[torch.Tensor]]]:
+        """[fc1 weight, fc1 bias, fc2 weight, fc2 bias] -> each expert's parameter (or None)."""
+        groups = []
         for layer_name in (self.fc1, self.fc2):
             layers = [self.experts[f"expert_{e}"].get_submodule(layer_name) for e in range(self.num_experts)]
             for attr in ("weight", "bias"):
-                params = [getattr(layer, attr) for layer in layers]
-                if params[0] is None:
-                    stacks.append(None)
-                    continue
-                with torch.no_grad():
-                    stacked = torch.stack([p.detach() for p in params])
-                for e, param in enumerate(params):
-                    param.data = stacked[e]
-                stacks.append(stacked)
+                groups.append([getattr(layer, attr) for layer in layers])
+        return groups
+
+    @staticmethod
+    def _signature(groups) -> list:
+        return [(id(p), p._version, p.data_ptr(), p.device) for params in groups for p in params if p is not None]
+
+    def _stack(self) -> ExpertSpec:
+        groups = self._params()
+        stacks = []
+        with torch.no_grad():
+            for params in groups:
+                stacks.append(None if params[0] is None else torch.stack([p.detach() for p in params]))
+        self._seen = self._signature(groups)
         fc1, fc1_bias, fc2, fc2_bias = stacks
         return ExpertSpec(fc1, fc1_bias, fc2, fc2_bias, self.activation)
 
-    def _is_current(self) -> bool:
-        last = self.num_experts - 1
-        for layer_name, stacked in ((self.fc1, self.weights.fc1_weight), (self.fc2, self.weights.fc2_weight)):
-            step = stacked.stride(0) * stacked.element_size()
-            first_weight = self.experts["expert_0"].get_submodule(layer_name).weight
-            last_weight = self.experts[f"expert_{last}"].get_submodule(layer_name).weight
-            if (
-                first_weight.data_ptr() != stacked.data_ptr()
-                or last_weight.data_ptr() != stacked.data_ptr() + last * step
-            ):
-                return False
-        return True
-
     def expert_spec(self) -> ExpertSpec:
-        if not torch.compiler.is_compiling() and not self._is_current():
+        if not torch.compiler.is_compiling() and self._signature(self._params()) != self._seen:
             self.weights = self._stack()
         return self.weights
 
@@ -585,6 +612,7 @@ def _prepare(block: nn.Module, arch: _Architecture, hf_capacity: bool, validate:
         raise NotImplementedError(f"moe_infer: its router is a {type(router).__name__}, expected {arch.router}")
     if arch.expert_layers is None:
         source = ModuleSpec(block.experts)  # raises for an unsupported layout or activation
+        block._moe_infer_experts_implementation = _experts_implementation(block)
     else:
         source = block._moe_infer_stack = _ExpertStack(block.experts, *arch.expert_layers, owner=arch.block)
     # The block's experts backend (moe_infer.experts.ExpertsBackend), kept out of the module tree
@@ -614,7 +642,7 @@ def optimize(
     Supported (each with its exact routing): Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE, OLMoE,
     GPT-OSS, DeepSeek-V3 (sigmoid, selection bias, group-limited top-k, shared experts),
     SwitchTransformers and NLLB-MoE. Parameters, buffers and their names are unchanged (no weight
-    copies); router logits are still recorded for ``output_router_logits``.
+    copies, except one stacked copy of SwitchTransformers' / NLLB-MoE's per-expert modules); router logits are still recorded for ``output_router_logits``.
 
     Args:
         model: a transformers model (or any module containing supported blocks).
@@ -639,6 +667,16 @@ def optimize(
     Raises:
         ValueError: the model has no supported sparse MoE block (the message lists them).
     """
+    # Everything that can be refused is refused before the first block changes.
+    if expert_buffer is not None and ep_group is not None:
+        raise ValueError("moe_infer.optimize: expert_buffer and ep_group cannot be combined")
+    if expert_buffer is not None:
+        separate = [name for name, module in model.named_modules() if _separate_experts_block(module)]
+        if separate:
+            raise ValueError(
+                f"moe_infer.optimize: expert_buffer needs stacked experts; {', '.join(separate)} keep one module per "
+                "expert (SwitchTransformers / NLLB-MoE)"
+            )
     report = OptimizeReport()
     for name, module in model.named_modules():
         original = getattr(type(module), "_moe_infer_original", None)
@@ -664,17 +702,9 @@ def optimize(
             f"Supported blocks: {', '.join(SUPPORTED_BLOCKS)}. For other transformers v5 models whose experts "
             f"use @use_experts_implementation, try model.set_experts_implementation({EXPERTS_IMPLEMENTATION!r})."
         )
-    if expert_buffer is not None and ep_group is not None:
-        raise ValueError("moe_infer.optimize: expert_buffer and ep_group cannot be combined")
     if expert_buffer is not None:
         from ..buffer import attach_expert_buffers
 
-        separate = [name for name, arch in report.replaced.items() if arch in ("SwitchTransformers", "NLLB-MoE")]
-        if separate:
-            raise ValueError(
-                f"moe_infer.optimize: expert_buffer needs stacked experts; {', '.join(separate)} keep one module per "
-                "expert (SwitchTransformers / NLLB-MoE)"
-            )
         report.buffers = attach_expert_buffers(model, expert_buffer, buffer_policy, checkpoint)
     if ep_group is not None:
         from ..distributed import ExpertParallelExperts
@@ -691,6 +721,13 @@ def optimize(
     if verbose:
         print(report)
     return model
+
+
+def _separate_experts_block(module: nn.Module) -> bool:
+    """A SwitchTransformers / NLLB-MoE block (one module per expert), optimized or not."""
+    cls = getattr(type(module), "_moe_infer_original", None) or type(module)
+    arch = _BY_BLOCK.get((cls.__module__, cls.__name__))
+    return arch is not None and arch.name in ("SwitchTransformers", "NLLB-MoE")
 
 
 def restore(model: nn.Module) -> nn.Module:
