@@ -94,7 +94,7 @@ def raises(call, pattern):
         call()
         synchronize()
         ops.check_device_errors(dev)
-    except RuntimeError as error:
+    except (RuntimeError, ValueError, TypeError) as error:  # argument errors are ValueError / TypeError
         assert re.search(pattern, str(error)), f"expected /{pattern}/, got: {error}"
         return
     raise AssertionError(f"no error matching /{pattern}/")
@@ -105,7 +105,7 @@ def survives(call):
     try:
         call()
         synchronize()
-    except RuntimeError as error:
+    except (RuntimeError, ValueError, TypeError) as error:
         assert "CUDA error" not in str(error), error
 
 
