@@ -195,21 +195,30 @@ def batched_mm_gather_bytes(arch, model, num_tokens):
 
 
 def check_variants(arch, variants, ids, dtype):
-    """Every variant's logits against HF eager's."""
+    """Every variant's logits against HF eager's; the worst moe_infer error.
+
+    In 16-bit types transformers' own implementations can differ from eager by more than rounding
+    (a GEMM's rounding flips a later layer's routing): moe_infer may then differ by as much as HF's
+    own variants do (twice their worst), never more."""
     limit = 1e-5 if dtype == torch.float32 else 3e-2
+    errors = {}
     with torch.no_grad():
         expected = prefill_fn(arch, variants["HF eager"], ids)().double()
-        worst = 0.0
         for name, model in variants.items():
-            if name == "GEMM floor":
+            if name in ("GEMM floor", "HF eager"):
                 continue
             if name == "HF batched_mm" and batched_mm_gather_bytes(arch, model, ids.numel()) > MAX_GATHER_BYTES:
                 continue
-            error = ((prefill_fn(arch, model, ids)().double() - expected).norm() / expected.norm()).item()
-            if not error < limit:
-                raise SystemExit(f"{arch}: {name} disagrees with HF eager: relative error {error:.2e}")
-            worst = max(worst, error)
-    return worst
+            errors[name] = ((prefill_fn(arch, model, ids)().double() - expected).norm() / expected.norm()).item()
+    ours = {name: e for name, e in errors.items() if "moe_infer" in name}
+    hf_spread = max((e for name, e in errors.items() if name not in ours), default=0.0)
+    allowed = limit if dtype == torch.float32 else max(limit, 2 * hf_spread)
+    for name, error in ours.items():
+        if not error < allowed:
+            raise SystemExit(
+                f"{arch}: {name} disagrees with HF eager: relative error {error:.2e} (allowed {allowed:.1e})"
+            )
+    return max(ours.values(), default=0.0)
 
 
 # ---- peak memory (one subprocess per measurement) ---------------------------------------------

@@ -79,27 +79,30 @@ void expert_ffn(int64_t expert, const at::Tensor& x, const at::Tensor& fc1_weigh
                 const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                 const std::optional<at::Tensor>& fc2_bias, bool weights_transposed,
                 const at::Tensor& fc1_buffer, const at::Tensor& act_buffer,
-                const ActivateFn& activate, const at::Tensor& y) {
+                const ActivateFn& activate, const at::Tensor& y, LinearFn linear) {
   const int64_t rows = x.size(0);
+  const auto gemm = [&](at::Tensor out, const at::Tensor& in, const at::Tensor& w,
+                        const std::optional<at::Tensor>& bias) {
+    if (linear != nullptr && linear(out, in, w, bias)) return;
+    if (bias.has_value()) {
+      at::addmm_out(out, *bias, in, w);
+    } else {
+      at::mm_out(out, in, w);
+    }
+  };
+  const auto bias_of = [expert](const std::optional<at::Tensor>& bias) {
+    return bias.has_value() ? std::optional<at::Tensor>(bias->select(0, expert)) : std::nullopt;
+  };
   // [H, F1] and [I, H] views of the expert's weights.
   const at::Tensor fc1 =
       weights_transposed ? fc1_weight.select(0, expert) : fc1_weight.select(0, expert).t();
   const at::Tensor fc2 =
       weights_transposed ? fc2_weight.select(0, expert) : fc2_weight.select(0, expert).t();
-  at::Tensor fc1_out = fc1_buffer.narrow(0, 0, rows);
-  if (fc1_bias.has_value()) {
-    at::addmm_out(fc1_out, fc1_bias->select(0, expert), x, fc1);
-  } else {
-    at::mm_out(fc1_out, x, fc1);
-  }
-  at::Tensor act = act_buffer.narrow(0, 0, rows);
+  const at::Tensor fc1_out = fc1_buffer.narrow(0, 0, rows);
+  gemm(fc1_out, x, fc1, bias_of(fc1_bias));
+  const at::Tensor act = act_buffer.narrow(0, 0, rows);
   activate(fc1_out, act);
-  at::Tensor out = y;
-  if (fc2_bias.has_value()) {
-    at::addmm_out(out, fc2_bias->select(0, expert), act, fc2);
-  } else {
-    at::mm_out(out, act, fc2);
-  }
+  gemm(y, act, fc2, bias_of(fc2_bias));
 }
 
 void fail_static_slot_conflict(const at::Tensor& dispatch_mask, const StaticSlotSizes& sizes) {
@@ -118,7 +121,7 @@ at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<in
                                   const at::Tensor& fc2_weight,
                                   const std::optional<at::Tensor>& fc2_bias,
                                   bool weights_transposed, const MlpSizes& sizes,
-                                  const ActivateFn& activate) {
+                                  const ActivateFn& activate, LinearFn linear) {
   auto out = at::empty({sizes.num_rows, sizes.hidden_size}, hidden.options());
   int64_t max_rows = 0;
   for (int64_t e = 0; e < sizes.num_experts; ++e) {
@@ -132,7 +135,8 @@ at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<in
     const int64_t rows = offsets[e + 1] - begin;
     if (rows == 0) continue;
     expert_ffn(e, hidden.narrow(0, begin, rows), fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-               weights_transposed, fc1_buffer, act_buffer, activate, out.narrow(0, begin, rows));
+               weights_transposed, fc1_buffer, act_buffer, activate, out.narrow(0, begin, rows),
+               linear);
   }
   // Rows after every expert (unrouted pairs) are defined as zeros.
   if (offsets.back() < sizes.num_rows) {
