@@ -46,8 +46,7 @@ void check_finite_logits(const at::Tensor& router_logits, Scoring scoring, const
 
 void check_finite_bias(const at::Tensor& selection_bias) {
   const at::Tensor bad = at::nonzero(~at::isfinite(selection_bias));
-  TORCH_CHECK_VALUE(bad.size(0) == 0, "topk_gating: selection_bias must be finite, but entry ",
-                    bad.size(0) ? bad[0][0].item<int64_t>() : 0, " is not");
+  if (bad.size(0) > 0) fail_nonfinite_bias(bad[0][0].item<int64_t>());
 }
 
 void check_expert_id_range(const at::Tensor& expert_ids, const PlanSizes& sizes) {

@@ -8,8 +8,12 @@
 #include <utility>
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// GCC 12's _mm512_reduce_add_ps reads an _mm256_undefined_pd(): a false -Wuninitialized.
+// GCC 12's AVX-512 intrinsics start from _mm*_undefined_*() values: false (maybe-)uninitialized
+// warnings.
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#if !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 #define MOE_INFER_SMALL_GEMM_X86 1
 #define MOE_INFER_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
