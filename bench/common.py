@@ -90,6 +90,20 @@ def time_interleaved(
     return {name: statistic(values) for name, values in samples.items()}
 
 
+def memory_bandwidth() -> float:
+    """Bytes per second of a large copy (read + write), best of several, on the current threads:
+    the rate a decode step's weights can stream at (its wall time, whatever clock a table uses)."""
+    source = torch.empty(2**27, dtype=torch.uint8).fill_(1)  # 128 MiB: far beyond the caches
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() / best
+
+
 _EVICTION_BUFFER = None
 
 

@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     evict_caches,
     machine_description,
     markdown_table,
+    memory_bandwidth,
     time_interleaved,
     write_result,
 )
@@ -99,19 +100,6 @@ def gemm_floor_fn(block, x):
     return run, active_bytes, len(inputs)
 
 
-def memory_bandwidth(clock):
-    """Bytes per second of a large copy (read + write), best of several, on the current threads."""
-    source = torch.empty(2**27, dtype=torch.uint8).fill_(1)  # 128 MiB: far beyond the caches
-    target = torch.empty_like(source)
-    target.copy_(source)
-    best = float("inf")
-    for _ in range(5):
-        start = clock()
-        target.copy_(source)
-        best = min(best, clock() - start)
-    return 2 * source.numel() / best
-
-
 def spread(samples, scale=1e3):
     """'median (min-max)' of samples, in ms."""
     ordered = sorted(samples)
@@ -125,7 +113,7 @@ def median(samples):
 def run_table(dtype, threads, quick, progress):
     torch.set_num_threads(threads)
     clock = time.thread_time if threads == 1 else time.perf_counter
-    bandwidth = memory_bandwidth(time.perf_counter)  # a copy's time is wall time, whatever the clock
+    bandwidth = memory_bandwidth()
     rows, worst = [], 0.0
     for shape in SHAPES:
         blocks = build_blocks(shape, dtype)
