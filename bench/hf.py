@@ -305,7 +305,7 @@ def run_table(archs, dtype, threads, quick, progress):
     """One table: every architecture and phase at this dtype and thread count."""
     torch.set_num_threads(threads)
     clock = time.process_time if threads == 1 else time.perf_counter
-    bandwidth = memory_bandwidth()
+    bandwidth = memory_bandwidth(clock)
     generator = torch.Generator().manual_seed(0)
     rows, worst = [], 0.0
     for arch in archs:

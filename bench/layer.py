@@ -113,7 +113,7 @@ def median(samples):
 def run_table(dtype, threads, quick, progress):
     torch.set_num_threads(threads)
     clock = time.thread_time if threads == 1 else time.perf_counter
-    bandwidth = memory_bandwidth()
+    bandwidth = memory_bandwidth(clock)
     rows, worst = [], 0.0
     for shape in SHAPES:
         blocks = build_blocks(shape, dtype)
