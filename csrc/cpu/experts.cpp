@@ -123,9 +123,9 @@ bool small_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
                        w.size(0),
                        w.size(1)};
   const int64_t columns = w.size(1);
-  const int64_t blocks = (columns + kSmallGemmColumnBlock - 1) / kSmallGemmColumnBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    small_gemm(gemm, begin * kSmallGemmColumnBlock, std::min(columns, end * kSmallGemmColumnBlock));
+  const int64_t block = k_contiguous ? kSmallGemmColumnBlock : kSmallGemmRowMajorColumnBlock;
+  at::parallel_for(0, (columns + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    small_gemm(gemm, begin * block, std::min(columns, end * block));
   });
   return true;
 }

@@ -27,11 +27,11 @@ namespace moe_infer {
 
 namespace {
 
-// Register tiles: kRows rows of x against kBlock weight rows (nn.Linear layout) or kBlock vectors
-// of 16 output columns ([K, N] layout), 16 float32 accumulators either way. One or two rows take
-// the wide tile: it reads more bytes of weights per tile, and with 2 KiB weight rows the pipeline
-// drain at the end of each 4-row tile costs a quarter of the bandwidth. More rows take the square
-// tile, which reloads each block of weights from L1 fewer times.
+// Register tiles of the nn.Linear layout: kRows rows of x against kBlock weight rows, 16 float32
+// accumulators. One or two rows take the wide tile: it reads more bytes of weights per tile, and
+// with 2 KiB weight rows the pipeline drain at the end of each 4-row tile costs a quarter of the
+// bandwidth. More rows take the square tile, which reloads each block of weights from L1 fewer
+// times.
 struct WideTile {
   static constexpr int kRows = 2;
   static constexpr int kBlock = 8;
@@ -40,11 +40,13 @@ struct SquareTile {
   static constexpr int kRows = 4;
   static constexpr int kBlock = 4;
 };
-// Scratch layout of one tile's results: out[j * kMaxRows + r] (dot) or
-// out[r * kMaxColumns + c] ([K, N]).
+// Scratch layout of one tile's results: out[j * kMaxRows + r].
 constexpr int kMaxRows = 4;
-constexpr int64_t kMaxColumns = 16 * 8;
-static_assert(kSmallGemmColumnBlock % kMaxColumns == 0, "column block of the kernels");
+static_assert(kSmallGemmColumnBlock % WideTile::kBlock == 0 &&
+                  kSmallGemmColumnBlock % SquareTile::kBlock == 0,
+              "column block of the kernels");
+// The [K, N] layout's columns per pass over its float32 accumulators (rows x kAxpyColumns).
+constexpr int64_t kAxpyColumns = kSmallGemmRowMajorColumnBlock;
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t u = static_cast<uint32_t>(bits) << 16;
@@ -158,30 +160,39 @@ MOE_INFER_TARGET_AVX512 inline __m512 load_columns(const uint16_t* p, __mmask16 
   return _mm512_castsi512_ps(_mm512_slli_epi32(widened, 16));
 }
 
-// out[r * kMaxColumns + c] = sum_k x[r, k] * w[k, c] for r < R, c < columns.
-template <typename T, int R, int NV>
-MOE_INFER_TARGET_AVX512 void axpy_tile(const T* x, int64_t x_stride, const T* w, int64_t w_stride,
-                                       int64_t k, int64_t columns, float* out) {
-  __m512 acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  __mmask16 masks[NV];
-  for (int v = 0; v < NV; ++v) {
-    const int64_t left = std::min<int64_t>(16, columns - 16 * v);
-    masks[v] = static_cast<__mmask16>(left >= 16 ? 0xffffu : (1u << left) - 1u);
-  }
-  for (int64_t i = 0; i < k; ++i) {
-    __m512 wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = load_columns(w + i * w_stride + 16 * v, masks[v]);
-    for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_set1_ps(to_float(x[r * x_stride + i]));
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv[v], xv, acc[r][v]);
+// acc[r * kAxpyColumns + c] += sum_k x[r, k] * w[k, c] for r < rows, c < columns: each weight row
+// is read once, front to back, four rows of w per pass over the accumulators (which stay in
+// L1/L2); each vector of weights is loaded and widened once for every row of x.
+template <typename T>
+MOE_INFER_TARGET_AVX512 void axpy_rows(const T* x, int64_t x_stride, int64_t rows, const T* w,
+                                       int64_t w_stride, int64_t k, int64_t columns, float* acc) {
+  constexpr int kDepth = 4;
+  const int64_t vectors = (columns + 15) / 16;
+  const int64_t left = columns - 16 * (vectors - 1);
+  const __mmask16 last = static_cast<__mmask16>(left >= 16 ? 0xffffu : (1u << left) - 1u);
+  float xs[kSmallGemmMaxRows][kDepth];
+  for (int64_t i = 0; i < k; i += kDepth) {
+    const int depth = static_cast<int>(std::min<int64_t>(kDepth, k - i));
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int d = 0; d < kDepth; ++d)
+        xs[r][d] = d < depth ? to_float(x[r * x_stride + i + d]) : 0.0f;
+    }
+    const T* w0 = w + i * w_stride;
+    for (int64_t v = 0; v < vectors; ++v) {
+      const __mmask16 mask = v + 1 < vectors ? static_cast<__mmask16>(0xffffu) : last;
+      __m512 wv[kDepth];
+      for (int d = 0; d < kDepth; ++d) {
+        wv[d] = d < depth ? load_columns(w0 + d * w_stride + 16 * v, mask) : _mm512_setzero_ps();
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* a = acc + r * kAxpyColumns + 16 * v;
+        __m512 sum = _mm512_maskz_loadu_ps(mask, a);
+        for (int d = 0; d < kDepth; ++d)
+          sum = _mm512_fmadd_ps(wv[d], _mm512_set1_ps(xs[r][d]), sum);
+        _mm512_mask_storeu_ps(a, mask, sum);
+      }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) {
-      _mm512_mask_storeu_ps(out + r * kMaxColumns + 16 * v, masks[v], acc[r][v]);
-    }
 }
 
 // ---- drivers
@@ -213,17 +224,6 @@ struct DotBf16 {
     dot_tile_bf16<R, NB>(x, xs, w, ws, k, out);
   }
 };
-template <typename T>
-struct Axpy {
-  template <int R, int NV>
-  struct Tile {
-    static void run(const T* x, int64_t xs, const T* w, int64_t ws, int64_t k, int64_t columns,
-                    float* out) {
-      axpy_tile<T, R, NV>(x, xs, w, ws, k, columns, out);
-    }
-  };
-};
-
 template <typename T>
 struct DotOf;
 template <>
@@ -261,28 +261,22 @@ void run_dot(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
   }
 }
 
-template <typename T, typename Shape>
+template <typename T>
 void run_axpy(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
-  static constexpr auto tiles = tiles_of<Shape, Axpy<T>::template Tile>();
-  constexpr int64_t kColumns = 16 * Shape::kBlock;
   const T* x = static_cast<const T*>(g.x);
   const T* w = static_cast<const T*>(g.w);
   const T* bias = static_cast<const T*>(g.bias);
   T* y = static_cast<T*>(g.y);
-  float out[kMaxRows * kMaxColumns];
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kColumns) {
-    const int64_t columns = std::min<int64_t>(kColumns, n_end - n0);
-    const int nv = static_cast<int>((columns + 15) / 16);
-    for (int64_t r0 = 0; r0 < g.rows; r0 += Shape::kRows) {
-      const int rt = static_cast<int>(std::min<int64_t>(Shape::kRows, g.rows - r0));
-      tiles[(rt - 1) * Shape::kBlock + (nv - 1)](x + r0 * g.x_stride, g.x_stride, w + n0,
-                                                 g.w_stride, g.k, columns, out);
-      for (int r = 0; r < rt; ++r) {
-        T* y_row = y + (r0 + r) * g.y_stride + n0;
-        for (int64_t c = 0; c < columns; ++c) {
-          const float b = bias != nullptr ? to_float(bias[n0 + c]) : 0.0f;
-          store(y_row + c, out[r * kMaxColumns + c] + b);
-        }
+  float acc[kSmallGemmMaxRows * kAxpyColumns];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kAxpyColumns) {
+    const int64_t columns = std::min<int64_t>(kAxpyColumns, n_end - n0);
+    for (int64_t r = 0; r < g.rows; ++r) std::fill_n(acc + r * kAxpyColumns, columns, 0.0f);
+    axpy_rows(x, g.x_stride, g.rows, w + n0, g.w_stride, g.k, columns, acc);
+    for (int64_t r = 0; r < g.rows; ++r) {
+      T* y_row = y + r * g.y_stride + n0;
+      for (int64_t c = 0; c < columns; ++c) {
+        const float b = bias != nullptr ? to_float(bias[n0 + c]) : 0.0f;
+        store(y_row + c, acc[r * kAxpyColumns + c] + b);
       }
     }
   }
@@ -294,7 +288,7 @@ void run(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
   if (g.w_k_contiguous) {
     wide ? run_dot<T, WideTile>(g, n_begin, n_end) : run_dot<T, SquareTile>(g, n_begin, n_end);
   } else {
-    wide ? run_axpy<T, WideTile>(g, n_begin, n_end) : run_axpy<T, SquareTile>(g, n_begin, n_end);
+    run_axpy<T>(g, n_begin, n_end);
   }
 }
 

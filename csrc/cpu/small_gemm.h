@@ -46,7 +46,11 @@ bool small_gemm_supported(SmallGemmType type, bool w_k_contiguous);
 // Requires small_gemm_supported and 1 <= rows <= kSmallGemmMaxRows.
 void small_gemm(const SmallGemm& gemm, int64_t n_begin, int64_t n_end);
 
-// Columns per task when small_gemm is split across threads (a multiple of every kernel's block).
+// Columns per task when small_gemm is split across threads: of the nn.Linear layout (weight rows),
+// and of the [K, N] layout, whose weight rows are read in runs of this many columns (2 KiB of
+// float32: long enough for the hardware prefetcher, short enough to keep 16 rows of float32
+// accumulators in L2).
 constexpr int64_t kSmallGemmColumnBlock = 128;
+constexpr int64_t kSmallGemmRowMajorColumnBlock = 512;
 
 }  // namespace moe_infer
