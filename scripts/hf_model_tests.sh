@@ -11,7 +11,8 @@
 # from any checkout of a version near the installed one. When $MOE_INFER_TF_SRC/tests/models exists
 # it is used as it is (no network); otherwise the v<installed version> tag is cloned there (needs
 # github.com). The tree's version may differ from the installed transformers, so some tests may fail
-# without moe_infer too: the comparison that matters is plain vs optimized on the same tree.
+# without moe_infer too (and some imports of the tree may need adapting): the comparison that
+# matters is plain vs optimized on the same tree.
 # Needs `parameterized`, `pytest-timeout` and `pytest-xdist` in the venv (installed from the package
 # index if missing).
 #
@@ -21,6 +22,7 @@
 #   MOE_INFER_HF_PER_TEST_TIMEOUT   seconds one test may take (default 300; then it counts as failed)
 #   MOE_INFER_HF_TEST_TIMEOUT       seconds one arch in one mode may take (default 3000)
 #   MOE_INFER_HF_TEST_OUT           JUnit XML and logs (default build/hf_model_tests)
+#   MOE_INFER_HF_TEST_MODES         "plain optimized" (default), or one of them to rerun only it
 # Writes the summary table to bench/results/hf_model_tests.md. CPU only, one thread, one arch at a
 # time, offline (HF_HUB_OFFLINE=1: tests that need the Hub fail or skip in both modes alike).
 set -euo pipefail
@@ -43,7 +45,7 @@ archs=("$@")
 out="${MOE_INFER_HF_TEST_OUT:-$root/build/hf_model_tests}"
 mkdir -p "$out"
 for arch in "${archs[@]}"; do
-  for mode in plain optimized; do
+  for mode in ${MOE_INFER_HF_TEST_MODES:-plain optimized}; do
     flag=$([[ $mode == optimized ]] && echo 1 || echo 0)
     echo "[hf_model_tests] $arch ($mode)"
     # Run from the tree's root so `tests.` imports resolve; the plugin sits on PYTHONPATH.
@@ -56,6 +58,7 @@ for arch in "${archs[@]}"; do
         --junitxml="$out/$arch.$mode.xml" >"$out/$arch.$mode.log" 2>&1) || true
   done
 done
-tree=$(cat "$src/COMMIT" 2>/dev/null || git -C "$src" rev-parse HEAD 2>/dev/null || echo unknown)
+# $src/TREE.txt, if there, describes a pre-made tree (where it came from, what was adapted) in the summary.
+tree=$(cat "$src/TREE.txt" 2>/dev/null || git -C "$src" describe --tags --always 2>/dev/null || echo "unknown")
 "$py" "$root/tests/hf_model_suite/summarize.py" "$out" "$version" "$tree" >"$root/bench/results/hf_model_tests.md"
 cat "$root/bench/results/hf_model_tests.md"

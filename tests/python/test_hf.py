@@ -571,6 +571,22 @@ def test_choosing_the_experts_implementation_in_use_is_honoured_until_optimize(a
     assert fused_runs
 
 
+@pytest.mark.parametrize("top_k", [6, 8])
+def test_deepseek_v3_with_more_experts_than_its_chosen_groups_hold(top_k, monkeypatch):
+    """transformers' own DeepSeek-V3 test config routes k = 8 of 8 experts with one of two groups
+    chosen: the k reach into the masked group. The optimized model routes as transformers does and
+    its experts still run on the fused path."""
+    options = dict(vocab=VOCAB, top_k=top_k, n_group=2, topk_group=1)
+    ids, mask = padded_batch([9, 5], 9)
+    plain = hf_models.build_model("deepseek_v3", **options)
+    model = moe_infer.optimize(hf_models.build_model("deepseek_v3", **options), verbose=False)
+    fused_runs = count_fused_runs(model, monkeypatch)
+    torch.testing.assert_close(
+        run("deepseek_v3", model, ids, mask).logits, run("deepseek_v3", plain, ids, mask).logits, rtol=1e-5, atol=1e-5
+    )
+    assert fused_runs
+
+
 def test_generates_decoding_switch_is_not_a_choice(monkeypatch):
     """Off the CPU, generate() switches grouped_mm to batched_mm for its decoding steps and back
     (through set_experts_implementation): the fused blocks keep running moe_infer through it."""

@@ -208,6 +208,13 @@ class _DeepseekV3Router:
     def forward(self, hidden_states):
         if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states)
+        if self.top_k > self.topk_group * (self.num_experts // self.num_group):
+            # More experts than the chosen groups hold: transformers fills the k with experts of the
+            # masked groups (-inf choice scores, in torch.topk's order among them) at their sigmoid
+            # weights. topk_gating refuses such a k, so these routers route with transformers' own
+            # forward; the experts still run on the fused path.
+            router_logits, weights, ids = super().forward(hidden_states)
+            return router_logits, weights, ids.to(torch.int32)
         hidden_states = hidden_states.view(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states.float(), self.weight.float())
         weights, ids = ops.topk_gating(
