@@ -64,12 +64,12 @@ def main(directory: str, version: str = "?", tree: str = "?") -> None:
     )
     print(
         "| architecture | without moe_infer (pass / fail / skip) | with optimize() (pass / fail / skip) "
-        "| worse with optimize() |"
+        "| worse with optimize() | moe_infer in the optimized run |"
     )
-    print("|---|---|---|---|")
-    regressions = {}
+    print("|---|---|---|---|---|")
+    regressions, every = {}, {}
     for arch in archs:
-        runs = {}
+        runs = every[arch] = {}
         for mode in ("plain", "optimized"):
             path = root / f"{arch}.{mode}.xml"
             runs[mode] = outcomes(path) if path.exists() else {}
@@ -83,7 +83,18 @@ def main(directory: str, version: str = "?", tree: str = "?") -> None:
         for mode in ("plain", "optimized"):
             counts = [sum(v[0] == k for v in runs[mode].values()) for k in ("passed", "failed", "skipped")]
             cells.append(" / ".join(map(str, counts)) if runs[mode] else "not run")
-        print(f"| {arch} | {cells[0]} | {cells[1]} | {len(regressions[arch])} |")
+        log = root / f"{arch}.optimized.log"
+        used = [line[len("moe_infer: ") :] for line in log.read_text().splitlines() if line.startswith("moe_infer: ")]
+        print(f"| {arch} | {cells[0]} | {cells[1]} | {len(regressions[arch])} | {used[-1] if used else '?'} |")
+    print()
+    print("Failing without moe_infer (the tree's version against the installed transformers), per test name:\n")
+    failing: dict = {}
+    for arch, runs in every.items():
+        for name, (outcome, message, _) in runs["plain"].items():
+            if outcome == "failed":
+                failing.setdefault(f"{name.split('::')[-1]}: {message[:100]}", []).append(arch)
+    for test, archs_failing in sorted(failing.items()):
+        print(f"- {test} ({', '.join(archs_failing)})")
     print()
     print("## Found by these suites in moe_infer, and fixed\n")
     for line in FOUND:
