@@ -214,7 +214,13 @@ def _buffering_claim(whole_model):
         f"decode-sized steps (the paper's sparse MT-decoder regime). "
         + "; ".join(described(label) for label in regimes)
     )
-    verdict = "not" if ours is None else ("reproduced" if ours >= paper else ("partly" if ours > 1.0 else "not"))
+    # Reproduced only if the GPU model of the same run agrees: a CPU's page-cache copy is cheap next to
+    # a PCIe transfer.
+    gpu = (regimes[decode]["gpu_model_best_within_loss"] or {}).get("memory_cut_vs_static")
+    if ours is None:
+        verdict = "not"
+    else:
+        verdict = "reproduced" if ours >= paper and (gpu or 0) >= paper else ("partly" if ours > 1.0 else "not")
     return _claim(
         6,
         text,
@@ -224,7 +230,7 @@ def _buffering_claim(whole_model):
         setting,
         verdict,
         _evidence("buffer_model.json", "buffer_model.md"),
-        gpu_model=(regimes[decode]["gpu_model_best_within_loss"] or {}).get("memory_cut_vs_static"),
+        gpu_model=gpu,
     )
 
 
@@ -359,6 +365,7 @@ def _balancing_claim(timed):
         setting,
         verdict,
         _evidence("placement_timed.json", "placement_timed.md", "placement_paper.json"),
+        spread=lm["greedy"]["speedup_per_step"],  # per step; ours is over all steps
         mt=ours_mt,
         mt_paper=paper_mt,
     )
@@ -369,11 +376,21 @@ WHY = {
     1: "static computes E x ceil(0.25 S) expert rows, placeholders included, at full cost on a CPU; the paper's "
     "V100s also spent time in the fixed-size all-to-all, which one process does not have",
     2: "static at fraction 1.0 computes E x S rows for 2 S real pairs: a 64x waste at E=128",
-    3: "decode steps carry few tokens, so the static waste is smaller, as in the paper",
+    3: "decode steps carry few tokens, so the static waste is smaller, as in the paper; the slowest pairing of "
+    "rounds falls below the paper's figure",
     4: "total memory, weights included, at static's largest batch; the [S, E, C] routing tensors make the gap",
     5: "static's [S, E, C] tensors outgrow the budget early; dynamic's sweep ended before it did (a lower bound)",
-    6: "the experts are ~99% of this model's weights, as in the paper's 52B LM, so slots cut total memory far "
-    "more than the paper's 1-16 slots of 16 per GPU; the throughput loss decides how far",
+    6: lambda c: (
+        "the experts are ~99% of this model's weights, as of the paper's 52B LM, so few slots cut total memory far "
+        "more than the paper's 1-16 slots of 16 per GPU did; "
+        + (
+            f"the GPU model of the same run agrees ({c['gpu_model']:.2f}x)"
+            if c.get("gpu_model")
+            else "but the GPU model of the same run finds no slot count within 10% of dynamic's throughput: at "
+            "this size a miss's PCIe copy costs far more than an expert's compute, and an untrained router's "
+            "routing has little locality"
+        )
+    ),
     7: "on prefill batches the paper's policy is at Belady's misses; in sparse decode steps it is further from "
     "Belady, where recency (LRU) does better",
     8: "the calibrated trace starts where the paper's did (> 0.6) and greedy brings it well under 0.4",
@@ -405,7 +422,8 @@ def main():
     )
     for c in claims:
         c["standing"] = _standing(c)
-        c["why"] = WHY[c["id"]] if c["ours"] is not None else c["setting"]
+        why = WHY[c["id"]]
+        c["why"] = (why(c) if callable(why) else why) if c["ours"] is not None else c["setting"]
     payload = dict(
         claims=claims,
         recorded_traces=[
@@ -418,9 +436,14 @@ def main():
     )
     write_result("paper_claims.json", json.dumps(payload, indent=1) + "\n")
     fmt = lambda v: "—" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
+
+    def ours(c):
+        """Our figure, with its spread [min-max] where it has one."""
+        band = c.get("spread")
+        return fmt(c["ours"]) + (f" [{band[0]:.2f}-{band[2]:.2f}]" if band else "")
+
     rows = [
-        [c["id"], c["claim"], f"{fmt(c['paper'])} {c['unit']}", fmt(c["ours"]), c["verdict"], c["setting"]]
-        for c in claims
+        [c["id"], c["claim"], f"{fmt(c['paper'])} {c['unit']}", ours(c), c["verdict"], c["setting"]] for c in claims
     ]
     table = markdown_table(["#", "claim", "paper", "ours", "verdict", "how ours was measured"], rows)
     text = "# The paper's claims beside ours (bench/paper_claims.py)\n\n" + table + "\n"
