@@ -1,5 +1,5 @@
-"""Shared benchmark helpers: interleaved timing, peak memory of a call, a progress bar, machine info,
-result tables."""
+"""Shared benchmark helpers: interleaved timing, CUDA graph capture, peak memory of a call, a progress
+bar, machine info, result tables."""
 
 import ctypes
 import gc
@@ -37,6 +37,21 @@ class Progress:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def capture_cuda_graph(fn: Callable[[torch.Tensor], object], static_x: torch.Tensor):
+    """fn(static_x) captured in a CUDA graph, after two warm-up calls on a side stream (outside the
+    capture): (graph, static output). ``graph.replay()`` reruns fn on whatever static_x then holds."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_x)
+    return graph, static_out
 
 
 def time_interleaved(

@@ -38,27 +38,27 @@ from moe_infer.placement import LoadRecorder, load_metrics, rank_loads  # noqa: 
 from moe_infer.traces import RoutingRecorder, RoutingTrace, synthetic_trace  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# model: Mixtral-style sizes; run: batch of prompts, prompt and generated lengths, timed repeats.
-FULL = dict(
-    model=dict(hidden=512, ffn=1024, experts=16, top_k=2, layers=4, vocab=1024, heads=8),
-    batch=4,
-    prompt=32,
-    new_tokens=32,
-    repeats=5,
-    slots=[8, 4],
-    static_batch=(8, 128),
+# (full, --quick) settings. model: Mixtral-style sizes; run: batch of prompts, prompt and generated
+# lengths, timed repeats, expert slots of the buffered variants, the static-gating batch (batch, seq).
+MODEL_SETTINGS = dict(
+    hidden=(512, 256), ffn=(1024, 512), experts=(16, 8), top_k=(2, 2), layers=(4, 2), vocab=(1024, 512), heads=(8, 4)
 )
-QUICK = dict(
-    model=dict(hidden=256, ffn=512, experts=8, top_k=2, layers=2, vocab=512, heads=4),
-    batch=2,
-    prompt=16,
-    new_tokens=16,
-    repeats=3,
-    slots=[4, 2],
-    static_batch=(4, 64),
+RUN_SETTINGS = dict(
+    batch=(4, 2),
+    prompt=(32, 16),
+    new_tokens=(32, 16),
+    repeats=(5, 3),
+    slots=([8, 4], [4, 2]),
+    static_batch=((8, 128), (4, 64)),
 )
 STATIC_LAYER = dict(model_dim=256, ffn_dim=512, num_experts=64, eval_capacity_token_fraction=0.25)
 RANKS = 4
+
+
+def settings(quick: bool) -> dict:
+    """One column of the settings tables: {"model": {...}, "batch": ..., ...}."""
+    column = lambda table: {name: values[quick] for name, values in table.items()}  # noqa: E731
+    return dict(model=column(MODEL_SETTINGS), **column(RUN_SETTINGS))
 
 
 def spread(samples: list[float]) -> tuple[float, float, float]:
@@ -399,7 +399,7 @@ def main():
     out_dir = RESULTS_DIR if args.refresh else args.out
     os.makedirs(out_dir, exist_ok=True)
     name = "main_cpu_quick" if args.quick else "main_cpu"
-    cfg = QUICK if args.quick else FULL
+    cfg = settings(args.quick)
     torch.set_num_threads(1)
     progress = Progress(len(cfg["slots"]) + 3 + 3, "main job")
 

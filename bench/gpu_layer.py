@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe_infer  # noqa: E402
-from common import machine_description, markdown_table  # noqa: E402
+from common import capture_cuda_graph, machine_description, markdown_table  # noqa: E402
 from moe_infer import reference as ref  # noqa: E402
 
 SHAPES = {
@@ -91,15 +91,7 @@ def captured(fn, example):
         return None
     static_x = example.clone()
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn(static_x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = fn(static_x)
+        graph, static_out = capture_cuda_graph(fn, static_x)
     except Exception as error:  # noqa: BLE001  (an implementation that cannot be captured is reported)
         print(f"[bench] not capturable: {str(error).splitlines()[0][:160]}", file=sys.stderr)
         torch.cuda.synchronize()
@@ -173,6 +165,24 @@ def floors(shape, num_tokens, active, timer, bandwidth, dtype, device):
     read_ms = weight_bytes / bandwidth
     hardware_ms = max(flops / HW_TFLOPS, weight_bytes / HW_BANDWIDTH) * 1e3
     return flops, gemm_ms, read_ms, hardware_ms
+
+
+def cell(times, key):
+    """A time column: times[key] in ms, or n/a where it was not measured."""
+    return f"{times[key]:.3f}" if key in times else "n/a"
+
+
+def versus_floors(times, ours_prefix, hardware_ms, gemm_ms, read_ms):
+    """(ours, best HF time or None, [ours / HW floor, ours / measured floor, best HF / ours]) of one
+    row, where ours is the best of the times whose name starts with ``ours_prefix``."""
+    ours = min(v for k, v in times.items() if k.startswith(ours_prefix))
+    best_hf = min((v for k, v in times.items() if k.startswith("HF")), default=None)
+    ratios = [
+        f"{ours / hardware_ms:.2f}x",
+        f"{ours / max(gemm_ms, read_ms):.2f}x",
+        "n/a" if best_hf is None else f"{best_hf / ours:.2f}x",
+    ]
+    return ours, best_hf, ratios
 
 
 def hf_times(block, config, x3, timer, prefix):
@@ -251,25 +261,24 @@ def part_layer(args, device, dtype, timer, bandwidth, shapes, tokens):
                 if num_tokens in (16, 1024) or args.dry_run:
                     table, kernels = kernel_breakdown(lambda layer=layer, x=x: layer(x), device)
                     breakdowns.append((f"{name} S={num_tokens} ({kernels} distinct kernels)", table))
-            ours = min(v for k, v in t.items() if k.startswith("moe_infer"))
-            hf = [v for k, v in t.items() if k.startswith("HF")]
-            cell = lambda key, t=t: f"{t[key]:.3f}" if key in t else "n/a"  # noqa: E731
+            ours, _, ratios = versus_floors(t, "moe_infer", hardware_ms, gemm_ms, read_ms)
+            measured = (
+                "moe_infer",
+                "moe_infer graph",
+                "HF eager",
+                "HF eager graph",
+                "HF grouped_mm",
+                "HF grouped_mm graph",
+            )
             rows.append(
                 [
                     name,
                     num_tokens,
                     active,
-                    cell("moe_infer"),
-                    cell("moe_infer graph"),
-                    cell("HF eager"),
-                    cell("HF eager graph"),
-                    cell("HF grouped_mm"),
-                    cell("HF grouped_mm graph"),
+                    *(cell(t, key) for key in measured),
                     f"{hardware_ms:.3f}",
                     f"{gemm_ms:.3f} / {read_ms:.3f}",
-                    f"{ours / hardware_ms:.2f}x",
-                    f"{ours / max(gemm_ms, read_ms):.2f}x",
-                    f"{min(hf) / ours:.2f}x" if hf else "n/a",
+                    *ratios,
                     f"{flops / ours / 1e9:.0f}",
                     f"{error:.1e}",
                 ]
@@ -331,20 +340,16 @@ def part_hf(args, device, dtype, timer, bandwidth, shapes, tokens):
                 flops, gemm_ms, read_ms, hardware_ms = floors(
                     shape, num_tokens, active, timer, bandwidth, dtype, device
                 )
-            ours = min(v for k, v in t.items() if k.startswith("optimized"))
-            hf = [v for k, v in t.items() if k.startswith("HF")]
-            cell = lambda key, t=t: f"{t[key]:.3f}" if key in t else "n/a"  # noqa: E731
+            _, best_hf, ratios = versus_floors(t, "optimized", hardware_ms, gemm_ms, read_ms)
             rows.append(
                 [
                     name,
                     num_tokens,
-                    cell("optimized"),
-                    cell("optimized graph"),
-                    f"{min(hf):.3f}" if hf else "n/a",
+                    cell(t, "optimized"),
+                    cell(t, "optimized graph"),
+                    "n/a" if best_hf is None else f"{best_hf:.3f}",
                     f"{hardware_ms:.3f}",
-                    f"{ours / hardware_ms:.2f}x",
-                    f"{ours / max(gemm_ms, read_ms):.2f}x",
-                    f"{min(hf) / ours:.2f}x" if hf else "n/a",
+                    *ratios,
                 ]
             )
             print(f"[bench] hf {name} S={num_tokens}: {rows[-1][2:]}", file=sys.stderr)

@@ -9,19 +9,16 @@ import types
 import torch
 
 from ._schema import arguments, per_argument
-from .reference import activation_fn
+from .reference import expert_ffns
 
 
 def _register(op: str, backward, setup_context) -> None:
     torch.library.register_autograd(f"moe_infer::{op}", backward, setup_context=setup_context)
 
 
-# The expert arguments every expert op ends with (grouped_mlp's), as saved for the backward.
+# The expert arguments every expert op ends with (grouped_mlp's): tensors, then options.
+_EXPERT_TENSORS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 _EXPERT_OPTIONS = ("activation", "weights_transposed", "swiglu_alpha", "swiglu_limit")
-
-
-def _expert_options(a: types.SimpleNamespace) -> tuple:
-    return tuple(getattr(a, name) for name in _EXPERT_OPTIONS)
 
 
 # ---- topk_gating ----------------------------------------------------------------------------
@@ -123,72 +120,52 @@ _register("unpermute_combine", _combine_backward, _combine_setup)
 
 
 @torch.library.impl("moe_infer::grouped_mlp_backward", "CompositeExplicitAutograd")
-def _grouped_mlp_backward_impl(
-    grad_out,
-    hidden,
-    expert_offsets,
-    fc1_weight,
-    fc1_bias,
-    fc2_weight,
-    fc2_bias,
-    activation,
-    weights_transposed,
-    swiglu_alpha,
-    swiglu_limit,
-):
-    # An opaque op, so reading the offsets on the host is fine here: recompute each expert's FFN
-    # with plain PyTorch ops and let autograd differentiate it.
-    act = activation_fn(activation, swiglu_alpha, swiglu_limit)
-    x, w1, w2 = (t.detach().requires_grad_(True) for t in (hidden, fc1_weight, fc2_weight))
-    b1 = fc1_bias.detach().requires_grad_(True) if fc1_bias is not None else None
-    b2 = fc2_bias.detach().requires_grad_(True) if fc2_bias is not None else None
-    leaves = [t for t in (x, w1, b1, w2, b2) if t is not None]
+def _grouped_mlp_backward_impl(grad_out, hidden, expert_offsets, *experts):
+    # experts: grouped_mlp's fc1_weight ... swiglu_limit. An opaque op, so reading the offsets on
+    # the host is fine here: recompute each expert's FFN with the reference's plain PyTorch ops and
+    # let autograd differentiate it.
+    x = hidden.detach().requires_grad_(True)
+    tensors = [None if t is None else t.detach().requires_grad_(True) for t in experts[: len(_EXPERT_TENSORS)]]
+    ffn = expert_ffns(*tensors, *experts[len(_EXPERT_TENSORS) :])
+    leaves = [t for t in (x, *tensors) if t is not None]
     bounds = expert_offsets.tolist()
     outputs, grads_in = [], []
     with torch.enable_grad():
         for e in range(len(bounds) - 1):
             begin, end = bounds[e], bounds[e + 1]
-            if end == begin:
-                continue
-            h = x[begin:end] @ (w1[e] if weights_transposed else w1[e].t())
-            if b1 is not None:
-                h = h + b1[e]
-            y = act(h) @ (w2[e] if weights_transposed else w2[e].t())
-            if b2 is not None:
-                y = y + b2[e]
-            outputs.append(y)
-            grads_in.append(grad_out[begin:end])
+            if end > begin:
+                outputs.append(ffn(x[begin:end], e))
+                grads_in.append(grad_out[begin:end])
         grads = torch.autograd.grad(outputs, leaves, grads_in, allow_unused=True) if outputs else [None] * len(leaves)
     by_leaf = {id(leaf): (torch.zeros_like(leaf) if g is None else g) for leaf, g in zip(leaves, grads)}
     empty = hidden.new_empty(0)
-    return (
-        by_leaf[id(x)],
-        by_leaf[id(w1)],
-        by_leaf[id(b1)] if b1 is not None else empty,
-        by_leaf[id(w2)],
-        by_leaf[id(b2)] if b2 is not None else empty,
-    )
+    return tuple(empty if t is None else by_leaf[id(t)] for t in (x, *tensors))
+
+
+def _save_experts(ctx, a: types.SimpleNamespace, *tensors) -> None:
+    """Saves ``tensors`` followed by the expert tensors, and the expert options, for the backward."""
+    ctx.options = tuple(getattr(a, name) for name in _EXPERT_OPTIONS)
+    ctx.save_for_backward(*tensors, *(getattr(a, name) for name in _EXPERT_TENSORS))
+
+
+def _experts_backward(ctx, grad_rows, rows, offsets, experts) -> tuple[torch.Tensor, dict]:
+    """grouped_mlp's gradients at its input rows: (grad of rows, {expert argument: its gradient}),
+    None for an absent bias."""
+    grad_x, *grads = torch.ops.moe_infer.grouped_mlp_backward(grad_rows, rows, offsets, *experts, *ctx.options)
+    return grad_x, {
+        name: None if tensor is None else grad for name, tensor, grad in zip(_EXPERT_TENSORS, experts, grads)
+    }
 
 
 def _mlp_setup(ctx, inputs, output):
     a = arguments("grouped_mlp", inputs)
-    ctx.options = _expert_options(a)
-    ctx.save_for_backward(a.hidden, a.expert_offsets, a.fc1_weight, a.fc1_bias, a.fc2_weight, a.fc2_bias)
+    _save_experts(ctx, a, a.hidden, a.expert_offsets)
 
 
 def _mlp_backward(ctx, grad_out):
-    hidden, offsets, fc1_w, fc1_b, fc2_w, fc2_b = ctx.saved_tensors
-    grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.moe_infer.grouped_mlp_backward(
-        grad_out.contiguous(), hidden, offsets, fc1_w, fc1_b, fc2_w, fc2_b, *ctx.options
-    )
-    return per_argument(
-        "grouped_mlp",
-        hidden=grad_x,
-        fc1_weight=grad_w1,
-        fc1_bias=grad_b1 if fc1_b is not None else None,
-        fc2_weight=grad_w2,
-        fc2_bias=grad_b2 if fc2_b is not None else None,
-    )
+    hidden, offsets, *experts = ctx.saved_tensors
+    grad_x, grad_experts = _experts_backward(ctx, grad_out.contiguous(), hidden, offsets, experts)
+    return per_argument("grouped_mlp", hidden=grad_x, **grad_experts)
 
 
 _register("grouped_mlp", _mlp_backward, _mlp_setup)
@@ -293,28 +270,18 @@ _register("static_combine", _static_combine_backward, _static_combine_setup)
 
 def _mlp_combine_setup(ctx, inputs, output):
     a = arguments("grouped_mlp_combine", inputs)
-    ctx.options = _expert_options(a)
-    ctx.save_for_backward(
-        a.hidden,
-        a.topk_weights,
-        a.sorted_pair_ids,
-        a.expert_offsets,
-        a.fc1_weight,
-        a.fc1_bias,
-        a.fc2_weight,
-        a.fc2_bias,
-    )
+    _save_experts(ctx, a, a.hidden, a.topk_weights, a.sorted_pair_ids, a.expert_offsets)
 
 
 def _mlp_combine_backward(ctx, grad_out):
     # The fused op is permute -> grouped_mlp -> unpermute_combine: chain their gradients, with the
     # expert rows recomputed (the forward keeps none).
-    hidden, topk_weights, pair_ids, offsets, fc1_w, fc1_b, fc2_w, fc2_b = ctx.saved_tensors
+    hidden, topk_weights, pair_ids, offsets, *experts = ctx.saved_tensors
     num_tokens, top_k = topk_weights.shape
     pairs = pair_ids.long()
     tokens = torch.div(pairs, top_k, rounding_mode="floor")
     rows = torch.ops.moe_infer.permute(hidden, pair_ids, top_k)
-    expert_rows = torch.ops.moe_infer.grouped_mlp(rows, offsets, fc1_w, fc1_b, fc2_w, fc2_b, *ctx.options)
+    expert_rows = torch.ops.moe_infer.grouped_mlp(rows, offsets, *experts, *ctx.options)
     grad_out = grad_out.float()
     grad_weights = None
     if ctx.needs_input_grad[1]:
@@ -324,19 +291,11 @@ def _mlp_combine_backward(ctx, grad_out):
     grad_rows = (grad_out.index_select(0, tokens) * topk_weights.float().reshape(-1)[pairs].unsqueeze(-1)).to(
         hidden.dtype
     )
-    grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.moe_infer.grouped_mlp_backward(
-        grad_rows, rows, offsets, fc1_w, fc1_b, fc2_w, fc2_b, *ctx.options
-    )
+    grad_x, grad_experts = _experts_backward(ctx, grad_rows, rows, offsets, experts)
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     grad_hidden.index_add_(0, tokens, grad_x.float())
     return per_argument(
-        "grouped_mlp_combine",
-        hidden=grad_hidden.to(hidden.dtype),
-        topk_weights=grad_weights,
-        fc1_weight=grad_w1,
-        fc1_bias=grad_b1 if fc1_b is not None else None,
-        fc2_weight=grad_w2,
-        fc2_bias=grad_b2 if fc2_b is not None else None,
+        "grouped_mlp_combine", hidden=grad_hidden.to(hidden.dtype), topk_weights=grad_weights, **grad_experts
     )
 
 

@@ -30,6 +30,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._saved import load_saved_dict
+
 _ops = torch.ops.moe_infer
 
 ALGORITHMS = ("contiguous", "greedy", "anti_correlation")
@@ -415,13 +417,8 @@ class LoadRecorder:
 
     @classmethod
     def load_file(cls, path: str) -> "LoadRecorder":
-        try:
-            state = torch.load(path, weights_only=True)
-        except Exception as error:  # truncated, not a torch file, or unsafe content
-            raise ValueError(f"LoadRecorder.load_file: '{path}' is not a readable load record ({error})") from error
         keys = {"num_layers", "num_experts", "window", "ema_decay", "counts", "ema", "steps"}
-        if not isinstance(state, dict) or not keys <= state.keys():
-            raise ValueError(f"LoadRecorder.load_file: '{path}' lacks {sorted(keys)}")
+        state = load_saved_dict(path, "LoadRecorder.load_file", "load record", keys)
         recorder = cls(int(state["num_layers"]), int(state["num_experts"]), int(state["window"]), state["ema_decay"])
         recorder.load_state_dict(state)
         return recorder

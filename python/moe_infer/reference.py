@@ -5,7 +5,7 @@ benchmarks as the baseline. Everything here is differentiable and runs on any de
 """
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +103,7 @@ def unpermute_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, row_
     return (rows * topk_weights.to(acc).unsqueeze(-1)).sum(1).to(expert_out.dtype)
 
 
-def expert_ffn(
-    x,
+def expert_ffns(
     fc1_weight,
     fc1_bias,
     fc2_weight,
@@ -113,127 +112,77 @@ def expert_ffn(
     weights_transposed=False,
     swiglu_alpha=1.702,
     swiglu_limit=7.0,
-):
-    """One expert's FFN on rows x [n, H] with that expert's (2-D) weights."""
-    w1 = fc1_weight if weights_transposed else fc1_weight.t()
-    w2 = fc2_weight if weights_transposed else fc2_weight.t()
-    h = x @ w1
-    if fc1_bias is not None:
-        h = h + fc1_bias
-    y = activation_fn(activation, swiglu_alpha, swiglu_limit)(h) @ w2
-    if fc2_bias is not None:
-        y = y + fc2_bias
-    return y
+) -> Callable[..., torch.Tensor]:
+    """grouped_mlp's expert arguments -> ``ffn(x [n, H], e) -> [n, H]``, expert e's FFN on rows x.
+
+    The weights are stacked ([E, ...], as grouped_mlp takes them) or one expert's 2-D weights,
+    then with ``e=None``.
+    """
+    act = activation_fn(activation, swiglu_alpha, swiglu_limit)
+
+    def ffn(x, e=None):
+        w1, b1, w2, b2 = (t if e is None or t is None else t[e] for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+        h = x @ (w1 if weights_transposed else w1.t())
+        if b1 is not None:
+            h = h + b1
+        y = act(h) @ (w2 if weights_transposed else w2.t())
+        if b2 is not None:
+            y = y + b2
+        return y
+
+    return ffn
 
 
-def grouped_mlp(
-    hidden,
-    expert_offsets,
-    fc1_weight,
-    fc1_bias,
-    fc2_weight,
-    fc2_bias,
-    activation,
-    weights_transposed=False,
-    swiglu_alpha=1.702,
-    swiglu_limit=7.0,
-):
+def expert_ffn(x, *expert, **options):
+    """One expert's FFN on rows x [n, H]; ``expert``: its (2-D) weights and options, as :func:`expert_ffns`."""
+    return expert_ffns(*expert, **options)(x)
+
+
+def grouped_mlp(hidden, expert_offsets, *experts, **options):
+    """Rows grouped by expert -> each expert's FFN of its rows; ``experts``: as :func:`expert_ffns`."""
+    ffn = expert_ffns(*experts, **options)
     out = torch.zeros_like(hidden)
     bounds = expert_offsets.tolist()
     for e in range(len(bounds) - 1):
         begin, end = bounds[e], bounds[e + 1]
         if end > begin:
-            out[begin:end] = expert_ffn(
-                hidden[begin:end],
-                fc1_weight[e],
-                None if fc1_bias is None else fc1_bias[e],
-                fc2_weight[e],
-                None if fc2_bias is None else fc2_bias[e],
-                activation,
-                weights_transposed,
-                swiglu_alpha,
-                swiglu_limit,
-            )
+            out[begin:end] = ffn(hidden[begin:end], e)
     return out
 
 
-def grouped_mlp_combine(
-    hidden,
-    topk_weights,
-    expert_ids,
-    fc1_weight,
-    fc1_bias,
-    fc2_weight,
-    fc2_bias,
-    activation,
-    weights_transposed=False,
-    swiglu_alpha=1.702,
-    swiglu_limit=7.0,
-):
-    """out[s] = sum_j topk_weights[s, j] * FFN_{expert_ids[s, j]}(hidden[s]) (id -1: nothing), in float32."""
+def grouped_mlp_combine(hidden, topk_weights, expert_ids, *experts, **options):
+    """out[s] = sum_j topk_weights[s, j] * FFN_{expert_ids[s, j]}(hidden[s]) (id -1: nothing), in float32;
+    ``experts``: as :func:`expert_ffns`."""
+    ffn = expert_ffns(*experts, **options)
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    for e in range(fc1_weight.shape[0]):
+    for e in expert_ids[expert_ids >= 0].unique().tolist():
         token_idx, slot_idx = torch.where(expert_ids == e)
-        if token_idx.numel():
-            y = expert_ffn(
-                hidden[token_idx],
-                fc1_weight[e],
-                None if fc1_bias is None else fc1_bias[e],
-                fc2_weight[e],
-                None if fc2_bias is None else fc2_bias[e],
-                activation,
-                weights_transposed,
-                swiglu_alpha,
-                swiglu_limit,
-            )
-            out.index_add_(0, token_idx, y.float() * topk_weights[token_idx, slot_idx].float().unsqueeze(-1))
+        y = ffn(hidden[token_idx], e)
+        out.index_add_(0, token_idx, y.float() * topk_weights[token_idx, slot_idx].float().unsqueeze(-1))
     return out.to(hidden.dtype)
 
 
 def moe_forward(
     hidden: torch.Tensor,
     router_weight: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc2_weight: torch.Tensor,
+    experts: Sequence,
     top_k: int,
-    activation: str = "silu_glu",
     router_bias: Optional[torch.Tensor] = None,
-    fc1_bias: Optional[torch.Tensor] = None,
-    fc2_bias: Optional[torch.Tensor] = None,
-    weights_transposed: bool = False,
-    scoring: str = "softmax",
-    renormalize: bool = False,
-    selection_bias: Optional[torch.Tensor] = None,
-    scaling_factor: float = 1.0,
-    n_group: int = 1,
-    topk_group: int = 1,
-    swiglu_alpha: float = 1.702,
-    swiglu_limit: float = 7.0,
     router_logits: Optional[torch.Tensor] = None,
+    **routing,
 ) -> torch.Tensor:
     """A whole MoE layer as transformers' eager experts compute it: route, then loop over experts.
 
     hidden [..., H] -> [..., H]; outputs are accumulated in float32 and cast to hidden's dtype.
-    ``router_logits`` [S, E], if given, replaces the router (to route exactly as another run did).
+    ``experts``: grouped_mlp's expert arguments (:func:`expert_ffns`); ``routing``: the options of
+    :func:`topk_gating`. ``router_logits`` [S, E], if given, replaces the router (to route exactly
+    as another run did).
     """
     shape = hidden.shape
     x = hidden.reshape(-1, shape[-1])
     logits = F.linear(x, router_weight, router_bias) if router_logits is None else router_logits
-    weights, ids = topk_gating(logits, top_k, scoring, renormalize, selection_bias, scaling_factor, n_group, topk_group)
-    out = grouped_mlp_combine(
-        x,
-        weights,
-        ids,
-        fc1_weight,
-        fc1_bias,
-        fc2_weight,
-        fc2_bias,
-        activation,
-        weights_transposed,
-        swiglu_alpha,
-        swiglu_limit,
-    )
-    return out.reshape(shape)
+    weights, ids = topk_gating(logits, top_k, **routing)
+    return grouped_mlp_combine(x, weights, ids, *experts).reshape(shape)
 
 
 def layer_forward(
@@ -255,23 +204,25 @@ def layer_forward(
     return moe_forward(
         cast(hidden),
         cast(layer.gate.weight),
-        cast(experts.gate_up_proj),
-        cast(experts.down_proj),
+        (
+            cast(experts.gate_up_proj),
+            cast(experts.gate_up_proj_bias),
+            cast(experts.down_proj),
+            cast(experts.down_proj_bias),
+            layer.activation,
+            experts.weights_transposed,
+            layer.swiglu_alpha,
+            layer.swiglu_limit,
+        ),
         layer.top_k,
-        layer.activation,
         router_bias=cast(layer.gate.bias),
-        fc1_bias=cast(experts.gate_up_proj_bias),
-        fc2_bias=cast(experts.down_proj_bias),
-        weights_transposed=experts.weights_transposed,
+        router_logits=cast(router_logits),
         scoring=layer.scoring,
         renormalize=layer.renormalize,
         selection_bias=layer.selection_bias,
         scaling_factor=layer.scaling_factor,
         n_group=layer.n_group,
         topk_group=layer.topk_group,
-        swiglu_alpha=layer.swiglu_alpha,
-        swiglu_limit=layer.swiglu_limit,
-        router_logits=cast(router_logits),
     )
 
 
@@ -421,18 +372,7 @@ def fairseq_moe_forward(
     num_tokens, num_experts, capacity = dispatch_mask.shape
     mask = dispatch_mask.to(hidden.dtype).permute(1, 2, 0).reshape(num_experts * capacity, num_tokens)
     dispatched = (mask @ hidden).view(num_experts, capacity, -1)
-    expert_out = torch.stack(
-        [
-            expert_ffn(
-                dispatched[e],
-                fc1_weight[e],
-                None if fc1_bias is None else fc1_bias[e],
-                fc2_weight[e],
-                None if fc2_bias is None else fc2_bias[e],
-                activation,
-            )
-            for e in range(num_experts)
-        ]
-    )
+    ffn = expert_ffns(fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation)
+    expert_out = torch.stack([ffn(dispatched[e], e) for e in range(num_experts)])
     combine = combine_weights.to(hidden.dtype).reshape(num_tokens, num_experts * capacity)
     return combine @ expert_out.reshape(num_experts * capacity, -1)

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from . import ops
+from ._saved import load_saved_dict
 from .experts import is_transformers_experts
 from .layer import MoELayer
 
@@ -65,12 +66,7 @@ class RoutingTrace:
 
     @classmethod
     def load(cls, path: str) -> "RoutingTrace":
-        try:
-            payload = torch.load(path, weights_only=True)
-        except Exception as error:  # truncated, not a torch file, or unsafe content
-            raise ValueError(f"RoutingTrace.load: '{path}' is not a readable routing trace ({error})") from error
-        if not isinstance(payload, dict) or not {"num_experts", "top_k", "layers"} <= payload.keys():
-            raise ValueError(f"RoutingTrace.load: '{path}' lacks num_experts/top_k/layers")
+        payload = load_saved_dict(path, "RoutingTrace.load", "routing trace", {"num_experts", "top_k", "layers"})
         trace = cls(int(payload["num_experts"]), int(payload["top_k"]), payload["layers"], payload.get("meta", {}))
         trace.validate()
         return trace

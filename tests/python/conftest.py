@@ -55,6 +55,17 @@ def impl(request):
         yield request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny shapes (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): more threads only add synchronisation, and stall on a
+    loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # Random inputs, reproducible per test (its name), varied with MOE_INFER_TEST_SEED.

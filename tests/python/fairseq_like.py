@@ -24,7 +24,21 @@ class FeedForwardNetwork(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(x)))
 
 
-class Top1Gate(nn.Module):
+class _Gate(nn.Module):
+    """What fairseq's two gates share: the router ``wg`` and the forward contract."""
+
+    def __init__(self, model_dim, num_experts, use_fp32, moe_eval_capacity_token_fraction):
+        super().__init__()
+        self.wg = nn.Linear(model_dim, num_experts, bias=False)
+        self.use_fp32 = use_fp32
+        self.moe_eval_capacity_token_fraction = moe_eval_capacity_token_fraction
+
+    def forward(self, input, mask=None):
+        l_aux, combine, dispatch, _ = self.gating(self.wg(input), mask)
+        return l_aux, combine, dispatch, {}
+
+
+class Top1Gate(_Gate):
     def __init__(
         self,
         model_dim,
@@ -36,21 +50,17 @@ class Top1Gate(nn.Module):
         use_tutel=False,
         init_model_on_gpu=False,
     ):
-        super().__init__()
-        self.wg = nn.Linear(model_dim, num_experts, bias=False)
-        self.use_fp32 = use_fp32
+        super().__init__(model_dim, num_experts, use_fp32, moe_eval_capacity_token_fraction)
         self.input_noise_type = input_noise_type
         self.capacity_factor = capacity_factor
-        self.moe_eval_capacity_token_fraction = moe_eval_capacity_token_fraction
 
-    def forward(self, input, mask=None):
-        l_aux, combine, dispatch, _ = ref.fairseq_top1gating(
-            self.wg(input), mask, self.capacity_factor, not self.training, self.moe_eval_capacity_token_fraction
+    def gating(self, logits, mask):
+        return ref.fairseq_top1gating(
+            logits, mask, self.capacity_factor, not self.training, self.moe_eval_capacity_token_fraction
         )
-        return l_aux, combine, dispatch, {}
 
 
-class Top2Gate(nn.Module):
+class Top2Gate(_Gate):
     def __init__(
         self,
         model_dim,
@@ -63,17 +73,14 @@ class Top2Gate(nn.Module):
         use_tutel=False,
         init_model_on_gpu=False,
     ):
-        super().__init__()
-        self.wg = nn.Linear(model_dim, num_experts, bias=False)
-        self.use_fp32 = use_fp32
+        super().__init__(model_dim, num_experts, use_fp32, moe_eval_capacity_token_fraction)
         self.second_expert_policy = second_expert_policy
         self.normalize_gate_prob_before_dropping = normalize_gate_prob_before_dropping
-        self.moe_eval_capacity_token_fraction = moe_eval_capacity_token_fraction
         self.batch_prioritized_routing = batch_prioritized_routing
 
-    def forward(self, input, mask=None):
-        l_aux, combine, dispatch, _ = ref.fairseq_top2gating(
-            self.wg(input),
+    def gating(self, logits, mask):
+        return ref.fairseq_top2gating(
+            logits,
             mask,
             self.second_expert_policy,
             self.normalize_gate_prob_before_dropping,
@@ -81,7 +88,6 @@ class Top2Gate(nn.Module):
             self.moe_eval_capacity_token_fraction,
             self.batch_prioritized_routing,
         )
-        return l_aux, combine, dispatch, {}
 
 
 class MOELayer(nn.Module):

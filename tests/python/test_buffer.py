@@ -26,14 +26,8 @@ from moe_infer.buffer import (
 )
 from moe_infer.traces import RoutingTrace, synthetic_trace
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: intra-op threads only add synchronisation (and stall on a loaded machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny shapes: one intra-op thread (conftest.one_thread) for the whole module.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- an independent model of each policy (plain Python, no shared code) -----------------------

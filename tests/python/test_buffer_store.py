@@ -9,6 +9,7 @@ import torch
 
 save_file = pytest.importorskip("safetensors.torch", reason="safetensors stores need safetensors").save_file
 
+import hf_models  # noqa: E402
 import moe_infer  # noqa: E402
 from moe_infer import ops  # noqa: E402
 from moe_infer.buffer import (  # noqa: E402
@@ -19,14 +20,8 @@ from moe_infer.buffer import (  # noqa: E402
     attach_expert_buffers,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: intra-op threads only add synchronisation (and stall on a loaded machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny shapes: one intra-op thread (conftest.one_thread) for the whole module.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PREFIX = "model.layers.0.mlp.experts."
@@ -251,25 +246,10 @@ def test_file_truncated_after_opening(tmp_path):
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_mixtral():
-    config = transformers.MixtralConfig(
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=6,
-        num_experts_per_tok=2,
-        vocab_size=64,
-    )
-    torch.manual_seed(0)
-    return transformers.MixtralForCausalLM(config).eval()
-
-
 def test_mixtral_save_pretrained_checkpoint(tmp_path):
     """transformers v5 saves Mixtral's experts per expert (w1/w3/w2 under block_sparse_moe); buffers
     read them through mmap and the logits match HF eager and the in-memory buffers bit for bit."""
-    model = tiny_mixtral()
+    model = hf_models.build_model("mixtral", hidden=32, ffn=32, experts=6, layers=2, vocab=64)
     model.save_pretrained(str(tmp_path))
     tokens = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
@@ -290,19 +270,7 @@ def test_mixtral_save_pretrained_checkpoint(tmp_path):
 
 def test_gpt_oss_stacked_checkpoint(tmp_path):
     """GPT-OSS saves stacked, transposed experts with biases; its clamped swiGLU is used."""
-    config = transformers.GptOssConfig(
-        hidden_size=32,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        vocab_size=64,
-    )
-    torch.manual_seed(1)
-    model = transformers.GptOssForCausalLM(config).eval()
+    model = hf_models.build_model("gpt_oss", seed=1, hidden=32, ffn=16, experts=4, layers=1, vocab=64)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "experts" in name:

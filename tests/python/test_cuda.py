@@ -6,6 +6,9 @@ stage1 runs them). The device-generic tests of the other files (the `device` fix
 against the reference on CUDA too, so nothing here re-tests an op by hand for its own sake.
 """
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +17,9 @@ from moe_infer import ops
 from moe_infer import reference as ref
 
 from conftest import relative_error, use_kernels
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
+from common import capture_cuda_graph  # noqa: E402  (bench/common.py: shared with bench/gpu_layer.py)
 
 HAS_CUDA = torch.cuda.is_available() and moe_infer.built_with_cuda()
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of moe_infer")
@@ -127,6 +133,19 @@ def make_layer(dtype, **kwargs):
     return layer
 
 
+def assert_replay_equals_eager(fn, static_x):
+    """fn captured in a CUDA graph and replayed on three fresh inputs equals fn run eagerly, bit for
+    bit (a tuple output: its first element)."""
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    with torch.no_grad():
+        graph, static_out = capture_cuda_graph(fn, static_x)
+        for _ in range(3):
+            x = torch.randn_like(static_x)
+            static_x.copy_(x)
+            graph.replay()
+            torch.testing.assert_close(first(static_out), first(fn(x)), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -148,21 +167,7 @@ def make_layer(dtype, **kwargs):
 def test_cuda_graph_capture_replay_equals_eager(cuda, options):
     layer = make_layer(torch.bfloat16, hidden_size=256, ffn_size=128, **options)
     static_x = torch.randn(96, 256, device=CUDA, dtype=torch.bfloat16)
-    with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                layer(static_x)  # warm up outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = layer(static_x)
-        for _ in range(3):
-            x = torch.randn_like(static_x)
-            static_x.copy_(x)
-            graph.replay()
-            torch.testing.assert_close(static_out, layer(x), rtol=0, atol=0)
+    assert_replay_equals_eager(layer, static_x)
 
 
 def test_layer_cuda_equals_cpu_and_reference(cuda):
@@ -420,24 +425,7 @@ def test_hf_block_bf16_cuda_graph_equals_eager(cuda):
     moe_infer.optimize(model, verbose=False)
     block = next(m for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock"))
     static_x = torch.randn(2, 48, 128, device=cuda, dtype=torch.bfloat16)
-    with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                block(static_x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = block(static_x)
-        for _ in range(3):
-            x = torch.randn_like(static_x)
-            static_x.copy_(x)
-            graph.replay()
-            eager = block(x)
-            eager = eager[0] if isinstance(eager, tuple) else eager
-            replayed = static_out[0] if isinstance(static_out, tuple) else static_out
-            torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
+    assert_replay_equals_eager(block, static_x)
 
 
 @needs_grouped_gemm

@@ -29,13 +29,8 @@ DECODER_ONLY = [a for a in ARCHS if a not in hf_models.ENCODER_DECODER]
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The models are tiny: a second thread only adds synchronization (slow on a loaded machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny shapes: one intra-op thread (conftest.one_thread) for the whole module.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

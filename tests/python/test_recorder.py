@@ -4,19 +4,14 @@ layers and on transformers models, and the trace feeds the simulator."""
 import pytest
 import torch
 
+import hf_models
 import moe_infer
 from moe_infer import reference as ref
 from moe_infer.buffer import NextLayerPrefetcher, attach_expert_buffers, simulate
 from moe_infer.traces import RoutingRecorder, RoutingTrace
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: intra-op threads only add synchronisation (and stall on a loaded machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny shapes: one intra-op thread (conftest.one_thread) for the whole module.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_records_moe_layers(tmp_path):
@@ -46,23 +41,11 @@ def test_records_moe_layers(tmp_path):
     assert simulate(RoutingTrace.load(str(tmp_path / "trace.pt")), [2]).accesses > 0
 
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 
 def test_records_a_transformers_model_and_its_buffered_twin():
-    config = transformers.Qwen3MoeConfig(
-        hidden_size=32,
-        intermediate_size=32,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=8,
-        num_experts_per_tok=2,
-        vocab_size=64,
-    )
-    torch.manual_seed(2)
-    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    model = hf_models.build_model("qwen3_moe", seed=2, hidden=32, ffn=16, experts=8, layers=2, vocab=64)
     tokens = torch.randint(0, 64, (2, 6))
     with RoutingRecorder(model) as recorder, torch.no_grad():
         out = model(tokens, output_router_logits=True)

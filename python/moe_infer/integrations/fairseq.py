@@ -90,12 +90,13 @@ class _GShardGate(nn.Module):
         use_fp32: bool,
         capacity_factor: float,
         moe_eval_capacity_token_fraction: float,
-        second_expert_policy: str,
-        normalize_gate_prob_before_dropping: bool,
-        batch_prioritized_routing: bool,
-        generator: Optional[torch.Generator],
-        device,
-        dtype,
+        *,
+        second_expert_policy: str = "all",
+        normalize_gate_prob_before_dropping: bool = False,
+        batch_prioritized_routing: bool = False,
+        generator: Optional[torch.Generator] = None,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         name = type(self).__name__
@@ -239,12 +240,8 @@ class Top1Gate(_GShardGate):
             use_fp32,
             capacity_factor,
             moe_eval_capacity_token_fraction,
-            "all",
-            False,
-            False,
-            None,
-            device,
-            dtype,
+            device=device,
+            dtype=dtype,
         )
         self.input_noise_type = input_noise_type
 
@@ -284,12 +281,12 @@ class Top2Gate(_GShardGate):
             use_fp32,
             1.0,
             moe_eval_capacity_token_fraction,
-            second_expert_policy,
-            normalize_gate_prob_before_dropping,
-            batch_prioritized_routing,
-            generator,
-            device,
-            dtype,
+            second_expert_policy=second_expert_policy,
+            normalize_gate_prob_before_dropping=normalize_gate_prob_before_dropping,
+            batch_prioritized_routing=batch_prioritized_routing,
+            generator=generator,
+            device=device,
+            dtype=dtype,
         )
 
 
