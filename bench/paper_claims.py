@@ -221,17 +221,8 @@ def _buffering_claim(whole_model):
         verdict = "not"
     else:
         verdict = "reproduced" if ours >= paper and (gpu or 0) >= paper else ("partly" if ours > 1.0 else "not")
-    return _claim(
-        6,
-        text,
-        paper,
-        "x",
-        ours,
-        setting,
-        verdict,
-        _evidence("buffer_model.json", "buffer_model.md"),
-        gpu_model=gpu,
-    )
+    evidence = _evidence("buffer_model.json", "buffer_model.md")
+    return _claim(6, text, paper, "x", ours, setting, verdict, evidence, gpu_model=gpu)
 
 
 def _buffer_claims(recorded, whole_model):
@@ -356,19 +347,9 @@ def _balancing_claim(timed):
         "GPUs; ours is the MoE layer, which attention and dense layers would dilute"
     )
     verdict = "reproduced" if ours >= paper and ours_mt >= paper_mt else ("partly" if ours > 1.0 else "not")
-    return _claim(
-        9,
-        text,
-        paper,
-        "x",
-        ours,
-        setting,
-        verdict,
-        _evidence("placement_timed.json", "placement_timed.md", "placement_paper.json"),
-        spread=lm["greedy"]["speedup_per_step"],  # per step; ours is over all steps
-        mt=ours_mt,
-        mt_paper=paper_mt,
-    )
+    evidence = _evidence("placement_timed.json", "placement_timed.md", "placement_paper.json")
+    per_step = lm["greedy"]["speedup_per_step"]  # the spread is per step; ours is over all steps
+    return _claim(9, text, paper, "x", ours, setting, verdict, evidence, spread=per_step, mt=ours_mt, mt_paper=paper_mt)
 
 
 # Why ours stands where it does against the paper's figure (the README's last column), by claim id.
