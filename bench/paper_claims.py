@@ -448,7 +448,7 @@ def main():
                 c["id"],
                 c["claim"],
                 f"{fmt(c['paper'])} {c['unit']}",
-                fmt(c["ours"]),
+                ours(c),
                 c["verdict"],
                 f"{c['standing']}: {c['why']}",
             ]
