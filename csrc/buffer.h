@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "common/options.h"
+#include "common/signatures.h"
 
 namespace moe_infer {
 
@@ -379,10 +380,8 @@ class ExpertBuffer : public torch::CustomClassHolder {
   std::unique_ptr<SlotCopier> copier_;  // declared last: destroyed (drained) first
 };
 
-// ---- ATen op (CPU) --------------------------------------------------------------------------
+// ---- ATen op (CPU; parameters: common/signatures.h) -----------------------------------------
 
-at::Tensor simulate_expert_cache_cpu(const at::Tensor& accesses, const at::Tensor& batch_offsets,
-                                     int64_t num_experts, at::IntArrayRef cache_sizes,
-                                     const std::vector<std::string>& policies);
+at::Tensor simulate_expert_cache_cpu(MOE_INFER_PARAMS(simulate_expert_cache));
 
 }  // namespace moe_infer

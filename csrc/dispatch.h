@@ -10,6 +10,8 @@
 #include <optional>
 #include <tuple>
 
+#include "common/signatures.h"
+
 namespace moe_infer {
 
 // ---- torch-free core ------------------------------------------------------------------------
@@ -105,15 +107,10 @@ void combine_tokens(const T* expert_out, int64_t hidden_size, const W* topk_weig
   }
 }
 
-// ---- ATen ops (CPU) -------------------------------------------------------------------------
+// ---- ATen ops (CPU; parameters: common/signatures.h) ----------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cpu(
-    const at::Tensor& expert_ids, int64_t num_experts, bool validate);
-
-at::Tensor permute_cpu(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids, int64_t top_k);
-
-at::Tensor unpermute_combine_cpu(const at::Tensor& expert_out, const at::Tensor& topk_weights,
-                                 const at::Tensor& row_of_pair);
+// dispatch_plan_cpu, permute_cpu, unpermute_combine_cpu
+MOE_INFER_DISPATCH_OPS(MOE_INFER_DECLARE_CPU)
 
 #ifdef MOE_INFER_WITH_CUDA
 // out[r] = hidden[pair_ids[r] / top_k] for the rows r of out [num_rows, hidden_size] (zeros for

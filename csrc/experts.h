@@ -10,6 +10,7 @@
 
 #include "common/activation.h"
 #include "common/options.h"
+#include "common/signatures.h"
 
 namespace moe_infer {
 
@@ -45,25 +46,31 @@ void accumulate_weighted_rows(const T* rows, int64_t num_rows, int64_t hidden_si
   }
 }
 
-// ---- ATen ops (CPU) -------------------------------------------------------------------------
+// ---- ATen ops (CPU; parameters: common/signatures.h) ----------------------------------------
 
-at::Tensor grouped_mlp_cpu(const at::Tensor& hidden, const at::Tensor& expert_offsets,
-                           const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                           const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                           const std::string& activation, bool weights_transposed,
-                           double swiglu_alpha, double swiglu_limit);
+// The experts' stacked weights and biases as an expert op receives them (nothing is copied).
+struct ExpertWeights {
+  const at::Tensor& fc1_weight;               // [E, F1, H], or [E, H, F1] when transposed
+  const std::optional<at::Tensor>& fc1_bias;  // [E, F1]
+  const at::Tensor& fc2_weight;               // [E, H, I], or [E, I, H] when transposed
+  const std::optional<at::Tensor>& fc2_bias;  // [E, H]
+  bool transposed;
 
-// grouped_mlp with its input gathered and its output combined on the fly, expert by expert, in
-// blocks of rows: out[s] = sum_j topk_weights[s, j] * FFN_{expert(s, j)}(hidden[s]). Equal to
-// unpermute_combine(grouped_mlp(permute(hidden, ...), ...), ...) without the two [S * k, H]
-// buffers; pairs at rows >= expert_offsets[E] (unrouted) contribute nothing.
-at::Tensor grouped_mlp_combine_cpu(const at::Tensor& hidden, const at::Tensor& topk_weights,
-                                   const at::Tensor& sorted_pair_ids,
-                                   const at::Tensor& expert_offsets, const at::Tensor& fc1_weight,
-                                   const std::optional<at::Tensor>& fc1_bias,
-                                   const at::Tensor& fc2_weight,
-                                   const std::optional<at::Tensor>& fc2_bias,
-                                   const std::string& activation, bool weights_transposed,
-                                   double swiglu_alpha, double swiglu_limit);
+  // [E, H, F1] and [E, I, H] views (inputs by outputs): the GEMMs read the stored layout in place.
+  at::Tensor fc1_in_out() const { return transposed ? fc1_weight : fc1_weight.transpose(1, 2); }
+  at::Tensor fc2_in_out() const { return transposed ? fc2_weight : fc2_weight.transpose(1, 2); }
+};
+
+// The weights among an expert op's arguments (their other parameters are the activation's).
+inline ExpertWeights expert_weights(MOE_INFER_EXPERT_PARAMS) {
+  return {fc1_weight, fc1_bias, fc2_weight, fc2_bias, weights_transposed};
+}
+
+// grouped_mlp_cpu, and grouped_mlp_combine_cpu: grouped_mlp with its input gathered and its output
+// combined on the fly, expert by expert, in blocks of rows: out[s] = sum_j topk_weights[s, j] *
+// FFN_{expert(s, j)}(hidden[s]). Equal to unpermute_combine(grouped_mlp(permute(hidden, ...), ...),
+// ...) without the two [S * k, H] buffers; pairs at rows >= expert_offsets[E] (unrouted)
+// contribute nothing.
+MOE_INFER_EXPERTS_OPS(MOE_INFER_DECLARE_CPU)
 
 }  // namespace moe_infer

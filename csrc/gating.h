@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/options.h"
+#include "common/signatures.h"
 
 namespace moe_infer {
 
@@ -55,10 +56,9 @@ bool routable_logits(const float* logits, int64_t num_experts, Scoring scoring);
 void route_token(const float* scores, const float* selection_bias, const GatingConfig& config,
                  GatingScratch& scratch, float* topk_weights, int32_t* expert_ids);
 
-std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logits, int64_t k,
-                                                   const std::string& scoring, bool renormalize,
-                                                   const std::optional<at::Tensor>& selection_bias,
-                                                   double scaling_factor, int64_t n_group,
-                                                   int64_t topk_group, bool validate);
+// ---- ATen ops (CPU; parameters: common/signatures.h) ----------------------------------------
+
+// topk_gating_cpu
+MOE_INFER_GATING_OPS(MOE_INFER_DECLARE_CPU)
 
 }  // namespace moe_infer

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/options.h"
+#include "common/signatures.h"
 
 namespace moe_infer {
 
@@ -65,12 +66,8 @@ std::vector<std::vector<int32_t>> pack_items(std::vector<PlacementItem> items, i
 // each rank's experts in increasing id order, then its empty slots.
 void place_experts(const PlacementProblem& problem, int32_t* slot_expert);
 
-// ---- ATen op (CPU) --------------------------------------------------------------------------
+// ---- ATen op (CPU; parameters: common/signatures.h) -----------------------------------------
 
-at::Tensor expert_placement_cpu(const at::Tensor& expert_load, int64_t num_ranks,
-                                int64_t slots_per_rank, const std::string& algorithm,
-                                bool replicate, const std::optional<at::Tensor>& correlation,
-                                double correlation_weight, int64_t num_nodes,
-                                const std::optional<at::Tensor>& expert_group);
+at::Tensor expert_placement_cpu(MOE_INFER_PARAMS(expert_placement));
 
 }  // namespace moe_infer

@@ -1,8 +1,9 @@
 // The one schema block of the moe_infer library: every op is declared here, and only here, grouped
 // by op family. Backends implement them: csrc/cpu/<family>.cpp (CPU), csrc/cuda/<family>.cu
 // (CUDA), and every op's composite in csrc/common/composite.cpp (CompositeExplicitAutograd: any
-// device without a kernel). csrc/README.md maps each op to its kernels, fake, autograd formula,
-// reference, tests and benchmark.
+// device without a kernel), all with the C++ signature written in csrc/common/signatures.h.
+// csrc/README.md maps each op to its kernels, fake, autograd formula, reference, tests and
+// benchmark.
 #include <torch/custom_class.h>
 #include <torch/library.h>
 

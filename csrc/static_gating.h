@@ -21,6 +21,7 @@
 #include <tuple>
 
 #include "common/options.h"
+#include "common/signatures.h"
 
 namespace moe_infer {
 
@@ -166,6 +167,13 @@ struct SlotConflict {
   int64_t second_token = -1;
 };
 
+// Whether the 8 bytes at `p` are all zero: one load skips 8 empty mask entries or 2 zero weights.
+inline bool zero_word(const void* p) {
+  uint64_t word;
+  std::memcpy(&word, p, sizeof(word));
+  return word == 0;
+}
+
 // For slots [slot_begin, slot_end) of a [num_tokens, num_slots] mask, writes the token that
 // occupies each slot into owner[slot - slot_begin] (-1: a placeholder). Returns the first slot two
 // tokens claim (slot -1 if none). Skips 8 empty slots at a time: the mask is nearly all zeros.
@@ -176,13 +184,9 @@ inline SlotConflict find_slot_owners(const bool* mask, int64_t num_tokens, int64
     const bool* row = mask + s * num_slots;
     int64_t slot = slot_begin;
     while (slot < slot_end) {
-      if (slot + 8 <= slot_end) {
-        uint64_t word;
-        std::memcpy(&word, row + slot, sizeof(word));
-        if (word == 0) {
-          slot += 8;
-          continue;
-        }
+      if (slot + 8 <= slot_end && zero_word(row + slot)) {
+        slot += 8;
+        continue;
       }
       if (row[slot]) {
         int32_t& occupant = owner[slot - slot_begin];
@@ -222,13 +226,9 @@ void combine_static_tokens(const T* expert_out, int64_t hidden_size, const float
     const float* weights = combine_weights + s * num_slots;
     int64_t slot = 0;
     while (slot < num_slots) {
-      if (slot + 2 <= num_slots) {
-        uint64_t word;
-        std::memcpy(&word, weights + slot, sizeof(word));
-        if (word == 0) {
-          slot += 2;
-          continue;
-        }
+      if (slot + 2 <= num_slots && zero_word(weights + slot)) {
+        slot += 2;
+        continue;
       }
       const float w = weights[slot];
       if (w != 0.0f) {
@@ -242,22 +242,9 @@ void combine_static_tokens(const T* expert_out, int64_t hidden_size, const float
   }
 }
 
-// ---- ATen ops (CPU) -------------------------------------------------------------------------
+// ---- ATen ops (CPU; parameters: common/signatures.h) ----------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating_cpu(
-    const at::Tensor& router_logits, int64_t top_k, int64_t capacity,
-    const std::optional<at::Tensor>& padding_mask, const std::string& second_expert_policy,
-    const std::optional<at::Tensor>& second_expert_noise, bool normalize_before_dropping,
-    bool batch_prioritized_routing);
-
-std::tuple<at::Tensor, at::Tensor> static_routing_tensors_cpu(const at::Tensor& expert_ids,
-                                                              const at::Tensor& locations,
-                                                              const at::Tensor& topk_weights,
-                                                              int64_t num_experts,
-                                                              int64_t capacity);
-
-at::Tensor static_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& dispatch_mask);
-
-at::Tensor static_combine_cpu(const at::Tensor& expert_out, const at::Tensor& combine_weights);
+// static_gating_cpu, static_routing_tensors_cpu, static_dispatch_cpu, static_combine_cpu
+MOE_INFER_STATIC_GATING_OPS(MOE_INFER_DECLARE_CPU)
 
 }  // namespace moe_infer

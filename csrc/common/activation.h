@@ -37,50 +37,36 @@ enum class Activation : int8_t {
 #undef MOE_INFER_ACTIVATION_ENUM
 };
 
-// True for activations whose first projection has 2 * ffn_size outputs.
-MOE_INFER_HOST_DEVICE constexpr bool is_gated(Activation activation) {
-  switch (activation) {
-#define MOE_INFER_ACTIVATION_GATED(e, name, gated, unary, swiglu) \
-  case Activation::e:                                             \
-    return gated;
-    MOE_INFER_ACTIVATIONS(MOE_INFER_ACTIVATION_GATED)
-#undef MOE_INFER_ACTIVATION_GATED
-  }
-  return false;
-}
+// One row of the table.
+struct ActivationInfo {
+  const char* name;
+  bool gated;        // the first projection has 2 * ffn_size outputs
+  Activation unary;  // the element function (the one on the gate for gated activations)
+  bool uses_swiglu_params;
+};
 
-// The element function of an activation (the one on the gate for gated activations).
-MOE_INFER_HOST_DEVICE constexpr Activation unary_of(Activation activation) {
+MOE_INFER_HOST_DEVICE constexpr ActivationInfo activation_info(Activation activation) {
   switch (activation) {
-#define MOE_INFER_ACTIVATION_UNARY(e, name, gated, unary, swiglu) \
-  case Activation::e:                                             \
-    return Activation::unary;
-    MOE_INFER_ACTIVATIONS(MOE_INFER_ACTIVATION_UNARY)
-#undef MOE_INFER_ACTIVATION_UNARY
-  }
-  return activation;
-}
-
-constexpr const char* activation_name(Activation activation) {
-  switch (activation) {
-#define MOE_INFER_ACTIVATION_NAME(e, name, gated, unary, swiglu) \
+#define MOE_INFER_ACTIVATION_INFO(e, name, gated, unary, swiglu) \
   case Activation::e:                                            \
-    return name;
-    MOE_INFER_ACTIVATIONS(MOE_INFER_ACTIVATION_NAME)
-#undef MOE_INFER_ACTIVATION_NAME
+    return {name, gated, Activation::unary, swiglu};
+    MOE_INFER_ACTIVATIONS(MOE_INFER_ACTIVATION_INFO)
+#undef MOE_INFER_ACTIVATION_INFO
   }
-  return "";
+  return {"", false, activation, false};
 }
 
+MOE_INFER_HOST_DEVICE constexpr bool is_gated(Activation activation) {
+  return activation_info(activation).gated;
+}
+MOE_INFER_HOST_DEVICE constexpr Activation unary_of(Activation activation) {
+  return activation_info(activation).unary;
+}
+constexpr const char* activation_name(Activation activation) {
+  return activation_info(activation).name;
+}
 constexpr bool uses_swiglu_params(Activation activation) {
-  switch (activation) {
-#define MOE_INFER_ACTIVATION_SWIGLU(e, name, gated, unary, swiglu) \
-  case Activation::e:                                              \
-    return swiglu;
-    MOE_INFER_ACTIVATIONS(MOE_INFER_ACTIVATION_SWIGLU)
-#undef MOE_INFER_ACTIVATION_SWIGLU
-  }
-  return false;
+  return activation_info(activation).uses_swiglu_params;
 }
 
 // Every activation, in table order.

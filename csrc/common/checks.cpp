@@ -20,15 +20,35 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t, co
                     ref_name, " is on ", ref.device(), "; all arguments must be on one device");
 }
 
-void check_float(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(is_float_type(t.scalar_type()), op, ": ", name,
-                   " must be float32, bfloat16 or float16, got ", t.scalar_type());
-}
-
 void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim,
                const char* layout) {
   TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", layout, ", got shape ",
                     t.sizes());
+}
+
+// The dtypes an argument may have, and their names in the error.
+struct DtypeRule {
+  bool (*accepts)(at::ScalarType);
+  const char* names;
+};
+constexpr DtypeRule kFloating{is_float_type, "float32, bfloat16 or float16"};
+constexpr DtypeRule kIndex{is_index_type, "int32 or int64"};
+constexpr DtypeRule kInt32{[](at::ScalarType t) { return t == at::kInt; }, "int32"};
+constexpr DtypeRule kInt64{[](at::ScalarType t) { return t == at::kLong; }, "int64"};
+constexpr DtypeRule kBool{[](at::ScalarType t) { return t == at::kBool; }, "bool"};
+constexpr DtypeRule kFloat32Or64{
+    [](at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }, "float32 or float64"};
+
+void check_dtype(const char* op, const char* name, const at::Tensor& t, const DtypeRule& dtype) {
+  TORCH_CHECK_TYPE(dtype.accepts(t.scalar_type()), op, ": ", name, " must be ", dtype.names,
+                   ", got ", t.scalar_type());
+}
+
+// `name` must be a `dim`-D tensor (`layout` names its dimensions) of a dtype `dtype` accepts.
+void check_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dim,
+                  const char* layout, const DtypeRule& dtype) {
+  check_dim(op, name, t, dim, layout);
+  check_dtype(op, name, t, dtype);
 }
 
 }  // namespace
@@ -74,32 +94,23 @@ EvictionPolicy parse_eviction_policy(const std::string& name) {
       name, "'");
 }
 
-GatingSizes check_topk_gating(const at::Tensor& router_logits, int64_t top_k,
-                              const std::string& scoring,
-                              const std::optional<at::Tensor>& selection_bias,
-                              double scaling_factor, int64_t n_group, int64_t topk_group) {
+GatingSizes check_topk_gating(MOE_INFER_PARAMS(topk_gating)) {
   constexpr const char* op = "topk_gating";
-  check_dim(op, "router_logits", router_logits, 2, "[num_tokens, num_experts]");
-  check_float(op, "router_logits", router_logits);
-  GatingSizes sizes{router_logits.size(0),
-                    router_logits.size(1),
-                    top_k,
-                    parse_scoring(scoring),
-                    n_group,
-                    topk_group};
+  check_tensor(op, "router_logits", router_logits, 2, "[num_tokens, num_experts]", kFloating);
+  GatingSizes sizes{
+      router_logits.size(0), router_logits.size(1), k, parse_scoring(scoring), n_group, topk_group};
   TORCH_CHECK_VALUE(sizes.num_experts >= 1, op,
                     ": router_logits must have at least one expert column");
-  TORCH_CHECK_VALUE(top_k >= 1, op, ": k (", top_k, ") must be >= 1");
-  TORCH_CHECK_VALUE(top_k <= sizes.num_experts, op, ": k (", top_k, ") must be <= num_experts (",
+  TORCH_CHECK_VALUE(k >= 1, op, ": k (", k, ") must be >= 1");
+  TORCH_CHECK_VALUE(k <= sizes.num_experts, op, ": k (", k, ") must be <= num_experts (",
                     sizes.num_experts, ")");
-  TORCH_CHECK_VALUE(sizes.num_tokens * top_k <= kMaxPairs, op, ": num_tokens * k (",
-                    sizes.num_tokens * top_k, ") exceeds ", kMaxPairs);
+  TORCH_CHECK_VALUE(sizes.num_tokens * k <= kMaxPairs, op, ": num_tokens * k (",
+                    sizes.num_tokens * k, ") exceeds ", kMaxPairs);
   TORCH_CHECK_VALUE(std::isfinite(scaling_factor), op, ": scaling_factor must be finite, got ",
                     scaling_factor);
   if (selection_bias.has_value()) {
     const at::Tensor& bias = *selection_bias;
-    check_dim(op, "selection_bias", bias, 1, "[num_experts]");
-    check_float(op, "selection_bias", bias);
+    check_tensor(op, "selection_bias", bias, 1, "[num_experts]", kFloating);
     TORCH_CHECK_VALUE(bias.size(0) == sizes.num_experts, op, ": selection_bias has ", bias.size(0),
                       " entries but router_logits has ", sizes.num_experts, " experts");
     check_same_device(op, "selection_bias", bias, router_logits, "router_logits");
@@ -114,7 +125,7 @@ GatingSizes check_topk_gating(const at::Tensor& router_logits, int64_t top_k,
                       group_size, " (num_experts ", sizes.num_experts, ", n_group ", n_group, ")");
     TORCH_CHECK_VALUE(topk_group >= 1 && topk_group <= n_group, op, ": topk_group (", topk_group,
                       ") must be in [1, n_group (", n_group, ")]");
-    TORCH_CHECK_VALUE(top_k <= topk_group * group_size, op, ": k (", top_k,
+    TORCH_CHECK_VALUE(k <= topk_group * group_size, op, ": k (", k,
                       ") must be <= topk_group * experts per group (", topk_group * group_size,
                       ")");
     TORCH_CHECK_VALUE(sizes.scoring != Scoring::kSoftmaxTopk, op,
@@ -137,11 +148,9 @@ void fail_expert_id(int64_t pair, int64_t value, const PlanSizes& sizes) {
                     "), or -1 for an unrouted pair");
 }
 
-PlanSizes check_dispatch_plan(const at::Tensor& expert_ids, int64_t num_experts) {
+PlanSizes check_dispatch_plan(MOE_INFER_PARAMS(dispatch_plan)) {
   constexpr const char* op = "dispatch_plan";
-  check_dim(op, "expert_ids", expert_ids, 2, "[num_tokens, top_k]");
-  TORCH_CHECK_TYPE(is_index_type(expert_ids.scalar_type()), op,
-                   ": expert_ids must be int32 or int64, got ", expert_ids.scalar_type());
+  check_tensor(op, "expert_ids", expert_ids, 2, "[num_tokens, top_k]", kIndex);
   TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts (", num_experts, ") must be >= 1");
   TORCH_CHECK_VALUE(num_experts <= kMaxExperts, op, ": num_experts (", num_experts, ") exceeds ",
                     kMaxExperts, " (the op allocates O(num_experts) per call)");
@@ -153,13 +162,10 @@ PlanSizes check_dispatch_plan(const at::Tensor& expert_ids, int64_t num_experts)
   return sizes;
 }
 
-RowSizes check_permute(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids, int64_t top_k) {
+RowSizes check_permute(MOE_INFER_PARAMS(permute)) {
   constexpr const char* op = "permute";
-  check_dim(op, "hidden", hidden, 2, "[num_tokens, hidden_size]");
-  check_float(op, "hidden", hidden);
-  check_dim(op, "sorted_pair_ids", sorted_pair_ids, 1, "[num_tokens * top_k]");
-  TORCH_CHECK_TYPE(sorted_pair_ids.scalar_type() == at::kInt, op,
-                   ": sorted_pair_ids must be int32, got ", sorted_pair_ids.scalar_type());
+  check_tensor(op, "hidden", hidden, 2, "[num_tokens, hidden_size]", kFloating);
+  check_tensor(op, "sorted_pair_ids", sorted_pair_ids, 1, "[num_tokens * top_k]", kInt32);
   check_same_device(op, "sorted_pair_ids", sorted_pair_ids, hidden, "hidden");
   TORCH_CHECK_VALUE(top_k >= 1, op, ": top_k (", top_k, ") must be >= 1");
   RowSizes sizes{hidden.size(0), top_k, hidden.size(1)};
@@ -169,16 +175,11 @@ RowSizes check_permute(const at::Tensor& hidden, const at::Tensor& sorted_pair_i
   return sizes;
 }
 
-RowSizes check_unpermute_combine(const at::Tensor& expert_out, const at::Tensor& topk_weights,
-                                 const at::Tensor& row_of_pair) {
+RowSizes check_unpermute_combine(MOE_INFER_PARAMS(unpermute_combine)) {
   constexpr const char* op = "unpermute_combine";
-  check_dim(op, "expert_out", expert_out, 2, "[num_tokens * top_k, hidden_size]");
-  check_float(op, "expert_out", expert_out);
-  check_dim(op, "topk_weights", topk_weights, 2, "[num_tokens, top_k]");
-  check_float(op, "topk_weights", topk_weights);
-  check_dim(op, "row_of_pair", row_of_pair, 1, "[num_tokens * top_k]");
-  TORCH_CHECK_TYPE(row_of_pair.scalar_type() == at::kInt, op, ": row_of_pair must be int32, got ",
-                   row_of_pair.scalar_type());
+  check_tensor(op, "expert_out", expert_out, 2, "[num_tokens * top_k, hidden_size]", kFloating);
+  check_tensor(op, "topk_weights", topk_weights, 2, "[num_tokens, top_k]", kFloating);
+  check_tensor(op, "row_of_pair", row_of_pair, 1, "[num_tokens * top_k]", kInt32);
   check_same_device(op, "topk_weights", topk_weights, expert_out, "expert_out");
   check_same_device(op, "row_of_pair", row_of_pair, expert_out, "expert_out");
   RowSizes sizes{topk_weights.size(0), topk_weights.size(1), expert_out.size(1)};
@@ -192,15 +193,12 @@ RowSizes check_unpermute_combine(const at::Tensor& expert_out, const at::Tensor&
   return sizes;
 }
 
-MlpSizes check_grouped_mlp(const at::Tensor& hidden, const at::Tensor& expert_offsets,
-                           const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                           const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                           const std::string& activation, bool weights_transposed, const char* op) {
-  check_dim(op, "hidden", hidden, 2, "[num_rows, hidden_size]");
-  check_float(op, "hidden", hidden);
-  check_dim(op, "expert_offsets", expert_offsets, 1, "[num_experts + 1]");
-  TORCH_CHECK_TYPE(expert_offsets.scalar_type() == at::kInt, op,
-                   ": expert_offsets must be int32, got ", expert_offsets.scalar_type());
+namespace {
+
+// grouped_mlp's checks, worded for `op` (grouped_mlp_combine checks its expert compute with them).
+MlpSizes check_expert_mlp(const char* op, MOE_INFER_PARAMS(grouped_mlp)) {
+  check_tensor(op, "hidden", hidden, 2, "[num_rows, hidden_size]", kFloating);
+  check_tensor(op, "expert_offsets", expert_offsets, 1, "[num_experts + 1]", kInt32);
   TORCH_CHECK_VALUE(expert_offsets.size(0) >= 2, op,
                     ": expert_offsets must have num_experts + 1 >= 2 entries, got ",
                     expert_offsets.size(0));
@@ -214,7 +212,8 @@ MlpSizes check_grouped_mlp(const at::Tensor& hidden, const at::Tensor& expert_of
   sizes.num_rows = hidden.size(0);
   sizes.hidden_size = hidden.size(1);
   sizes.num_experts = expert_offsets.size(0) - 1;
-  sizes.activation = parse_activation(activation);
+  sizes.activation = {parse_activation(activation), static_cast<float>(swiglu_alpha),
+                      static_cast<float>(swiglu_limit)};
   sizes.fc1_outputs = fc1_weight.size(weights_transposed ? 2 : 1);
   sizes.ffn_size = fc2_weight.size(weights_transposed ? 1 : 2);
   const int64_t fc1_inputs = fc1_weight.size(weights_transposed ? 1 : 2);
@@ -232,7 +231,8 @@ MlpSizes check_grouped_mlp(const at::Tensor& hidden, const at::Tensor& expert_of
   TORCH_CHECK_VALUE(fc2_outputs == sizes.hidden_size, op, ": fc2_weight ", fc2_weight.sizes(),
                     " does not match hidden_size ", sizes.hidden_size, " (expected layout ",
                     fc2_layout, ")");
-  const int64_t expected_fc1 = is_gated(sizes.activation) ? 2 * sizes.ffn_size : sizes.ffn_size;
+  const int64_t expected_fc1 =
+      is_gated(sizes.activation.activation) ? 2 * sizes.ffn_size : sizes.ffn_size;
   TORCH_CHECK_VALUE(sizes.fc1_outputs == expected_fc1, op, ": fc1_weight has ", sizes.fc1_outputs,
                     " outputs but activation '", activation, "' with ffn_size ", sizes.ffn_size,
                     " (from fc2_weight) needs ", expected_fc1);
@@ -261,23 +261,18 @@ MlpSizes check_grouped_mlp(const at::Tensor& hidden, const at::Tensor& expert_of
   return sizes;
 }
 
-MlpCombineSizes check_grouped_mlp_combine(const at::Tensor& hidden, const at::Tensor& topk_weights,
-                                          const at::Tensor& sorted_pair_ids,
-                                          const at::Tensor& expert_offsets,
-                                          const at::Tensor& fc1_weight,
-                                          const std::optional<at::Tensor>& fc1_bias,
-                                          const at::Tensor& fc2_weight,
-                                          const std::optional<at::Tensor>& fc2_bias,
-                                          const std::string& activation, bool weights_transposed) {
+}  // namespace
+
+MlpSizes check_grouped_mlp(MOE_INFER_PARAMS(grouped_mlp)) {
+  return check_expert_mlp("grouped_mlp", MOE_INFER_ARGS(grouped_mlp));
+}
+
+MlpCombineSizes check_grouped_mlp_combine(MOE_INFER_PARAMS(grouped_mlp_combine)) {
   constexpr const char* op = "grouped_mlp_combine";
   check_dim(op, "hidden", hidden, 2, "[num_tokens, hidden_size]");
-  check_dim(op, "topk_weights", topk_weights, 2, "[num_tokens, top_k]");
-  check_float(op, "topk_weights", topk_weights);
-  check_dim(op, "sorted_pair_ids", sorted_pair_ids, 1, "[num_tokens * top_k]");
-  TORCH_CHECK_TYPE(sorted_pair_ids.scalar_type() == at::kInt, op,
-                   ": sorted_pair_ids must be int32, got ", sorted_pair_ids.scalar_type());
-  const MlpSizes mlp = check_grouped_mlp(hidden, expert_offsets, fc1_weight, fc1_bias, fc2_weight,
-                                         fc2_bias, activation, weights_transposed, op);
+  check_tensor(op, "topk_weights", topk_weights, 2, "[num_tokens, top_k]", kFloating);
+  check_tensor(op, "sorted_pair_ids", sorted_pair_ids, 1, "[num_tokens * top_k]", kInt32);
+  const MlpSizes mlp = check_expert_mlp(op, hidden, expert_offsets, MOE_INFER_EXPERT_ARGS);
   const int64_t top_k = topk_weights.size(1);
   TORCH_CHECK_VALUE(topk_weights.size(0) == mlp.num_rows, op, ": topk_weights has ",
                     topk_weights.size(0), " rows but hidden has ", mlp.num_rows, " tokens");
@@ -304,16 +299,9 @@ PlacementAlgorithm parse_placement_algorithm(const std::string& name) {
                     name, "'");
 }
 
-PlacementSizes check_expert_placement(const at::Tensor& expert_load, int64_t num_ranks,
-                                      int64_t slots_per_rank, const std::string& algorithm,
-                                      bool replicate, const std::optional<at::Tensor>& correlation,
-                                      double correlation_weight, int64_t num_nodes,
-                                      const std::optional<at::Tensor>& expert_group) {
+PlacementSizes check_expert_placement(MOE_INFER_PARAMS(expert_placement)) {
   constexpr const char* op = "expert_placement";
-  check_dim(op, "expert_load", expert_load, 1, "[num_experts]");
-  TORCH_CHECK_TYPE(
-      expert_load.scalar_type() == at::kFloat || expert_load.scalar_type() == at::kDouble, op,
-      ": expert_load must be float32 or float64, got ", expert_load.scalar_type());
+  check_tensor(op, "expert_load", expert_load, 1, "[num_experts]", kFloat32Or64);
   TORCH_CHECK_VALUE(expert_load.device().is_cpu(), op, ": expert_load must be on the CPU, got ",
                     expert_load.device(), " (placement is planned on the host)");
   PlacementSizes sizes{expert_load.size(0), num_ranks, slots_per_rank, num_nodes,
@@ -352,9 +340,7 @@ PlacementSizes check_expert_placement(const at::Tensor& expert_load, int64_t num
   }
   if (expert_group.has_value()) {
     const at::Tensor& group = *expert_group;
-    check_dim(op, "expert_group", group, 1, "[num_experts]");
-    TORCH_CHECK_TYPE(is_index_type(group.scalar_type()), op,
-                     ": expert_group must be int32 or int64, got ", group.scalar_type());
+    check_tensor(op, "expert_group", group, 1, "[num_experts]", kIndex);
     TORCH_CHECK_VALUE(group.size(0) == sizes.num_experts, op, ": expert_group has ", group.size(0),
                       " entries but expert_load has ", sizes.num_experts, " experts");
     check_same_device(op, "expert_group", group, expert_load, "expert_load");
@@ -364,17 +350,10 @@ PlacementSizes check_expert_placement(const at::Tensor& expert_load, int64_t num
 
 // ---- expert buffering ----
 
-SimulationSizes check_simulate_expert_cache(const at::Tensor& accesses,
-                                            const at::Tensor& batch_offsets, int64_t num_experts,
-                                            at::IntArrayRef cache_sizes,
-                                            const std::vector<std::string>& policies) {
+SimulationSizes check_simulate_expert_cache(MOE_INFER_PARAMS(simulate_expert_cache)) {
   constexpr const char* op = "simulate_expert_cache";
-  check_dim(op, "accesses", accesses, 1, "[num_accesses]");
-  TORCH_CHECK_TYPE(is_index_type(accesses.scalar_type()), op,
-                   ": accesses must be int32 or int64, got ", accesses.scalar_type());
-  check_dim(op, "batch_offsets", batch_offsets, 1, "[num_batches + 1]");
-  TORCH_CHECK_TYPE(batch_offsets.scalar_type() == at::kLong, op,
-                   ": batch_offsets must be int64, got ", batch_offsets.scalar_type());
+  check_tensor(op, "accesses", accesses, 1, "[num_accesses]", kIndex);
+  check_tensor(op, "batch_offsets", batch_offsets, 1, "[num_batches + 1]", kInt64);
   TORCH_CHECK_VALUE(batch_offsets.size(0) >= 1, op,
                     ": batch_offsets must have num_batches + 1 >= 1 ", "entries");
   TORCH_CHECK_VALUE(
@@ -448,14 +427,9 @@ void check_buffer_segment(int64_t num_experts, const std::vector<at::Tensor>& po
 
 // ---- static gating ----
 
-StaticGatingSizes check_static_gating(const at::Tensor& router_logits, int64_t top_k,
-                                      int64_t capacity,
-                                      const std::optional<at::Tensor>& padding_mask,
-                                      const std::string& second_expert_policy,
-                                      const std::optional<at::Tensor>& second_expert_noise) {
+StaticGatingSizes check_static_gating(MOE_INFER_PARAMS(static_gating)) {
   constexpr const char* op = "static_gating";
-  check_dim(op, "router_logits", router_logits, 2, "[num_tokens, num_experts]");
-  check_float(op, "router_logits", router_logits);
+  check_tensor(op, "router_logits", router_logits, 2, "[num_tokens, num_experts]", kFloating);
   StaticGatingSizes sizes{router_logits.size(0), router_logits.size(1), top_k,
                           parse_second_expert_policy(second_expert_policy)};
   TORCH_CHECK_VALUE(top_k == 1 || top_k == 2, op, ": top_k (", top_k,
@@ -470,9 +444,7 @@ StaticGatingSizes check_static_gating(const at::Tensor& router_logits, int64_t t
   TORCH_CHECK_VALUE(sizes.num_tokens <= kMaxPairs / 2, op, ": num_tokens (", sizes.num_tokens,
                     ") exceeds ", kMaxPairs / 2);
   if (padding_mask.has_value()) {
-    check_dim(op, "padding_mask", *padding_mask, 1, "[num_tokens]");
-    TORCH_CHECK_TYPE(padding_mask->scalar_type() == at::kBool, op,
-                     ": padding_mask must be bool, got ", padding_mask->scalar_type());
+    check_tensor(op, "padding_mask", *padding_mask, 1, "[num_tokens]", kBool);
     TORCH_CHECK_VALUE(padding_mask->size(0) == sizes.num_tokens, op, ": padding_mask has ",
                       padding_mask->size(0), " entries but router_logits has ", sizes.num_tokens,
                       " tokens");
@@ -498,7 +470,7 @@ StaticGatingSizes check_static_gating(const at::Tensor& router_logits, int64_t t
       sampling ? "[num_tokens, num_experts] Gumbel samples" : "[num_tokens] U(0, 1) samples",
       "); moe_infer.ops.second_expert_noise draws it");
   const at::Tensor& noise = *second_expert_noise;
-  check_float(op, "second_expert_noise", noise);
+  check_dtype(op, "second_expert_noise", noise, kFloating);
   check_same_device(op, "second_expert_noise", noise, router_logits, "router_logits");
   if (sampling) {
     TORCH_CHECK_VALUE(noise.sizes() == router_logits.sizes(), op,
@@ -512,19 +484,11 @@ StaticGatingSizes check_static_gating(const at::Tensor& router_logits, int64_t t
   return sizes;
 }
 
-StaticSlotSizes check_static_routing_tensors(const at::Tensor& expert_ids,
-                                             const at::Tensor& locations,
-                                             const at::Tensor& topk_weights, int64_t num_experts,
-                                             int64_t capacity) {
+StaticSlotSizes check_static_routing_tensors(MOE_INFER_PARAMS(static_routing_tensors)) {
   constexpr const char* op = "static_routing_tensors";
-  check_dim(op, "expert_ids", expert_ids, 2, "[num_tokens, top_k]");
-  TORCH_CHECK_TYPE(is_index_type(expert_ids.scalar_type()), op,
-                   ": expert_ids must be int32 or int64, got ", expert_ids.scalar_type());
-  check_dim(op, "locations", locations, 2, "[num_tokens, top_k]");
-  TORCH_CHECK_TYPE(locations.scalar_type() == at::kInt, op, ": locations must be int32, got ",
-                   locations.scalar_type());
-  check_dim(op, "topk_weights", topk_weights, 2, "[num_tokens, top_k]");
-  check_float(op, "topk_weights", topk_weights);
+  check_tensor(op, "expert_ids", expert_ids, 2, "[num_tokens, top_k]", kIndex);
+  check_tensor(op, "locations", locations, 2, "[num_tokens, top_k]", kInt32);
+  check_tensor(op, "topk_weights", topk_weights, 2, "[num_tokens, top_k]", kFloating);
   TORCH_CHECK_VALUE(
       locations.sizes() == expert_ids.sizes() && topk_weights.sizes() == expert_ids.sizes(), op,
       ": expert_ids ", expert_ids.sizes(), ", locations ", locations.sizes(), " and topk_weights ",
@@ -543,13 +507,10 @@ StaticSlotSizes check_static_routing_tensors(const at::Tensor& expert_ids,
   return StaticSlotSizes{expert_ids.size(0), num_experts, capacity, 0, expert_ids.size(1)};
 }
 
-StaticSlotSizes check_static_dispatch(const at::Tensor& hidden, const at::Tensor& dispatch_mask) {
+StaticSlotSizes check_static_dispatch(MOE_INFER_PARAMS(static_dispatch)) {
   constexpr const char* op = "static_dispatch";
-  check_dim(op, "hidden", hidden, 2, "[num_tokens, hidden_size]");
-  check_float(op, "hidden", hidden);
-  check_dim(op, "dispatch_mask", dispatch_mask, 3, "[num_tokens, num_experts, capacity]");
-  TORCH_CHECK_TYPE(dispatch_mask.scalar_type() == at::kBool, op,
-                   ": dispatch_mask must be bool, got ", dispatch_mask.scalar_type());
+  check_tensor(op, "hidden", hidden, 2, "[num_tokens, hidden_size]", kFloating);
+  check_tensor(op, "dispatch_mask", dispatch_mask, 3, "[num_tokens, num_experts, capacity]", kBool);
   check_same_device(op, "dispatch_mask", dispatch_mask, hidden, "hidden");
   TORCH_CHECK_VALUE(dispatch_mask.size(0) == hidden.size(0), op, ": dispatch_mask has ",
                     dispatch_mask.size(0), " tokens but hidden has ", hidden.size(0));
@@ -560,13 +521,11 @@ StaticSlotSizes check_static_dispatch(const at::Tensor& hidden, const at::Tensor
                          hidden.size(1), 0};
 }
 
-StaticSlotSizes check_static_combine(const at::Tensor& expert_out,
-                                     const at::Tensor& combine_weights) {
+StaticSlotSizes check_static_combine(MOE_INFER_PARAMS(static_combine)) {
   constexpr const char* op = "static_combine";
-  check_dim(op, "expert_out", expert_out, 3, "[num_experts, capacity, hidden_size]");
-  check_float(op, "expert_out", expert_out);
-  check_dim(op, "combine_weights", combine_weights, 3, "[num_tokens, num_experts, capacity]");
-  check_float(op, "combine_weights", combine_weights);
+  check_tensor(op, "expert_out", expert_out, 3, "[num_experts, capacity, hidden_size]", kFloating);
+  check_tensor(op, "combine_weights", combine_weights, 3, "[num_tokens, num_experts, capacity]",
+               kFloating);
   check_same_device(op, "combine_weights", combine_weights, expert_out, "expert_out");
   TORCH_CHECK_VALUE(combine_weights.size(1) == expert_out.size(0) &&
                         combine_weights.size(2) == expert_out.size(1),

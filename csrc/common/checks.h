@@ -1,5 +1,6 @@
-// Argument checks shared by the CPU and CUDA implementations of every op.
-// Each check names the op, the argument and the expectation, and returns the sizes it validated.
+// Argument checks shared by the CPU and CUDA implementations of every op, and its composite.
+// check_<op> takes the op's own parameters (common/signatures.h), names the op, the argument and
+// the expectation in its errors, and returns the sizes it validated.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "common/options.h"
+#include "common/signatures.h"
 
 namespace moe_infer {
 
@@ -21,10 +23,7 @@ struct GatingSizes {
   int64_t topk_group;
 };
 
-GatingSizes check_topk_gating(const at::Tensor& router_logits, int64_t top_k,
-                              const std::string& scoring,
-                              const std::optional<at::Tensor>& selection_bias,
-                              double scaling_factor, int64_t n_group, int64_t topk_group);
+GatingSizes check_topk_gating(MOE_INFER_PARAMS(topk_gating));
 
 struct PlanSizes {
   int64_t num_tokens;
@@ -33,7 +32,7 @@ struct PlanSizes {
   int64_t num_experts;
 };
 
-PlanSizes check_dispatch_plan(const at::Tensor& expert_ids, int64_t num_experts);
+PlanSizes check_dispatch_plan(MOE_INFER_PARAMS(dispatch_plan));
 
 struct RowSizes {
   int64_t num_tokens;
@@ -41,10 +40,9 @@ struct RowSizes {
   int64_t hidden_size;
 };
 
-RowSizes check_permute(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids, int64_t top_k);
+RowSizes check_permute(MOE_INFER_PARAMS(permute));
 
-RowSizes check_unpermute_combine(const at::Tensor& expert_out, const at::Tensor& topk_weights,
-                                 const at::Tensor& row_of_pair);
+RowSizes check_unpermute_combine(MOE_INFER_PARAMS(unpermute_combine));
 
 struct MlpSizes {
   int64_t num_rows;
@@ -52,15 +50,10 @@ struct MlpSizes {
   int64_t ffn_size;     // width of the activation's output (I)
   int64_t fc1_outputs;  // I, or 2 * I for gated activations
   int64_t num_experts;
-  Activation activation;
+  ActivationParams activation;  // the parsed activation with swiglu_alpha and swiglu_limit
 };
 
-// `op` names the caller in the messages (grouped_mlp_combine checks its weights with this too).
-MlpSizes check_grouped_mlp(const at::Tensor& hidden, const at::Tensor& expert_offsets,
-                           const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                           const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                           const std::string& activation, bool weights_transposed,
-                           const char* op = "grouped_mlp");
+MlpSizes check_grouped_mlp(MOE_INFER_PARAMS(grouped_mlp));
 
 // grouped_mlp_combine: hidden [S, H] in token order, topk_weights [S, k], sorted_pair_ids [S * k]
 // and expert_offsets [E + 1] from dispatch_plan, and grouped_mlp's weights.
@@ -69,14 +62,7 @@ struct MlpCombineSizes {
   int64_t top_k;
 };
 
-MlpCombineSizes check_grouped_mlp_combine(const at::Tensor& hidden, const at::Tensor& topk_weights,
-                                          const at::Tensor& sorted_pair_ids,
-                                          const at::Tensor& expert_offsets,
-                                          const at::Tensor& fc1_weight,
-                                          const std::optional<at::Tensor>& fc1_bias,
-                                          const at::Tensor& fc2_weight,
-                                          const std::optional<at::Tensor>& fc2_bias,
-                                          const std::string& activation, bool weights_transposed);
+MlpCombineSizes check_grouped_mlp_combine(MOE_INFER_PARAMS(grouped_mlp_combine));
 
 // Errors of the data-dependent checks, in the same words on every backend.
 [[noreturn]] void fail_nonfinite_logits(int64_t row, const char* op = "topk_gating");
@@ -90,10 +76,7 @@ struct SimulationSizes {
   std::vector<EvictionPolicy> policies;
 };
 
-SimulationSizes check_simulate_expert_cache(const at::Tensor& accesses,
-                                            const at::Tensor& batch_offsets, int64_t num_experts,
-                                            at::IntArrayRef cache_sizes,
-                                            const std::vector<std::string>& policies);
+SimulationSizes check_simulate_expert_cache(MOE_INFER_PARAMS(simulate_expert_cache));
 
 // ExpertBuffer's constructor: sizes, a live policy (not Belady), pools [num_slots, ...] on one
 // device, contiguous. Returns the parsed policy.
@@ -126,11 +109,7 @@ struct PlacementSizes {
 };
 
 // Shapes, dtypes and sizes of expert_placement's arguments (values are checked by the kernel).
-PlacementSizes check_expert_placement(const at::Tensor& expert_load, int64_t num_ranks,
-                                      int64_t slots_per_rank, const std::string& algorithm,
-                                      bool replicate, const std::optional<at::Tensor>& correlation,
-                                      double correlation_weight, int64_t num_nodes,
-                                      const std::optional<at::Tensor>& expert_group);
+PlacementSizes check_expert_placement(MOE_INFER_PARAMS(expert_placement));
 // ---- static gating ----
 
 struct StaticGatingSizes {
@@ -140,11 +119,7 @@ struct StaticGatingSizes {
   SecondExpertPolicy policy;
 };
 
-StaticGatingSizes check_static_gating(const at::Tensor& router_logits, int64_t top_k,
-                                      int64_t capacity,
-                                      const std::optional<at::Tensor>& padding_mask,
-                                      const std::string& second_expert_policy,
-                                      const std::optional<at::Tensor>& second_expert_noise);
+StaticGatingSizes check_static_gating(MOE_INFER_PARAMS(static_gating));
 
 struct StaticSlotSizes {
   int64_t num_tokens;
@@ -154,15 +129,11 @@ struct StaticSlotSizes {
   int64_t top_k;        // 0 where the op has no per-pair inputs
 };
 
-StaticSlotSizes check_static_routing_tensors(const at::Tensor& expert_ids,
-                                             const at::Tensor& locations,
-                                             const at::Tensor& topk_weights, int64_t num_experts,
-                                             int64_t capacity);
+StaticSlotSizes check_static_routing_tensors(MOE_INFER_PARAMS(static_routing_tensors));
 
-StaticSlotSizes check_static_dispatch(const at::Tensor& hidden, const at::Tensor& dispatch_mask);
+StaticSlotSizes check_static_dispatch(MOE_INFER_PARAMS(static_dispatch));
 
-StaticSlotSizes check_static_combine(const at::Tensor& expert_out,
-                                     const at::Tensor& combine_weights);
+StaticSlotSizes check_static_combine(MOE_INFER_PARAMS(static_combine));
 
 // Errors of the static ops' data-dependent checks, in the same words on every backend.
 [[noreturn]] void fail_static_expert_id(int64_t pair, int64_t top_k, int64_t value,

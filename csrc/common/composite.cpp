@@ -75,28 +75,24 @@ std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64
   return host;
 }
 
-void expert_ffn(int64_t expert, const at::Tensor& x, const at::Tensor& fc1_weight,
-                const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
-                const std::optional<at::Tensor>& fc2_bias, bool weights_transposed,
+void expert_ffn(int64_t expert, const at::Tensor& x, const ExpertWeights& weights,
                 const at::Tensor& fc1_buffer, const at::Tensor& act_buffer,
                 const ActivateFn& activate, const at::Tensor& y) {
   const int64_t rows = x.size(0);
   // [H, F1] and [I, H] views of the expert's weights.
-  const at::Tensor fc1 =
-      weights_transposed ? fc1_weight.select(0, expert) : fc1_weight.select(0, expert).t();
-  const at::Tensor fc2 =
-      weights_transposed ? fc2_weight.select(0, expert) : fc2_weight.select(0, expert).t();
+  const at::Tensor fc1 = weights.fc1_in_out().select(0, expert);
+  const at::Tensor fc2 = weights.fc2_in_out().select(0, expert);
   at::Tensor fc1_out = fc1_buffer.narrow(0, 0, rows);
-  if (fc1_bias.has_value()) {
-    at::addmm_out(fc1_out, fc1_bias->select(0, expert), x, fc1);
+  if (weights.fc1_bias.has_value()) {
+    at::addmm_out(fc1_out, weights.fc1_bias->select(0, expert), x, fc1);
   } else {
     at::mm_out(fc1_out, x, fc1);
   }
   at::Tensor act = act_buffer.narrow(0, 0, rows);
   activate(fc1_out, act);
   at::Tensor out = y;
-  if (fc2_bias.has_value()) {
-    at::addmm_out(out, fc2_bias->select(0, expert), act, fc2);
+  if (weights.fc2_bias.has_value()) {
+    at::addmm_out(out, weights.fc2_bias->select(0, expert), act, fc2);
   } else {
     at::mm_out(out, act, fc2);
   }
@@ -113,11 +109,7 @@ void fail_static_slot_conflict(const at::Tensor& dispatch_mask, const StaticSlot
 }
 
 at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<int32_t>& offsets,
-                                  const at::Tensor& fc1_weight,
-                                  const std::optional<at::Tensor>& fc1_bias,
-                                  const at::Tensor& fc2_weight,
-                                  const std::optional<at::Tensor>& fc2_bias,
-                                  bool weights_transposed, const MlpSizes& sizes,
+                                  const ExpertWeights& weights, const MlpSizes& sizes,
                                   const ActivateFn& activate) {
   auto out = at::empty({sizes.num_rows, sizes.hidden_size}, hidden.options());
   int64_t max_rows = 0;
@@ -131,8 +123,8 @@ at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<in
     const int64_t begin = offsets[e];
     const int64_t rows = offsets[e + 1] - begin;
     if (rows == 0) continue;
-    expert_ffn(e, hidden.narrow(0, begin, rows), fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-               weights_transposed, fc1_buffer, act_buffer, activate, out.narrow(0, begin, rows));
+    expert_ffn(e, hidden.narrow(0, begin, rows), weights, fc1_buffer, act_buffer, activate,
+               out.narrow(0, begin, rows));
   }
   // Rows after every expert (unrouted pairs) are defined as zeros.
   if (offsets.back() < sizes.num_rows) {
@@ -426,146 +418,112 @@ at::Tensor static_combine(const at::Tensor& expert_out, const at::Tensor& combin
 
 namespace composite {
 
-std::tuple<at::Tensor, at::Tensor> topk_gating_op(const at::Tensor& router_logits, int64_t k,
-                                                  const std::string& scoring, bool renormalize,
-                                                  const std::optional<at::Tensor>& selection_bias,
-                                                  double scaling_factor, int64_t n_group,
-                                                  int64_t topk_group, bool validate) {
-  const GatingSizes sizes = check_topk_gating(router_logits, k, scoring, selection_bias,
-                                              scaling_factor, n_group, topk_group);
+namespace {
+
+// The op `name` as the dispatcher runs it, called through a function of type Fn.
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> dispatcher_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_gating_op(MOE_INFER_PARAMS(topk_gating)) {
+  const GatingSizes sizes = check_topk_gating(MOE_INFER_ARGS(topk_gating));
   return topk_gating(router_logits, sizes, renormalize, selection_bias, scaling_factor,
                      validate && !graph_capture_in_progress(router_logits));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_op(
-    const at::Tensor& expert_ids, int64_t num_experts, bool validate) {
-  const PlanSizes sizes = check_dispatch_plan(expert_ids, num_experts);
+    MOE_INFER_PARAMS(dispatch_plan)) {
+  const PlanSizes sizes = check_dispatch_plan(MOE_INFER_ARGS(dispatch_plan));
   return dispatch_plan(expert_ids, sizes, validate && !graph_capture_in_progress(expert_ids));
 }
 
-at::Tensor permute_op(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids, int64_t top_k) {
-  const RowSizes sizes = check_permute(hidden, sorted_pair_ids, top_k);
+at::Tensor permute_op(MOE_INFER_PARAMS(permute)) {
+  const RowSizes sizes = check_permute(MOE_INFER_ARGS(permute));
   if (!graph_capture_in_progress(hidden)) {
     check_index_range("permute", "sorted_pair_ids", sorted_pair_ids, sizes.num_tokens * top_k);
   }
   return permute(hidden, sorted_pair_ids, top_k);
 }
 
-at::Tensor unpermute_combine_op(const at::Tensor& expert_out, const at::Tensor& topk_weights,
-                                const at::Tensor& row_of_pair) {
-  check_unpermute_combine(expert_out, topk_weights, row_of_pair);
+at::Tensor unpermute_combine_op(MOE_INFER_PARAMS(unpermute_combine)) {
+  check_unpermute_combine(MOE_INFER_ARGS(unpermute_combine));
   if (!graph_capture_in_progress(expert_out)) {
     check_index_range("unpermute_combine", "row_of_pair", row_of_pair, expert_out.size(0));
   }
   return unpermute_combine(expert_out, topk_weights, row_of_pair);
 }
 
-at::Tensor grouped_mlp_op(const at::Tensor& hidden, const at::Tensor& expert_offsets,
-                          const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                          const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                          const std::string& activation, bool weights_transposed,
-                          double swiglu_alpha, double swiglu_limit) {
-  const MlpSizes sizes = check_grouped_mlp(hidden, expert_offsets, fc1_weight, fc1_bias, fc2_weight,
-                                           fc2_bias, activation, weights_transposed);
+at::Tensor grouped_mlp_op(MOE_INFER_PARAMS(grouped_mlp)) {
+  const MlpSizes sizes = check_grouped_mlp(MOE_INFER_ARGS(grouped_mlp));
   TORCH_CHECK(!graph_capture_in_progress(hidden),
               "grouped_mlp: the composite implementation reads the expert offsets on the host, "
               "which a graph capture does not allow");
   const std::vector<int32_t> offsets = host_expert_offsets(expert_offsets, sizes.num_rows);
-  const ActivationParams params{sizes.activation, static_cast<float>(swiglu_alpha),
-                                static_cast<float>(swiglu_limit)};
-  return grouped_mlp_per_expert(hidden, offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                weights_transposed, sizes,
+  const ActivationParams params = sizes.activation;
+  const ExpertWeights weights = expert_weights(MOE_INFER_EXPERT_ARGS);
+  return grouped_mlp_per_expert(hidden, offsets, weights, sizes,
                                 [params](const at::Tensor& fc1_out, const at::Tensor& act) {
                                   activate(fc1_out, params, act);
                                 });
 }
 
-at::Tensor grouped_mlp_combine_op(const at::Tensor& hidden, const at::Tensor& topk_weights,
-                                  const at::Tensor& sorted_pair_ids,
-                                  const at::Tensor& expert_offsets, const at::Tensor& fc1_weight,
-                                  const std::optional<at::Tensor>& fc1_bias,
-                                  const at::Tensor& fc2_weight,
-                                  const std::optional<at::Tensor>& fc2_bias,
-                                  const std::string& activation, bool weights_transposed,
-                                  double swiglu_alpha, double swiglu_limit) {
-  const MlpCombineSizes sizes =
-      check_grouped_mlp_combine(hidden, topk_weights, sorted_pair_ids, expert_offsets, fc1_weight,
-                                fc1_bias, fc2_weight, fc2_bias, activation, weights_transposed);
+// permute -> grouped_mlp -> unpermute_combine through the dispatcher (each op's kernel where the
+// device has one).
+at::Tensor grouped_mlp_combine_op(MOE_INFER_PARAMS(grouped_mlp_combine)) {
+  const MlpCombineSizes sizes = check_grouped_mlp_combine(MOE_INFER_ARGS(grouped_mlp_combine));
   const int64_t num_pairs = sizes.mlp.num_rows * sizes.top_k;
   if (!graph_capture_in_progress(hidden)) {
     check_index_range("grouped_mlp_combine", "sorted_pair_ids", sorted_pair_ids, num_pairs);
   }
-  static const auto permute_fn =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("moe_infer::permute", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  // The three ops through the dispatcher (typed like their composites, which share their schemas).
+  static const auto permute_fn = dispatcher_op<decltype(permute_op)>("moe_infer::permute");
   static const auto grouped_mlp_fn =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("moe_infer::grouped_mlp", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, const std::string&, bool, double,
-                            double)>();
+      dispatcher_op<decltype(grouped_mlp_op)>("moe_infer::grouped_mlp");
   static const auto unpermute_combine_fn =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("moe_infer::unpermute_combine", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+      dispatcher_op<decltype(unpermute_combine_op)>("moe_infer::unpermute_combine");
   const at::Tensor row_of_pair = at::empty_like(sorted_pair_ids)
                                      .scatter_(0, sorted_pair_ids.to(at::kLong),
                                                at::arange(num_pairs, sorted_pair_ids.options()));
   const at::Tensor rows = permute_fn.call(hidden, sorted_pair_ids, sizes.top_k);
-  const at::Tensor expert_rows =
-      grouped_mlp_fn.call(rows, expert_offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                          activation, weights_transposed, swiglu_alpha, swiglu_limit);
+  const at::Tensor expert_rows = grouped_mlp_fn.call(rows, expert_offsets, MOE_INFER_EXPERT_ARGS);
   return unpermute_combine_fn.call(expert_rows, topk_weights, row_of_pair);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating_op(
-    const at::Tensor& router_logits, int64_t top_k, int64_t capacity,
-    const std::optional<at::Tensor>& padding_mask, const std::string& second_expert_policy,
-    const std::optional<at::Tensor>& second_expert_noise, bool normalize_before_dropping,
-    bool batch_prioritized_routing) {
-  const StaticGatingSizes sizes = check_static_gating(router_logits, top_k, capacity, padding_mask,
-                                                      second_expert_policy, second_expert_noise);
+    MOE_INFER_PARAMS(static_gating)) {
+  const StaticGatingSizes sizes = check_static_gating(MOE_INFER_ARGS(static_gating));
   return static_gating(router_logits, sizes, capacity, padding_mask, second_expert_noise,
                        normalize_before_dropping, batch_prioritized_routing,
                        !graph_capture_in_progress(router_logits));
 }
 
-std::tuple<at::Tensor, at::Tensor> static_routing_tensors_op(const at::Tensor& expert_ids,
-                                                             const at::Tensor& locations,
-                                                             const at::Tensor& topk_weights,
-                                                             int64_t num_experts,
-                                                             int64_t capacity) {
+std::tuple<at::Tensor, at::Tensor> static_routing_tensors_op(
+    MOE_INFER_PARAMS(static_routing_tensors)) {
   const StaticSlotSizes sizes =
-      check_static_routing_tensors(expert_ids, locations, topk_weights, num_experts, capacity);
+      check_static_routing_tensors(MOE_INFER_ARGS(static_routing_tensors));
   return static_routing_tensors(expert_ids, locations, topk_weights, sizes,
                                 !graph_capture_in_progress(expert_ids));
 }
 
-at::Tensor static_dispatch_op(const at::Tensor& hidden, const at::Tensor& dispatch_mask) {
-  const StaticSlotSizes sizes = check_static_dispatch(hidden, dispatch_mask);
+at::Tensor static_dispatch_op(MOE_INFER_PARAMS(static_dispatch)) {
+  const StaticSlotSizes sizes = check_static_dispatch(MOE_INFER_ARGS(static_dispatch));
   return static_dispatch(hidden, dispatch_mask, sizes, !graph_capture_in_progress(hidden));
 }
 
-at::Tensor static_combine_op(const at::Tensor& expert_out, const at::Tensor& combine_weights) {
+at::Tensor static_combine_op(MOE_INFER_PARAMS(static_combine)) {
   return static_combine(expert_out, combine_weights,
-                        check_static_combine(expert_out, combine_weights));
+                        check_static_combine(MOE_INFER_ARGS(static_combine)));
 }
 
 }  // namespace composite
 
 TORCH_LIBRARY_IMPL(moe_infer, CompositeExplicitAutograd, m) {
-  m.impl("topk_gating", &composite::topk_gating_op);
-  m.impl("dispatch_plan", &composite::dispatch_plan_op);
-  m.impl("permute", &composite::permute_op);
-  m.impl("unpermute_combine", &composite::unpermute_combine_op);
-  m.impl("grouped_mlp", &composite::grouped_mlp_op);
-  m.impl("grouped_mlp_combine", &composite::grouped_mlp_combine_op);
-  m.impl("static_gating", &composite::static_gating_op);
-  m.impl("static_routing_tensors", &composite::static_routing_tensors_op);
-  m.impl("static_dispatch", &composite::static_dispatch_op);
-  m.impl("static_combine", &composite::static_combine_op);
+#define MOE_INFER_REGISTER_COMPOSITE(op) m.impl(#op, &composite::op##_op);
+  MOE_INFER_COMPOSITE_OPS(MOE_INFER_REGISTER_COMPOSITE)
+#undef MOE_INFER_REGISTER_COMPOSITE
 }
 
 }  // namespace moe_infer

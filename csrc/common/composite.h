@@ -29,44 +29,12 @@ void check_index_range(const char* op, const char* name, const at::Tensor& index
 
 namespace composite {
 
-// ---- the ops (their schemas are in csrc/registration.cpp) ----
+// ---- the ops (schemas: csrc/registration.cpp; parameters: common/signatures.h) ----
 
-std::tuple<at::Tensor, at::Tensor> topk_gating_op(const at::Tensor& router_logits, int64_t k,
-                                                  const std::string& scoring, bool renormalize,
-                                                  const std::optional<at::Tensor>& selection_bias,
-                                                  double scaling_factor, int64_t n_group,
-                                                  int64_t topk_group, bool validate);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_op(
-    const at::Tensor& expert_ids, int64_t num_experts, bool validate);
-at::Tensor permute_op(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids, int64_t top_k);
-at::Tensor unpermute_combine_op(const at::Tensor& expert_out, const at::Tensor& topk_weights,
-                                const at::Tensor& row_of_pair);
-at::Tensor grouped_mlp_op(const at::Tensor& hidden, const at::Tensor& expert_offsets,
-                          const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                          const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                          const std::string& activation, bool weights_transposed,
-                          double swiglu_alpha, double swiglu_limit);
-// permute -> grouped_mlp -> unpermute_combine through the dispatcher (each op's kernel where the
-// device has one).
-at::Tensor grouped_mlp_combine_op(const at::Tensor& hidden, const at::Tensor& topk_weights,
-                                  const at::Tensor& sorted_pair_ids,
-                                  const at::Tensor& expert_offsets, const at::Tensor& fc1_weight,
-                                  const std::optional<at::Tensor>& fc1_bias,
-                                  const at::Tensor& fc2_weight,
-                                  const std::optional<at::Tensor>& fc2_bias,
-                                  const std::string& activation, bool weights_transposed,
-                                  double swiglu_alpha, double swiglu_limit);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating_op(
-    const at::Tensor& router_logits, int64_t top_k, int64_t capacity,
-    const std::optional<at::Tensor>& padding_mask, const std::string& second_expert_policy,
-    const std::optional<at::Tensor>& second_expert_noise, bool normalize_before_dropping,
-    bool batch_prioritized_routing);
-std::tuple<at::Tensor, at::Tensor> static_routing_tensors_op(const at::Tensor& expert_ids,
-                                                             const at::Tensor& locations,
-                                                             const at::Tensor& topk_weights,
-                                                             int64_t num_experts, int64_t capacity);
-at::Tensor static_dispatch_op(const at::Tensor& hidden, const at::Tensor& dispatch_mask);
-at::Tensor static_combine_op(const at::Tensor& expert_out, const at::Tensor& combine_weights);
+// topk_gating_op, dispatch_plan_op, ..., static_combine_op: every op of MOE_INFER_COMPOSITE_OPS.
+#define MOE_INFER_DECLARE_COMPOSITE(op) MOE_INFER_DECLARE_OP(op, _op)
+MOE_INFER_COMPOSITE_OPS(MOE_INFER_DECLARE_COMPOSITE)
+#undef MOE_INFER_DECLARE_COMPOSITE
 
 // ---- building blocks on validated sizes ----
 
@@ -141,20 +109,14 @@ using ActivateFn = std::function<void(const at::Tensor& fc1_out, const at::Tenso
 // One expert's FFN: rows x [n, H] -> y [n, H] (written in place): fc1 (+bias) -> activate ->
 // fc2 (+bias), through scratch buffers of at least n rows. Weights are read in place through views
 // (the GEMMs read the transposes as they are stored).
-void expert_ffn(int64_t expert, const at::Tensor& x, const at::Tensor& fc1_weight,
-                const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
-                const std::optional<at::Tensor>& fc2_bias, bool weights_transposed,
+void expert_ffn(int64_t expert, const at::Tensor& x, const ExpertWeights& weights,
                 const at::Tensor& fc1_buffer, const at::Tensor& act_buffer,
                 const ActivateFn& activate, const at::Tensor& y);
 
 // The per-expert GEMM loop shared by every device and by the fallback: expert_ffn for each
 // non-empty expert straight into its output rows; rows outside every expert are zeros.
 at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<int32_t>& offsets,
-                                  const at::Tensor& fc1_weight,
-                                  const std::optional<at::Tensor>& fc1_bias,
-                                  const at::Tensor& fc2_weight,
-                                  const std::optional<at::Tensor>& fc2_bias,
-                                  bool weights_transposed, const MlpSizes& sizes,
+                                  const ExpertWeights& weights, const MlpSizes& sizes,
                                   const ActivateFn& activate);
 
 }  // namespace moe_infer

@@ -10,7 +10,9 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <cstdint>
 #include <mutex>
+#include <type_traits>
 
 // Dispatch over the three floating dtypes the ops accept (float32, bfloat16, float16).
 #define MOE_INFER_DISPATCH_FLOATS(TYPE, NAME, ...)                               \
@@ -69,6 +71,22 @@ inline const DeviceInfo& device_info(int device) {
         cudaDeviceGetAttribute(&info.multiprocessors, cudaDevAttrMultiProcessorCount, device));
   });
   return infos[device];
+}
+
+// Whether a pointer (a tensor's data) allows 16-byte vector accesses.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+inline bool aligned16(const at::Tensor& t) { return aligned16(t.const_data_ptr()); }
+
+// The vectorized launch of a kernel templated on N values per access: launch(N) with
+// N = 16 / sizeof(T) (16-byte accesses) when `vectorize`, else N = 1; `launch` takes an
+// std::integral_constant<int, N>.
+template <typename T, typename Launch>
+void launch_vectorized(bool vectorize, Launch&& launch) {
+  if (vectorize) {
+    launch(std::integral_constant<int, static_cast<int>(16 / sizeof(T))>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
 }
 
 // Blocks for a grid-stride kernel: enough to fill the device, never more than the work.

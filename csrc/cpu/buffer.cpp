@@ -587,11 +587,8 @@ at::Tensor ExpertBuffer::make_table(const std::vector<int64_t>& experts) const {
 
 // ---- simulator ------------------------------------------------------------------------------
 
-at::Tensor simulate_expert_cache_cpu(const at::Tensor& accesses, const at::Tensor& batch_offsets,
-                                     int64_t num_experts, at::IntArrayRef cache_sizes,
-                                     const std::vector<std::string>& policies) {
-  const SimulationSizes sizes =
-      check_simulate_expert_cache(accesses, batch_offsets, num_experts, cache_sizes, policies);
+at::Tensor simulate_expert_cache_cpu(MOE_INFER_PARAMS(simulate_expert_cache)) {
+  const SimulationSizes sizes = check_simulate_expert_cache(MOE_INFER_ARGS(simulate_expert_cache));
   const at::Tensor ids = accesses.to(at::kLong).contiguous();
   const at::Tensor offsets = batch_offsets.contiguous();
   const int64_t* id_ptr = ids.const_data_ptr<int64_t>();

@@ -10,6 +10,7 @@
 
 #include "common/checks.h"
 #include "common/composite.h"
+#include "cpu/parallel.h"
 
 namespace moe_infer {
 
@@ -25,16 +26,11 @@ struct AtenParallelFor {
   }
 };
 
-// Rows per parallel task so that each task moves at least ~64 KiB.
-int64_t row_grain(int64_t row_bytes) {
-  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1));
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cpu(
-    const at::Tensor& expert_ids, int64_t num_experts, bool validate) {
-  const PlanSizes sizes = check_dispatch_plan(expert_ids, num_experts);
+    MOE_INFER_PARAMS(dispatch_plan)) {
+  const PlanSizes sizes = check_dispatch_plan(MOE_INFER_ARGS(dispatch_plan));
   // The counting sort must see valid ids, and checking them is one cheap pass: always done.
   const at::Tensor ids = expert_ids.contiguous();
   const auto int_options = expert_ids.options().dtype(at::kInt);
@@ -44,8 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cpu(
   auto expert_offsets = at::empty({num_experts + 1}, int_options);
 
   // One chunk per thread once there is enough work for it; the scan is O(chunks * E).
-  const int64_t num_chunks =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), sizes.num_pairs / 16384));
+  const int64_t num_chunks = num_chunks_for(sizes.num_pairs, 16384);
   std::vector<int32_t> chunk_counts(num_chunks * (num_experts + 1));
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "dispatch_plan", [&] {
     const index_t* ids_ptr = ids.data_ptr<index_t>();
@@ -59,8 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cpu(
   return {sorted_pair_ids, row_of_pair, tokens_per_expert, expert_offsets};
 }
 
-at::Tensor permute_cpu(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids, int64_t top_k) {
-  const RowSizes sizes = check_permute(hidden, sorted_pair_ids, top_k);
+at::Tensor permute_cpu(MOE_INFER_PARAMS(permute)) {
+  const RowSizes sizes = check_permute(MOE_INFER_ARGS(permute));
   const int64_t num_rows = sizes.num_tokens * top_k;
   check_index_range("permute", "sorted_pair_ids", sorted_pair_ids, num_rows);
   const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
@@ -78,29 +73,22 @@ at::Tensor permute_cpu(const at::Tensor& hidden, const at::Tensor& sorted_pair_i
   return out;
 }
 
-at::Tensor unpermute_combine_cpu(const at::Tensor& expert_out, const at::Tensor& topk_weights,
-                                 const at::Tensor& row_of_pair) {
-  const RowSizes sizes = check_unpermute_combine(expert_out, topk_weights, row_of_pair);
+at::Tensor unpermute_combine_cpu(MOE_INFER_PARAMS(unpermute_combine)) {
+  const RowSizes sizes = check_unpermute_combine(MOE_INFER_ARGS(unpermute_combine));
   check_index_range("unpermute_combine", "row_of_pair", row_of_pair, expert_out.size(0));
   const at::Tensor rows = expert_out.contiguous();
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
   const at::Tensor pair_rows = row_of_pair.contiguous();
-  auto out = at::empty({sizes.num_tokens, sizes.hidden_size}, expert_out.options());
+  const float* weights_ptr = weights.const_data_ptr<float>();
+  const int32_t* pair_rows_ptr = pair_rows.const_data_ptr<int32_t>();
   const int64_t hidden_size = sizes.hidden_size;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, rows.scalar_type(), "unpermute_combine", [&] {
-        const scalar_t* rows_ptr = rows.const_data_ptr<scalar_t>();
-        const float* weights_ptr = weights.const_data_ptr<float>();
-        const int32_t* pair_rows_ptr = pair_rows.const_data_ptr<int32_t>();
-        scalar_t* out_ptr = out.data_ptr<scalar_t>();
-        const int64_t grain = row_grain(hidden_size * sizes.top_k * sizeof(scalar_t));
-        at::parallel_for(0, sizes.num_tokens, grain, [&](int64_t begin, int64_t end) {
-          std::vector<float> accumulator(hidden_size);
-          combine_tokens(rows_ptr, hidden_size, weights_ptr, pair_rows_ptr, sizes.top_k, begin, end,
-                         accumulator.data(), out_ptr);
-        });
+  const int64_t grain = row_grain(hidden_size * sizes.top_k * rows.element_size());
+  return combine_tokens_parallel(
+      rows, sizes.num_tokens, hidden_size, grain,
+      [&](const auto* rows_ptr, int64_t begin, int64_t end, float* accumulator, auto* out_ptr) {
+        combine_tokens(rows_ptr, hidden_size, weights_ptr, pair_rows_ptr, sizes.top_k, begin, end,
+                       accumulator, out_ptr);
       });
-  return out;
 }
 
 TORCH_LIBRARY_IMPL(moe_infer, CPU, m) {

@@ -13,6 +13,7 @@
 
 #include "common/checks.h"
 #include "common/composite.h"
+#include "cpu/parallel.h"
 #include "dispatch.h"
 
 namespace moe_infer {
@@ -83,32 +84,16 @@ constexpr int64_t kCombineBlockRows = 1024;
 
 }  // namespace
 
-at::Tensor grouped_mlp_cpu(const at::Tensor& hidden, const at::Tensor& expert_offsets,
-                           const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                           const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                           const std::string& activation, bool weights_transposed,
-                           double swiglu_alpha, double swiglu_limit) {
-  const MlpSizes sizes = check_grouped_mlp(hidden, expert_offsets, fc1_weight, fc1_bias, fc2_weight,
-                                           fc2_bias, activation, weights_transposed);
+at::Tensor grouped_mlp_cpu(MOE_INFER_PARAMS(grouped_mlp)) {
+  const MlpSizes sizes = check_grouped_mlp(MOE_INFER_ARGS(grouped_mlp));
   const std::vector<int32_t> offsets = host_expert_offsets(expert_offsets, sizes.num_rows);
-  const ActivationParams params{sizes.activation, static_cast<float>(swiglu_alpha),
-                                static_cast<float>(swiglu_limit)};
-  return grouped_mlp_per_expert(hidden, offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                weights_transposed, sizes, cpu_activation(params));
+  const ExpertWeights weights = expert_weights(MOE_INFER_EXPERT_ARGS);
+  return grouped_mlp_per_expert(hidden, offsets, weights, sizes, cpu_activation(sizes.activation));
 }
 
-at::Tensor grouped_mlp_combine_cpu(const at::Tensor& hidden, const at::Tensor& topk_weights,
-                                   const at::Tensor& sorted_pair_ids,
-                                   const at::Tensor& expert_offsets, const at::Tensor& fc1_weight,
-                                   const std::optional<at::Tensor>& fc1_bias,
-                                   const at::Tensor& fc2_weight,
-                                   const std::optional<at::Tensor>& fc2_bias,
-                                   const std::string& activation, bool weights_transposed,
-                                   double swiglu_alpha, double swiglu_limit) {
+at::Tensor grouped_mlp_combine_cpu(MOE_INFER_PARAMS(grouped_mlp_combine)) {
   constexpr const char* op = "grouped_mlp_combine";
-  const MlpCombineSizes sizes =
-      check_grouped_mlp_combine(hidden, topk_weights, sorted_pair_ids, expert_offsets, fc1_weight,
-                                fc1_bias, fc2_weight, fc2_bias, activation, weights_transposed);
+  const MlpCombineSizes sizes = check_grouped_mlp_combine(MOE_INFER_ARGS(grouped_mlp_combine));
   const int64_t num_tokens = sizes.mlp.num_rows;
   const int64_t hidden_size = sizes.mlp.hidden_size;
   const int64_t top_k = sizes.top_k;
@@ -122,9 +107,8 @@ at::Tensor grouped_mlp_combine_cpu(const at::Tensor& hidden, const at::Tensor& t
                       "] = ", pair_ptr[r], " is out of range [0, ", num_pairs,
                       "); pass the output of dispatch_plan");
   }
-  const ActivationParams params{sizes.mlp.activation, static_cast<float>(swiglu_alpha),
-                                static_cast<float>(swiglu_limit)};
-  const ActivateFn activate = cpu_activation(params);
+  const ActivateFn activate = cpu_activation(sizes.mlp.activation);
+  const ExpertWeights ffn_weights = expert_weights(MOE_INFER_EXPERT_ARGS);
 
   const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
@@ -144,7 +128,7 @@ at::Tensor grouped_mlp_combine_cpu(const at::Tensor& hidden, const at::Tensor& t
   const int64_t row_bytes = hidden_size * element_bytes;
   const char* src = static_cast<const char*>(rows.const_data_ptr());
   const int64_t src_stride_bytes = rows.stride(0) * element_bytes;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1));
+  const int64_t grain = row_grain(row_bytes);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, hidden.scalar_type(), "grouped_mlp_combine", [&] {
         const float* weights_ptr = weights.const_data_ptr<float>();
@@ -158,8 +142,8 @@ at::Tensor grouped_mlp_combine_cpu(const at::Tensor& hidden, const at::Tensor& t
               permute_rows(src, src_stride_bytes, row_bytes, block_pairs, top_k, b, end, x_ptr);
             });
             at::Tensor y = y_block.narrow(0, 0, n);
-            expert_ffn(e, x_block.narrow(0, 0, n), fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                       weights_transposed, fc1_buffer, act_buffer, activate, y);
+            expert_ffn(e, x_block.narrow(0, 0, n), ffn_weights, fc1_buffer, act_buffer, activate,
+                       y);
             const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
             at::parallel_for(0, n, grain, [&](int64_t b, int64_t end) {
               accumulate_weighted_rows(y_ptr + b * hidden_size, end - b, hidden_size,

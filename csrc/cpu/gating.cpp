@@ -14,6 +14,7 @@
 
 #include "common/checks.h"
 #include "common/composite.h"
+#include "cpu/parallel.h"
 
 namespace moe_infer {
 
@@ -115,13 +116,8 @@ void route_token(const float* scores, const float* selection_bias, const GatingC
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logits, int64_t k,
-                                                   const std::string& scoring, bool renormalize,
-                                                   const std::optional<at::Tensor>& selection_bias,
-                                                   double scaling_factor, int64_t n_group,
-                                                   int64_t topk_group, bool validate) {
-  const GatingSizes sizes = check_topk_gating(router_logits, k, scoring, selection_bias,
-                                              scaling_factor, n_group, topk_group);
+std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(MOE_INFER_PARAMS(topk_gating)) {
+  const GatingSizes sizes = check_topk_gating(MOE_INFER_ARGS(topk_gating));
   // The kernel finds NaN logits as it goes, so on the CPU the checks always run.
   if (selection_bias.has_value()) check_finite_bias(*selection_bias);
   const GatingConfig config{sizes.num_experts,
@@ -138,9 +134,7 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& router_logi
   at::parallel_for(0, sizes.num_tokens, grain, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       if (!routable_logits(logits_ptr + s * sizes.num_experts, sizes.num_experts, sizes.scoring)) {
-        int64_t seen = bad_token.load();
-        while (s < seen && !bad_token.compare_exchange_weak(seen, s)) {
-        }
+        keep_smallest(bad_token, s);
         return;
       }
     }

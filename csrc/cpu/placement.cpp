@@ -161,15 +161,9 @@ void place_experts(const PlacementProblem& problem, int32_t* slot_expert) {
   }
 }
 
-at::Tensor expert_placement_cpu(const at::Tensor& expert_load, int64_t num_ranks,
-                                int64_t slots_per_rank, const std::string& algorithm,
-                                bool replicate, const std::optional<at::Tensor>& correlation,
-                                double correlation_weight, int64_t num_nodes,
-                                const std::optional<at::Tensor>& expert_group) {
+at::Tensor expert_placement_cpu(MOE_INFER_PARAMS(expert_placement)) {
   constexpr const char* op = "expert_placement";
-  const PlacementSizes sizes =
-      check_expert_placement(expert_load, num_ranks, slots_per_rank, algorithm, replicate,
-                             correlation, correlation_weight, num_nodes, expert_group);
+  const PlacementSizes sizes = check_expert_placement(MOE_INFER_ARGS(expert_placement));
   const int64_t num_experts = sizes.num_experts;
   const at::Tensor load = expert_load.to(at::kDouble).contiguous();
   const double* load_ptr = load.const_data_ptr<double>();

@@ -12,39 +12,13 @@
 
 #include "common/checks.h"
 #include "common/composite.h"
+#include "cpu/parallel.h"
 
 namespace moe_infer {
 
-namespace {
-
-// Chunks of [0, n) for work that keeps per-chunk partial results: one per thread once each
-// gets at least `min_per_chunk` items.
-int64_t num_chunks_for(int64_t n, int64_t min_per_chunk) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / min_per_chunk));
-}
-
-std::pair<int64_t, int64_t> chunk_range(int64_t chunk, int64_t num_chunks, int64_t n) {
-  const int64_t size = (n + num_chunks - 1) / num_chunks;
-  const int64_t begin = std::min(n, chunk * size);
-  return {begin, std::min(n, begin + size)};
-}
-
-// Records `value` in `first` if it is smaller (the first bad index wins, whatever the threads do).
-void keep_smallest(std::atomic<int64_t>& first, int64_t value) {
-  int64_t seen = first.load();
-  while (value < seen && !first.compare_exchange_weak(seen, value)) {
-  }
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating_cpu(
-    const at::Tensor& router_logits, int64_t top_k, int64_t capacity,
-    const std::optional<at::Tensor>& padding_mask, const std::string& second_expert_policy,
-    const std::optional<at::Tensor>& second_expert_noise, bool normalize_before_dropping,
-    bool batch_prioritized_routing) {
-  const StaticGatingSizes sizes = check_static_gating(router_logits, top_k, capacity, padding_mask,
-                                                      second_expert_policy, second_expert_noise);
+    MOE_INFER_PARAMS(static_gating)) {
+  const StaticGatingSizes sizes = check_static_gating(MOE_INFER_ARGS(static_gating));
   const StaticGatingConfig config{sizes.num_experts, top_k, capacity, sizes.policy,
                                   normalize_before_dropping};
   const int64_t num_tokens = sizes.num_tokens;
@@ -123,13 +97,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating_cpu(
   return {topk_weights, expert_ids, locations, l_aux};
 }
 
-std::tuple<at::Tensor, at::Tensor> static_routing_tensors_cpu(const at::Tensor& expert_ids,
-                                                              const at::Tensor& locations,
-                                                              const at::Tensor& topk_weights,
-                                                              int64_t num_experts,
-                                                              int64_t capacity) {
+std::tuple<at::Tensor, at::Tensor> static_routing_tensors_cpu(
+    MOE_INFER_PARAMS(static_routing_tensors)) {
   const StaticSlotSizes sizes =
-      check_static_routing_tensors(expert_ids, locations, topk_weights, num_experts, capacity);
+      check_static_routing_tensors(MOE_INFER_ARGS(static_routing_tensors));
   const int64_t num_tokens = sizes.num_tokens;
   const int64_t top_k = sizes.top_k;
   const int64_t num_slots = num_experts * capacity;
@@ -147,8 +118,7 @@ std::tuple<at::Tensor, at::Tensor> static_routing_tensors_cpu(const at::Tensor& 
   bool* mask_ptr = dispatch_mask.data_ptr<bool>();
   std::atomic<int64_t> bad_pair{num_tokens * top_k};
   // Each token writes (and first touches) its own [E * C] rows: zeros plus at most top_k entries.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(num_slots, 1));
-  at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_tokens, row_grain(num_slots), [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       float* combine_row = combine_ptr + s * num_slots;
       bool* mask_row = mask_ptr + s * num_slots;
@@ -174,8 +144,8 @@ std::tuple<at::Tensor, at::Tensor> static_routing_tensors_cpu(const at::Tensor& 
   return {combine_weights, dispatch_mask};
 }
 
-at::Tensor static_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& dispatch_mask) {
-  const StaticSlotSizes sizes = check_static_dispatch(hidden, dispatch_mask);
+at::Tensor static_dispatch_cpu(MOE_INFER_PARAMS(static_dispatch)) {
+  const StaticSlotSizes sizes = check_static_dispatch(MOE_INFER_ARGS(static_dispatch));
   const int64_t num_slots = sizes.num_experts * sizes.capacity;
   const at::Tensor mask = dispatch_mask.contiguous();
   const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
@@ -218,28 +188,20 @@ at::Tensor static_dispatch_cpu(const at::Tensor& hidden, const at::Tensor& dispa
   return out;
 }
 
-at::Tensor static_combine_cpu(const at::Tensor& expert_out, const at::Tensor& combine_weights) {
-  const StaticSlotSizes sizes = check_static_combine(expert_out, combine_weights);
+at::Tensor static_combine_cpu(MOE_INFER_PARAMS(static_combine)) {
+  const StaticSlotSizes sizes = check_static_combine(MOE_INFER_ARGS(static_combine));
   const int64_t num_slots = sizes.num_experts * sizes.capacity;
   const at::Tensor rows = expert_out.contiguous();
   const at::Tensor weights = combine_weights.to(at::kFloat).contiguous();
-  auto out = at::empty({sizes.num_tokens, sizes.hidden_size}, expert_out.options());
+  const float* weights_ptr = weights.const_data_ptr<float>();
   const int64_t hidden_size = sizes.hidden_size;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, rows.scalar_type(), "static_combine", [&] {
-        const scalar_t* rows_ptr = rows.const_data_ptr<scalar_t>();
-        const float* weights_ptr = weights.const_data_ptr<float>();
-        scalar_t* out_ptr = out.data_ptr<scalar_t>();
-        // A token scans its E * C weights: give each task at least ~64K of them.
-        const int64_t grain =
-            std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(num_slots, 1));
-        at::parallel_for(0, sizes.num_tokens, grain, [&](int64_t begin, int64_t end) {
-          std::vector<float> accumulator(hidden_size);
-          combine_static_tokens(rows_ptr, hidden_size, weights_ptr, num_slots, begin, end,
-                                accumulator.data(), out_ptr);
-        });
+  // A token scans its E * C weights.
+  return combine_tokens_parallel(
+      rows, sizes.num_tokens, hidden_size, row_grain(num_slots),
+      [&](const auto* rows_ptr, int64_t begin, int64_t end, float* accumulator, auto* out_ptr) {
+        combine_static_tokens(rows_ptr, hidden_size, weights_ptr, num_slots, begin, end,
+                              accumulator, out_ptr);
       });
-  return out;
 }
 
 TORCH_LIBRARY_IMPL(moe_infer, CPU, m) {

@@ -30,8 +30,8 @@ int bits_for(int64_t max_key) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cuda(
-    const at::Tensor& expert_ids, int64_t num_experts, bool validate) {
-  const PlanSizes sizes = check_dispatch_plan(expert_ids, num_experts);
+    MOE_INFER_PARAMS(dispatch_plan)) {
+  const PlanSizes sizes = check_dispatch_plan(MOE_INFER_ARGS(dispatch_plan));
   const c10::cuda::CUDAGuard guard(expert_ids.device());
   kernels::DeviceError* error = nullptr;
   if (validate) {
@@ -118,9 +118,8 @@ void launch_permute_rows(const at::Tensor& hidden, const at::Tensor& pair_ids, i
   }
 }
 
-at::Tensor permute_cuda(const at::Tensor& hidden, const at::Tensor& sorted_pair_ids,
-                        int64_t top_k) {
-  const RowSizes sizes = check_permute(hidden, sorted_pair_ids, top_k);
+at::Tensor permute_cuda(MOE_INFER_PARAMS(permute)) {
+  const RowSizes sizes = check_permute(MOE_INFER_ARGS(permute));
   const c10::cuda::CUDAGuard guard(hidden.device());
   const at::Tensor rows = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
   auto out = at::empty({sizes.num_tokens * top_k, sizes.hidden_size}, hidden.options());
@@ -141,14 +140,12 @@ void launch_unpermute_combine(const at::Tensor& rows, const at::Tensor& topk_wei
   MOE_INFER_DISPATCH_FLOATS(rows.scalar_type(), "unpermute_combine", [&] {
     using T = typename CudaType<scalar_t>::type;
     constexpr int kVector = 16 / sizeof(T);
-    auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    const bool vectorize = hidden_size % kVector == 0 && aligned(rows.const_data_ptr()) &&
-                           aligned(out.data_ptr()) &&
-                           (!fc2_bias.has_value() || aligned(fc2_bias->const_data_ptr()));
+    const bool vectorize = hidden_size % kVector == 0 && aligned16(rows) && aligned16(out) &&
+                           (!fc2_bias.has_value() || aligned16(*fc2_bias));
     const int64_t per_thread = vectorize ? kVector : 1;
     const int threads =
         static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, hidden_size / per_thread)));
-    auto launch = [&](auto vector) {
+    launch_vectorized<T>(vectorize, [&](auto vector) {
       constexpr int N = decltype(vector)::value;
       kernels::unpermute_combine_kernel<T, N><<<grid_size(num_tokens), threads, 0, stream>>>(
           cuda_const_ptr<scalar_t>(rows), hidden_size, rows.size(0),
@@ -157,18 +154,12 @@ void launch_unpermute_combine(const at::Tensor& rows, const at::Tensor& topk_wei
           fc2_bias.has_value() ? cuda_const_ptr<scalar_t>(*fc2_bias) : nullptr,
           cuda_ptr<scalar_t>(out));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (vectorize) {
-      launch(std::integral_constant<int, kVector>{});
-    } else {
-      launch(std::integral_constant<int, 1>{});
-    }
+    });
   });
 }
 
-at::Tensor unpermute_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weights,
-                                  const at::Tensor& row_of_pair) {
-  const RowSizes sizes = check_unpermute_combine(expert_out, topk_weights, row_of_pair);
+at::Tensor unpermute_combine_cuda(MOE_INFER_PARAMS(unpermute_combine)) {
+  const RowSizes sizes = check_unpermute_combine(MOE_INFER_ARGS(unpermute_combine));
   const c10::cuda::CUDAGuard guard(expert_out.device());
   auto out = at::empty({sizes.num_tokens, sizes.hidden_size}, expert_out.options());
   launch_unpermute_combine(expert_out.contiguous(), topk_weights, row_of_pair.contiguous(), nullptr,

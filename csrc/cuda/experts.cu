@@ -30,9 +30,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-bool aligned16(const at::Tensor& t) { return aligned16(t.const_data_ptr()); }
-
 // Whether torch._grouped_mm takes this operand (the [rows, K] activations or an [E, K, N] weight
 // view) as it is, mirroring its stride check (ATen/native/GroupedMMUtils.h) instead of letting it
 // raise: a 16-byte-aligned start; for a 3-D operand a 16-byte-multiple stride between experts;
@@ -100,19 +97,14 @@ void launch_bias_activation(const at::Tensor& fc1_out, const std::optional<at::T
     const bool vectorize = ffn_size % kVector == 0 && fc1_out.stride(0) % kVector == 0 &&
                            aligned16(fc1_out) && aligned16(act) &&
                            (bias == nullptr || aligned16(bias));
-    auto launch = [&](auto vector) {
+    launch_vectorized<T>(vectorize, [&](auto vector) {
       constexpr int N = decltype(vector)::value;
       kernels::bias_activation_kernel<T, N>
           <<<wave_grid(rows * (ffn_size / N), device), kThreads, 0, stream>>>(
               cuda_const_ptr<scalar_t>(fc1_out), fc1_out.stride(0), rows, ffn_size, params, layout,
               bias, fc1_out.size(1), expert_offsets, num_experts, cuda_ptr<scalar_t>(act));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (vectorize) {
-      launch(std::integral_constant<int, kVector>{});
-    } else {
-      launch(std::integral_constant<int, 1>{});
-    }
+    });
   });
 }
 
@@ -144,62 +136,47 @@ at::Tensor sanitized_offsets(const at::Tensor& expert_offsets, int64_t num_rows)
 // they come out of the GEMM: callers zero or skip them); no fc2 bias.
 at::Tensor grouped_ffn(const at::Tensor& x, const at::Tensor& clean, const at::Tensor& fc1,
                        const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2,
-                       const ActivationParams& params, const MlpSizes& sizes) {
+                       const MlpSizes& sizes) {
   const at::Tensor group_ends = clean.narrow(0, 1, sizes.num_experts);
   std::optional<at::Tensor> fc1_b;  // the kernel indexes biases densely
   if (fc1_bias.has_value()) fc1_b = fc1_bias->contiguous();
   auto act = at::empty({x.size(0), sizes.ffn_size}, x.options());
   const at::Tensor fc1_out = at::_grouped_mm(x, fc1, group_ends);
   launch_bias_activation(fc1_out, fc1_b, clean.const_data_ptr<int32_t>(),
-                         static_cast<int>(sizes.num_experts), params, act);
+                         static_cast<int>(sizes.num_experts), sizes.activation, act);
   return at::_grouped_mm(act, fc2, group_ends);
 }
 #endif
 
-ActivationParams activation_params(const MlpSizes& sizes, double swiglu_alpha,
-                                   double swiglu_limit) {
-  return {sizes.activation, static_cast<float>(swiglu_alpha), static_cast<float>(swiglu_limit)};
-}
-
 // The per-expert cuBLAS loop, for what the grouped GEMMs do not take (reads the offsets on the
 // host, which a captured stream cannot).
 at::Tensor per_expert_mlp(const at::Tensor& x, const at::Tensor& expert_offsets,
-                          const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                          const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                          bool weights_transposed, const MlpSizes& sizes,
-                          const ActivationParams& params, const char* op) {
+                          const ExpertWeights& weights, const MlpSizes& sizes, const char* op) {
   TORCH_CHECK(!stream_is_capturing(), op, ": CUDA-graph capture needs the grouped-GEMM path ",
               "(bfloat16, hidden and ffn sizes multiples of 8, an sm90/sm100 GPU); this call would "
               "read the expert offsets on the host");
   const std::vector<int32_t> host_offsets =
       host_expert_offsets(expert_offsets.contiguous(), x.size(0));
   return grouped_mlp_per_expert(
-      x, host_offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias, weights_transposed, sizes,
-      [&](const at::Tensor& fc1_out, const at::Tensor& act) {
-        launch_bias_activation(fc1_out, std::nullopt, nullptr, 0, params, act);
+      x, host_offsets, weights, sizes, [&](const at::Tensor& fc1_out, const at::Tensor& act) {
+        launch_bias_activation(fc1_out, std::nullopt, nullptr, 0, sizes.activation, act);
       });
 }
 
 }  // namespace
 
-at::Tensor grouped_mlp_cuda(const at::Tensor& hidden, const at::Tensor& expert_offsets,
-                            const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                            const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                            const std::string& activation, bool weights_transposed,
-                            double swiglu_alpha, double swiglu_limit) {
-  const MlpSizes sizes = check_grouped_mlp(hidden, expert_offsets, fc1_weight, fc1_bias, fc2_weight,
-                                           fc2_bias, activation, weights_transposed);
+at::Tensor grouped_mlp_cuda(MOE_INFER_PARAMS(grouped_mlp)) {
+  const MlpSizes sizes = check_grouped_mlp(MOE_INFER_ARGS(grouped_mlp));
   const c10::cuda::CUDAGuard guard(hidden.device());
-  const ActivationParams params = activation_params(sizes, swiglu_alpha, swiglu_limit);
+  const ExpertWeights weights = expert_weights(MOE_INFER_EXPERT_ARGS);
 #ifdef MOE_INFER_HAS_GROUPED_MM
-  // [E, H, F1] and [E, I, H] views: the GEMMs read the stored layout in place.
-  const at::Tensor fc1 = weights_transposed ? fc1_weight : fc1_weight.transpose(1, 2);
-  const at::Tensor fc2 = weights_transposed ? fc2_weight : fc2_weight.transpose(1, 2);
+  const at::Tensor fc1 = weights.fc1_in_out();
+  const at::Tensor fc2 = weights.fc2_in_out();
   const at::Tensor x = grouped_mm_rows(hidden);
   if (grouped_path(x, sizes, fc1, fc2)) {
     if (sizes.num_rows == 0) return at::empty({0, sizes.hidden_size}, hidden.options());
     const at::Tensor clean = sanitized_offsets(expert_offsets, sizes.num_rows);
-    at::Tensor out = grouped_ffn(x, clean, fc1, fc1_bias, fc2, params, sizes);
+    at::Tensor out = grouped_ffn(x, clean, fc1, fc1_bias, fc2, sizes);
     std::optional<at::Tensor> fc2_b;
     if (fc2_bias.has_value()) fc2_b = fc2_bias->contiguous();
     MOE_INFER_DISPATCH_FLOATS(out.scalar_type(), "grouped_mlp_finalize", [&] {
@@ -213,23 +190,13 @@ at::Tensor grouped_mlp_cuda(const at::Tensor& hidden, const at::Tensor& expert_o
     return out;
   }
 #endif
-  return per_expert_mlp(hidden, expert_offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                        weights_transposed, sizes, params, "grouped_mlp");
+  return per_expert_mlp(hidden, expert_offsets, weights, sizes, "grouped_mlp");
 }
 
-at::Tensor grouped_mlp_combine_cuda(const at::Tensor& hidden, const at::Tensor& topk_weights,
-                                    const at::Tensor& sorted_pair_ids,
-                                    const at::Tensor& expert_offsets, const at::Tensor& fc1_weight,
-                                    const std::optional<at::Tensor>& fc1_bias,
-                                    const at::Tensor& fc2_weight,
-                                    const std::optional<at::Tensor>& fc2_bias,
-                                    const std::string& activation, bool weights_transposed,
-                                    double swiglu_alpha, double swiglu_limit) {
-  const MlpCombineSizes sizes =
-      check_grouped_mlp_combine(hidden, topk_weights, sorted_pair_ids, expert_offsets, fc1_weight,
-                                fc1_bias, fc2_weight, fc2_bias, activation, weights_transposed);
+at::Tensor grouped_mlp_combine_cuda(MOE_INFER_PARAMS(grouped_mlp_combine)) {
+  const MlpCombineSizes sizes = check_grouped_mlp_combine(MOE_INFER_ARGS(grouped_mlp_combine));
   const c10::cuda::CUDAGuard guard(hidden.device());
-  const ActivationParams params = activation_params(sizes.mlp, swiglu_alpha, swiglu_limit);
+  const ExpertWeights weights = expert_weights(MOE_INFER_EXPERT_ARGS);
   const int64_t num_tokens = sizes.mlp.num_rows;
   const int64_t num_pairs = num_tokens * sizes.top_k;
   MlpSizes row_sizes = sizes.mlp;
@@ -243,11 +210,11 @@ at::Tensor grouped_mlp_combine_cuda(const at::Tensor& hidden, const at::Tensor& 
                       sorted_pair_ids.contiguous(), sizes.top_k, rows,
                       row_of_pair.data_ptr<int32_t>());
 #ifdef MOE_INFER_HAS_GROUPED_MM
-  const at::Tensor fc1 = weights_transposed ? fc1_weight : fc1_weight.transpose(1, 2);
-  const at::Tensor fc2 = weights_transposed ? fc2_weight : fc2_weight.transpose(1, 2);
+  const at::Tensor fc1 = weights.fc1_in_out();
+  const at::Tensor fc2 = weights.fc2_in_out();
   if (grouped_path(rows, row_sizes, fc1, fc2)) {
     const at::Tensor clean = sanitized_offsets(expert_offsets, num_pairs);
-    const at::Tensor expert_rows = grouped_ffn(rows, clean, fc1, fc1_bias, fc2, params, row_sizes);
+    const at::Tensor expert_rows = grouped_ffn(rows, clean, fc1, fc1_bias, fc2, row_sizes);
     std::optional<at::Tensor> fc2_b;
     if (fc2_bias.has_value()) fc2_b = fc2_bias->contiguous();
     launch_unpermute_combine(expert_rows, topk_weights, row_of_pair,
@@ -257,8 +224,7 @@ at::Tensor grouped_mlp_combine_cuda(const at::Tensor& hidden, const at::Tensor& 
   }
 #endif
   const at::Tensor expert_rows =
-      per_expert_mlp(rows, expert_offsets, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                     weights_transposed, row_sizes, params, "grouped_mlp_combine");
+      per_expert_mlp(rows, expert_offsets, weights, row_sizes, "grouped_mlp_combine");
   launch_unpermute_combine(expert_rows, topk_weights, row_of_pair, nullptr, 0, std::nullopt, out);
   return out;
 }

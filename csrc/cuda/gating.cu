@@ -38,13 +38,8 @@ void check_router_logits_on_device(const at::Tensor& logits, const GatingSizes& 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& router_logits, int64_t k,
-                                                    const std::string& scoring, bool renormalize,
-                                                    const std::optional<at::Tensor>& selection_bias,
-                                                    double scaling_factor, int64_t n_group,
-                                                    int64_t topk_group, bool validate) {
-  const GatingSizes sizes = check_topk_gating(router_logits, k, scoring, selection_bias,
-                                              scaling_factor, n_group, topk_group);
+std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(MOE_INFER_PARAMS(topk_gating)) {
+  const GatingSizes sizes = check_topk_gating(MOE_INFER_ARGS(topk_gating));
   const c10::cuda::CUDAGuard guard(router_logits.device());
   const bool check = validate && !stream_is_capturing();
   if (check && selection_bias.has_value()) check_finite_bias(*selection_bias);

@@ -29,8 +29,8 @@ const bool kCaptureQueryInstalled = [] {
   return true;
 }();
 
-at::Tensor static_dispatch_cuda(const at::Tensor& hidden, const at::Tensor& dispatch_mask) {
-  const StaticSlotSizes sizes = check_static_dispatch(hidden, dispatch_mask);
+at::Tensor static_dispatch_cuda(MOE_INFER_PARAMS(static_dispatch)) {
+  const StaticSlotSizes sizes = check_static_dispatch(MOE_INFER_ARGS(static_dispatch));
   const c10::cuda::CUDAGuard guard(hidden.device());
   const bool check = !stream_is_capturing();
   const int64_t num_slots = sizes.num_experts * sizes.capacity;
@@ -52,8 +52,8 @@ at::Tensor static_dispatch_cuda(const at::Tensor& hidden, const at::Tensor& disp
   return out;
 }
 
-at::Tensor static_combine_cuda(const at::Tensor& expert_out, const at::Tensor& combine_weights) {
-  const StaticSlotSizes sizes = check_static_combine(expert_out, combine_weights);
+at::Tensor static_combine_cuda(MOE_INFER_PARAMS(static_combine)) {
+  const StaticSlotSizes sizes = check_static_combine(MOE_INFER_ARGS(static_combine));
   const c10::cuda::CUDAGuard guard(expert_out.device());
   const int64_t num_slots = sizes.num_experts * sizes.capacity;
   const at::Tensor rows = expert_out.contiguous();
@@ -64,26 +64,19 @@ at::Tensor static_combine_cuda(const at::Tensor& expert_out, const at::Tensor& c
   MOE_INFER_DISPATCH_FLOATS(rows.scalar_type(), "static_combine", [&] {
     using T = typename CudaType<scalar_t>::type;
     constexpr int kVector = 16 / sizeof(T);
-    const bool vectorize = sizes.hidden_size % kVector == 0 &&
-                           reinterpret_cast<uintptr_t>(rows.const_data_ptr()) % 16 == 0 &&
-                           reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+    const bool vectorize = sizes.hidden_size % kVector == 0 && aligned16(rows) && aligned16(out);
     const int64_t per_thread = vectorize ? kVector : 1;
     // Whole warps (the kernel's ballot needs every lane), at most 256 threads.
     const int64_t wanted = kernels::ceil_div(sizes.hidden_size, per_thread);
     const int threads = static_cast<int>(std::min<int64_t>(
         kThreads, kernels::ceil_div(wanted, kernels::kWarpSize) * kernels::kWarpSize));
-    auto launch = [&](auto vector) {
+    launch_vectorized<T>(vectorize, [&](auto vector) {
       constexpr int N = decltype(vector)::value;
       kernels::static_combine_kernel<T, N><<<grid_size(sizes.num_tokens), threads, 0, stream>>>(
           cuda_const_ptr<scalar_t>(rows), sizes.hidden_size, weights.const_data_ptr<float>(),
           num_slots, sizes.num_tokens, cuda_ptr<scalar_t>(out));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (vectorize) {
-      launch(std::integral_constant<int, kVector>{});
-    } else {
-      launch(std::integral_constant<int, 1>{});
-    }
+    });
   });
   return out;
 }

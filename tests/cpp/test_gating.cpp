@@ -43,6 +43,17 @@ Routed route(const std::vector<float>& logits, GatingConfig config,
   return r;
 }
 
+// DeepSeek-V3's routing: top-2 of sigmoid scores, renormalized, from the best of 2 expert groups.
+GatingConfig grouped_sigmoid_config() {
+  GatingConfig config;
+  config.top_k = 2;
+  config.scoring = Scoring::kSigmoid;
+  config.renormalize = true;
+  config.n_group = 2;
+  config.topk_group = 1;
+  return config;
+}
+
 }  // namespace
 
 TEST_CASE("softmax top-k picks the largest logits, best first", "[gating]") {
@@ -89,13 +100,8 @@ TEST_CASE("softmax over the chosen logits (GPT-OSS)", "[gating]") {
 }
 
 TEST_CASE("sigmoid with a selection-only bias, groups and scaling (DeepSeek-V3)", "[gating]") {
-  GatingConfig config;
-  config.top_k = 2;
-  config.scoring = Scoring::kSigmoid;
-  config.renormalize = true;
+  GatingConfig config = grouped_sigmoid_config();
   config.scaling_factor = 2.0f;
-  config.n_group = 2;
-  config.topk_group = 1;
   // Group 0 = experts 0..2, group 1 = experts 3..5. Group 1 wins on its top-2 sum thanks to the
   // bias, although expert 0 has the largest logit.
   const std::vector<float> logits{3.0f, -3.0f, -3.0f, 1.0f, 1.0f, 0.0f};
@@ -107,12 +113,7 @@ TEST_CASE("sigmoid with a selection-only bias, groups and scaling (DeepSeek-V3)"
 }
 
 TEST_CASE("experts of unchosen groups are masked with -inf, not 0 (DeepSeek-V3)", "[gating]") {
-  GatingConfig config;
-  config.top_k = 2;
-  config.scoring = Scoring::kSigmoid;
-  config.renormalize = true;
-  config.n_group = 2;
-  config.topk_group = 1;
+  const GatingConfig config = grouped_sigmoid_config();
   // Every choice score is negative (sigmoid 0.5 plus a bias <= -1): group 0 wins, and its experts
   // must beat the masked experts of group 1, which a mask of 0 would prefer.
   const std::vector<float> logits{0.0f, 0.0f, 0.0f, 0.0f};

@@ -532,6 +532,70 @@ def test_experts_implementation_chosen_after_optimize_is_honoured(arch):
     torch.testing.assert_close(got, run(arch, plain, ids, mask).logits, rtol=1e-5, atol=1e-5)
 
 
+def count_fused_runs(model, monkeypatch) -> list:
+    """A list that grows by one each time a fused block of ``model`` computes its experts with moe_infer."""
+    runs = []
+    for block in fused_blocks(model):
+        backend = block.experts_backend
+
+        def counted(*args, _run=backend.run):
+            runs.append(1)
+            return _run(*args)
+
+        monkeypatch.setattr(backend, "run", counted)
+    return runs
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_choosing_the_experts_implementation_in_use_is_honoured_until_optimize(arch, monkeypatch):
+    """transformers' own test of its experts implementations sets each in turn, the one in use at
+    optimize() time included, and checks that it ran: any choice hands the experts to transformers'
+    forward, and optimize() again takes them back."""
+    ids, mask = padded_batch([9, 5], 9)
+    expected = run(arch, reference(arch), ids, mask).logits
+    model = optimized(arch)
+    fused_runs = count_fused_runs(model, monkeypatch)
+    torch.testing.assert_close(run(arch, model, ids, mask).logits, expected, rtol=1e-5, atol=1e-5)
+    assert fused_runs
+    fused_runs.clear()
+    model.set_experts_implementation(model.config._experts_implementation)
+    torch.testing.assert_close(run(arch, model, ids, mask).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not fused_runs, "the experts implementation chosen after optimize() was not used"
+    moe_infer.optimize(model, verbose=False)
+    torch.testing.assert_close(run(arch, model, ids, mask).logits, expected, rtol=1e-5, atol=1e-5)
+    assert fused_runs
+
+
+@pytest.mark.parametrize("top_k", [6, 8])
+def test_deepseek_v3_with_more_experts_than_its_chosen_groups_hold(top_k, monkeypatch):
+    """transformers' own DeepSeek-V3 test config routes k = 8 of 8 experts with one of two groups
+    chosen: the k reach into the masked group. The optimized model routes as transformers does and
+    its experts still run on the fused path."""
+    options = dict(vocab=VOCAB, top_k=top_k, n_group=2, topk_group=1)
+    ids, mask = padded_batch([9, 5], 9)
+    plain = hf_models.build_model("deepseek_v3", **options)
+    model = moe_infer.optimize(hf_models.build_model("deepseek_v3", **options), verbose=False)
+    fused_runs = count_fused_runs(model, monkeypatch)
+    torch.testing.assert_close(
+        run("deepseek_v3", model, ids, mask).logits, run("deepseek_v3", plain, ids, mask).logits, rtol=1e-5, atol=1e-5
+    )
+    assert fused_runs
+
+
+def test_generates_decoding_switch_is_not_a_choice(monkeypatch):
+    """Off the CPU, generate() switches grouped_mm to batched_mm for its decoding steps and back
+    (through set_experts_implementation): the fused blocks keep running moe_infer through it."""
+    model = reference("mixtral")
+    model.set_experts_implementation("grouped_mm")
+    moe_infer.optimize(model, verbose=False)
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("meta")))
+    with model._optimize_model_for_decode():
+        assert model.config._experts_implementation == "batched_mm"  # the switch happened
+        assert not any(block._runs_transformers for block in fused_blocks(model))
+    assert model.config._experts_implementation == "grouped_mm"
+    assert not any(block._runs_transformers for block in fused_blocks(model))
+
+
 @pytest.mark.parametrize("offload", ["cpu_offload", "disk_offload"])
 def test_accelerate_offloading_is_exact(offload, tmp_path):
     """accelerate's offloading hooks load the experts only inside the hooked forward: the fused
@@ -546,6 +610,49 @@ def test_accelerate_offloading_is_exact(offload, tmp_path):
     else:
         accelerate.disk_offload(model, str(tmp_path), execution_device=torch.device("cpu"))
     assert model.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"
+    torch.testing.assert_close(run("mixtral", model, ids, mask).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def _experts_on_disk(model: nn.Module, target: str) -> dict:
+    """A device_map with the module ``target`` on "disk" and every other module on the CPU."""
+    device_map = {}
+
+    def place(prefix, module):
+        for name, child in module.named_children():
+            path = prefix + name
+            if path == target:
+                device_map[path] = "disk"
+            elif target.startswith(path + "."):
+                assert not any(True for _ in child.parameters(recurse=False)), path
+                place(path + ".", child)
+            else:
+                device_map[path] = "cpu"
+
+    place("", model)
+    return device_map
+
+
+@pytest.mark.parametrize("route", ["from_pretrained", "dispatch_model"])
+def test_device_map_with_experts_on_disk_is_exact(route, tmp_path):
+    """A device_map that puts one layer's experts on "disk": loaded that way and then optimized, or
+    optimized and then dispatched, the model gives the logits of the plain, un-offloaded model."""
+    import accelerate  # pinned in scripts/setup.sh
+
+    ids, mask = padded_batch([9, 5], 9)
+    plain = reference("mixtral")
+    expected = run("mixtral", plain, ids, mask).logits
+    device_map = _experts_on_disk(plain, "model.layers.1.mlp.experts")
+    if route == "from_pretrained":
+        plain.save_pretrained(tmp_path / "saved")
+        model = transformers.MixtralForCausalLM.from_pretrained(
+            tmp_path / "saved", device_map=device_map, offload_folder=str(tmp_path / "offload")
+        ).eval()
+        moe_infer.optimize(model, verbose=False)
+    else:
+        model = accelerate.dispatch_model(optimized("mixtral"), device_map, offload_dir=str(tmp_path / "offload"))
+    assert model.model.layers[1].mlp.experts.gate_up_proj.device.type == "meta"
+    assert model.model.layers[0].mlp.experts.gate_up_proj.device.type == "cpu"
+    assert set(model.moe_infer_report.replaced) >= {"model.layers.0.mlp", "model.layers.1.mlp"}
     torch.testing.assert_close(run("mixtral", model, ids, mask).logits, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -145,7 +145,7 @@ def test_topk_gating_matches_reference_and_composite(case):
     weights, ids = ops.topk_gating(*args)
     with use_kernels(False):
         c_weights, c_ids = ops.topk_gating(*args)
-    # Kernel and composite follow one contract (ties: see test_tie_order_is_torch_topk_order).
+    # Kernel and composite follow one contract (on ties: test_kernel_and_composite_pick_torch_topks_experts_on_ties).
     if not case["ties"]:
         torch.testing.assert_close(weights, c_weights, rtol=1e-5, atol=1e-6)
         assert torch.equal(ids, c_ids)
@@ -183,18 +183,55 @@ def test_sigmoid_renormalize_of_an_all_minus_inf_row_gives_zero_weights(seed, nu
     torch.testing.assert_close(weights.sort(1).values, r_weights.sort(1).values)
 
 
-@given(seed=seeds, num_tokens=st.integers(1, 16), num_experts=st.integers(2, 16), data=st.data())
-@example(seed=1, num_tokens=4, num_experts=8, data=None).via("softmax_topk tie order, kernel vs composite")
-def test_tie_order_is_torch_topk_order(seed, num_tokens, num_experts, data):
-    k = 2 if data is None else data.draw(st.integers(1, num_experts))
-    logits = torch.randint(0, 2, (num_tokens, num_experts), generator=generator(seed)).float()
-    want = torch.topk(logits, k, dim=-1).indices.to(torch.int32)
-    # The composite form selects with torch.topk itself; the CPU kernel reproduces torch's CPU
-    # selection order (tests/python/test_routing.py checks it on its own).
-    for scoring in ("softmax_topk", "softmax"):
-        with use_kernels(False):
-            _, ids = ops.topk_gating(logits, k, scoring)
-        assert torch.equal(ids, want), (scoring, ids, want)
+@given(
+    seed=seeds,
+    num_tokens=st.integers(0, 24),
+    groups=st.sampled_from([(1, 1), (1, 1), (2, 1), (4, 2)]),
+    experts_per_group=st.sampled_from([1, 2, 3, 8, 33]),
+    k_fraction=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(FLOATS),
+    scoring=st.sampled_from(ops.SCORINGS),
+    renormalize=st.booleans(),
+    bias=st.booleans(),
+    strided=st.booleans(),
+)
+@example(
+    seed=1,
+    num_tokens=4,
+    groups=(1, 1),
+    experts_per_group=8,
+    k_fraction=0.2,
+    dtype=torch.float32,
+    scoring="softmax_topk",
+    renormalize=False,
+    bias=False,
+    strided=False,
+).via("softmax_topk tie order, kernel vs composite")
+def test_kernel_and_composite_pick_torch_topks_experts_on_ties(
+    seed, num_tokens, groups, experts_per_group, k_fraction, dtype, scoring, renormalize, bias, strided
+):
+    """On tied scores in every dtype (few distinct logits, rows where every expert ties) the kernel
+    and the composite both pick torch.topk's experts in torch.topk's order: the reference is the
+    torch calls transformers' routers make. E up to 132 reaches torch's partial-sort regime
+    (64 k <= E) as well as its nth_element one."""
+    n_group, topk_group = (1, 1) if scoring == "softmax_topk" else groups
+    num_experts = max(n_group * experts_per_group, 2)
+    if n_group > 1 and experts_per_group < 2:  # group scores are a top-2 within each group
+        n_group, topk_group = 1, 1
+    k = 1 + int(k_fraction * (topk_group * (num_experts // n_group) - 1))
+    logits = logits_of(seed, num_tokens, num_experts, dtype, ties=True)
+    logits[::3] = logits[::3, :1]  # every expert tied
+    logits = maybe_strided(logits, strided)
+    selection_bias = None
+    if bias and scoring == "sigmoid":  # a bias of few values keeps ties tied
+        selection_bias = torch.randint(0, 2, (num_experts,), generator=generator(seed + 1)).float() * 0.5
+    args = (logits, k, scoring, renormalize, selection_bias, 1.0, n_group, topk_group)
+    want_weights, want_ids = ref.topk_gating(*args)
+    for kernels in (True, False):
+        with use_kernels(kernels):
+            weights, ids = ops.topk_gating(*args)
+        assert torch.equal(ids.long(), want_ids), ("kernel" if kernels else "composite", ids, want_ids)
+        torch.testing.assert_close(weights, want_weights.float(), rtol=1e-6, atol=1e-7)
 
 
 # ---- dispatch ----------------------------------------------------------------------------------------
@@ -398,6 +435,40 @@ def test_static_gating_kernels_match_composites_and_einsum(
     want = torch.einsum("sec,ecm->sm", combine.double(), buffers.double())
     _close(out, want, dtype)
     _close(c_out, want, dtype)
+
+
+@given(
+    seed=seeds,
+    num_tokens=st.integers(1, 24),
+    num_experts=st.sampled_from([2, 3, 8, 64, 130]),
+    top_k=st.sampled_from([1, 2]),
+    policy=st.sampled_from(ops.SECOND_EXPERT_POLICIES),
+    dtype=st.sampled_from(FLOATS),
+)
+def test_static_gates_pick_fairseqs_experts_on_ties(seed, num_tokens, num_experts, top_k, policy, dtype):
+    """fairseq's Top1Gate / Top2Gate take torch.argmax (the first of tied experts), not torch.topk:
+    on tied logits in every dtype (rows where every expert ties included) the kernel and the
+    composite route every token to fairseq's experts, with fairseq's weights."""
+    policy = policy if top_k == 2 else "all"
+    logits = logits_of(seed, num_tokens, num_experts, dtype, ties=True)
+    logits[::3] = logits[::3, :1]
+    noise = ops.second_expert_noise(policy, logits, generator=generator(seed))
+    # fairseq's eval capacity with eval_capacity_token_fraction=2 is 2 S: no token is dropped.
+    capacity = 2 * num_tokens
+    if top_k == 1:
+        _, want_combine, want_mask, _ = ref.fairseq_top1gating(logits, None, 1.0, True, 2.0)
+    else:
+        _, want_combine, want_mask, _ = ref.fairseq_top2gating(
+            logits, None, policy, eval_mode=True, eval_capacity_token_fraction=2.0, second_expert_noise=noise
+        )
+    for kernels in (True, False):
+        with use_kernels(kernels):
+            routing = ops.static_gating(logits, top_k, capacity, None, policy, noise)
+            combine, mask = ops.static_routing_tensors(
+                routing.expert_ids, routing.locations, routing.topk_weights, num_experts, capacity
+            )
+        assert torch.equal(mask, want_mask), "kernel" if kernels else "composite"
+        torch.testing.assert_close(combine, want_combine, rtol=1e-6, atol=1e-6)
 
 
 @given(seed=seeds, num_tokens=st.integers(1, 10), num_experts=st.integers(1, 6), capacity=st.integers(1, 6))

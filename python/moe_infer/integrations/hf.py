@@ -9,7 +9,9 @@ Two entry points:
     becomes a subclass of the original whose ``forward`` calls our ops, so ``save_pretrained``
     writes a checkpoint that plain transformers loads, hooks stay attached, and the router still
     returns the router logits that transformers records for ``output_router_logits``. In training
-    mode the blocks run transformers' own forward (dropout, jitter, token dropout).
+    mode the blocks run transformers' own forward (dropout, jitter, token dropout), and so they do
+    after ``model.set_experts_implementation(...)`` (any implementation, the one in use included:
+    the choice is honoured) until ``optimize(model)`` is called again.
 
 The ``"moe_infer"`` experts implementation
     Importing this module registers it in transformers' experts registry: after
@@ -24,6 +26,7 @@ reproduces transformers' capacity and its drops exactly (dropped pairs get exper
 [tokens, experts] masks.
 """
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Optional
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from transformers import PreTrainedModel
+    from transformers import GenerationMixin, PreTrainedModel
     from transformers.integrations import moe as hf_moe
 
     hf_moe.ALL_EXPERTS_FUNCTIONS  # noqa: B018  (transformers < 5 has no experts registry)
@@ -103,11 +106,58 @@ def _refuse_at_init(post_init):
     return wrapped
 
 
+# Set on a fused block by set_experts_implementation (any implementation, the one in use at optimize
+# time included): it runs transformers' forward with that implementation until optimize() again.
+_HANDED_OVER = "_moe_infer_handed_over"
+
+
+def _hand_over_on_choice(choose):
+    """Wraps PreTrainedModel.set_experts_implementation: a choice made after optimize() is honoured."""
+
+    def wrapped(self, *args, **kwargs):
+        result = choose(self, *args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, _RoutedBlock):
+                module.__dict__[_HANDED_OVER] = True
+        return result
+
+    wrapped._moe_infer_wraps = choose
+    return wrapped
+
+
+def _not_a_choice(optimize_for_decode):
+    """Wraps generate()'s ``_optimize_model_for_decode``: off the CPU it switches grouped_mm to
+    batched_mm for the decoding steps and back through set_experts_implementation. That is not the
+    user's choice, so the fused blocks keep running moe_infer through it."""
+
+    @contextlib.contextmanager
+    def wrapped(self, *args, **kwargs):
+        blocks = [module for module in self.modules() if isinstance(module, _RoutedBlock)]
+        before = [block.__dict__.get(_HANDED_OVER, False) for block in blocks]
+
+        def keep():
+            for block, handed_over in zip(blocks, before):
+                block.__dict__[_HANDED_OVER] = handed_over
+
+        try:
+            with optimize_for_decode(self, *args, **kwargs):
+                keep()
+                yield
+        finally:
+            keep()
+
+    wrapped._moe_infer_wraps = optimize_for_decode
+    return wrapped
+
+
 if not hasattr(PreTrainedModel.get_correct_experts_implementation, "_moe_infer_wraps"):
     PreTrainedModel.get_correct_experts_implementation = _refuse_unsupported_experts(
         PreTrainedModel.get_correct_experts_implementation
     )
     PreTrainedModel.post_init = _refuse_at_init(PreTrainedModel.post_init)
+    PreTrainedModel.set_experts_implementation = _hand_over_on_choice(PreTrainedModel.set_experts_implementation)
+    if hasattr(GenerationMixin, "_optimize_model_for_decode"):
+        GenerationMixin._optimize_model_for_decode = _not_a_choice(GenerationMixin._optimize_model_for_decode)
 
 
 # ---- fused routers: forward returns (router_logits, topk_weights, expert_ids) -----------------
@@ -158,6 +208,13 @@ class _DeepseekV3Router:
     def forward(self, hidden_states):
         if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states)
+        if self.top_k > self.topk_group * (self.num_experts // self.num_group):
+            # More experts than the chosen groups hold: transformers fills the k with experts of the
+            # masked groups (-inf choice scores, in torch.topk's order among them) at their sigmoid
+            # weights. topk_gating refuses such a k, so these routers route with transformers' own
+            # forward; the experts still run on the fused path.
+            router_logits, weights, ids = super().forward(hidden_states)
+            return router_logits, weights, ids.to(torch.int32)
         hidden_states = hidden_states.view(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states.float(), self.weight.float())
         weights, ids = ops.topk_gating(
@@ -280,10 +337,6 @@ def _nllb_non_padding(padding_mask: torch.Tensor, num_tokens: int) -> torch.Tens
 # ---- fused blocks -----------------------------------------------------------------------------
 
 
-def _experts_implementation(block: nn.Module) -> Optional[str]:
-    return getattr(getattr(block.experts, "config", None), "_experts_implementation", None)
-
-
 def _offloaded(block: nn.Module) -> bool:
     """accelerate hooks on the experts (cpu_offload, disk_offload, a device_map with "cpu"/"disk"):
     their weights are placeholders until a hook loads them, so only the hooked forward is exact."""
@@ -310,13 +363,10 @@ class _RoutedBlock:
 
     @property
     def _runs_transformers(self) -> bool:
-        """Training mode, or an experts implementation chosen after optimize()
-        (``model.set_experts_implementation(...)``): transformers' own forward, which honours it."""
-        return (
-            self.training
-            or _experts_implementation(self) != self.__dict__.get("_moe_infer_experts_implementation")
-            or _offloaded(self)
-        )
+        """Training mode, an experts implementation chosen after optimize()
+        (``model.set_experts_implementation(...)``), or accelerate's offloading hooks: transformers'
+        own forward, which honours them."""
+        return self.training or self.__dict__.get(_HANDED_OVER, False) or _offloaded(self)
 
     def _routed(self, hidden_states):
         """hidden_states [..., H] -> (routed expert output [S, H], hidden [S, H], topk weights [S, k])."""
@@ -612,7 +662,6 @@ def _prepare(block: nn.Module, arch: _Architecture, hf_capacity: bool, validate:
         raise NotImplementedError(f"moe_infer: its router is a {type(router).__name__}, expected {arch.router}")
     if arch.expert_layers is None:
         source = ModuleSpec(block.experts)  # raises for an unsupported layout or activation
-        block._moe_infer_experts_implementation = _experts_implementation(block)
     else:
         source = block._moe_infer_stack = _ExpertStack(block.experts, *arch.expert_layers, owner=arch.block)
     # The block's experts backend (moe_infer.experts.ExpertsBackend), kept out of the module tree
@@ -717,6 +766,8 @@ def optimize(
                 source.expert_spec(), ep_placement, ep_group, validate=False
             )
         report.expert_parallel = True
+    for name in report.already_optimized:  # an experts implementation chosen since gives way again
+        model.get_submodule(name).__dict__.pop(_HANDED_OVER, None)
     model.moe_infer_report = report
     if verbose:
         print(report)
