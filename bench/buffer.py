@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe_infer  # noqa: E402
-from common import RESULTS_DIR, Progress, machine_description, markdown_table, write_result  # noqa: E402
+from common import RESULTS_DIR, Progress, commit, machine_description, markdown_table, write_result  # noqa: E402
 from moe_infer import ops  # noqa: E402
 from moe_infer.buffer import (  # noqa: E402
     LIVE_POLICIES,
@@ -602,6 +602,7 @@ def main():
     if recorded_table:
         recorded_text = (
             "# Expert caching on recorded routing (bench/buffer.py --recorded-only)\n\n"
+            f"Measured at commit {commit()}.\n\n"
             "Routing recorded from bench/routing_lm.py's trained MoE LM (E=32, top-2, 2 MoE layers, one cache per "
             "layer, misses summed over layers) on held-out text: prefill batches of 1024 tokens, and greedy decoding "
             "of 4 sequences (4 tokens per batch, the sparse regime where 'inactive experts first' decides "
@@ -667,7 +668,8 @@ def main():
     targets = "" if args.quick else "## Targets\n\n" + "\n".join(lines) + "\n"
     text = (
         f"# Expert buffering ({device.type})\n\n"
-        f"Machine: {machine_description(device)}; each ExpertBuffer copies on its own 2 threads.\n\n"
+        f"Machine: {machine_description(device)}; each ExpertBuffer copies on its own 2 threads. Measured at commit "
+        f"{commit()}.\n\n"
         f"Layer: H={LAYER['hidden']}, ffn={LAYER['ffn']}, E={LAYER['experts']}, top-{LAYER['top_k']}, SiLU-GLU, "
         f"float32, {expert_bytes / 2**20:.0f} MiB per expert; experts in a safetensors file read through mmap"
         f"{' then pinned host memory' if device.type == 'cuda' else ''}. Traces: synthetic, Zipf skew low 0.5 / "

@@ -6,6 +6,7 @@ import gc
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -186,3 +187,32 @@ def write_result(name: str, text: str) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def spread(values: list[float]) -> list[float]:
+    """[min, median, max] of measured values (or of per-round ratios)."""
+    return [min(values), statistics.median(values), max(values)]
+
+
+def commit() -> str:
+    """The checkout's short commit hash, which results files are stamped with ("unknown" outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def results_header(title: str, machine: str, revision: str, quick: bool = False) -> str:
+    """A results file's first lines: its title (quick runs say they give no verdicts), the machine
+    and the commit measured."""
+    return (
+        f"# {title}{' (quick run: no verdicts)' if quick else ''}\n\n"
+        f"Machine: {machine}. Measured at commit {revision}.\n\n"
+    )

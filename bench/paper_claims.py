@@ -16,11 +16,10 @@ differs in a way that matters; "not" when it is absent or unmeasured.
 
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS_DIR, markdown_table, write_result  # noqa: E402
+from common import RESULTS_DIR, commit, markdown_table, write_result  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The README's paper table sits between these markers; this script rewrites it.
@@ -53,7 +52,7 @@ def _claim(id, claim, paper, unit, ours=None, setting="", verdict="not", evidenc
     )
 
 
-def _throughput_claims(models):
+def _throughput_claims(models, fairseq_mt=None):
     """Claims 1-5 from bench/paper_models.py (whole models, dynamic vs static gating), bfloat16, at the
     headline memory budget (the other budgets and float32 are in its results)."""
     missing = "not measured: bench/paper_models.py has not run"
@@ -93,7 +92,24 @@ def _throughput_claims(models):
         ),
     ]
     for id, key, text, paper, note in specs:
+        shipped = None
         entry = models["workloads"][key]["bf16"]
+        if key != "lm" and fairseq_mt and key in fairseq_mt["workloads"]:
+            # The correct static baseline: fairseq's static gating on the same NLLB-MoE weights.
+            shipped = entry["budgets"][budget]["best_vs_best"]
+            entry = fairseq_mt["workloads"][key]["bf16"]
+            note = note.replace(
+                "static = transformers 5.24's NLLB-MoE as shipped (its expert loop computes E x tokens rows, as "
+                "fairseq's static gating at fraction 1.0 does, but routes them wrongly)",
+                "static = fairseq's static gating on the NLLB-MoE weights (moe_infer.fairseq.MOELayer gating='static', "
+                "Top2Gate with NLLB's options, eval capacity ceil(1.0 * S))",
+            ).replace(
+                "static = transformers as shipped (see claim 2)", "static = fairseq's static gating (see claim 2)"
+            )
+            note += (
+                f"; against transformers 5.24's NLLB-MoE as shipped (which routes wrongly): {shipped['median']:.2f}x "
+                f"[{shipped['min']:.2f}-{shipped['max']:.2f}]"
+            )
         best = entry["budgets"][budget]["best_vs_best"]
         ours = best["median"]
         verdict = "reproduced" if best["min"] >= paper else ("partly" if ours > 1.0 else "not")
@@ -101,6 +117,7 @@ def _throughput_claims(models):
             f"{entry['setting']}; {common}{note}; static at batch {best['static_batch']}, dynamic at "
             f"{best['dynamic_batch']}; spread {best['min']:.2f}-{best['max']:.2f}x"
         )
+        extra = {} if shipped is None else {"vs_transformers_as_shipped": shipped["median"]}
         claims.append(
             _claim(
                 id,
@@ -110,8 +127,9 @@ def _throughput_claims(models):
                 ours,
                 setting,
                 verdict,
-                evidence,
+                evidence + (_evidence("paper_models_mt_fairseq.json", "paper_models_mt_fairseq.md") if shipped else []),
                 spread=[best["min"], best["median"], best["max"]],
+                **extra,
             )
         )
     lm = models["workloads"]["lm"]["bf16"]
@@ -152,22 +170,68 @@ def _throughput_claims(models):
     return claims
 
 
-def _buffer_claims(recorded):
-    claims = [
-        _claim(
-            6,
-            "Expert buffering: less static memory",
-            1.47,
-            "x",
-            1.76,
-            "one MoE layer (E=32, SiLU-GLU, float32, experts in a safetensors file), 16 of 32 slots, 512-token "
-            "batches, peak process RSS against the fully resident layer, at 0.94x its throughput; the paper's "
-            "1.47x is the total static GPU memory of a whole MT model on 8 V100s, so this is the same mechanism "
-            "on a layer, not the same total",
-            "partly",
-            _evidence("buffer_cpu.md"),
+def _buffering_claim(whole_model):
+    """Claim 6 from bench/buffer_model.py: total memory against static gating at a bounded throughput
+    loss, on a whole model."""
+    text, paper = "Expert buffering: less total memory than static gating, throughput comparable", 1.47
+    if not whole_model:
+        return _claim(6, text, paper, "x", setting="not measured: bench/buffer_model.py has not run")
+    regimes = whole_model["regimes"]
+    loss = whole_model["max_loss"]
+
+    def described(label):
+        result = regimes[label]
+        best, gpu = result["best_within_loss"], result["gpu_model_best_within_loss"]
+        curve = ", ".join(
+            f"{r['name']} {r['memory_cut_vs_static']:.2f}x at {r['vs_dynamic'][1]:.2f}x"
+            for r in result["rows"]
+            if r["slots"]
         )
-    ]
+        return (
+            f"{label}: "
+            + (
+                f"{best['memory_cut_vs_static']:.2f}x ({best['mode']}, {best['vs_dynamic'][1]:.2f}x of dynamic's throughput "
+                f"[{best['vs_dynamic'][0]:.2f}-{best['vs_dynamic'][2]:.2f}])"
+                if best
+                else f"no slot count within {loss:.0%}"
+            )
+            + (
+                f"; GPU model (not measured): {gpu['memory_cut_vs_static']:.2f}x ({gpu['mode']})"
+                if gpu
+                else "; GPU model: none within the loss"
+            )
+            + f"; curve (memory cut vs static at throughput vs dynamic): {curve}"
+        )
+
+    decode = next(label for label in regimes if label.startswith("decode"))
+    # A buffer of every expert is no buffering: the cut counts only pools smaller than E.
+    buffered = [r for r in regimes[decode]["rows"] if r["slots"] and r["name"] != "buffer 512"]
+    within = [r for r in buffered if r["vs_dynamic"][1] >= 1 - loss]
+    ours = max((r["memory_cut_vs_static"] for r in within), default=None)
+    smallest = min(buffered, key=lambda r: r["slots"])
+    setting = (
+        f"{whole_model['setting']}, {whole_model['dtype']}; total peak memory (resident weights + activations) of "
+        f"static gating with every expert resident against dynamic gating + expert buffering (experts in a "
+        f"safetensors file, N of 512 slots per MoE layer), the largest cut with at most {loss:.0%} throughput loss "
+        f"against dynamic gating with every expert resident (1 thread, process CPU time, interleaved); headline: "
+        f"decode-sized steps (the paper's sparse MT-decoder regime). "
+        + "; ".join(described(label) for label in regimes)
+    )
+    # Reproduced only if the GPU model of the same run agrees: a CPU's page-cache copy is cheap next to
+    # a PCIe transfer.
+    gpu = (regimes[decode]["gpu_model_best_within_loss"] or {}).get("memory_cut_vs_static")
+    if ours is None:
+        verdict = "not"
+    else:
+        verdict = "reproduced" if ours >= paper and (gpu or 0) >= paper else ("partly" if ours > 1.0 else "not")
+    evidence = _evidence("buffer_model.json", "buffer_model.md")
+    return _claim(
+        6, text, paper, "x", ours, setting, verdict, evidence, gpu_model=gpu, measured=True, smallest_pool=smallest
+    )
+
+
+def _buffer_claims(recorded, whole_model):
+    claims = [_buffering_claim(whole_model)]
     if not recorded:
         claims.append(
             _claim(
@@ -218,7 +282,7 @@ def _buffer_claims(recorded):
     return claims
 
 
-def _placement_claims(placement):
+def _placement_claims(placement, timed):
     if not placement:
         return [
             _claim(
@@ -228,12 +292,9 @@ def _placement_claims(placement):
                 "share of tokens",
                 setting="not measured",
             ),
-            _claim(
-                9, "Throughput from load balancing (+10.1% LM, +19.5% MT encoder)", 1.101, "x", setting="not measured"
-            ),
+            _balancing_claim(timed),
         ]
     lm = placement["traces"]["LM-like, calibrated"]
-    mt = placement["traces"]["MT-like, calibrated"]
     before, after = lm["placements"]["contiguous"]["max_load"], lm["placements"]["greedy"]["max_load"]
     anti = lm["placements"]["anti-correlation"]["max_load"]
     recorded = {k: v for k, v in placement["traces"].items() if k.startswith("recorded")}
@@ -259,29 +320,78 @@ def _placement_claims(placement):
             after=after,
         )
     ]
-    lm_gain = lm["placements"]["contiguous"]["avg_max_load"] / lm["placements"]["greedy"]["avg_max_load"]
-    mt_gain = mt["placements"]["contiguous"]["avg_max_load"] / mt["placements"]["greedy"]["avg_max_load"]
-    claims.append(
-        _claim(
-            9,
-            "Throughput from load balancing (+10.1% LM, +19.5% MT encoder)",
-            1.101,
-            "x",
-            lm_gain,
-            f"modelled, not timed: the MoE layer's busiest-rank load, contiguous over greedy, on the calibrated "
-            f"traces (LM {lm_gain:.2f}x, MT {mt_gain:.2f}x); the paper's figure is whole-model throughput on 8 GPUs, "
-            f"where attention, dense layers and the all-to-all dilute the MoE layer's gain"
-            + "".join(
-                f"; {name} (a router trained with a balancing loss): "
-                f"{v['placements']['contiguous']['avg_max_load'] / v['placements']['greedy']['avg_max_load']:.2f}x"
-                for name, v in recorded.items()
-            ),
-            "partly",
-            _evidence("placement_paper.json", "placement_cpu.md"),
-            mt=mt_gain,
-        )
-    )
+    claims.append(_balancing_claim(timed))
     return claims
+
+
+def _balancing_claim(timed):
+    """Claim 9 from bench/placement.py --paper-timed: the MoE layer timed on 8 gloo ranks."""
+    text, paper, paper_mt = "Throughput from load balancing (+10.1% LM, +19.5% MT encoder)", 1.101, 1.195
+    if not timed:
+        return _claim(9, text, paper, "x", setting="not measured: bench/placement.py --paper-timed has not run")
+    traces = timed["traces"]
+    lm, mt = traces["LM-like, calibrated"]["placements"], traces["MT-like, calibrated"]["placements"]
+
+    def row(name, placements):
+        parts = []
+        for p, entry in placements.items():
+            low, mid, high = entry["speedup_per_step"]
+            parts.append(f"{p} {entry['speedup_total']:.2f}x (per step {mid:.2f}x [{low:.2f}-{high:.2f}])")
+        return f"{name}: " + ", ".join(parts)
+
+    ours, ours_mt = lm["greedy"]["speedup_total"], mt["greedy"]["speedup_total"]
+    c = timed["config"]
+    setting = (
+        f"timed, not modelled: {timed['ranks']} gloo ranks, plan on the first half of each trace, the second half "
+        f"through moe_infer's expert-parallel layer (dynamic gating; d_model {c['hidden']}, ffn {c['ffn']}, "
+        f"{c['activation']}, float32), {c['repeats']} passes; a step's time is the busiest rank's CPU time; "
+        "speedup = contiguous over the placement, total over all steps (per step: median [min-max]); greedy and "
+        "anti-correlation are the paper's rows, replicas beyond it. "
+        + "; ".join(row(name, t["placements"]) for name, t in traces.items())
+        + f". MT-like: greedy {ours_mt:.2f}x (paper +19.5%). The paper's gains are whole-model throughput on 8 "
+        "GPUs; ours is the MoE layer, which attention and dense layers would dilute"
+    )
+    verdict = "reproduced" if ours >= paper and ours_mt >= paper_mt else ("partly" if ours > 1.0 else "not")
+    evidence = _evidence("placement_timed.json", "placement_timed.md", "placement_paper.json")
+    per_step = lm["greedy"]["speedup_per_step"]  # the spread is per step; ours is over all steps
+    return _claim(9, text, paper, "x", ours, setting, verdict, evidence, spread=per_step, mt=ours_mt, mt_paper=paper_mt)
+
+
+# Why ours stands where it does against the paper's figure (the README's last column), by claim id.
+WHY = {
+    1: "static computes E x ceil(0.25 S) expert rows, placeholders included, at full cost on a CPU; the paper's "
+    "V100s also spent time in the fixed-size all-to-all, which one process does not have",
+    2: "static at fraction 1.0 computes E x S rows for 2 S real pairs: a 64x waste at E=128",
+    3: "decode steps carry few tokens, so the static waste is smaller, as in the paper; the slowest pairing of "
+    "rounds falls below the paper's figure",
+    4: "total memory, weights included, at static's largest batch; the [S, E, C] routing tensors make the gap",
+    5: "static's [S, E, C] tensors outgrow the budget early; dynamic's sweep ended before it did (a lower bound)",
+    6: lambda c: (
+        "the experts are ~99% of this model's weights, as of the paper's 52B LM, so small pools cut total memory "
+        "far more than the paper's 1-16 slots of 16 per GPU did"
+        if c["ours"] is not None
+        else "no pool smaller than all 512 experts stays within 10% of dynamic gating's throughput on this CPU "
+        "(an untrained router's routing has little locality) nor in the GPU model; every pool still runs "
+        f"{c['smallest_pool']['vs_static'][1]:.1f}x static gating's throughput or more, "
+        f"{c['smallest_pool']['memory_cut_vs_static']:.1f}x less memory at {c['smallest_pool']['slots']} slots"
+    ),
+    7: "on prefill batches the paper's policy is at Belady's misses; in sparse decode steps it is further from "
+    "Belady, where recency (LRU) does better",
+    8: "the calibrated trace starts where the paper's did (> 0.6) and greedy brings it well under 0.4",
+    9: "timed on the MoE layer alone (the paper's figure is the whole model, which attention and dense layers "
+    "dilute), on 8 gloo ranks' CPU time",
+}
+
+
+def _standing(claim) -> str:
+    """'beats' / 'matches' (within 5%) / 'falls short of' the paper's figure."""
+    ours, paper = claim["ours"], claim["paper"]
+    if ours is None:
+        return "falls short" if claim.get("measured") else "not measured"
+    if claim["id"] == 7:  # misses over Belady's: 1.0 is the floor
+        return "matches" if ours <= 1.10 else "falls short"
+    better = paper / ours if claim["id"] == 8 else ours / paper  # claim 8: a lower Max Load is better
+    return "beats" if better > 1.05 else ("matches" if better >= 0.95 else "falls short")
 
 
 def main():
@@ -289,8 +399,15 @@ def main():
     recorded = _load("buffer_recorded.json")
     placement = _load("placement_paper.json")
     lm_made = _load("traces/routing_lm.json")
-    claims = _throughput_claims(models) + _buffer_claims(recorded) + _placement_claims(placement)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    claims = (
+        _throughput_claims(models, _load("paper_models_mt_fairseq.json"))
+        + _buffer_claims(recorded, _load("buffer_model.json"))
+        + _placement_claims(placement, _load("placement_timed.json"))
+    )
+    for c in claims:
+        c["standing"] = _standing(c)
+        why = WHY[c["id"]]
+        c["why"] = why(c) if callable(why) else (why if c["ours"] is not None else c["setting"])
     payload = dict(
         claims=claims,
         recorded_traces=[
@@ -299,13 +416,18 @@ def main():
             if os.path.exists(os.path.join(RESULTS_DIR, "traces", n))
         ],
         quality=(lm_made or {}).get("quality"),
-        commit=commit.strip(),
+        commit=commit(),
     )
     write_result("paper_claims.json", json.dumps(payload, indent=1) + "\n")
     fmt = lambda v: "—" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
+
+    def ours(c):
+        """Our figure, with its spread [min-max] where it has one."""
+        band = c.get("spread")
+        return fmt(c["ours"]) + (f" [{band[0]:.2f}-{band[2]:.2f}]" if band else "")
+
     rows = [
-        [c["id"], c["claim"], f"{fmt(c['paper'])} {c['unit']}", fmt(c["ours"]), c["verdict"], c["setting"]]
-        for c in claims
+        [c["id"], c["claim"], f"{fmt(c['paper'])} {c['unit']}", ours(c), c["verdict"], c["setting"]] for c in claims
     ]
     table = markdown_table(["#", "claim", "paper", "ours", "verdict", "how ours was measured"], rows)
     text = "# The paper's claims beside ours (bench/paper_claims.py)\n\n" + table + "\n"
@@ -324,10 +446,20 @@ def main():
     with open(readme) as f:
         current = f.read()
     if README_BEGIN in current and README_END in current:
-        short = [[c["id"], c["claim"], f"{fmt(c['paper'])} {c['unit']}", fmt(c["ours"]), c["verdict"]] for c in claims]
+        short = [
+            [
+                c["id"],
+                c["claim"],
+                f"{fmt(c['paper'])} {c['unit']}",
+                ours(c),
+                c["verdict"],
+                f"{c['standing']}: {c['why']}",
+            ]
+            for c in claims
+        ]
         block = (
             f"{README_BEGIN}\n"
-            + markdown_table(["#", "claim", "paper", "ours", "verdict"], short)
+            + markdown_table(["#", "claim", "paper", "ours", "verdict", "against the paper, and why"], short)
             + "\n\nGenerated by `bench/paper_claims.py` from the committed results; how each figure was measured and "
             "how its setting differs from the paper's: [bench/results/paper_claims.md](bench/results/paper_claims.md).\n"
             f"{README_END}"

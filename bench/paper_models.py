@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Optional
@@ -51,10 +50,13 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     Progress,
+    commit,
     machine_description,
     markdown_table,
     peak_memory,
+    results_header,
     return_freed_memory_to_os,
+    spread,
     time_interleaved,
     write_result,
 )
@@ -74,11 +76,11 @@ PAPER = {
 
 # ---- the LM: fairseq's MoE LM, scaled --------------------------------------------------------
 
+# Both models keep the paper's ffn / d_model = 4 (LM 1024 / 4096, MT 2048 / 8192), scaled down.
+SCALED = dict(d_model=128, ffn=512, heads=4)
 LM = dict(
-    d_model=128,
-    ffn=512,  # ffn / d_model = 4, as the paper's 1024 / 4096
+    SCALED,
     layers=4,
-    heads=4,
     num_experts=512,
     moe_freq=2,
     eval_capacity_fraction=0.25,
@@ -87,14 +89,11 @@ LM = dict(
     vocab=1024,
     seq_len=64,
 )
-
-
-def lm_setting(spec: dict) -> str:
-    return (
-        f"decoder-only LM, d_model {spec['d_model']}, ffn {spec['ffn']}, {spec['layers']} layers, MoE every "
-        f"{spec['moe_freq']}nd layer, E={spec['num_experts']}, top-2 (policy 'sampling'), gelu, eval capacity "
-        f"ceil({spec['eval_capacity_fraction']} * S), vocab {spec['vocab']}, sequences of {spec['seq_len']} tokens"
-    )
+LM_SETTING = (
+    "decoder-only LM, d_model {d_model}, ffn {ffn}, {layers} layers, MoE every {moe_freq}nd layer, E={num_experts}, "
+    "top-2 (policy 'sampling'), gelu, eval capacity ceil({eval_capacity_fraction} * S), vocab {vocab}, sequences of "
+    "{seq_len} tokens"
+)
 
 
 class LMLayer(nn.Module):
@@ -166,11 +165,9 @@ def build_lm(spec: dict = LM, dtype: torch.dtype = torch.float32, seed: int = 0)
 # ---- MT: transformers' NLLB-MoE, scaled ------------------------------------------------------
 
 MT = dict(
-    d_model=128,
-    ffn=512,  # ffn / d_model = 4, as the paper's 2048 / 8192
+    SCALED,
     encoder_layers=8,
     decoder_layers=8,
-    heads=4,
     num_experts=128,
     sparse_step=4,
     eval_capacity_fraction=1.0,
@@ -179,33 +176,26 @@ MT = dict(
     src_len=32,
     new_tokens=16,
 )
-
-
-def mt_setting(spec: dict) -> str:
-    return (
-        f"NLLB-MoE (transformers NllbMoeForConditionalGeneration), d_model {spec['d_model']}, ffn {spec['ffn']}, "
-        f"{spec['encoder_layers']}+{spec['decoder_layers']} layers, MoE every {spec['sparse_step']}th layer, "
-        f"E={spec['num_experts']}, top-2 (policy 'all'), relu, eval capacity ceil({spec['eval_capacity_fraction']} * S), "
-        f"moe_token_dropout 0.2, vocab {spec['vocab']}, source sentences of {spec['src_len']} tokens, "
-        f"{spec['new_tokens']} new tokens per sentence (greedy, KV cache)"
-    )
+MT_SETTING = (
+    "NLLB-MoE (transformers NllbMoeForConditionalGeneration), d_model {d_model}, ffn {ffn}, "
+    "{encoder_layers}+{decoder_layers} layers, MoE every {sparse_step}th layer, E={num_experts}, top-2 (policy "
+    "'all'), relu, eval capacity ceil({eval_capacity_fraction} * S), moe_token_dropout 0.2, vocab {vocab}, source "
+    "sentences of {src_len} tokens, {new_tokens} new tokens per sentence (greedy, KV cache)"
+)
 
 
 def mt_config(spec: dict = MT):
     import transformers
 
+    # The encoder and the decoder are alike: encoder_ffn_dim = decoder_ffn_dim = ffn, and so on.
+    per_side = dict(ffn_dim=spec["ffn"], attention_heads=spec["heads"], sparse_step=spec["sparse_step"])
     config = transformers.NllbMoeConfig(
+        **{f"{side}_{key}": value for side in ("encoder", "decoder") for key, value in per_side.items()},
         vocab_size=spec["vocab"],
         d_model=spec["d_model"],
         encoder_layers=spec["encoder_layers"],
         decoder_layers=spec["decoder_layers"],
-        encoder_ffn_dim=spec["ffn"],
-        decoder_ffn_dim=spec["ffn"],
-        encoder_attention_heads=spec["heads"],
-        decoder_attention_heads=spec["heads"],
         num_experts=spec["num_experts"],
-        encoder_sparse_step=spec["sparse_step"],
-        decoder_sparse_step=spec["sparse_step"],
         moe_eval_capacity_token_fraction=spec["eval_capacity_fraction"],
         max_position_embeddings=1024,
         init_std=spec["d_model"] ** -0.5,
@@ -218,9 +208,12 @@ def mt_config(spec: dict = MT):
     return config
 
 
-def build_mt(spec: dict = MT, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
-    """{"static": transformers' NLLB-MoE as shipped, "dynamic": a copy run by moe_infer.optimize}
-    (the same weights), both in eval mode."""
+MT_STATIC = ("transformers", "fairseq")
+
+
+def build_mt(spec: dict = MT, dtype: torch.dtype = torch.float32, seed: int = 0, static: str = "transformers") -> dict:
+    """{"static": NLLB-MoE with static gating, "dynamic": a copy run by moe_infer.optimize} (the same
+    weights), both in eval mode. static: "transformers" (as shipped) or "fairseq" (fairseq_static_mt)."""
     import copy
 
     import transformers
@@ -228,9 +221,58 @@ def build_mt(spec: dict = MT, dtype: torch.dtype = torch.float32, seed: int = 0)
     import moe_infer
 
     torch.manual_seed(seed)
-    static = transformers.NllbMoeForConditionalGeneration(mt_config(spec)).to(dtype).eval()
-    dynamic = moe_infer.optimize(copy.deepcopy(static), verbose=False)
-    return {"static": static, "dynamic": dynamic}
+    shipped = transformers.NllbMoeForConditionalGeneration(mt_config(spec)).to(dtype).eval()
+    dynamic = moe_infer.optimize(copy.deepcopy(shipped), verbose=False)
+    return {"static": shipped if static == "transformers" else fairseq_static_mt(shipped), "dynamic": dynamic}
+
+
+def fairseq_static_mt(model: nn.Module) -> nn.Module:
+    """NLLB-MoE whose sparse MLPs compute as fairseq does at evaluation (in place): each becomes a
+    moe_infer.fairseq.MOELayer with gating="static" -- a Top2Gate with NLLB's router weights and
+    options (second-expert policy, normalisation, batch-prioritised routing, eval capacity
+    ceil(fraction * S)), [S, E, C] routing, every expert computing its whole capacity buffer, outputs
+    scaled by 1 - moe_token_dropout -- over the same expert weights (moved into the layer's stack)."""
+    import types
+
+    config = model.config
+    for module in model.modules():
+        if type(module).__name__ != "NllbMoeSparseMLP":
+            continue
+        router = module.router.classifier
+        gate = Top2Gate(
+            config.d_model,
+            config.num_experts,
+            second_expert_policy=config.second_expert_policy,
+            normalize_gate_prob_before_dropping=config.normalize_router_prob_before_dropping,
+            moe_eval_capacity_token_fraction=config.moe_eval_capacity_token_fraction,
+            batch_prioritized_routing=config.batch_prioritized_routing,
+            dtype=router.weight.dtype,
+        )
+        with torch.no_grad():
+            gate.wg.weight.copy_(router.weight)
+        experts = nn.ModuleList(module.experts[f"expert_{e}"] for e in range(config.num_experts))
+        module.fairseq = MOELayer(
+            gate,
+            experts,
+            activation=config.activation_function,
+            tok_dropout=module.experts.moe_token_dropout,
+            gating="static",
+        ).eval()
+        del module.experts, module.router  # the layer holds them now (its own stacked copy)
+        module.forward = types.MethodType(_fairseq_sparse_mlp_forward, module)
+    return model
+
+
+def _fairseq_sparse_mlp_forward(self, hidden_states: torch.Tensor, padding_mask=None) -> torch.Tensor:
+    """NllbMoeSparseMLP.forward through the fairseq layer; its padding mask read as transformers'
+    router reads it (nonzero = padding; of a 4-D mask, the last query row)."""
+    mask = None
+    if padding_mask is not None:
+        tokens = hidden_states.shape[0] * hidden_states.shape[1]
+        if padding_mask.dim() == 4:
+            padding_mask = padding_mask[:, :, -1, :].reshape(-1)[-tokens:]
+        mask = padding_mask.bool().reshape(hidden_states.shape[:2])
+    return self.fairseq(hidden_states, input_padding_mask=mask)[0]
 
 
 def mt_source(batch: int, spec: dict = MT, seed: int = 0) -> torch.Tensor:
@@ -274,13 +316,21 @@ class Workload:
         if name == "lm":
             self.spec = LM if not args.quick else {**LM, "seq_len": 32}
             self.model = build_lm(self.spec, dtype)
-            self.setting = lm_setting(self.spec)
+            self.setting = LM_SETTING.format(**self.spec)
             self.weights = weight_bytes(self.model)
         else:
             self.spec = MT if not args.quick else {**MT, "new_tokens": 4}
-            self.models = build_mt(self.spec, dtype)
-            self.setting = mt_setting(self.spec)
+            self.models = build_mt(self.spec, dtype, static=args.mt_static)
+            self.setting = MT_SETTING.format(**self.spec)
             self.weights = weight_bytes(self.models["static"])
+            # Nothing is dropped at fraction 1.0, so the outputs must agree; in float32 only: in bfloat16
+            # fairseq's gate computes its logits in bfloat16 and NLLB's router in float32, so near-ties differ.
+            if args.mt_static == "fairseq" and dtype == torch.float32:
+                source = mt_source(2, self.spec)
+                static, dynamic = (mt_encode(self.models[m], source).last_hidden_state.float() for m in MODES)
+                error = (static - dynamic).abs().max().item() / dynamic.abs().max().item()
+                if error > 1e-4:
+                    raise RuntimeError(f"fairseq-static NLLB disagrees with dynamic gating: relative error {error:.2e}")
         self._encoded = {}
 
     def call(self, mode: str, batch: int):
@@ -302,10 +352,6 @@ class Workload:
         encoded = mt_encode(model, source)  # outside the timed call
         new_tokens = self.spec["new_tokens"]
         return (lambda: mt_generate(model, encoded, source, new_tokens)), batch * new_tokens
-
-
-def spread(values: list) -> list:
-    return [min(values), statistics.median(values), max(values)]
 
 
 def measure_batch(workload: Workload, batch: int, modes: list, budget_bytes: float, args) -> dict:
@@ -503,20 +549,6 @@ def paper_table(results: dict) -> str:
     return markdown_table(headers, lines)
 
 
-def commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sweeps, 2 rounds, no verdicts (about a minute)")
@@ -526,6 +558,12 @@ def main():
     parser.add_argument("--max-call-s", type=float, default=None, help="a mode stops growing past a call this slow")
     parser.add_argument("--output", default=None, help="results file stem under bench/results/")
     parser.add_argument("--render", default=None, help="only recompute the tables of this results JSON")
+    parser.add_argument(
+        "--mt-static",
+        default="transformers",
+        choices=MT_STATIC,
+        help="the MT static baseline: transformers' NLLB-MoE as shipped, or fairseq's static gating on its weights",
+    )
     args = parser.parse_args()
     if args.render:
         return render(args.render, args.output)
@@ -561,19 +599,28 @@ def main():
             }
             del workload
     sys.stderr.write("\n")
-    write_report(results, machine_description(torch.device("cpu")), commit(), args.quick, args.output)
+    write_report(results, machine_description(torch.device("cpu")), commit(), args.quick, args.output, args.mt_static)
 
 
-def write_report(results: dict, machine: str, revision: str, quick: bool, stem: Optional[str]) -> None:
+MT_STATIC_TEXT = {
+    "transformers": "mt, transformers 5.24's NLLB-MoE as shipped (one-hot [tokens, experts] routing masks; its expert "
+    "loop runs E x tokens rows whatever the routing, the expert FLOPs of fairseq's static gating at capacity "
+    "fraction 1.0)",
+    "fairseq": "mt, fairseq's static gating on the NLLB-MoE weights (each sparse MLP a moe_infer.fairseq.MOELayer "
+    "gating='static': Top2Gate with NLLB's options, eval capacity ceil(1.0 * S), [S, E, C] routing tensors, "
+    "E x C expert rows, placeholders included; its float32 outputs checked equal to dynamic gating's, since nothing "
+    "is dropped at fraction 1.0; in bfloat16 its gate computes the logits in bfloat16, as fairseq's does)",
+}
+
+
+def write_report(
+    results: dict, machine: str, revision: str, quick: bool, stem: Optional[str], mt_static: str = "transformers"
+) -> None:
     settings = "\n".join(f"- {name}: {next(iter(r.values()))['setting']}" for name, r in results.items())
-    text = (
-        f"# Dynamic vs static gating on whole models{' (quick run: no verdicts)' if quick else ''}\n\n"
-        f"Machine: {machine}. Measured at commit {revision}.\n\n"
+    text = results_header("Dynamic vs static gating on whole models", machine, revision, quick) + (
         f"Settings:\n{settings}\n\n"
         f"static: lm, fairseq's computation (moe_infer.fairseq.MOELayer gating='static': capacity, [S, E, C] "
-        f"routing tensors, E x C expert rows, placeholders included); mt, transformers 5.24's NLLB-MoE as "
-        f"shipped (one-hot [tokens, experts] routing masks; its expert loop runs E x tokens rows whatever the "
-        f"routing, the expert FLOPs of fairseq's static gating at capacity fraction 1.0). dynamic: "
+        f"routing tensors, E x C expert rows, placeholders included); {MT_STATIC_TEXT[mt_static]}. dynamic: "
         f"gating='dynamic' (lm), moe_infer.optimize(model) (mt); capacity-free.\n\n"
         f"Throughput: tokens per second of CPU time (one thread), the two modes interleaved, "
         f"{'2' if quick else '3-10'} rounds: median [min-max]; 'dyn / static': per-round ratios, median "
@@ -588,13 +635,14 @@ def write_report(results: dict, machine: str, revision: str, quick: bool, stem: 
         text += f"## Against the paper (budget {HEADLINE_BUDGET:g}x weights)\n\n{paper_table(results)}\n\n"
     text += f"## Per memory budget\n\n{budget_table(results)}\n\n## Sweep\n\n{sweep_table(results)}\n"
     print(text)
-    stem = stem or f"paper_models{'_quick' if quick else ''}"
+    stem = stem or f"paper_models{'' if mt_static == 'transformers' else '_mt_' + mt_static}{'_quick' if quick else ''}"
     md_path = write_result(f"{stem}.md", text)
     payload = {
         "machine": machine,
         "commit": revision,
         "summary_commit": commit(),
         "quick": quick,
+        "mt_static": mt_static,
         "budgets_x_weights": list(BUDGETS),
         "headline_budget": f"{HEADLINE_BUDGET:g}x weights",
         "paper": PAPER,
@@ -613,7 +661,9 @@ def render(path: str, stem: Optional[str]) -> None:
         for result in by_dtype.values():
             weights = result["weights_mib"] * 2**20
             result.update(summarize(result["rows"], weights, result["sweep_max_batch"]))
-    write_report(results, saved["machine"], saved["commit"], saved["quick"], stem)
+    write_report(
+        results, saved["machine"], saved["commit"], saved["quick"], stem, saved.get("mt_static", "transformers")
+    )
 
 
 if __name__ == "__main__":

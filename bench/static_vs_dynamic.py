@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     RESULTS_DIR,
     Progress,
+    commit,
     machine_description,
     markdown_table,
     peak_memory,
@@ -373,7 +374,7 @@ def main():
     workload_lines = "\n".join(f"- {WORKLOADS[w]['title']}: {WORKLOADS[w]['description']}" for w in workloads)
     text = (
         f"# Static vs dynamic gating (cpu, {args.dtype})\n\n"
-        f"Machine: {machine_description(torch.device('cpu'))}\n\n"
+        f"Machine: {machine_description(torch.device('cpu'))}. Measured at commit {commit()}.\n\n"
         f"Workloads (batches of {args.seq_len}-token sequences, moe_infer.fairseq.MOELayer, one set of weights "
         f"for both modes):\n{workload_lines}\n\n"
         f"Memory: peak resident memory of one forward above the resident set before it (weights excluded); "
@@ -392,6 +393,7 @@ def main():
         json.dumps(
             {
                 "machine": machine_description(torch.device("cpu")),
+                "commit": commit(),
                 "cap_mib": args.cap_mib,
                 "seq_len": args.seq_len,
                 "workloads": {w: {**WORKLOADS[w], **results[w]} for w in workloads},

@@ -147,3 +147,31 @@ def test_mt_static_is_transformers_as_shipped():
     assert len(blocks) == 2
     assert all(type(b).__module__ == "transformers.models.nllb_moe.modeling_nllb_moe" for b in blocks)
     assert all("forward" not in b.experts.__dict__ for b in blocks)  # the shipped expert loop
+
+
+def test_mt_fairseq_static_equals_transformers_at_fraction_one():
+    """The fairseq-static baseline: fairseq's static gating on NLLB-MoE's weights drops nothing at its
+    eval fraction 1.0, so it gives the corrected transformers model's logits and greedy tokens."""
+    models = paper_models.build_mt(TINY_MT, static="fairseq")
+    reference = hf_models.correct_nllb_moe_experts(paper_models.build_mt(TINY_MT)["static"])
+    layers = [m.fairseq for m in models["static"].modules() if type(m).__name__ == "NllbMoeSparseMLP"]
+    assert len(layers) == 2 and all(layer.gating == "static" for layer in layers)
+    source = paper_models.mt_source(3, TINY_MT)
+    assert relative_error(mt_logits(models["static"], source), mt_logits(reference, source)) < 1e-5
+    for layer in layers:
+        assert float(layer.metadata["overflow_expert1"]) == 0 and float(layer.metadata["overflow_expert2"]) == 0
+    encoded = paper_models.mt_encode(models["static"], source)
+    generated = paper_models.mt_generate(models["static"], encoded, source, TINY_MT["new_tokens"])
+    want = paper_models.mt_generate(reference, paper_models.mt_encode(reference, source), source, TINY_MT["new_tokens"])
+    assert torch.equal(generated, want)
+
+
+def test_mt_fairseq_static_drops_below_fraction_one():
+    models = paper_models.build_mt({**TINY_MT, "eval_capacity_fraction": 0.25}, static="fairseq")
+    source = paper_models.mt_source(4, TINY_MT)
+    static = paper_models.mt_encode(models["static"], source).last_hidden_state
+    dynamic = paper_models.mt_encode(models["dynamic"], source).last_hidden_state
+    encoder_layer = next(m.fairseq for m in models["static"].get_encoder().modules() if hasattr(m, "fairseq"))
+    assert encoder_layer.metadata["capacity"] == 12  # ceil(0.25 * 48 tokens)
+    assert float(encoder_layer.metadata["overflow_expert1"]) + float(encoder_layer.metadata["overflow_expert2"]) > 0
+    assert relative_error(static, dynamic) > 1e-3
