@@ -73,10 +73,21 @@ def _extension():
     cxx_flags = ["-O3", "-fvisibility=hidden"]  # the C++ standard is the one torch requires
     if os.environ.get("MOE_INFER_DEBUG") == "1":
         cxx_flags = ["-O0", "-g"]
+    # at::parallel_for is a template whose `#pragma omp parallel` is compiled here: without OpenMP
+    # every parallel loop of ours runs on one thread. Linking libgomp by its soname reuses the copy
+    # torch has loaded, so torch.set_num_threads governs our loops too.
+    link_flags = []
+    if torch._C.has_openmp and sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _want_cuda():
         return CppExtension(
-            "moe_infer._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "moe_infer._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if arch_list is None and torch.cuda.is_available():
@@ -89,6 +100,7 @@ def _extension():
         include_dirs=include_dirs,
         define_macros=[("MOE_INFER_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags + ["-DMOE_INFER_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 

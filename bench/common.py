@@ -62,12 +62,14 @@ def time_interleaved(
     min_seconds: float = 0.0,
     statistic: Callable[[list[float]], float] = statistics.median,
     clock: Callable[[], float] = time.perf_counter,
+    before: Callable[[], object] | None = None,
 ) -> dict[str, float]:
     """Median (or ``statistic``) seconds per call of each function, measured in interleaved rounds
     (A B C A B C ...).
 
     Interleaving spreads the machine's noise over all variants, so their ratios are fair. ``clock``
     may be ``time.process_time`` (CPU time, for single-threaded runs on a shared machine).
+    ``before`` runs untimed before every timed call (e.g. evict_caches).
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -78,6 +80,8 @@ def time_interleaved(
     rounds = 0
     while rounds < repeats or (time.perf_counter() - start < min_seconds and rounds < 50 * repeats):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             synchronize(device)
             t0 = clock()
             fn()
@@ -85,6 +89,33 @@ def time_interleaved(
             samples[name].append(clock() - t0)
         rounds += 1
     return {name: statistic(values) for name, values in samples.items()}
+
+
+def memory_bandwidth(clock: Callable[[], float] = time.perf_counter) -> float:
+    """Bytes per second of a large copy (read + write), best of several, on the current threads:
+    the rate a decode step's weights can stream at, timed with the clock of the table it sits in
+    (CPU time on one thread, so that other jobs holding the core do not count)."""
+    source = torch.empty(2**27, dtype=torch.uint8).fill_(1)  # 128 MiB: far beyond the caches
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(5):
+        start = clock()
+        target.copy_(source)
+        best = min(best, clock() - start)
+    return 2 * source.numel() / best
+
+
+_EVICTION_BUFFER = None
+
+
+def evict_caches() -> None:
+    """Reads and writes 128 MiB (4x this machine's L3) so the next call finds no weight in a cache:
+    a decode step of a real model reads each layer's experts once, long after the last time."""
+    global _EVICTION_BUFFER
+    if _EVICTION_BUFFER is None:
+        _EVICTION_BUFFER = torch.zeros(2**25, dtype=torch.float32)
+    _EVICTION_BUFFER.add_(1.0)
 
 
 # ---- memory: peak RSS of one call ------------------------------------------------------------

@@ -436,6 +436,7 @@ def main():
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--quick", action="store_true", help=f"S in {QUICK_TOKENS}, fewer repeats")
     parser.add_argument("--dry-run", action="store_true", help="rehearse on the CPU: tiny shapes, one repeat")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args()
     if args.dry_run:
         device, shapes, tokens, repeats = torch.device("cpu"), DRY_SHAPES, [1, 16], 1
@@ -447,7 +448,7 @@ def main():
         device, shapes = torch.device("cuda"), SHAPES
         tokens, repeats = (QUICK_TOKENS, 10) if args.quick else (TOKENS, 30)
         out_dir = os.path.join(ROOT, "bench", "results", "gpu")
-    dtype = torch.bfloat16
+    dtype = getattr(torch, args.dtype)
     timer = Timer(device, repeats)
     bandwidth = copy_bandwidth(device, timer, 1 << 16 if args.dry_run else 1 << 30)  # bytes / ms
     os.makedirs(out_dir, exist_ok=True)
@@ -459,7 +460,8 @@ def main():
             f"{body}\n"
         )
         print(text)
-        path = os.path.join(out_dir, f"{part}_{'dry_run' if args.dry_run else 'h200'}.md")
+        suffix = "" if dtype == torch.bfloat16 else f"_{args.dtype}"
+        path = os.path.join(out_dir, f"{part}_{'dry_run' if args.dry_run else 'h200'}{suffix}.md")
         with open(path, "w") as f:
             f.write(text)
         if os.environ.get("OUT") and not args.dry_run:

@@ -14,9 +14,11 @@ expert loop (NLLB-MoE's loop corrected, see tests/python/hf_models.py), and moe_
 capacity-free. Every variant's float32 logits are checked against HF eager first, then the variants
 are timed interleaved (median): prefill of 512 tokens (encoder-decoder models: 512 source tokens
 and one target token), and one decode step at batch 1 and 16 after a 128-token context (the KV
-cache is cropped back after each step). Decode rows also give the weight-bandwidth floor: the bytes
-of the experts' weights the step reads (each layer's active experts) over the memory bandwidth
-measured in the same run (a large torch copy, read + write bytes).
+cache is cropped back after each step), each timed call starting from cold caches (128 MiB touched
+untimed before it), as in a real model whose weights far exceed the caches. Decode rows also give
+the weight-bandwidth floor: the bytes of weights the step must read (every parameter outside the
+experts, an untied input embedding aside, plus each layer's active experts) over the memory
+bandwidth measured in the same run (a large torch copy, read + write bytes).
 
 Tables for each --dtype (default bfloat16 and float32) and --threads (default 1 and 2). One thread
 is timed in CPU time (time.process_time): this machine is shared, and CPU time of a single-threaded
@@ -47,7 +49,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))  # hf_models
 import hf_models  # noqa: E402
 import moe_infer  # noqa: E402
-from common import Progress, machine_description, markdown_table, time_interleaved, write_result  # noqa: E402
+from common import (  # noqa: E402
+    Progress,
+    evict_caches,
+    machine_description,
+    markdown_table,
+    memory_bandwidth,
+    time_interleaved,
+    write_result,
+)
 from moe_infer.integrations import hf  # noqa: E402
 
 # arch: make_config options (hidden 512, 8-64 experts; COMMON: 2 layers)
@@ -111,10 +121,18 @@ def build_variants(arch, dtype):
     return variants
 
 
-def active_expert_bytes(model, step):
-    """Bytes of the experts' weights one call of ``step`` reads: each layer's distinct routed experts."""
+def step_weight_bytes(model, step):
+    """Bytes of weights one call of ``step`` must read: every parameter outside the experts (an
+    untied input embedding aside: a step reads one row of it) and each layer's distinct routed
+    experts."""
     modules = [m for m in model.modules() if isinstance(getattr(m, "down_proj", None), torch.Tensor)]
-    total = []
+    expert_params = {id(p) for m in modules for p in m.parameters()}
+    skip = set(expert_params)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or embedding.weight is not head.weight:
+        skip.add(id(embedding.weight))
+    dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+    total = [dense]
 
     def hook(module, args, output):
         fc1, fc2, _ = expert_matrices(module)
@@ -127,19 +145,6 @@ def active_expert_bytes(model, step):
     for h in hooks:
         h.remove()
     return sum(total)
-
-
-def memory_bandwidth():
-    """Bytes per second of a large copy (read + write), best of several, on the current threads."""
-    source = torch.empty(2**27, dtype=torch.uint8).fill_(1)  # 128 MiB: far beyond the caches
-    target = torch.empty_like(source)
-    target.copy_(source)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        target.copy_(source)
-        best = min(best, time.perf_counter() - start)
-    return 2 * source.numel() / best
 
 
 def random_ids(batch, length, generator):
@@ -195,21 +200,30 @@ def batched_mm_gather_bytes(arch, model, num_tokens):
 
 
 def check_variants(arch, variants, ids, dtype):
-    """Every variant's logits against HF eager's."""
+    """Every variant's logits against HF eager's; the worst moe_infer error.
+
+    In 16-bit types transformers' own implementations can differ from eager by more than rounding
+    (a GEMM's rounding flips a later layer's routing): moe_infer may then differ by as much as HF's
+    own variants do (twice their worst), never more."""
     limit = 1e-5 if dtype == torch.float32 else 3e-2
+    errors = {}
     with torch.no_grad():
         expected = prefill_fn(arch, variants["HF eager"], ids)().double()
-        worst = 0.0
         for name, model in variants.items():
-            if name == "GEMM floor":
+            if name in ("GEMM floor", "HF eager"):
                 continue
             if name == "HF batched_mm" and batched_mm_gather_bytes(arch, model, ids.numel()) > MAX_GATHER_BYTES:
                 continue
-            error = ((prefill_fn(arch, model, ids)().double() - expected).norm() / expected.norm()).item()
-            if not error < limit:
-                raise SystemExit(f"{arch}: {name} disagrees with HF eager: relative error {error:.2e}")
-            worst = max(worst, error)
-    return worst
+            errors[name] = ((prefill_fn(arch, model, ids)().double() - expected).norm() / expected.norm()).item()
+    ours = {name: e for name, e in errors.items() if "moe_infer" in name}
+    hf_spread = max((e for name, e in errors.items() if name not in ours), default=0.0)
+    allowed = limit if dtype == torch.float32 else max(limit, 2 * hf_spread)
+    for name, error in ours.items():
+        if not error < allowed:
+            raise SystemExit(
+                f"{arch}: {name} disagrees with HF eager: relative error {error:.2e} (allowed {allowed:.1e})"
+            )
+    return max(ours.values(), default=0.0)
 
 
 # ---- peak memory (one subprocess per measurement) ---------------------------------------------
@@ -291,7 +305,7 @@ def run_table(archs, dtype, threads, quick, progress):
     """One table: every architecture and phase at this dtype and thread count."""
     torch.set_num_threads(threads)
     clock = time.process_time if threads == 1 else time.perf_counter
-    bandwidth = memory_bandwidth()
+    bandwidth = memory_bandwidth(clock)
     generator = torch.Generator().manual_seed(0)
     rows, worst = [], 0.0
     for arch in archs:
@@ -315,7 +329,7 @@ def run_table(archs, dtype, threads, quick, progress):
                 fns = {name: decode_fn(arch, model, ids) for name, model in variants.items()}
                 tokens, repeats = batch, (5 if quick else 15)
                 if arch not in hf_models.ENCODER_DECODER:
-                    bandwidth_floor = active_expert_bytes(variants["HF eager"], fns["HF eager"]) / bandwidth
+                    bandwidth_floor = step_weight_bytes(variants["HF eager"], fns["HF eager"]) / bandwidth
             with torch.no_grad():
                 samples = time_interleaved(
                     fns,
@@ -324,6 +338,7 @@ def run_table(archs, dtype, threads, quick, progress):
                     min_seconds=0.5 if quick else 2.0,
                     statistic=list,
                     clock=clock,
+                    before=None if phase.startswith("prefill") else evict_caches,
                 )
             times = {name: median(values) for name, values in samples.items()}
             hf_times = {n: t for n, t in times.items() if n.startswith("HF") and "moe_infer" not in n}
@@ -387,8 +402,9 @@ def main():
         f"one sequence of {PREFILL} tokens (encoder-decoder: {PREFILL} source tokens, 1 target token). Decode: one "
         f"step at batch b after a {CONTEXT}-token context. 'GEMM floor': the whole model with experts that only run "
         f"their GEMMs (F.linear per routed expert), so 'moe_infer / GEMM floor' includes attention etc. on both "
-        f"sides. 'bandwidth floor': bytes of the experts' weights one decode step reads (active experts of every "
-        f"layer) / the copy bandwidth. 'vs best HF' = fastest of HF eager / batched_mm / grouped_mm divided by "
+        f"sides. 'bandwidth floor': bytes of the weights one decode step must read (every parameter outside the "
+        f"experts, an untied input embedding aside, plus the active experts of every layer) / the copy bandwidth; "
+        f"decode rows are timed from cold caches. 'vs best HF' = fastest of HF eager / batched_mm / grouped_mm divided by "
         f"moe_infer. Switch/NLLB: 'HF eager' is transformers' capacity routing and expert loop (NLLB-MoE's loop "
         f"corrected); they have no experts interface, so no GEMM floor. HF batched_mm gathers one weight matrix "
         f"pair per (token, expert); it is not run where that exceeds {MAX_GATHER_BYTES / 2**30:.0f} GiB (the size "

@@ -141,6 +141,11 @@ void fail_nonfinite_logits(int64_t row, const char* op) {
       "and router weights");
 }
 
+void fail_nonfinite_bias(int64_t entry) {
+  TORCH_CHECK_VALUE(false, "topk_gating: selection_bias must be finite, but entry ", entry,
+                    " is not");
+}
+
 void fail_expert_id(int64_t pair, int64_t value, const PlanSizes& sizes) {
   TORCH_CHECK_VALUE(false, "dispatch_plan: expert_ids[", pair / sizes.top_k, ", ",
                     pair % sizes.top_k, "] = ", value,

@@ -66,6 +66,7 @@ MlpCombineSizes check_grouped_mlp_combine(MOE_INFER_PARAMS(grouped_mlp_combine))
 
 // Errors of the data-dependent checks, in the same words on every backend.
 [[noreturn]] void fail_nonfinite_logits(int64_t row, const char* op = "topk_gating");
+[[noreturn]] void fail_nonfinite_bias(int64_t entry);
 [[noreturn]] void fail_expert_id(int64_t pair, int64_t value, const PlanSizes& sizes);
 // ---- expert buffering ----
 

@@ -46,8 +46,7 @@ void check_finite_logits(const at::Tensor& router_logits, Scoring scoring, const
 
 void check_finite_bias(const at::Tensor& selection_bias) {
   const at::Tensor bad = at::nonzero(~at::isfinite(selection_bias));
-  TORCH_CHECK_VALUE(bad.size(0) == 0, "topk_gating: selection_bias must be finite, but entry ",
-                    bad.size(0) ? bad[0][0].item<int64_t>() : 0, " is not");
+  if (bad.size(0) > 0) fail_nonfinite_bias(bad[0][0].item<int64_t>());
 }
 
 void check_expert_id_range(const at::Tensor& expert_ids, const PlanSizes& sizes) {
@@ -77,25 +76,28 @@ std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64
 
 void expert_ffn(int64_t expert, const at::Tensor& x, const ExpertWeights& weights,
                 const at::Tensor& fc1_buffer, const at::Tensor& act_buffer,
-                const ActivateFn& activate, const at::Tensor& y) {
+                const ActivateFn& activate, const at::Tensor& y, LinearFn linear) {
   const int64_t rows = x.size(0);
+  const auto gemm = [&](at::Tensor out, const at::Tensor& in, const at::Tensor& w,
+                        const std::optional<at::Tensor>& bias) {
+    if (linear != nullptr && linear(out, in, w, bias)) return;
+    if (bias.has_value()) {
+      at::addmm_out(out, *bias, in, w);
+    } else {
+      at::mm_out(out, in, w);
+    }
+  };
+  const auto bias_of = [expert](const std::optional<at::Tensor>& bias) {
+    return bias.has_value() ? std::optional<at::Tensor>(bias->select(0, expert)) : std::nullopt;
+  };
   // [H, F1] and [I, H] views of the expert's weights.
   const at::Tensor fc1 = weights.fc1_in_out().select(0, expert);
   const at::Tensor fc2 = weights.fc2_in_out().select(0, expert);
-  at::Tensor fc1_out = fc1_buffer.narrow(0, 0, rows);
-  if (weights.fc1_bias.has_value()) {
-    at::addmm_out(fc1_out, weights.fc1_bias->select(0, expert), x, fc1);
-  } else {
-    at::mm_out(fc1_out, x, fc1);
-  }
-  at::Tensor act = act_buffer.narrow(0, 0, rows);
+  const at::Tensor fc1_out = fc1_buffer.narrow(0, 0, rows);
+  gemm(fc1_out, x, fc1, bias_of(weights.fc1_bias));
+  const at::Tensor act = act_buffer.narrow(0, 0, rows);
   activate(fc1_out, act);
-  at::Tensor out = y;
-  if (weights.fc2_bias.has_value()) {
-    at::addmm_out(out, weights.fc2_bias->select(0, expert), act, fc2);
-  } else {
-    at::mm_out(out, act, fc2);
-  }
+  gemm(y, act, fc2, bias_of(weights.fc2_bias));
 }
 
 void fail_static_slot_conflict(const at::Tensor& dispatch_mask, const StaticSlotSizes& sizes) {
@@ -110,7 +112,7 @@ void fail_static_slot_conflict(const at::Tensor& dispatch_mask, const StaticSlot
 
 at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<int32_t>& offsets,
                                   const ExpertWeights& weights, const MlpSizes& sizes,
-                                  const ActivateFn& activate) {
+                                  const ActivateFn& activate, LinearFn linear) {
   auto out = at::empty({sizes.num_rows, sizes.hidden_size}, hidden.options());
   int64_t max_rows = 0;
   for (int64_t e = 0; e < sizes.num_experts; ++e) {
@@ -124,7 +126,7 @@ at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<in
     const int64_t rows = offsets[e + 1] - begin;
     if (rows == 0) continue;
     expert_ffn(e, hidden.narrow(0, begin, rows), weights, fc1_buffer, act_buffer, activate,
-               out.narrow(0, begin, rows));
+               out.narrow(0, begin, rows), linear);
   }
   // Rows after every expert (unrouted pairs) are defined as zeros.
   if (offsets.back() < sizes.num_rows) {

@@ -106,17 +106,22 @@ std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64
 
 using ActivateFn = std::function<void(const at::Tensor& fc1_out, const at::Tensor& act)>;
 
+// A device's own GEMM for the shapes it handles better than ATen's: out = x @ w (+ bias), with w
+// the [K, N] view of one expert's weight; returns false to leave the product to ATen.
+using LinearFn = bool (*)(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                          const std::optional<at::Tensor>& bias);
+
 // One expert's FFN: rows x [n, H] -> y [n, H] (written in place): fc1 (+bias) -> activate ->
 // fc2 (+bias), through scratch buffers of at least n rows. Weights are read in place through views
 // (the GEMMs read the transposes as they are stored).
 void expert_ffn(int64_t expert, const at::Tensor& x, const ExpertWeights& weights,
                 const at::Tensor& fc1_buffer, const at::Tensor& act_buffer,
-                const ActivateFn& activate, const at::Tensor& y);
+                const ActivateFn& activate, const at::Tensor& y, LinearFn linear = nullptr);
 
 // The per-expert GEMM loop shared by every device and by the fallback: expert_ffn for each
 // non-empty expert straight into its output rows; rows outside every expert are zeros.
 at::Tensor grouped_mlp_per_expert(const at::Tensor& hidden, const std::vector<int32_t>& offsets,
                                   const ExpertWeights& weights, const MlpSizes& sizes,
-                                  const ActivateFn& activate);
+                                  const ActivateFn& activate, LinearFn linear = nullptr);
 
 }  // namespace moe_infer

@@ -14,6 +14,7 @@
 #include "common/checks.h"
 #include "common/composite.h"
 #include "cpu/parallel.h"
+#include "cpu/small_gemm.h"
 #include "dispatch.h"
 
 namespace moe_infer {
@@ -41,12 +42,30 @@ bool unary_out(Activation unary, at::Tensor& out, const at::Tensor& x) {
   }
 }
 
+// GPT-OSS's clamped swiGLU on interleaved gate/up columns, op by op as transformers computes it
+// (so 16-bit types round where its eager experts round): (clamp(up) + 1) * g * sigmoid(alpha * g)
+// with g = min(gate, limit).
+void gpt_oss_swiglu_out(const at::Tensor& fc1_out, int64_t ffn_size, const ActivationParams& params,
+                        at::Tensor& out) {
+  const at::Tensor gate = fc1_out.slice(1, 0, 2 * ffn_size, 2).clamp_max(params.swiglu_limit);
+  at::Tensor up =
+      fc1_out.slice(1, 1, 2 * ffn_size, 2).clamp(-params.swiglu_limit, params.swiglu_limit);
+  at::sigmoid_out(out, gate * params.swiglu_alpha);
+  out.mul_(gate);
+  up.add_(1);
+  out.mul_(up);
+}
+
 // ATen's vectorized kernels (several times faster than the scalar loop; in 16-bit types they round
-// as transformers' eager experts do: act(gate) rounded, then the product); GPT-OSS's clamped
-// swiGLU and float64 through activate_row.
+// as transformers' eager experts do: act(gate) rounded, then the product); float64 through
+// activate_row.
 bool activate_rows_vectorized(const at::Tensor& fc1_out, int64_t ffn_size,
                               const ActivationParams& params, at::Tensor out) {
-  if (fc1_out.scalar_type() == at::kDouble || uses_swiglu_params(params.activation)) return false;
+  if (fc1_out.scalar_type() == at::kDouble) return false;
+  if (params.activation == Activation::kGptOssSwiglu) {
+    gpt_oss_swiglu_out(fc1_out, ffn_size, params, out);
+    return true;
+  }
   if (!unary_out(unary_of(params.activation), out, fc1_out.narrow(1, 0, ffn_size))) return false;
   if (is_gated(params.activation)) out.mul_(fc1_out.narrow(1, ffn_size, ffn_size));
   return true;
@@ -77,6 +96,41 @@ ActivateFn cpu_activation(const ActivationParams& params) {
   };
 }
 
+// out = x @ w (+ bias) with small_gemm for an expert with few rows (decode), whose GEMM is bound by
+// the bytes of its weights; false (ATen's GEMM) for more rows, other dtypes or layouts.
+bool small_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                  const std::optional<at::Tensor>& bias) {
+  const int64_t rows = x.size(0);
+  if (rows == 0 || rows > kSmallGemmMaxRows) return false;
+  const at::ScalarType dtype = x.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
+  if (w.scalar_type() != dtype || out.scalar_type() != dtype) return false;
+  if (bias.has_value() && (bias->scalar_type() != dtype || bias->stride(0) != 1)) return false;
+  if (x.stride(1) != 1 || out.stride(1) != 1) return false;
+  const bool k_contiguous = w.stride(0) == 1;
+  if (!k_contiguous && w.stride(1) != 1) return false;
+  const SmallGemmType type = dtype == at::kFloat ? SmallGemmType::kFloat : SmallGemmType::kBFloat16;
+  if (!small_gemm_supported(type, k_contiguous)) return false;
+  const SmallGemm gemm{type,
+                       x.const_data_ptr(),
+                       x.stride(0),
+                       w.const_data_ptr(),
+                       k_contiguous ? w.stride(1) : w.stride(0),
+                       k_contiguous,
+                       bias.has_value() ? bias->const_data_ptr() : nullptr,
+                       out.data_ptr(),
+                       out.stride(0),
+                       rows,
+                       w.size(0),
+                       w.size(1)};
+  const int64_t columns = w.size(1);
+  const int64_t block = k_contiguous ? kSmallGemmColumnBlock : kSmallGemmRowMajorColumnBlock;
+  at::parallel_for(0, (columns + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    small_gemm(gemm, begin * block, std::min(columns, end * block));
+  });
+  return true;
+}
+
 // Rows per block of grouped_mlp_combine: large enough that the GEMMs run as fast as on a whole
 // expert (measured: Mixtral-like, 4096 tokens, within 1% of the unfused ops; 256 rows cost 6%),
 // and the scratch stays bounded however many tokens come.
@@ -88,7 +142,8 @@ at::Tensor grouped_mlp_cpu(MOE_INFER_PARAMS(grouped_mlp)) {
   const MlpSizes sizes = check_grouped_mlp(MOE_INFER_ARGS(grouped_mlp));
   const std::vector<int32_t> offsets = host_expert_offsets(expert_offsets, sizes.num_rows);
   const ExpertWeights weights = expert_weights(MOE_INFER_EXPERT_ARGS);
-  return grouped_mlp_per_expert(hidden, offsets, weights, sizes, cpu_activation(sizes.activation));
+  return grouped_mlp_per_expert(hidden, offsets, weights, sizes, cpu_activation(sizes.activation),
+                                small_linear);
 }
 
 at::Tensor grouped_mlp_combine_cpu(MOE_INFER_PARAMS(grouped_mlp_combine)) {
@@ -142,8 +197,8 @@ at::Tensor grouped_mlp_combine_cpu(MOE_INFER_PARAMS(grouped_mlp_combine)) {
               permute_rows(src, src_stride_bytes, row_bytes, block_pairs, top_k, b, end, x_ptr);
             });
             at::Tensor y = y_block.narrow(0, 0, n);
-            expert_ffn(e, x_block.narrow(0, 0, n), ffn_weights, fc1_buffer, act_buffer, activate,
-                       y);
+            expert_ffn(e, x_block.narrow(0, 0, n), ffn_weights, fc1_buffer, act_buffer, activate, y,
+                       small_linear);
             const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
             at::parallel_for(0, n, grain, [&](int64_t b, int64_t end) {
               accumulate_weighted_rows(y_ptr + b * hidden_size, end - b, hidden_size,

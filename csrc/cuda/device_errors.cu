@@ -74,6 +74,8 @@ void raise_device_error(c10::DeviceIndex device, bool synchronize) {
   switch (check) {
     case kernels::kNonfiniteLogits:
       fail_nonfinite_logits(index);
+    case kernels::kNonfiniteBias:
+      fail_nonfinite_bias(index);
     case kernels::kExpertIdOutOfRange:
       fail_expert_id(index, value, PlanSizes{0, extra, 0, limit});
     case kernels::kExpertOffsets:

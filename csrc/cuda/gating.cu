@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "common/checks.h"
@@ -36,14 +37,31 @@ void check_router_logits_on_device(const at::Tensor& logits, const GatingSizes& 
   });
 }
 
+// DeepSeek-V3's e_score_correction_bias, checked the same way (no host sync).
+void check_selection_bias_on_device(const at::Tensor& selection_bias) {
+  const at::Tensor bias = selection_bias.contiguous();
+  const int64_t num_experts = bias.numel();
+  if (num_experts == 0) return;
+  kernels::DeviceError* error = device_error_record(bias.device().index());
+  constexpr int kThreads = 256;
+  const auto blocks =
+      static_cast<unsigned>(std::min<int64_t>(kernels::ceil_div(num_experts, kThreads), 1024));
+  MOE_INFER_DISPATCH_FLOATS(bias.scalar_type(), "topk_gating", [&] {
+    kernels::
+        check_selection_bias_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            cuda_const_ptr<scalar_t>(bias), num_experts, error);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(MOE_INFER_PARAMS(topk_gating)) {
   const GatingSizes sizes = check_topk_gating(MOE_INFER_ARGS(topk_gating));
   const c10::cuda::CUDAGuard guard(router_logits.device());
   const bool check = validate && !stream_is_capturing();
-  if (check && selection_bias.has_value()) check_finite_bias(*selection_bias);
-  if (check) check_router_logits_on_device(router_logits, sizes);
+  if (check) check_router_logits_on_device(router_logits, sizes);  // raises earlier reports first
+  if (check && selection_bias.has_value()) check_selection_bias_on_device(*selection_bias);
   // The scores and the selection by the ATen ops transformers calls (softmax / sigmoid in float32,
   // torch.topk on the device); the logits' check above replaces the composite's host-side one.
   return composite::topk_gating(router_logits, sizes, renormalize, selection_bias, scaling_factor,

@@ -75,6 +75,7 @@ enum DeviceCheck : int32_t {
   kExpertIdOutOfRange = 2,  // dispatch_plan: index = pair, value = id, extra = top_k, limit = E
   kExpertOffsets = 3,       // grouped_mlp(_combine): index = e (-1: the last offset exceeds
                             // limit = rows), value = offsets[e], extra = offsets[e - 1]
+  kNonfiniteBias = 4,       // topk_gating: index = entry of selection_bias
 };
 
 struct alignas(16) DeviceError {

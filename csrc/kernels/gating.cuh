@@ -29,4 +29,14 @@ __global__ void check_router_logits_kernel(const T* __restrict__ logits, int64_t
   if (bad && lane == 0) report_device_error(error, kNonfiniteLogits, token, 0, num_experts);
 }
 
+// Reports a NaN or infinite entry of topk_gating's selection_bias as kNonfiniteBias.
+template <typename T>
+__global__ void check_selection_bias_kernel(const T* __restrict__ bias, int64_t num_experts,
+                                            DeviceError* error) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < num_experts;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (!isfinite(to_float(bias[e]))) report_device_error(error, kNonfiniteBias, e, 0, num_experts);
+  }
+}
+
 }  // namespace moe_infer::kernels

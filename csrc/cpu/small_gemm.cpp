@@ -1,0 +1,333 @@
+// AVX-512 kernels of small_gemm (see small_gemm.h). Compiled for the baseline target; each kernel
+// carries its own target attribute and runs only where small_gemm_supported says the CPU has it.
+#include "cpu/small_gemm.h"
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <utility>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12's AVX-512 intrinsics start from _mm*_undefined_*() values: false (maybe-)uninitialized
+// warnings.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#if !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#define MOE_INFER_SMALL_GEMM_X86 1
+#define MOE_INFER_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define MOE_INFER_TARGET_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#else
+#define MOE_INFER_SMALL_GEMM_X86 0
+#endif
+
+namespace moe_infer {
+
+namespace {
+
+// Register tiles of the nn.Linear layout: kRows rows of x against kBlock weight rows, 16 float32
+// accumulators. One or two rows take the wide tile: it reads more bytes of weights per tile, and
+// with 2 KiB weight rows the pipeline drain at the end of each 4-row tile costs a quarter of the
+// bandwidth. More rows take the square tile, which reloads each block of weights from L1 fewer
+// times.
+struct WideTile {
+  static constexpr int kRows = 2;
+  static constexpr int kBlock = 8;
+};
+struct SquareTile {
+  static constexpr int kRows = 4;
+  static constexpr int kBlock = 4;
+};
+// Scratch layout of one tile's results: out[j * kMaxRows + r].
+constexpr int kMaxRows = 4;
+static_assert(kSmallGemmColumnBlock % WideTile::kBlock == 0 &&
+                  kSmallGemmColumnBlock % SquareTile::kBlock == 0,
+              "column block of the kernels");
+// The [K, N] layout's columns per pass over its float32 accumulators (rows x kAxpyColumns).
+constexpr int64_t kAxpyColumns = kSmallGemmRowMajorColumnBlock;
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Round to nearest even, as c10::BFloat16 does; NaN stays a (quiet) NaN.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) { return bf16_to_float(v); }
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) { *p = float_to_bf16(v); }
+
+#if MOE_INFER_SMALL_GEMM_X86
+
+// The weight rows of the next tile, at the same k: each tile reads a few short rows at once, too
+// short for the hardware prefetcher to lock on (a prefetch past the end is harmless).
+template <typename T>
+inline void prefetch_next_tile(const T* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
+
+// ---- nn.Linear layout: dot products along k ----------------------------------------------------
+
+// out[j * kMaxRows + r] = dot(w row j, x row r) for j < NB, r < R.
+template <int R, int NB>
+MOE_INFER_TARGET_AVX512 void dot_tile_f32(const float* x, int64_t x_stride, const float* w,
+                                          int64_t w_stride, int64_t k, float* out) {
+  __m512 acc[NB][R];
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      wv[j] = _mm512_loadu_ps(w + j * w_stride + i);
+      prefetch_next_tile(w + (j + NB) * w_stride + i);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * x_stride + i);
+      for (int j = 0; j < NB; ++j) acc[j][r] = _mm512_fmadd_ps(wv[j], xv, acc[j][r]);
+    }
+  }
+  if (i < k) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (k - i)) - 1u);
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_ps(mask, w + j * w_stride + i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * x_stride + i);
+      for (int j = 0; j < NB; ++j) acc[j][r] = _mm512_fmadd_ps(wv[j], xv, acc[j][r]);
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < R; ++r) out[j * kMaxRows + r] = _mm512_reduce_add_ps(acc[j][r]);
+}
+
+// The same for bfloat16: AVX512-BF16 dot products of pairs, summed in float32.
+template <int R, int NB>
+MOE_INFER_TARGET_AVX512_BF16 void dot_tile_bf16(const uint16_t* x, int64_t x_stride,
+                                                const uint16_t* w, int64_t w_stride, int64_t k,
+                                                float* out) {
+  __m512 acc[NB][R];
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    __m512i wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      wv[j] = _mm512_loadu_si512(w + j * w_stride + i);
+      prefetch_next_tile(w + (j + NB) * w_stride + i);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i xv = _mm512_loadu_si512(x + r * x_stride + i);
+      for (int j = 0; j < NB; ++j) {
+        acc[j][r] = _mm512_dpbf16_ps(acc[j][r], (__m512bh)wv[j], (__m512bh)xv);
+      }
+    }
+  }
+  if (i < k) {
+    const __mmask32 mask = static_cast<__mmask32>((1u << (k - i)) - 1u);
+    __m512i wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w + j * w_stride + i);
+    for (int r = 0; r < R; ++r) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + r * x_stride + i);
+      for (int j = 0; j < NB; ++j) {
+        acc[j][r] = _mm512_dpbf16_ps(acc[j][r], (__m512bh)wv[j], (__m512bh)xv);
+      }
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < R; ++r) out[j * kMaxRows + r] = _mm512_reduce_add_ps(acc[j][r]);
+}
+
+// ---- [K, N] layout: rows of w scaled by x and summed, 16 columns a vector ----------------------
+
+MOE_INFER_TARGET_AVX512 inline __m512 load_columns(const float* p, __mmask16 mask) {
+  return _mm512_maskz_loadu_ps(mask, p);
+}
+
+MOE_INFER_TARGET_AVX512 inline __m512 load_columns(const uint16_t* p, __mmask16 mask) {
+  const __m512i widened = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(widened, 16));
+}
+
+// acc[r * kAxpyColumns + c] += sum_k x[r, k] * w[k, c] for r < rows, c < columns: each weight row
+// is read once, front to back, four rows of w per pass over the accumulators (which stay in
+// L1/L2); each vector of weights is loaded and widened once for every row of x.
+template <typename T>
+MOE_INFER_TARGET_AVX512 void axpy_rows(const T* x, int64_t x_stride, int64_t rows, const T* w,
+                                       int64_t w_stride, int64_t k, int64_t columns, float* acc) {
+  constexpr int kDepth = 4;
+  const int64_t vectors = (columns + 15) / 16;
+  const int64_t left = columns - 16 * (vectors - 1);
+  const __mmask16 last = static_cast<__mmask16>(left >= 16 ? 0xffffu : (1u << left) - 1u);
+  float xs[kSmallGemmMaxRows][kDepth];
+  for (int64_t i = 0; i < k; i += kDepth) {
+    const int depth = static_cast<int>(std::min<int64_t>(kDepth, k - i));
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int d = 0; d < kDepth; ++d)
+        xs[r][d] = d < depth ? to_float(x[r * x_stride + i + d]) : 0.0f;
+    }
+    const T* w0 = w + i * w_stride;
+    for (int64_t v = 0; v < vectors; ++v) {
+      const __mmask16 mask = v + 1 < vectors ? static_cast<__mmask16>(0xffffu) : last;
+      __m512 wv[kDepth];
+      for (int d = 0; d < kDepth; ++d) {
+        wv[d] = d < depth ? load_columns(w0 + d * w_stride + 16 * v, mask) : _mm512_setzero_ps();
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* a = acc + r * kAxpyColumns + 16 * v;
+        __m512 sum = _mm512_maskz_loadu_ps(mask, a);
+        for (int d = 0; d < kDepth; ++d)
+          sum = _mm512_fmadd_ps(wv[d], _mm512_set1_ps(xs[r][d]), sum);
+        _mm512_mask_storeu_ps(a, mask, sum);
+      }
+    }
+  }
+}
+
+// ---- drivers
+// -------------------------------------------------------------------------------------
+
+// table[(R - 1) * Shape::kBlock + (NB - 1)]: the tile of R rows and NB blocks.
+template <typename Shape, template <int, int> class Tile, size_t... I>
+constexpr auto make_tiles(std::index_sequence<I...>) {
+  return std::array<decltype(&Tile<1, 1>::run), sizeof...(I)>{
+      &Tile<static_cast<int>(I) / Shape::kBlock + 1,
+            static_cast<int>(I) % Shape::kBlock + 1>::run...};
+}
+
+template <typename Shape, template <int, int> class Tile>
+constexpr auto tiles_of() {
+  return make_tiles<Shape, Tile>(std::make_index_sequence<Shape::kRows * Shape::kBlock>{});
+}
+
+template <int R, int NB>
+struct DotF32 {
+  static void run(const float* x, int64_t xs, const float* w, int64_t ws, int64_t k, float* out) {
+    dot_tile_f32<R, NB>(x, xs, w, ws, k, out);
+  }
+};
+template <int R, int NB>
+struct DotBf16 {
+  static void run(const uint16_t* x, int64_t xs, const uint16_t* w, int64_t ws, int64_t k,
+                  float* out) {
+    dot_tile_bf16<R, NB>(x, xs, w, ws, k, out);
+  }
+};
+template <typename T>
+struct DotOf;
+template <>
+struct DotOf<float> {
+  template <int R, int NB>
+  using Tile = DotF32<R, NB>;
+};
+template <>
+struct DotOf<uint16_t> {
+  template <int R, int NB>
+  using Tile = DotBf16<R, NB>;
+};
+
+template <typename T, typename Shape>
+void run_dot(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
+  static constexpr auto tiles = tiles_of<Shape, DotOf<T>::template Tile>();
+  const T* x = static_cast<const T*>(g.x);
+  const T* w = static_cast<const T*>(g.w);
+  const T* bias = static_cast<const T*>(g.bias);
+  T* y = static_cast<T*>(g.y);
+  float out[Shape::kBlock * kMaxRows];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += Shape::kBlock) {
+    const int nb = static_cast<int>(std::min<int64_t>(Shape::kBlock, n_end - n0));
+    for (int64_t r0 = 0; r0 < g.rows; r0 += Shape::kRows) {
+      const int rt = static_cast<int>(std::min<int64_t>(Shape::kRows, g.rows - r0));
+      tiles[(rt - 1) * Shape::kBlock + (nb - 1)](x + r0 * g.x_stride, g.x_stride,
+                                                 w + n0 * g.w_stride, g.w_stride, g.k, out);
+      for (int j = 0; j < nb; ++j) {
+        const float b = bias != nullptr ? to_float(bias[n0 + j]) : 0.0f;
+        for (int r = 0; r < rt; ++r) {
+          store(y + (r0 + r) * g.y_stride + n0 + j, out[j * kMaxRows + r] + b);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void run_axpy(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
+  const T* x = static_cast<const T*>(g.x);
+  const T* w = static_cast<const T*>(g.w);
+  const T* bias = static_cast<const T*>(g.bias);
+  T* y = static_cast<T*>(g.y);
+  float acc[kSmallGemmMaxRows * kAxpyColumns];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kAxpyColumns) {
+    const int64_t columns = std::min<int64_t>(kAxpyColumns, n_end - n0);
+    for (int64_t r = 0; r < g.rows; ++r) std::fill_n(acc + r * kAxpyColumns, columns, 0.0f);
+    axpy_rows(x, g.x_stride, g.rows, w + n0, g.w_stride, g.k, columns, acc);
+    for (int64_t r = 0; r < g.rows; ++r) {
+      T* y_row = y + r * g.y_stride + n0;
+      for (int64_t c = 0; c < columns; ++c) {
+        const float b = bias != nullptr ? to_float(bias[n0 + c]) : 0.0f;
+        store(y_row + c, acc[r * kAxpyColumns + c] + b);
+      }
+    }
+  }
+}
+
+template <typename T>
+void run(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
+  const bool wide = g.rows <= WideTile::kRows;
+  if (g.w_k_contiguous) {
+    wide ? run_dot<T, WideTile>(g, n_begin, n_end) : run_dot<T, SquareTile>(g, n_begin, n_end);
+  } else {
+    run_axpy<T>(g, n_begin, n_end);
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+#endif  // MOE_INFER_SMALL_GEMM_X86
+
+}  // namespace
+
+bool small_gemm_supported(SmallGemmType type, bool w_k_contiguous) {
+#if MOE_INFER_SMALL_GEMM_X86
+  if (type == SmallGemmType::kBFloat16 && w_k_contiguous) return cpu_has_avx512_bf16();
+  return cpu_has_avx512();
+#else
+  return false;
+#endif
+}
+
+void small_gemm(const SmallGemm& gemm, int64_t n_begin, int64_t n_end) {
+#if MOE_INFER_SMALL_GEMM_X86
+  if (gemm.type == SmallGemmType::kFloat) {
+    run<float>(gemm, n_begin, n_end);
+  } else {
+    run<uint16_t>(gemm, n_begin, n_end);
+  }
+#else
+  (void)gemm;
+  (void)n_begin;
+  (void)n_end;
+#endif
+}
+
+}  // namespace moe_infer

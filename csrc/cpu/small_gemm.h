@@ -1,0 +1,56 @@
+// Expert GEMMs for a few rows (decode): y = x w (+ bias) with every weight read from memory once.
+//
+// At a handful of rows an expert's GEMM is bound by the bytes of its weights, and ATen's GEMMs
+// (oneDNN / MKL) reach well under the memory bandwidth there: they pack or re-read the weight
+// matrix per call. These kernels stream each weight once, keep up to kSmallGemmRowTile rows of
+// accumulators in registers, and re-read a block of weights from L1/L2 for further row tiles.
+// float32 and bfloat16 (products summed in float32, rounded once to nearest even), AVX-512; the
+// nn.Linear layout in bfloat16 uses AVX512-BF16 dot products. torch-free.
+#pragma once
+
+#include <cstdint>
+
+namespace moe_infer {
+
+// Rows (tokens of one expert) up to which the expert FFN takes these kernels; above it ATen's
+// packed GEMMs win (measured on AVX-512 bfloat16 and float32, Mixtral- and Qwen3-MoE-sized
+// experts).
+constexpr int64_t kSmallGemmMaxRows = 16;
+
+enum class SmallGemmType { kFloat, kBFloat16 };
+
+// y[r, n] = sum_k x[r, k] * w(k, n) (+ bias[n]) for r < rows and n_begin <= n < n_end.
+// x: rows x k with unit stride along k; y: rows x n with unit stride along n; bias: n values or
+// null. The weight w(k, n) is at w[n * w_stride + k] when `w_k_contiguous` (the nn.Linear layout
+// [N, K], read as its transpose) and at w[k * w_stride + n] otherwise ([K, N]). All of one type.
+struct SmallGemm {
+  SmallGemmType type;
+  const void* x;
+  int64_t x_stride;
+  const void* w;
+  int64_t w_stride;
+  bool w_k_contiguous;
+  const void* bias;
+  void* y;
+  int64_t y_stride;
+  int64_t rows;
+  int64_t k;
+  int64_t n;
+};
+
+// Whether this CPU runs small_gemm for that type and layout (AVX-512F, plus AVX512-BF16 for
+// bfloat16 in the nn.Linear layout); when false, callers use a general GEMM.
+bool small_gemm_supported(SmallGemmType type, bool w_k_contiguous);
+
+// Computes columns [n_begin, n_end) of y (disjoint column ranges may run concurrently).
+// Requires small_gemm_supported and 1 <= rows <= kSmallGemmMaxRows.
+void small_gemm(const SmallGemm& gemm, int64_t n_begin, int64_t n_end);
+
+// Columns per task when small_gemm is split across threads: of the nn.Linear layout (weight rows),
+// and of the [K, N] layout, whose weight rows are read in runs of this many columns (2 KiB of
+// float32: long enough for the hardware prefetcher, short enough to keep 16 rows of float32
+// accumulators in L2).
+constexpr int64_t kSmallGemmColumnBlock = 128;
+constexpr int64_t kSmallGemmRowMajorColumnBlock = 512;
+
+}  // namespace moe_infer
