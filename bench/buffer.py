@@ -44,6 +44,7 @@ from moe_infer.buffer import (  # noqa: E402
 from moe_infer.traces import RoutingRecorder, RoutingTrace, synthetic_trace  # noqa: E402
 
 LAYER = dict(hidden=512, ffn=1024, experts=32, top_k=2)  # 6 MiB per expert in float32
+DTYPE = torch.float32  # of the experts and activations (--dtype)
 STACK = dict(hidden=512, ffn=512, experts=16, top_k=2, tokens=4, layers=4, slots=8)  # decode-like
 # Tokens per batch: a decode step of a few sequences activates a few experts; a large batch (or a
 # prefill) activates all of them, the regime the paper buffers in. Measured batches (full, quick).
@@ -98,13 +99,16 @@ def write_experts_file(path, num_layers, num_experts, hidden, ffn, seed=0):
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(num_layers):
-        tensors[PREFIX.format(layer) + "gate_up_proj"] = torch.randn(num_experts, 2 * ffn, hidden, generator=gen) * 0.03
-        tensors[PREFIX.format(layer) + "down_proj"] = torch.randn(num_experts, hidden, ffn, generator=gen) * 0.03
+        gate_up = torch.randn(num_experts, 2 * ffn, hidden, generator=gen) * 0.03
+        tensors[PREFIX.format(layer) + "gate_up_proj"] = gate_up.to(DTYPE)
+        tensors[PREFIX.format(layer) + "down_proj"] = (torch.randn(num_experts, hidden, ffn, generator=gen) * 0.03).to(
+            DTYPE
+        )
     save_file(tensors, path)
 
 
 def open_store(path, layer, device):
-    store = ExpertStore.from_safetensors(path, PREFIX.format(layer), dtype=torch.float32)
+    store = ExpertStore.from_safetensors(path, PREFIX.format(layer), dtype=DTYPE)
     if device.type == "cuda":  # a GPU reads from pinned host memory
         store = ExpertStore.from_tensors(store.stacked("fc1_weight"), store.stacked("fc2_weight"), pin_memory=True)
     return store
@@ -114,7 +118,7 @@ def batches_from_trace(trace, hidden, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for ids in trace.layers[0]:
-        x = torch.randn(ids.shape[0], hidden, generator=gen).to(device)
+        x = torch.randn(ids.shape[0], hidden, generator=gen).to(device, DTYPE)
         w = torch.rand(ids.shape, generator=gen).to(device)
         out.append((x, ids.to(device), w / w.sum(-1, keepdim=True)))
     return out
@@ -455,7 +459,9 @@ class OracleRouter:
 
 def part_prefetch(path, device, num_batches, warmup, progress):
     gen = torch.Generator().manual_seed(5)
-    inputs = [torch.randn(STACK["tokens"], STACK["hidden"], generator=gen).to(device) for _ in range(num_batches)]
+    inputs = [
+        torch.randn(STACK["tokens"], STACK["hidden"], generator=gen).to(device, DTYPE) for _ in range(num_batches)
+    ]
     recorded = build_stack(path, device, overlap=True)
     with RoutingRecorder(torch.nn.ModuleList(recorded)) as recorder, torch.no_grad():
         for x in inputs:
@@ -594,7 +600,10 @@ def main():
         help="intra-op CPU threads (default 1: OpenMP teams stall on a shared machine)",
     )
     parser.add_argument("--recorded-only", action="store_true", help="only the simulator on the recorded traces")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="experts and activations")
     args = parser.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     os.makedirs(RESULTS_DIR, exist_ok=True)
@@ -616,7 +625,8 @@ def main():
         return
     warmup = 4
     slot_list = [1, 2, 4, 8, 16, 18, 20, 24, 32] if not args.quick else [1, 8, 16, 20, 32]
-    name = args.output or f"buffer_{device.type}{'_quick' if args.quick else ''}"
+    suffix = "" if DTYPE == torch.float32 else f"_{args.dtype}"
+    name = args.output or f"buffer_{device.type}{suffix}{'_quick' if args.quick else ''}"
     traces, batches_of_regime = {}, {}
     for regime, (tokens, full, quick) in REGIMES.items():
         batches_of_regime[regime] = warmup + (quick if args.quick else full)
@@ -671,7 +681,7 @@ def main():
         f"Machine: {machine_description(device)}; each ExpertBuffer copies on its own 2 threads. Measured at commit "
         f"{commit()}.\n\n"
         f"Layer: H={LAYER['hidden']}, ffn={LAYER['ffn']}, E={LAYER['experts']}, top-{LAYER['top_k']}, SiLU-GLU, "
-        f"float32, {expert_bytes / 2**20:.0f} MiB per expert; experts in a safetensors file read through mmap"
+        f"{args.dtype}, {expert_bytes / 2**20:.0f} MiB per expert; experts in a safetensors file read through mmap"
         f"{' then pinned host memory' if device.type == 'cuda' else ''}. Traces: synthetic, Zipf skew low 0.5 / "
         f"high 1.5, locality {TRACE_KNOBS['locality']} (hot sets last ~100 batches), co-activation "
         f"{TRACE_KNOBS['coactivation']}; "

@@ -6,7 +6,7 @@ The paper (Huang et al., NeurIPS 2024) reports that expert buffering cuts static
 experts all sit on the GPU, against dynamic gating with a few expert slots per layer on the GPU and
 the experts in host memory (1-16 slots of 16 experts per GPU save 0-32%). This benchmark runs the LM
 of bench/paper_models.py (fairseq-style decoder-only LM, E=512, top-2, an MoE layer every other
-layer, eval capacity fraction 0.25) in bfloat16, fed with real text (the bytes of the held-out
+layer, eval capacity fraction 0.25) in bfloat16 (--dtype float32 beside it), fed with real text (the bytes of the held-out
 Python 3.11 documentation, as bench/routing_lm.py), in three kinds of modes with the same weights:
 
   static       fairseq's static gating, every expert resident (the paper's baseline)
@@ -269,12 +269,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two slot counts, 2 rounds, no verdicts")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 2)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args()
     repeats = args.repeats or (2 if args.quick else 7)
     slots = QUICK_SLOTS if args.quick else SLOTS
     common.return_freed_memory_to_os()
     torch.set_num_threads(1)
-    dtype = torch.bfloat16
+    dtype = getattr(torch, args.dtype)
+    stem = "buffer_model" + ("" if dtype == torch.bfloat16 else f"_{args.dtype}") + ("_quick" if args.quick else "")
     _, text, _ = load_corpus()
     text = text[: 1 << 20] if args.quick else text
     progress = common.Progress(len(REGIMES) * (len(slots) + 3), "bench/buffer_model")
@@ -327,7 +329,7 @@ def main():
                 + f" (paper: up to {PAPER['memory_cut']}x).\n\n"
             )
     print(text)
-    md = common.write_result(f"buffer_model{'_quick' if args.quick else ''}.md", text)
+    md = common.write_result(f"{stem}.md", text)
     payload = dict(
         machine=machine,
         commit=revision,
@@ -339,7 +341,7 @@ def main():
         paper=PAPER,
         regimes=results,
     )
-    js = common.write_result(f"buffer_model{'_quick' if args.quick else ''}.json", json.dumps(payload, indent=1) + "\n")
+    js = common.write_result(f"{stem}.json", json.dumps(payload, indent=1) + "\n")
     print(f"written: {md}, {js}")
 
 

@@ -16,8 +16,10 @@ Timings are CPU time of one thread (the machine may be shared), variants interle
 min / median / max. Prints tables and writes main_cpu[_quick].md and .png to --out (default:
 results/ at the repository root, untracked) or, with --refresh, to bench/results/.
 
-Weights and activations in --dtype (default bfloat16, the dtype MoE models ship in; float32
-writes main_cpu_float32*).
+Weights and activations in --dtype (default float32, where every variant must generate exactly the
+tokens of the model as shipped; bfloat16 writes main_cpu_bfloat16*: there transformers' own
+grouped_mm already generates other tokens than its eager experts, as rounding differences compound
+over the generated tokens, so the column is reported and not required).
 
     python bench/generate.py [--quick] [--dtype bfloat16|float32] [--refresh | --out DIR]
 """
@@ -399,12 +401,12 @@ def main():
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", default=os.path.join(ROOT, "results"), help="folder for the tables and plot")
     where.add_argument("--refresh", action="store_true", help="write to bench/results/ (the committed results)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     out_dir = RESULTS_DIR if args.refresh else args.out
     os.makedirs(out_dir, exist_ok=True)
-    name = "main_cpu" + ("" if dtype == torch.bfloat16 else f"_{args.dtype}") + ("_quick" if args.quick else "")
+    name = "main_cpu" + ("" if dtype == torch.float32 else f"_{args.dtype}") + ("_quick" if args.quick else "")
     cfg = settings(args.quick)
     torch.set_num_threads(1)
     progress = Progress(len(cfg["slots"]) + 3 + 3, "main job")
@@ -464,7 +466,7 @@ def main():
         f.write(text)
     plot(generation, static, placement, os.path.join(out_dir, f"{name}.png"))
     print(f"wrote {os.path.join(out_dir, name)}.md and .png")
-    if not all(r["identical"] for r in generation):
+    if dtype == torch.float32 and not all(r["identical"] for r in generation):
         sys.exit("main job: the optimized model generated different tokens")
 
 

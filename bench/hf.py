@@ -168,13 +168,16 @@ def decode_fn(arch, model, context_ids):
             decoder_ids = torch.full((batch, 1), model.config.decoder_start_token_id)
             out = model(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_ids, use_cache=True)
         else:
-            # The context is prefilled with grouped_mm whatever the variant (batched_mm would gather
-            # one weight matrix per (token, expert) pair: gigabytes).
+            # transformers' variants prefill the context with grouped_mm (batched_mm would gather one
+            # weight matrix per (token, expert) pair: gigabytes). An optimized model is left alone:
+            # choosing an implementation on it hands its blocks back to transformers.
+            optimized = any(hasattr(m, "experts_backend") for m in model.modules())
             implementation = model.config._experts_implementation
-            if implementation != hf.EXPERTS_IMPLEMENTATION:
+            if not optimized and implementation != hf.EXPERTS_IMPLEMENTATION:
                 model.set_experts_implementation("grouped_mm")
             out = model(input_ids=context_ids, use_cache=True)
-            model.set_experts_implementation(implementation)
+            if not optimized:
+                model.set_experts_implementation(implementation)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     length = cache.get_seq_length()
 
