@@ -13,16 +13,20 @@ Workloads (the paper's two, scaled down; see PAPER.md):
       capacity factor 1 (fairseq's training formula 2 * ceil(S / E), which eval falls back to
       when moe_eval_capacity_token_fraction <= 0)
 
-For each batch: throughput (tokens/s, best of interleaved runs), the peak memory of the MoE
-layer's forward (peak RSS above the resident set before the call, measured per call with Linux's
-VmHWM reset; weights excluded, they are the same in both modes), the share of dispatched rows
+For each batch, over interleaved rounds (static, dynamic, fairseq, static, ...; every call
+measured for both): throughput (tokens per second of process CPU time, --threads torch threads,
+1 by default) and the peak memory of the MoE layer's forward (peak RSS above the resident set
+before the call, Linux's VmHWM reset; weights excluded, they are the same in both modes), each
+with min / median / max over the rounds, and every ratio (dynamic / static throughput, static /
+dynamic memory) from the per-round ratios, min / median / max; also the share of dispatched rows
 that are placeholders, the share of (token, expert) pairs static gating drops, and, where it is
 affordable, the "fairseq" column: moe_infer.reference's plain-PyTorch re-implementation of fairseq
-(dense einsum dispatch and combine). A mode stops growing its batch once it exceeds the memory
-cap; the largest batch under the cap is reported per mode. Prints a table, writes
+(dense einsum dispatch and combine). A mode stops growing its batch once its median peak exceeds
+the memory cap; the largest batch under the cap is reported per mode. Prints a table, writes
 bench/results/static_vs_dynamic_<device>.{md,json} and PNG plots of throughput and memory.
+--quick (2 rounds) gives no verdicts.
 
-    python bench/static_vs_dynamic.py [--quick] [--cap-mib 512] [--workloads lm,mt]
+    python bench/static_vs_dynamic.py [--quick] [--cap-mib 512] [--workloads lm,mt] [--threads 1]
 """
 
 import argparse
@@ -42,8 +46,9 @@ from common import (  # noqa: E402
     machine_description,
     markdown_table,
     peak_memory,
+    results_header,
     return_freed_memory_to_os,
-    time_interleaved,
+    spread,
     write_result,
 )
 from moe_infer import reference as ref  # noqa: E402
@@ -140,6 +145,25 @@ def static_stats(metadata: dict) -> tuple[float, float]:
     return float(metadata["placeholder_fraction"]), dropped / 100
 
 
+def measured_rounds(fns: dict, repeats: int) -> dict:
+    """Interleaved rounds (A B C A B C ...): per function, the CPU seconds and the peak memory
+    (bytes above the resident set before it) of every call."""
+    samples = {name: {"seconds": [], "peak_bytes": []} for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            seconds = []
+
+            def timed(fn=fn, seconds=seconds):
+                start = time.process_time()
+                out = fn()
+                seconds.append(time.process_time() - start)
+                return out
+
+            samples[name]["peak_bytes"].append(peak_memory(timed))
+            samples[name]["seconds"].append(seconds[0])
+    return samples
+
+
 def sweep(workload: str, args, progress: Progress) -> dict:
     dtype = getattr(torch, args.dtype)
     layer = build_layer(workload, dtype)
@@ -147,7 +171,6 @@ def sweep(workload: str, args, progress: Progress) -> dict:
     cap = args.cap_mib * 2**20
     rows = []
     fits = {"static": True, "dynamic": True}
-    last_seconds = {}
     batch = 1
     while batch <= args.max_batch and (fits["static"] or fits["dynamic"]):
         num_tokens = batch * args.seq_len
@@ -159,65 +182,75 @@ def sweep(workload: str, args, progress: Progress) -> dict:
         if "static" in modes and affordable and not args.quick and dtype == torch.float32:
             fns["fairseq"] = lambda x=x: fairseq_forward(layer, x)
         row = {"batch": batch, "tokens": num_tokens, "capacity": capacity}
-        slowest = 0.0
-        for name, fn in fns.items():
-            if last_seconds.get(name, 0.0) < 2.0:
-                fn()  # warm-up, unless the last batch was slow: then the memory run warms up
-            start = time.perf_counter()
-            row[f"{name}_peak_bytes"] = peak_memory(fn)
-            last_seconds[name] = time.perf_counter() - start
-            slowest = max(slowest, last_seconds[name])
+        round_seconds = 0.0
+        for name, fn in fns.items():  # warm-up, timed to size the rounds
+            start = time.process_time()
+            fn()
+            round_seconds += time.process_time() - start
             if name == "static":
                 row["placeholder_fraction"], row["dropped_fraction"] = static_stats(layer.metadata)
-        repeats = 2 if args.quick else max(3, min(10, int(8.0 / max(slowest, 1e-3))))
-        # Best of the interleaved runs: on a shared machine, noise only ever slows a run down.
-        times = time_interleaved(fns, torch.device("cpu"), repeats, warmup=0, statistic=min)
-        for name, seconds in times.items():
-            row[f"{name}_seconds"] = seconds
-            row[f"{name}_tokens_per_s"] = num_tokens / seconds
+        repeats = args.repeats or (2 if args.quick else max(3, min(9, int(args.seconds_per_batch / round_seconds))))
+        for name, s in measured_rounds(fns, repeats).items():
+            row[name] = {
+                **s,
+                "tokens_per_s": spread([num_tokens / t for t in s["seconds"]]),
+                "peak_mib": spread([b / 2**20 for b in s["peak_bytes"]]),
+            }
         for mode in modes:
-            row[f"{mode}_fits"] = row[f"{mode}_peak_bytes"] <= cap
-            fits[mode] = row[f"{mode}_fits"]
+            row[mode]["fits"] = row[mode]["peak_mib"][1] * 2**20 <= cap
+            fits[mode] = row[mode]["fits"]
+        if len(modes) == 2:
+            static, dynamic = row["static"], row["dynamic"]
+            # Per-round ratios: round i's static call ran next to round i's dynamic call.
+            row["throughput_ratio"] = spread([s / d for s, d in zip(static["seconds"], dynamic["seconds"])])
+            row["memory_ratio"] = spread([s / d for s, d in zip(static["peak_bytes"], dynamic["peak_bytes"])])
         rows.append(row)
-        progress.step(f"{workload} batch {batch}")
+        progress.step(f"{workload} batch {batch} ({repeats} rounds)")
         batch *= 2
-    return {"rows": rows, "fairseq_check_error": error, **headline(workload, rows)}
+    return {"rows": rows, "fairseq_check_error": error, **headline(rows)}
 
 
-def headline(workload: str, rows: list) -> dict:
-    def largest(mode):
-        fitting = [r for r in rows if r.get(f"{mode}_fits")]
-        return fitting[-1] if fitting else None
+def headline(rows: list) -> dict:
+    """Largest batch under the cap per mode; at static's largest batch the throughput and memory
+    ratios (per-round: [min, median, max]); each mode's best throughput under the cap and their ratio
+    ([min / max, median / median, max / min] of the two rows' rounds)."""
 
-    def best_throughput(mode):
-        fitting = [r for r in rows if r.get(f"{mode}_fits")]
-        return max((r[f"{mode}_tokens_per_s"] for r in fitting), default=None)
+    def fitting(mode):
+        return [r for r in rows if r.get(mode, {}).get("fits")]
 
-    static_row, dynamic_row = largest("static"), largest("dynamic")
+    static_fit, dynamic_fit = fitting("static"), fitting("dynamic")
     out = {
-        "static_largest_batch": static_row and static_row["batch"],
-        "dynamic_largest_batch": dynamic_row and dynamic_row["batch"],
-        "dynamic_limited_by_sweep": bool(rows and rows[-1].get("dynamic_fits")),
+        "static_largest_batch": static_fit[-1]["batch"] if static_fit else None,
+        "dynamic_largest_batch": dynamic_fit[-1]["batch"] if dynamic_fit else None,
+        "dynamic_limited_by_sweep": bool(rows and rows[-1].get("dynamic", {}).get("fits")),
     }
-    if static_row and dynamic_row:
-        out["largest_batch_ratio"] = dynamic_row["batch"] / static_row["batch"]
-        out["speedup_at_static_largest_batch"] = static_row["dynamic_tokens_per_s"] / static_row["static_tokens_per_s"]
-        out["memory_ratio_at_static_largest_batch"] = static_row["static_peak_bytes"] / static_row["dynamic_peak_bytes"]
-        out["max_throughput_ratio"] = best_throughput("dynamic") / best_throughput("static")
-        out["static_max_tokens_per_s"] = best_throughput("static")
-        out["dynamic_max_tokens_per_s"] = best_throughput("dynamic")
+    if static_fit and dynamic_fit:
+        at = static_fit[-1]
+        best_static = max(static_fit, key=lambda r: r["static"]["tokens_per_s"][1])
+        best_dynamic = max(dynamic_fit, key=lambda r: r["dynamic"]["tokens_per_s"][1])
+        s, d = best_static["static"]["tokens_per_s"], best_dynamic["dynamic"]["tokens_per_s"]
+        out.update(
+            largest_batch_ratio=out["dynamic_largest_batch"] / out["static_largest_batch"],
+            speedup_at_static_largest_batch=at["throughput_ratio"],
+            memory_ratio_at_static_largest_batch=at["memory_ratio"],
+            max_throughput_ratio=[d[0] / s[2], d[1] / s[1], d[2] / s[0]],
+            static_best_batch=best_static["batch"],
+            dynamic_best_batch=best_dynamic["batch"],
+            static_max_tokens_per_s=s,
+            dynamic_max_tokens_per_s=d,
+        )
     return out
 
 
 # ---- report ----------------------------------------------------------------------------------
 
 
-def mib(value) -> str:
-    return "—" if value is None else f"{value / 2**20:.0f}"
-
-
-def rate(value) -> str:
-    return "—" if value is None else f"{value:,.0f}"
+def band(values, fmt: str = "{:.2f}", unit: str = "") -> str:
+    """'median [min-max]' of a [min, median, max] spread."""
+    if values is None:
+        return "—"
+    low, mid, high = (fmt.format(v) for v in values)
+    return f"{mid}{unit} [{low}-{high}]"
 
 
 def table(results: dict, cap_mib: int) -> str:
@@ -226,6 +259,7 @@ def table(results: dict, cap_mib: int) -> str:
         "batch",
         "tokens",
         "C",
+        "rounds",
         "static tok/s",
         "dynamic tok/s",
         "dyn / static",
@@ -239,22 +273,25 @@ def table(results: dict, cap_mib: int) -> str:
     lines = []
     for workload, result in results.items():
         for r in result["rows"]:
-            static, dynamic = r.get("static_tokens_per_s"), r.get("dynamic_tokens_per_s")
-            static_mem, dynamic_mem = r.get("static_peak_bytes"), r.get("dynamic_peak_bytes")
-            over = {m: "" if r.get(f"{m}_fits", True) else f" (> {cap_mib})" for m in ("static", "dynamic")}
+
+            def mem(mode, r=r):
+                if mode not in r:
+                    return "—"
+                return f"{r[mode]['peak_mib'][1]:.0f}" + ("" if r[mode]["fits"] else f" (> {cap_mib})")
+
             lines.append(
                 [
                     WORKLOADS[workload]["title"],
                     r["batch"],
                     r["tokens"],
                     r["capacity"],
-                    rate(static),
-                    rate(dynamic),
-                    f"{dynamic / static:.2f}x" if static and dynamic else "—",
-                    rate(r.get("fairseq_tokens_per_s")),
-                    mib(static_mem) + over["static"],
-                    mib(dynamic_mem) + over["dynamic"],
-                    f"{static_mem / dynamic_mem:.2f}x" if static_mem and dynamic_mem else "—",
+                    len(next(r[m]["seconds"] for m in ("static", "dynamic") if m in r)),
+                    *(band(r[m]["tokens_per_s"], "{:,.0f}") if m in r else "—" for m in ("static", "dynamic")),
+                    band(r.get("throughput_ratio"), unit="x"),
+                    band(r["fairseq"]["tokens_per_s"], "{:,.0f}") if "fairseq" in r else "—",
+                    mem("static"),
+                    mem("dynamic"),
+                    band(r.get("memory_ratio"), unit="x"),
                     f"{100 * r['placeholder_fraction']:.1f}%" if "placeholder_fraction" in r else "—",
                     f"{100 * r['dropped_fraction']:.1f}%" if "dropped_fraction" in r else "—",
                 ]
@@ -263,8 +300,10 @@ def table(results: dict, cap_mib: int) -> str:
 
 
 def headline_table(results: dict, quick: bool = False) -> str:
-    # Two noisy quick runs cannot settle a target: quick mode shows no targets.
-    headers = ["workload", "metric", "moe_infer (this machine)", "paper (8x V100)"] + ([] if quick else ["target"])
+    # Two noisy quick rounds cannot settle a target: quick mode shows no targets.
+    headers = ["workload", "metric", "moe_infer (this machine): median [min-max]", "paper (8x V100)"] + (
+        [] if quick else ["target"]
+    )
     lines = []
     for workload, h in results.items():
         title = WORKLOADS[workload]["title"]
@@ -274,18 +313,19 @@ def headline_table(results: dict, quick: bool = False) -> str:
             continue
         limited = " (dynamic limited by the sweep)" if h["dynamic_limited_by_sweep"] else ""
         lm = workload == "lm"
+        speedup = h["speedup_at_static_largest_batch"]
         lines += [
             [
                 title,
-                "throughput at static's largest batch",
-                f"{h['speedup_at_static_largest_batch']:.2f}x",
+                f"throughput at static's largest batch ({h['static_largest_batch']})",
+                band(speedup, unit="x"),
                 "—",
-                ">= 5x" if lm else "—",
+                (">= 5x: " + ("met" if speedup[0] >= 5 else "not met")) if lm else "—",
             ],
             [
                 title,
-                "max throughput (each at its best batch)",
-                f"{h['max_throughput_ratio']:.2f}x",
+                f"max throughput (static at batch {h['static_best_batch']}, dynamic at {h['dynamic_best_batch']})",
+                band(h["max_throughput_ratio"], unit="x"),
                 f"{paper['max_throughput']}x",
                 "—",
             ],
@@ -294,12 +334,12 @@ def headline_table(results: dict, quick: bool = False) -> str:
                 "largest batch under the cap",
                 f"{h['static_largest_batch']} -> {h['dynamic_largest_batch']} ({h['largest_batch_ratio']:.0f}x){limited}",
                 f"{paper['largest_batch'][0]} -> {paper['largest_batch'][1]}",
-                ">= 4x" if lm else "—",
+                (">= 4x: " + ("met" if h["largest_batch_ratio"] >= 4 else "not met")) if lm else "—",
             ],
             [
                 title,
-                "memory at static's largest batch",
-                f"{h['memory_ratio_at_static_largest_batch']:.2f}x less",
+                "memory at static's largest batch (static / dynamic)",
+                band(h["memory_ratio_at_static_largest_batch"], unit="x"),
                 f"up to {paper['memory']}x less",
                 "—",
             ],
@@ -315,19 +355,20 @@ def plot(results: dict, cap_mib: int, path_prefix: str) -> list:
 
     paths = []
     for metric, ylabel, suffix in (
-        ("tokens_per_s", "throughput (tokens/s)", "throughput"),
-        ("peak_bytes", "peak MoE-layer memory (MiB)", "memory"),
+        ("tokens_per_s", "throughput (tokens/s of CPU time; bars: min-max)", "throughput"),
+        ("peak_mib", "peak MoE-layer memory (MiB; bars: min-max)", "memory"),
     ):
         fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
         for ax, (workload, result) in zip(axes[0], results.items()):
             for mode, style in (("static", "o-"), ("dynamic", "s-"), ("fairseq", "x--")):
-                points = [(r["batch"], r[f"{mode}_{metric}"]) for r in result["rows"] if f"{mode}_{metric}" in r]
+                points = [(r["batch"], r[mode][metric]) for r in result["rows"] if mode in r]
                 if not points:
                     continue
-                xs, ys = zip(*points)
-                ys = [y / 2**20 for y in ys] if metric == "peak_bytes" else ys
+                xs = [x for x, _ in points]
+                mids = [v[1] for _, v in points]
+                bars = [[v[1] - v[0] for _, v in points], [v[2] - v[1] for _, v in points]]
                 label = {"fairseq": "fairseq (einsum re-implementation)"}.get(mode, f"{mode} gating")
-                ax.plot(xs, ys, style, label=label)
+                ax.errorbar(xs, mids, yerr=bars, fmt=style, capsize=2, label=label)
             if metric == "peak_bytes":
                 ax.axhline(cap_mib, color="grey", linestyle=":", label=f"cap {cap_mib} MiB")
             ax.set_xscale("log", base=2)
@@ -347,14 +388,20 @@ def plot(results: dict, cap_mib: int, path_prefix: str) -> list:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 timed runs per point, a 128 MiB cap, no fairseq column")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 rounds per point, a 128 MiB cap, no fairseq column, no verdicts"
+    )
     parser.add_argument("--cap-mib", type=int, default=None, help="memory cap for the largest batch (default 512)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch tried")
     parser.add_argument("--workloads", default="lm,mt")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time is then per core)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per point (default: 3-9, about 20 s a point)")
+    parser.add_argument("--seconds-per-batch", type=float, default=20.0, help="CPU seconds of rounds per point (3-9)")
     parser.add_argument("--output", default=None, help="results file stem under bench/results/")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     return_freed_memory_to_os()
     if args.cap_mib is None:
         args.cap_mib = 128 if args.quick else 512
@@ -373,16 +420,25 @@ def main():
     plots = plot(results, args.cap_mib, os.path.join(RESULTS_DIR, stem))
     workload_lines = "\n".join(f"- {WORKLOADS[w]['title']}: {WORKLOADS[w]['description']}" for w in workloads)
     text = (
-        f"# Static vs dynamic gating (cpu, {args.dtype})\n\n"
-        f"Machine: {machine_description(torch.device('cpu'))}. Measured at commit {commit()}.\n\n"
-        f"Workloads (batches of {args.seq_len}-token sequences, moe_infer.fairseq.MOELayer, one set of weights "
+        results_header(
+            f"Static vs dynamic gating (cpu, {args.dtype})",
+            machine_description(torch.device("cpu")),
+            commit(),
+            args.quick,
+        )
+        + f"Workloads (batches of {args.seq_len}-token sequences, moe_infer.fairseq.MOELayer, one set of weights "
         f"for both modes):\n{workload_lines}\n\n"
-        f"Memory: peak resident memory of one forward above the resident set before it (weights excluded); "
-        f"cap for the largest batch: {args.cap_mib} MiB. Throughput: best of 3-10 interleaved runs (2 with --quick): the "
-        f"machine is shared, and noise only ever slows a run down. 'fairseq': "
-        f"moe_infer.reference's plain-PyTorch re-implementation of fairseq's MOELayer (dense einsum "
-        f"dispatch/combine), where its [S, E, C] tensors are affordable. Static mode was checked against it "
-        f"(relative error {max(r['fairseq_check_error'] for r in results.values()):.1e}).\n\n"
+        f"Throughput: tokens per second of process CPU time, {args.threads} torch thread(s), the process pinned to "
+        f"core(s) {sorted(os.sched_getaffinity(0))} of {os.cpu_count()} (a shared machine: other jobs ran on the other "
+        f"cores). Memory: peak resident "
+        f"memory of one forward above the resident set before it (weights excluded); cap for the largest batch: "
+        f"{args.cap_mib} MiB, on the median peak. Each point is 3-9 interleaved rounds (2 with --quick; the 'rounds' "
+        f"column), every call measured for both time and memory; values are median [min-max] over the rounds, ratios "
+        f"are per round (round i's static call against round i's dynamic call), and the max-throughput ratio pairs "
+        f"the two best rows as [min / max, median / median, max / min]. 'fairseq': moe_infer.reference's "
+        f"plain-PyTorch re-implementation of fairseq's MOELayer (dense einsum dispatch/combine), where its "
+        f"[S, E, C] tensors are affordable. Static mode was checked against it (relative error "
+        f"{max(r['fairseq_check_error'] for r in results.values()):.1e}).\n\n"
         f"## Headline\n\n{headline_table(results, args.quick)}\n\n## Sweep\n\n{table(results, args.cap_mib)}\n\n"
         f"Plots: {', '.join(os.path.basename(p) for p in plots)}\n"
     )
@@ -395,6 +451,8 @@ def main():
                 "machine": machine_description(torch.device("cpu")),
                 "commit": commit(),
                 "cap_mib": args.cap_mib,
+                "threads": args.threads,
+                "clock": "process CPU time",
                 "seq_len": args.seq_len,
                 "workloads": {w: {**WORKLOADS[w], **results[w]} for w in workloads},
                 "paper": PAPER,
