@@ -325,36 +325,58 @@ def _placement_claims(placement, timed):
 
 
 def _balancing_claim(timed):
-    """Claim 9 from bench/placement.py --paper-timed: the MoE layer timed on 8 gloo ranks."""
+    """Claim 9 from bench/placement.py --paper-timed: the whole model's ranks timed on 8 gloo processes
+    (the MoE layer alone beside it)."""
     text, paper, paper_mt = "Throughput from load balancing (+10.1% LM, +19.5% MT encoder)", 1.101, 1.195
     if not timed:
         return _claim(9, text, paper, "x", setting="not measured: bench/placement.py --paper-timed has not run")
     traces = timed["traces"]
     lm, mt = traces["LM-like, calibrated"]["placements"], traces["MT-like, calibrated"]["placements"]
 
-    def row(name, placements):
+    def row(name, trace):
         parts = []
-        for p, entry in placements.items():
-            low, mid, high = entry["speedup_per_step"]
-            parts.append(f"{p} {entry['speedup_total']:.2f}x (per step {mid:.2f}x [{low:.2f}-{high:.2f}])")
-        return f"{name}: " + ", ".join(parts)
+        for p, entry in trace["placements"].items():
+            low, mid, high = entry["whole_model_speedup_per_batch"]
+            parts.append(
+                f"{p} {entry['whole_model_speedup_total']:.3f}x (per batch {mid:.2f}x [{low:.2f}-{high:.2f}]; "
+                f"MoE layer alone {entry['speedup_total']:.2f}x)"
+            )
+        return f"{name} (rest of the model {trace['rest_share']:.0%} of contiguous's time): " + ", ".join(parts)
 
-    ours, ours_mt = lm["greedy"]["speedup_total"], mt["greedy"]["speedup_total"]
+    ours, ours_mt = lm["greedy"]["whole_model_speedup_total"], mt["greedy"]["whole_model_speedup_total"]
     c = timed["config"]
     setting = (
-        f"timed, not modelled: {timed['ranks']} gloo ranks, plan on the first half of each trace, the second half "
-        f"through moe_infer's expert-parallel layer (dynamic gating; d_model {c['hidden']}, ffn {c['ffn']}, "
-        f"{c['activation']}, float32), {c['repeats']} passes; a step's time is the busiest rank's CPU time; "
-        "speedup = contiguous over the placement, total over all steps (per step: median [min-max]); greedy and "
-        "anti-correlation are the paper's rows, replicas beyond it. "
-        + "; ".join(row(name, t["placements"]) for name, t in traces.items())
-        + f". MT-like: greedy {ours_mt:.2f}x (paper +19.5%). The paper's gains are whole-model throughput on 8 "
-        "GPUs; ours is the MoE layer, which attention and dense layers would dilute"
+        f"timed, not modelled: {timed['ranks']} gloo ranks, plan on the first half of each trace (calibrated: "
+        "contiguous Max Load > 0.6), the second half through the whole model's ranks: per MoE layer, each rank runs "
+        "the rest of the model around it on its own tokens (bench/paper_models.py's layers: LM with MoE every 2nd "
+        "layer and a vocabulary projection, MT encoder with MoE every 4th) and then moe_infer's expert-parallel "
+        f"layer (dynamic gating; d_model {c['hidden']}, ffn {c['ffn']}, {c['activation']}, float32), "
+        f"{c['repeats']} passes; a step's time is the busiest rank's CPU time, a batch's the sum of its MoE layers' "
+        "steps; speedup = contiguous over the placement, total over all batches (per batch: median [min-max]); "
+        "greedy and anti-correlation are the paper's rows, replicas beyond it. "
+        + "; ".join(row(name, t) for name, t in traces.items())
+        + f". MT encoder: greedy {ours_mt:.3f}x (paper +19.5%). Unlike the paper's 8 V100s, the 8 ranks share "
+        "this CPU's cores and time is per-rank CPU time: compute and the ranks' own work, not the wire time of "
+        "the all-to-alls"
     )
     verdict = "reproduced" if ours >= paper and ours_mt >= paper_mt else ("partly" if ours > 1.0 else "not")
     evidence = _evidence("placement_timed.json", "placement_timed.md", "placement_paper.json")
-    per_step = lm["greedy"]["speedup_per_step"]  # the spread is per step; ours is over all steps
-    return _claim(9, text, paper, "x", ours, setting, verdict, evidence, spread=per_step, mt=ours_mt, mt_paper=paper_mt)
+    per_batch = lm["greedy"]["whole_model_speedup_per_batch"]  # the spread is per batch; ours is over all
+    return _claim(
+        9,
+        text,
+        paper,
+        "x",
+        ours,
+        setting,
+        verdict,
+        evidence,
+        spread=per_batch,
+        mt=ours_mt,
+        mt_paper=paper_mt,
+        moe_layer_alone=lm["greedy"]["speedup_total"],
+        mt_moe_layer_alone=mt["greedy"]["speedup_total"],
+    )
 
 
 # Why ours stands where it does against the paper's figure (the README's last column), by claim id.
@@ -378,8 +400,11 @@ WHY = {
     7: "on prefill batches the paper's policy is at Belady's misses; in sparse decode steps it is further from "
     "Belady, where recency (LRU) does better",
     8: "the calibrated trace starts where the paper's did (> 0.6) and greedy brings it well under 0.4",
-    9: "timed on the MoE layer alone (the paper's figure is the whole model, which attention and dense layers "
-    "dilute), on 8 gloo ranks' CPU time",
+    9: lambda c: (
+        f"whole model on 8 gloo ranks' CPU time (MT encoder {c['mt']:.2f}x against +19.5%); the calibrated traces "
+        f"are more skewed than balancing leaves room for on the paper's GPUs (the MoE layer alone gains "
+        f"{c['moe_layer_alone']:.2f}x), and the CPU time leaves out the all-to-alls' wire time"
+    ),
 }
 
 

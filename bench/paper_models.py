@@ -103,6 +103,7 @@ class LMLayer(nn.Module):
         super().__init__()
         d, f = spec["d_model"], spec["ffn"]
         self.heads = spec["heads"]
+        self.causal = spec.get("causal", True)  # an encoder's layer (bench/placement.py) attends both ways
         self.attn_norm = nn.LayerNorm(d, dtype=dtype)
         self.qkv = nn.Linear(d, 3 * d, dtype=dtype)
         self.attn_out = nn.Linear(d, d, dtype=dtype)
@@ -121,11 +122,17 @@ class LMLayer(nn.Module):
             self.fc1 = nn.Linear(d, f, dtype=dtype)
             self.fc2 = nn.Linear(f, d, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] plus its self-attention sublayer."""
         batch, length, d = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(batch, length, 3, self.heads, d // self.heads).unbind(2)
-        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        x = x + self.attn_out(attn.transpose(1, 2).reshape(batch, length, d))
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=self.causal
+        )
+        return x + self.attn_out(attn.transpose(1, 2).reshape(batch, length, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attend(x)
         h = self.ffn_norm(x)
         return x + (self.moe(h)[0] if self.moe is not None else self.fc2(F.gelu(self.fc1(h))))
 

@@ -62,6 +62,22 @@ def test_lm_layout_is_fairseqs():
     assert gate.moe_eval_capacity_token_fraction == 0.25
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_layer_attends_forward_only_when_causal(causal):
+    """An LM layer's attention sees only earlier tokens; an encoder's (causal=False) sees them all."""
+    torch.manual_seed(0)
+    layer = paper_models.LMLayer({**TINY_LM, "causal": causal}, False, torch.float32)
+    x = torch.randn(2, 6, TINY_LM["d_model"])
+    changed = x.clone()
+    changed[:, -1] += 1.0  # only the last token differs
+    with torch.no_grad():
+        first, first_changed = layer(x)[:, 0], layer(changed)[:, 0]
+        # attend() is forward()'s attention sublayer
+        h = layer.attend(x)
+        torch.testing.assert_close(layer(x), h + layer.fc2(torch.nn.functional.gelu(layer.fc1(layer.ffn_norm(h)))))
+    assert torch.equal(first, first_changed) == causal
+
+
 def test_lm_static_equals_dynamic_when_nothing_is_dropped():
     model = paper_models.build_lm({**TINY_LM, "eval_capacity_fraction": 1.0})
     tokens = torch.randint(0, TINY_LM["vocab"], (3, 10))
