@@ -675,7 +675,8 @@ def main():
             commit(),
             args.quick,
         ) + (
-            f"{PAPER_RANKS} gloo processes on this machine, one torch thread each. Per trace, each placement is "
+            f"{PAPER_RANKS} gloo processes on this machine, one torch thread each, all pinned to core(s) "
+            f"{sorted(os.sched_getaffinity(0))} of {os.cpu_count()} (a shared machine). Per trace, each placement is "
             "planned on the first half of the batches and the second half runs through moe_infer's expert-parallel "
             f"layer (ExpertParallelExperts, dynamic gating: counts all-to-all, then the variable-size all-to-alls): "
             f"E experts of d_model {c['hidden']}, ffn {c['ffn']}, {c['activation']}, float32; each batch's tokens "
