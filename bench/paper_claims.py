@@ -359,7 +359,9 @@ def _balancing_claim(timed):
         "this CPU's cores and time is per-rank CPU time: compute and the ranks' own work, not the wire time of "
         "the all-to-alls"
     )
-    verdict = "reproduced" if ours >= paper and ours_mt >= paper_mt else ("partly" if ours > 1.0 else "not")
+    # Reproduced only if even the slowest batch's gain reaches the paper's, as for claims 1-3.
+    lm_slowest, mt_slowest = (t["greedy"]["whole_model_speedup_per_batch"][0] for t in (lm, mt))
+    verdict = "reproduced" if lm_slowest >= paper and mt_slowest >= paper_mt else ("partly" if ours > 1.0 else "not")
     evidence = _evidence("placement_timed.json", "placement_timed.md", "placement_paper.json")
     extra = dict(
         spread=lm["greedy"]["whole_model_speedup_per_batch"],  # the spread is per batch; ours is over all
@@ -367,7 +369,11 @@ def _balancing_claim(timed):
         mt_paper=paper_mt,
         moe_layer_alone=lm["greedy"]["speedup_total"],
         mt_moe_layer_alone=mt["greedy"]["speedup_total"],
+        rest_share=traces["LM-like, calibrated"]["rest_share"],
     )
+    recorded = traces.get("recorded lm_prefill.pt")
+    if recorded:
+        extra["recorded"] = recorded["placements"]["greedy"]["whole_model_speedup_total"]
     return _claim(9, text, paper, "x", ours, setting, verdict, evidence, **extra)
 
 
@@ -393,9 +399,16 @@ WHY = {
     "Belady, where recency (LRU) does better",
     8: "the calibrated trace starts where the paper's did (> 0.6) and greedy brings it well under 0.4",
     9: lambda c: (
-        f"whole model on 8 gloo ranks' CPU time (MT encoder {c['mt']:.2f}x against +19.5%); the calibrated traces "
-        f"are more skewed than balancing leaves room for on the paper's GPUs (the MoE layer alone gains "
-        f"{c['moe_layer_alone']:.2f}x), and the CPU time leaves out the all-to-alls' wire time"
+        f"the whole model's ranks timed on 8 gloo processes' CPU time (MT encoder {c['mt']:.2f}x against +19.5%); "
+        "the calibrated traces start at the paper's Max Load (> 0.6), but greedy brings it well under the paper's "
+        f"0.4 (claim 8), so the MoE layer alone gains {c['moe_layer_alone']:.2f}x, of which the rest of the model "
+        f"({c['rest_share']:.0%} of the time) leaves {c['ours']:.2f}x; CPU time leaves out the all-to-alls' wire "
+        "time"
+        + (
+            f". On the recorded trace (a router trained with a balancing loss): {c['recorded']:.2f}x"
+            if "recorded" in c
+            else ""
+        )
     ),
 }
 

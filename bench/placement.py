@@ -570,10 +570,11 @@ def run_real(world_size, config):
     keys = list(by_rank[0][0])
     baseline = None
     for key in keys:
-        # The layer is as slow as its slowest rank: max over ranks, then median over batches.
+        # The layer is as slow as its slowest rank: max over ranks, per batch.
         per_batch = [max(by_rank[r][0][key][i] for r in range(world_size)) for i in range(len(by_rank[0][0][key]))]
         median = statistics.median(per_batch)
-        baseline = baseline or median
+        baseline = baseline or per_batch
+        low, mid, high = spread([b / t for b, t in zip(baseline, per_batch)])  # per batch, against the first row
         bytes_sent = statistics.mean(s[0] for r in range(world_size) for s in by_rank[r][1][key])
         busiest = statistics.mean(
             max(by_rank[r][1][key][i][1] for r in range(world_size)) for i in range(len(per_batch))
@@ -587,7 +588,7 @@ def run_real(world_size, config):
                 key[0],
                 key[1],
                 f"{median * 1e3:.1f}",
-                f"{baseline / median:.2f}x",
+                f"{mid:.2f}x [{low:.2f}-{high:.2f}]",
                 f"{bytes_sent / 1e6:.2f}",
                 f"{busiest:.0f}",
                 f"{100 * dropped / routed:.1f}%",
@@ -778,7 +779,8 @@ def main():
             f"routing ids from a trace (skew {cfg['skew']}, locality {cfg['locality']}), placement planned "
             f"on its first {cfg['batches']} batches, measured on the next {cfg['batches']} (interleaved, "
             "a barrier before each call). ms/layer: the busiest rank's CPU time of the call (its main thread; gloo "
-            "moves the rows on its own threads), median over batches. MB sent/rank: "
+            "moves the rows on its own threads), median over batches; 'vs first row': the first row's time over "
+            "the row's, per batch, median [min-max]. MB sent/rank: "
             "rows sent to other ranks by the dispatch and return all-to-alls. busiest rank rows: rows "
             "the busiest rank computes (static: its slots x capacity, placeholders included). static "
             "cf=1: fairseq's capacity (k * ceil(S/E) per expert and source rank); static no-drop: a "
