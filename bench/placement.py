@@ -14,7 +14,13 @@ bytes each rank sends to the others, the busiest rank's rows, pairs dropped, for
 
 Prints tables, writes bench/results/placement_cpu[_quick].md and .png.
 
-    python bench/placement.py [--quick] [--skip-real]
+The paper's own protocol (claims 8 and 9), always run first: 8 ranks, calibrated traces and the
+recorded ones, Max Load of the paper's placements (bench/results/placement_paper.md); with
+--paper-timed, each placement then timed on 8 gloo ranks, the MoE layer alone and the whole
+model's ranks (the rest of the model around each MoE layer, as bench/paper_models.py builds it):
+bench/results/placement_timed.md.
+
+    python bench/placement.py [--quick] [--skip-real] [--paper-only | --paper-timed]
 """
 
 import argparse
@@ -771,11 +777,12 @@ def main():
             ],
             real_rows,
         )
-        rebalance_table = markdown_table(["ranks", "experts moved", "MB moved", "ms"], rebalance_rows)
+        rebalance_table = markdown_table(["ranks", "experts moved", "MB moved", "wall ms"], rebalance_rows)
         text += (
             "\n## Expert-parallel layer on gloo processes (this machine)\n\n"
             f"ExpertParallelExperts, E={cfg['experts']}, H={cfg['hidden']}, ffn={cfg['ffn']} (SiLU-GLU), "
-            f"top-{cfg['top_k']}, {cfg['tokens']} tokens per rank per batch, float32, one thread per rank; "
+            f"top-{cfg['top_k']}, {cfg['tokens']} tokens per rank per batch, float32, one thread per rank, the "
+            f"ranks pinned to core(s) {sorted(os.sched_getaffinity(0))} of {os.cpu_count()}; "
             f"routing ids from a trace (skew {cfg['skew']}, locality {cfg['locality']}), placement planned "
             f"on its first {cfg['batches']} batches, measured on the next {cfg['batches']} (interleaved, "
             "a barrier before each call). ms/layer: the busiest rank's CPU time of the call (its main thread; gloo "
