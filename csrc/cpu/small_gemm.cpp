@@ -3,7 +3,9 @@
 #include "cpu/small_gemm.h"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <utility>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // GCC 12's AVX-512 intrinsics start from _mm*_undefined_*() values: false (maybe-)uninitialized
@@ -25,15 +27,26 @@ namespace moe_infer {
 
 namespace {
 
-// The nn.Linear layout streams one weight row at a time, front to back (a single sequential
-// stream, which this hardware reads faster than a few short rows interleaved), against up to
-// kRowTile rows of x; further rows of x re-read that weight row from L1. Bytes of weights
-// prefetched ahead of the loads: the hardware prefetcher alone stalls at each row's end.
-constexpr int kRowTile = 4;
-constexpr int64_t kPrefetchBytes = 4096;
-// The [K, N] layout's float32 accumulators: rows x (columns of one pass) at most, so they stay in
-// L1 whatever the rows (a whole weight row per pass for a few rows: again one sequential stream).
-constexpr int64_t kAxpyAccumulators = 8192;
+// Register tiles of the nn.Linear layout: kRows rows of x against kBlock weight rows, 16 float32
+// accumulators. One or two rows take the wide tile: it reads more bytes of weights per tile, and
+// with 2 KiB weight rows the pipeline drain at the end of each 4-row tile costs a quarter of the
+// bandwidth. More rows take the square tile, which reloads each block of weights from L1 fewer
+// times.
+struct WideTile {
+  static constexpr int kRows = 2;
+  static constexpr int kBlock = 8;
+};
+struct SquareTile {
+  static constexpr int kRows = 4;
+  static constexpr int kBlock = 4;
+};
+// Scratch layout of one tile's results: out[j * kMaxRows + r].
+constexpr int kMaxRows = 4;
+static_assert(kSmallGemmColumnBlock % WideTile::kBlock == 0 &&
+                  kSmallGemmColumnBlock % SquareTile::kBlock == 0,
+              "column block of the kernels");
+// The [K, N] layout's columns per pass over its float32 accumulators (rows x kAxpyColumns).
+constexpr int64_t kAxpyColumns = kSmallGemmRowMajorColumnBlock;
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t u = static_cast<uint32_t>(bits) << 16;
@@ -58,79 +71,82 @@ inline void store(uint16_t* p, float v) { *p = float_to_bf16(v); }
 
 #if MOE_INFER_SMALL_GEMM_X86
 
+// The weight rows of the next tile, at the same k: each tile reads a few short rows at once, too
+// short for the hardware prefetcher to lock on (a prefetch past the end is harmless).
+template <typename T>
+inline void prefetch_next_tile(const T* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
+
 // ---- nn.Linear layout: dot products along k ----------------------------------------------------
 
-// Accumulators per row of x in flight along k: enough independent sums to hide the latency of the
-// fused products at one or two rows.
-template <int R>
-constexpr int kUnroll = R == 1 ? 4 : (R == 2 ? 2 : 1);
-
-inline void prefetch_weights(const void* p) {
-  _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-}
-
-// out[r] = dot(w, x row r) for r < R: float32, 16 products a vector.
-template <int R>
-MOE_INFER_TARGET_AVX512 void row_dots_f32(const float* x, int64_t x_stride, const float* w,
-                                          int64_t k, float* out) {
-  constexpr int U = kUnroll<R>;
-  __m512 acc[R][U];
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+// out[j * kMaxRows + r] = dot(w row j, x row r) for j < NB, r < R.
+template <int R, int NB>
+MOE_INFER_TARGET_AVX512 void dot_tile_f32(const float* x, int64_t x_stride, const float* w,
+                                          int64_t w_stride, int64_t k, float* out) {
+  __m512 acc[NB][R];
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 * U <= k; i += 16 * U) {
-    for (int u = 0; u < U; ++u) {
-      prefetch_weights(w + i + 16 * u);
-      const __m512 wv = _mm512_loadu_ps(w + i + 16 * u);
-      for (int r = 0; r < R; ++r)
-        acc[r][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * x_stride + i + 16 * u), acc[r][u]);
+  for (; i + 16 <= k; i += 16) {
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      wv[j] = _mm512_loadu_ps(w + j * w_stride + i);
+      prefetch_next_tile(w + (j + NB) * w_stride + i);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * x_stride + i);
+      for (int j = 0; j < NB; ++j) acc[j][r] = _mm512_fmadd_ps(wv[j], xv, acc[j][r]);
     }
   }
-  for (; i < k; i += 16) {
-    const __mmask16 mask = k - i >= 16 ? static_cast<__mmask16>(0xffffu)
-                                       : static_cast<__mmask16>((1u << (k - i)) - 1u);
-    const __m512 wv = _mm512_maskz_loadu_ps(mask, w + i);
-    for (int r = 0; r < R; ++r)
-      acc[r][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + r * x_stride + i), acc[r][0]);
+  if (i < k) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (k - i)) - 1u);
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_ps(mask, w + j * w_stride + i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * x_stride + i);
+      for (int j = 0; j < NB; ++j) acc[j][r] = _mm512_fmadd_ps(wv[j], xv, acc[j][r]);
+    }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int u = 1; u < U; ++u) acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][u]);
-    out[r] = _mm512_reduce_add_ps(acc[r][0]);
-  }
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < R; ++r) out[j * kMaxRows + r] = _mm512_reduce_add_ps(acc[j][r]);
 }
 
-// The same for bfloat16: AVX512-BF16 dot products of pairs, 32 values a vector, summed in float32.
-template <int R>
-MOE_INFER_TARGET_AVX512_BF16 void row_dots_bf16(const uint16_t* x, int64_t x_stride,
-                                                const uint16_t* w, int64_t k, float* out) {
-  constexpr int U = kUnroll<R>;
-  __m512 acc[R][U];
-  for (int r = 0; r < R; ++r)
-    for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+// The same for bfloat16: AVX512-BF16 dot products of pairs, summed in float32.
+template <int R, int NB>
+MOE_INFER_TARGET_AVX512_BF16 void dot_tile_bf16(const uint16_t* x, int64_t x_stride,
+                                                const uint16_t* w, int64_t w_stride, int64_t k,
+                                                float* out) {
+  __m512 acc[NB][R];
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 32 * U <= k; i += 32 * U) {
-    for (int u = 0; u < U; ++u) {
-      prefetch_weights(w + i + 32 * u);
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + i + 32 * u);
-      for (int r = 0; r < R; ++r) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * x_stride + i + 32 * u);
-        acc[r][u] = _mm512_dpbf16_ps(acc[r][u], wv, xv);
+  for (; i + 32 <= k; i += 32) {
+    __m512i wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      wv[j] = _mm512_loadu_si512(w + j * w_stride + i);
+      prefetch_next_tile(w + (j + NB) * w_stride + i);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i xv = _mm512_loadu_si512(x + r * x_stride + i);
+      for (int j = 0; j < NB; ++j) {
+        acc[j][r] = _mm512_dpbf16_ps(acc[j][r], (__m512bh)wv[j], (__m512bh)xv);
       }
     }
   }
-  for (; i < k; i += 32) {
-    const __mmask32 mask =
-        k - i >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << (k - i)) - 1u);
-    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + i);
+  if (i < k) {
+    const __mmask32 mask = static_cast<__mmask32>((1u << (k - i)) - 1u);
+    __m512i wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w + j * w_stride + i);
     for (int r = 0; r < R; ++r) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * x_stride + i);
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], wv, xv);
+      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + r * x_stride + i);
+      for (int j = 0; j < NB; ++j) {
+        acc[j][r] = _mm512_dpbf16_ps(acc[j][r], (__m512bh)wv[j], (__m512bh)xv);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int u = 1; u < U; ++u) acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][u]);
-    out[r] = _mm512_reduce_add_ps(acc[r][0]);
-  }
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < R; ++r) out[j * kMaxRows + r] = _mm512_reduce_add_ps(acc[j][r]);
 }
 
 // ---- [K, N] layout: rows of w scaled by x and summed, 16 columns a vector ----------------------
@@ -144,9 +160,9 @@ MOE_INFER_TARGET_AVX512 inline __m512 load_columns(const uint16_t* p, __mmask16 
   return _mm512_castsi512_ps(_mm512_slli_epi32(widened, 16));
 }
 
-// acc[r * columns + c] += sum_k x[r, k] * w[k, c] for r < rows, c < columns: each weight row
-// is read once, front to back, four rows of w per pass over the accumulators (which stay in L1);
-// each vector of weights is loaded and widened once for every row of x.
+// acc[r * kAxpyColumns + c] += sum_k x[r, k] * w[k, c] for r < rows, c < columns: each weight row
+// is read once, front to back, four rows of w per pass over the accumulators (which stay in
+// L1/L2); each vector of weights is loaded and widened once for every row of x.
 template <typename T>
 MOE_INFER_TARGET_AVX512 void axpy_rows(const T* x, int64_t x_stride, int64_t rows, const T* w,
                                        int64_t w_stride, int64_t k, int64_t columns, float* acc) {
@@ -169,7 +185,7 @@ MOE_INFER_TARGET_AVX512 void axpy_rows(const T* x, int64_t x_stride, int64_t row
         wv[d] = d < depth ? load_columns(w0 + d * w_stride + 16 * v, mask) : _mm512_setzero_ps();
       }
       for (int64_t r = 0; r < rows; ++r) {
-        float* a = acc + r * columns + 16 * v;
+        float* a = acc + r * kAxpyColumns + 16 * v;
         __m512 sum = _mm512_maskz_loadu_ps(mask, a);
         for (int d = 0; d < kDepth; ++d)
           sum = _mm512_fmadd_ps(wv[d], _mm512_set1_ps(xs[r][d]), sum);
@@ -198,44 +214,65 @@ MOE_INFER_TARGET_AVX512 void add_weighted_row_avx512(const T* row, float weight,
 // ---- drivers
 // -------------------------------------------------------------------------------------
 
-template <int R>
-struct RowDots {
-  static void run(const float* x, int64_t xs, const float* w, int64_t k, float* out) {
-    row_dots_f32<R>(x, xs, w, k, out);
-  }
-  static void run(const uint16_t* x, int64_t xs, const uint16_t* w, int64_t k, float* out) {
-    row_dots_bf16<R>(x, xs, w, k, out);
-  }
-};
-
-template <typename T>
-void row_dots(int rows, const T* x, int64_t xs, const T* w, int64_t k, float* out) {
-  static_assert(kRowTile == 4, "one case per row count of a tile");
-  switch (rows) {
-    case 1:
-      return RowDots<1>::run(x, xs, w, k, out);
-    case 2:
-      return RowDots<2>::run(x, xs, w, k, out);
-    case 3:
-      return RowDots<3>::run(x, xs, w, k, out);
-    default:
-      return RowDots<4>::run(x, xs, w, k, out);
-  }
+// table[(R - 1) * Shape::kBlock + (NB - 1)]: the tile of R rows and NB blocks.
+template <typename Shape, template <int, int> class Tile, size_t... I>
+constexpr auto make_tiles(std::index_sequence<I...>) {
+  return std::array<decltype(&Tile<1, 1>::run), sizeof...(I)>{
+      &Tile<static_cast<int>(I) / Shape::kBlock + 1,
+            static_cast<int>(I) % Shape::kBlock + 1>::run...};
 }
 
+template <typename Shape, template <int, int> class Tile>
+constexpr auto tiles_of() {
+  return make_tiles<Shape, Tile>(std::make_index_sequence<Shape::kRows * Shape::kBlock>{});
+}
+
+template <int R, int NB>
+struct DotF32 {
+  static void run(const float* x, int64_t xs, const float* w, int64_t ws, int64_t k, float* out) {
+    dot_tile_f32<R, NB>(x, xs, w, ws, k, out);
+  }
+};
+template <int R, int NB>
+struct DotBf16 {
+  static void run(const uint16_t* x, int64_t xs, const uint16_t* w, int64_t ws, int64_t k,
+                  float* out) {
+    dot_tile_bf16<R, NB>(x, xs, w, ws, k, out);
+  }
+};
 template <typename T>
+struct DotOf;
+template <>
+struct DotOf<float> {
+  template <int R, int NB>
+  using Tile = DotF32<R, NB>;
+};
+template <>
+struct DotOf<uint16_t> {
+  template <int R, int NB>
+  using Tile = DotBf16<R, NB>;
+};
+
+template <typename T, typename Shape>
 void run_dot(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
+  static constexpr auto tiles = tiles_of<Shape, DotOf<T>::template Tile>();
   const T* x = static_cast<const T*>(g.x);
   const T* w = static_cast<const T*>(g.w);
   const T* bias = static_cast<const T*>(g.bias);
   T* y = static_cast<T*>(g.y);
-  float out[kRowTile];
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const float b = bias != nullptr ? to_float(bias[n]) : 0.0f;
-    for (int64_t r0 = 0; r0 < g.rows; r0 += kRowTile) {
-      const int rt = static_cast<int>(std::min<int64_t>(kRowTile, g.rows - r0));
-      row_dots(rt, x + r0 * g.x_stride, g.x_stride, w + n * g.w_stride, g.k, out);
-      for (int r = 0; r < rt; ++r) store(y + (r0 + r) * g.y_stride + n, out[r] + b);
+  float out[Shape::kBlock * kMaxRows];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += Shape::kBlock) {
+    const int nb = static_cast<int>(std::min<int64_t>(Shape::kBlock, n_end - n0));
+    for (int64_t r0 = 0; r0 < g.rows; r0 += Shape::kRows) {
+      const int rt = static_cast<int>(std::min<int64_t>(Shape::kRows, g.rows - r0));
+      tiles[(rt - 1) * Shape::kBlock + (nb - 1)](x + r0 * g.x_stride, g.x_stride,
+                                                 w + n0 * g.w_stride, g.w_stride, g.k, out);
+      for (int j = 0; j < nb; ++j) {
+        const float b = bias != nullptr ? to_float(bias[n0 + j]) : 0.0f;
+        for (int r = 0; r < rt; ++r) {
+          store(y + (r0 + r) * g.y_stride + n0 + j, out[j * kMaxRows + r] + b);
+        }
+      }
     }
   }
 }
@@ -246,17 +283,16 @@ void run_axpy(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
   const T* w = static_cast<const T*>(g.w);
   const T* bias = static_cast<const T*>(g.bias);
   T* y = static_cast<T*>(g.y);
-  float acc[kAxpyAccumulators];
-  const int64_t pass = std::max<int64_t>(16, kAxpyAccumulators / g.rows / 16 * 16);
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += pass) {
-    const int64_t columns = std::min<int64_t>(pass, n_end - n0);
-    std::fill_n(acc, g.rows * columns, 0.0f);
+  float acc[kSmallGemmMaxRows * kAxpyColumns];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kAxpyColumns) {
+    const int64_t columns = std::min<int64_t>(kAxpyColumns, n_end - n0);
+    for (int64_t r = 0; r < g.rows; ++r) std::fill_n(acc + r * kAxpyColumns, columns, 0.0f);
     axpy_rows(x, g.x_stride, g.rows, w + n0, g.w_stride, g.k, columns, acc);
     for (int64_t r = 0; r < g.rows; ++r) {
       T* y_row = y + r * g.y_stride + n0;
       for (int64_t c = 0; c < columns; ++c) {
         const float b = bias != nullptr ? to_float(bias[n0 + c]) : 0.0f;
-        store(y_row + c, acc[r * columns + c] + b);
+        store(y_row + c, acc[r * kAxpyColumns + c] + b);
       }
     }
   }
@@ -264,8 +300,9 @@ void run_axpy(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
 
 template <typename T>
 void run(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
+  const bool wide = g.rows <= WideTile::kRows;
   if (g.w_k_contiguous) {
-    run_dot<T>(g, n_begin, n_end);
+    wide ? run_dot<T, WideTile>(g, n_begin, n_end) : run_dot<T, SquareTile>(g, n_begin, n_end);
   } else {
     run_axpy<T>(g, n_begin, n_end);
   }

@@ -3,9 +3,8 @@
 //
 // At a handful of rows an expert's GEMM is bound by the bytes of its weights, and ATen's GEMMs
 // (oneDNN / MKL) reach well under the memory bandwidth there: they pack or re-read the weight
-// matrix per call. These kernels stream each weight once, front to back, keep a few rows of
-// accumulators in registers (nn.Linear layout) or L1 ([K, N]), and re-read weights from L1 for
-// further rows.
+// matrix per call. These kernels stream each weight once, keep up to kSmallGemmRowTile rows of
+// accumulators in registers, and re-read a block of weights from L1/L2 for further row tiles.
 // float32 and bfloat16 (products summed in float32, rounded once to nearest even), AVX-512; the
 // nn.Linear layout in bfloat16 uses AVX512-BF16 dot products. torch-free.
 #pragma once
@@ -53,8 +52,10 @@ void small_gemm(const SmallGemm& gemm, int64_t n_begin, int64_t n_end);
 // done) where the CPU lacks AVX-512; the caller then loops.
 bool add_weighted_row(SmallGemmType type, const void* row, float weight, int64_t n, float* acc);
 
-// Columns per task when small_gemm is split across threads: of the nn.Linear layout (weight rows)
-// and of the [K, N] layout (a run of each weight row).
+// Columns per task when small_gemm is split across threads: of the nn.Linear layout (weight rows),
+// and of the [K, N] layout, whose weight rows are read in runs of this many columns (2 KiB of
+// float32: long enough for the hardware prefetcher, short enough to keep 16 rows of float32
+// accumulators in L2).
 constexpr int64_t kSmallGemmColumnBlock = 128;
 constexpr int64_t kSmallGemmRowMajorColumnBlock = 512;
 
