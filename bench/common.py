@@ -2,6 +2,7 @@
 bar, machine info, result tables."""
 
 import ctypes
+import dataclasses
 import gc
 import os
 import platform
@@ -91,19 +92,43 @@ def time_interleaved(
     return {name: statistic(values) for name, values in samples.items()}
 
 
-def memory_bandwidth(clock: Callable[[], float] = time.perf_counter) -> float:
-    """Bytes per second of a large copy (read + write), best of several, on the current threads:
-    the rate a decode step's weights can stream at, timed with the clock of the table it sits in
-    (CPU time on one thread, so that other jobs holding the core do not count)."""
+@dataclasses.dataclass
+class Bandwidth:
+    """Memory bandwidths in bytes per second: a large copy (read + write bytes) and a large sum
+    (read bytes). A weight-bound step only reads, and one core may read faster or slower than it
+    copies: its floor takes the larger, the rate no implementation passes."""
+
+    copy: float
+    read: float
+
+    @property
+    def floor(self) -> float:
+        return max(self.copy, self.read)
+
+    def describe(self) -> str:
+        return (
+            f"Memory bandwidth: copy {self.copy / 1e9:.1f} GB/s (read + write), sum {self.read / 1e9:.1f} GB/s "
+            f"(read); bandwidth floors use the larger."
+        )
+
+
+def memory_bandwidth(clock: Callable[[], float] = time.perf_counter) -> Bandwidth:
+    """The copy and read bandwidths, best of several, on the current threads, timed with the clock of
+    the table they sit in (CPU time on one thread, so that other jobs holding the core do not count)."""
     source = torch.empty(2**27, dtype=torch.uint8).fill_(1)  # 128 MiB: far beyond the caches
     target = torch.empty_like(source)
     target.copy_(source)
-    best = float("inf")
+    values = torch.ones(2**26, dtype=torch.float32)  # 256 MiB
+    values.sum()
+    copy, read = float("inf"), float("inf")
     for _ in range(5):
         start = clock()
         target.copy_(source)
-        best = min(best, clock() - start)
-    return 2 * source.numel() / best
+        copy = min(copy, clock() - start)
+        start = clock()
+        values.sum()
+        read = min(read, clock() - start)
+    return Bandwidth(copy=2 * source.numel() / copy, read=values.numel() * values.element_size() / read)
 
 
 _EVICTION_BUFFER = None

@@ -18,7 +18,8 @@ cache is cropped back after each step), each timed call starting from cold cache
 untimed before it), as in a real model whose weights far exceed the caches. Decode rows also give
 the weight-bandwidth floor: the bytes of weights the step must read (every parameter outside the
 experts, an untied input embedding aside, plus each layer's active experts) over the memory
-bandwidth measured in the same run (a large torch copy, read + write bytes).
+bandwidth measured in the same run (the larger of a large torch copy, read + write bytes, and a
+large sum, read bytes).
 
 Tables for each --dtype (default bfloat16 and float32) and --threads (default 1 and 2). One thread
 is timed in CPU time (time.process_time): this machine is shared, and CPU time of a single-threaded
@@ -332,7 +333,7 @@ def run_table(archs, dtype, threads, quick, progress):
                 fns = {name: decode_fn(arch, model, ids) for name, model in variants.items()}
                 tokens, repeats = batch, (5 if quick else 15)
                 if arch not in hf_models.ENCODER_DECODER:
-                    bandwidth_floor = step_weight_bytes(variants["HF eager"], fns["HF eager"]) / bandwidth
+                    bandwidth_floor = step_weight_bytes(variants["HF eager"], fns["HF eager"]) / bandwidth.floor
             with torch.no_grad():
                 samples = time_interleaved(
                     fns,
@@ -365,7 +366,7 @@ def run_table(archs, dtype, threads, quick, progress):
     timing = "CPU time (time.process_time)" if threads == 1 else "wall-clock time"
     return (
         f"## {str(dtype).removeprefix('torch.')}, {threads} thread{'s' if threads > 1 else ''} ({timing})\n\n"
-        f"Memory bandwidth (copy, read + write): {bandwidth / 1e9:.1f} GB/s. Every variant agrees with HF eager "
+        f"{bandwidth.describe()} Every variant agrees with HF eager "
         f"(worst relative error of the logits {worst:.1e}).\n\n{table}\n"
     )
 
@@ -406,7 +407,7 @@ def main():
         f"step at batch b after a {CONTEXT}-token context. 'GEMM floor': the whole model with experts that only run "
         f"their GEMMs (F.linear per routed expert), so 'moe_infer / GEMM floor' includes attention etc. on both "
         f"sides. 'bandwidth floor': bytes of the weights one decode step must read (every parameter outside the "
-        f"experts, an untied input embedding aside, plus the active experts of every layer) / the copy bandwidth; "
+        f"experts, an untied input embedding aside, plus the active experts of every layer) / the memory bandwidth; "
         f"decode rows are timed from cold caches. 'vs best HF' = fastest of HF eager / batched_mm / grouped_mm divided by "
         f"moe_infer. Switch/NLLB: 'HF eager' is transformers' capacity routing and expert loop (NLLB-MoE's loop "
         f"corrected); they have no experts interface, so no GEMM floor. HF batched_mm gathers one weight matrix "

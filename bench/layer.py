@@ -11,15 +11,15 @@ S, dtype and thread count, times interleaved (min / median / max over the repeat
                      on ATen's GEMMs. At up to 16 rows per expert moe_infer streams the weights
                      with its own kernels (csrc/cpu/small_gemm.h), which can beat it.
 and, for decode (S <= 16), the weight-bandwidth floor: the bytes of the active experts' weights
-over the memory bandwidth measured in the same run (a large torch copy, read + write bytes), the
-limit no implementation passes. Decode rows start every timed call with cold caches (128 MiB is
+over the memory bandwidth measured in the same run (the larger of a large torch copy, read + write
+bytes, and a large sum, read bytes), the limit no implementation passes. Decode rows start every timed call with cold caches (128 MiB is
 read and written untimed before it), as a decode step of a real model finds them.
 Every row reads as ratios to those limits. Outputs are checked against HF eager first.
 
 One thread: CPU time of the thread (time.thread_time; the machine is shared, and CPU time does not
 count what other jobs take). More threads: wall-clock time.
 
-    python bench/layer.py [--quick] [--dtype bfloat16 --dtype float32] [--threads 1 --threads 2]
+    python bench/layer.py [--quick] [--dtype bfloat16 --dtype float32] [--threads 1 --threads 2] [--tokens 1 ...]
 """
 
 import argparse
@@ -110,14 +110,14 @@ def median(samples):
     return sorted(samples)[len(samples) // 2]
 
 
-def run_table(dtype, threads, quick, progress):
+def run_table(dtype, threads, tokens, quick, progress):
     torch.set_num_threads(threads)
     clock = time.thread_time if threads == 1 else time.perf_counter
     bandwidth = memory_bandwidth(clock)
     rows, worst = [], 0.0
     for shape in SHAPES:
         blocks = build_blocks(shape, dtype)
-        for num_tokens in TOKENS:
+        for num_tokens in tokens:
             x = torch.randn(1, num_tokens, SHAPES[shape][1], dtype=dtype)
             with torch.no_grad():
                 expected = blocks["HF eager"](x).double()
@@ -150,7 +150,7 @@ def run_table(dtype, threads, quick, progress):
             ours, gemms = samples["moe_infer"], samples["GEMM floor"]
             hf = {n: median(t) for n, t in samples.items() if n.startswith("HF")}
             best_hf = min(hf, key=hf.get)
-            bandwidth_floor = active_bytes / bandwidth
+            bandwidth_floor = active_bytes / bandwidth.floor
             rows.append(
                 [
                     shape,
@@ -180,7 +180,7 @@ def run_table(dtype, threads, quick, progress):
     ]
     clock_name = "CPU time of the thread" if threads == 1 else "wall-clock time"
     title = f"## {str(dtype).removeprefix('torch.')}, {threads} thread{'s' if threads > 1 else ''} ({clock_name})"
-    note = f"Memory bandwidth (copy, read + write): {bandwidth / 1e9:.1f} GB/s. Outputs agree with HF eager (worst relative error {worst:.1e})."
+    note = f"{bandwidth.describe()} Outputs agree with HF eager (worst relative error {worst:.1e})."
     return f"{title}\n\n{note}\n\n{markdown_table(headers, rows)}\n"
 
 
@@ -190,14 +190,16 @@ def main():
         "--dtype", action="append", choices=["bfloat16", "float32", "float16"], help="default: bfloat16 and float32"
     )
     parser.add_argument("--threads", action="append", type=int, help="default: 1 and 2")
+    parser.add_argument("--tokens", action="append", type=int, help=f"token counts S (default: {TOKENS})")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--output", default=None, help="results file name under bench/results/")
     args = parser.parse_args()
     dtypes = [getattr(torch, d) for d in args.dtype or ["bfloat16", "float32"]]
     threads = args.threads or [1, 2]
+    tokens = args.tokens or list(TOKENS)
     load_before = os.getloadavg()[0]
-    progress = Progress(len(dtypes) * len(threads) * len(SHAPES) * len(TOKENS), "bench/layer")
-    sections = [run_table(dtype, t, args.quick, progress) for dtype in dtypes for t in threads]
+    progress = Progress(len(dtypes) * len(threads) * len(SHAPES) * len(tokens), "bench/layer")
+    sections = [run_table(dtype, t, tokens, args.quick, progress) for dtype in dtypes for t in threads]
     shapes = "; ".join(f"{k}: {v[0]} block, H={v[1]}, ffn={v[2]}, E={v[3]}, k={v[4]}" for k, v in SHAPES.items())
     text = (
         f"# One sparse MoE block against its limits (cpu)\n\n"
@@ -205,7 +207,7 @@ def main():
         f"{os.getloadavg()[0]:.1f} after (the machine is shared: other jobs ran during the measurement).\n\n"
         f"Blocks: {shapes}; input [1, S, H]. Times: median (min-max) of interleaved repeats, in ms. "
         f"GEMM floor: F.linear of each routed expert's fc1 and fc2 on its token count, in the same dtype. "
-        f"Bandwidth floor (S <= 16): bytes of the active experts' weights / the measured copy bandwidth; "
+        f"Bandwidth floor (S <= 16): bytes of the active experts' weights / the larger of the measured copy and read bandwidths; "
         f"decode rows are timed from cold caches (128 MiB touched untimed before every call). "
         f"'best HF' = fastest median of transformers' eager / batched_mm / grouped_mm.\n\n" + "\n".join(sections)
     )

@@ -10,6 +10,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/rows.h"
 #include "common/signatures.h"
 
 namespace moe_infer {
@@ -91,16 +92,16 @@ inline void permute_rows(const char* hidden, int64_t hidden_row_stride_bytes, in
 
 // Combines tokens [begin, end): out[s] = sum_j w[s, j] * expert_out[row_of_pair[s * k + j]].
 // Accumulates in float32 in `accumulator` (hidden_size floats). T and W convert to float.
-template <typename T, typename W>
+template <typename T, typename W, typename AddRow = AddWeightedRow>
 void combine_tokens(const T* expert_out, int64_t hidden_size, const W* topk_weights,
                     const int32_t* row_of_pair, int64_t top_k, int64_t begin, int64_t end,
-                    float* accumulator, T* out) {
+                    float* accumulator, T* out, const AddRow& add_row = {}) {
   for (int64_t s = begin; s < end; ++s) {
     std::fill(accumulator, accumulator + hidden_size, 0.0f);
     for (int64_t j = 0; j < top_k; ++j) {
       const float w = static_cast<float>(topk_weights[s * top_k + j]);
-      const T* row = expert_out + static_cast<int64_t>(row_of_pair[s * top_k + j]) * hidden_size;
-      for (int64_t h = 0; h < hidden_size; ++h) accumulator[h] += w * static_cast<float>(row[h]);
+      add_row(expert_out + static_cast<int64_t>(row_of_pair[s * top_k + j]) * hidden_size, w,
+              hidden_size, accumulator);
     }
     T* out_row = out + s * hidden_size;
     for (int64_t h = 0; h < hidden_size; ++h) out_row[h] = static_cast<T>(accumulator[h]);

@@ -10,6 +10,7 @@
 
 #include "common/activation.h"
 #include "common/options.h"
+#include "common/rows.h"
 #include "common/signatures.h"
 
 namespace moe_infer {
@@ -33,16 +34,14 @@ void activate_row(const T* fc1_row, int64_t ffn_size, const ActivationParams& pa
 // accumulator[token(i)] += topk_weights[pair(i)] * rows[i] for the `num_rows` rows, where
 // pair(i) = pair_ids[i] and token(i) = pair(i) / top_k. Rows of one expert belong to distinct
 // tokens, so disjoint row ranges of one expert may run concurrently.
-template <typename T>
+template <typename T, typename AddRow = AddWeightedRow>
 void accumulate_weighted_rows(const T* rows, int64_t num_rows, int64_t hidden_size,
                               const int32_t* pair_ids, const float* topk_weights, int64_t top_k,
-                              float* accumulator) {
+                              float* accumulator, const AddRow& add_row = {}) {
   for (int64_t i = 0; i < num_rows; ++i) {
     const int64_t pair = pair_ids[i];
-    const float w = topk_weights[pair];
-    float* acc = accumulator + (pair / top_k) * hidden_size;
-    const T* row = rows + i * hidden_size;
-    for (int64_t h = 0; h < hidden_size; ++h) acc[h] += w * static_cast<float>(row[h]);
+    add_row(rows + i * hidden_size, topk_weights[pair], hidden_size,
+            accumulator + (pair / top_k) * hidden_size);
   }
 }
 

@@ -87,7 +87,7 @@ at::Tensor unpermute_combine_cpu(MOE_INFER_PARAMS(unpermute_combine)) {
       rows, sizes.num_tokens, hidden_size, grain,
       [&](const auto* rows_ptr, int64_t begin, int64_t end, float* accumulator, auto* out_ptr) {
         combine_tokens(rows_ptr, hidden_size, weights_ptr, pair_rows_ptr, sizes.top_k, begin, end,
-                       accumulator, out_ptr);
+                       accumulator, out_ptr, CpuAddWeightedRow{});
       });
 }
 

@@ -202,7 +202,8 @@ at::Tensor grouped_mlp_combine_cpu(MOE_INFER_PARAMS(grouped_mlp_combine)) {
             const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
             at::parallel_for(0, n, grain, [&](int64_t b, int64_t end) {
               accumulate_weighted_rows(y_ptr + b * hidden_size, end - b, hidden_size,
-                                       block_pairs + b, weights_ptr, top_k, acc_ptr);
+                                       block_pairs + b, weights_ptr, top_k, acc_ptr,
+                                       CpuAddWeightedRow{});
             });
           }
         }

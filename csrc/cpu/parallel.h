@@ -8,10 +8,28 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "common/rows.h"
+#include "cpu/small_gemm.h"
+
 namespace moe_infer {
+
+// AddWeightedRow (common/rows.h) on AVX-512 for float32 and bfloat16 rows (fused multiply-adds),
+// the plain loop otherwise.
+struct CpuAddWeightedRow {
+  template <typename T>
+  void operator()(const T* row, float weight, int64_t n, float* acc) const {
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+      const SmallGemmType type =
+          std::is_same_v<T, float> ? SmallGemmType::kFloat : SmallGemmType::kBFloat16;
+      if (add_weighted_row(type, row, weight, n, acc)) return;
+    }
+    AddWeightedRow{}(row, weight, n, acc);
+  }
+};
 
 // Rows per parallel task so that each task covers at least 64Ki units of work (bytes moved,
 // weights scanned) when a row has `row_units` of them.

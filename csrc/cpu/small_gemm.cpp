@@ -195,6 +195,22 @@ MOE_INFER_TARGET_AVX512 void axpy_rows(const T* x, int64_t x_stride, int64_t row
   }
 }
 
+// ---- weighted row sum ------------------------------------------------------------------------
+
+// A fused multiply-add: one rounding where AddWeightedRow's loop rounds twice.
+template <typename T>
+MOE_INFER_TARGET_AVX512 void add_weighted_row_avx512(const T* row, float weight, int64_t n,
+                                                     float* acc) {
+  const __m512 w = _mm512_set1_ps(weight);
+  for (int64_t h = 0; h < n; h += 16) {
+    const __mmask16 mask = n - h >= 16 ? static_cast<__mmask16>(0xffffu)
+                                       : static_cast<__mmask16>((1u << (n - h)) - 1u);
+    const __m512 sum =
+        _mm512_fmadd_ps(w, load_columns(row + h, mask), _mm512_maskz_loadu_ps(mask, acc + h));
+    _mm512_mask_storeu_ps(acc + h, mask, sum);
+  }
+}
+
 // ---- drivers
 // -------------------------------------------------------------------------------------
 
@@ -312,6 +328,25 @@ bool small_gemm_supported(SmallGemmType type, bool w_k_contiguous) {
   if (type == SmallGemmType::kBFloat16 && w_k_contiguous) return cpu_has_avx512_bf16();
   return cpu_has_avx512();
 #else
+  return false;
+#endif
+}
+
+bool add_weighted_row(SmallGemmType type, const void* row, float weight, int64_t n, float* acc) {
+#if MOE_INFER_SMALL_GEMM_X86
+  if (!cpu_has_avx512()) return false;
+  if (type == SmallGemmType::kFloat) {
+    add_weighted_row_avx512(static_cast<const float*>(row), weight, n, acc);
+  } else {
+    add_weighted_row_avx512(static_cast<const uint16_t*>(row), weight, n, acc);
+  }
+  return true;
+#else
+  (void)type;
+  (void)row;
+  (void)weight;
+  (void)n;
+  (void)acc;
   return false;
 #endif
 }

@@ -1,4 +1,5 @@
-// Expert GEMMs for a few rows (decode): y = x w (+ bias) with every weight read from memory once.
+// Expert GEMMs for a few rows (decode): y = x w (+ bias) with every weight read from memory once;
+// and the combine's weighted row sum.
 //
 // At a handful of rows an expert's GEMM is bound by the bytes of its weights, and ATen's GEMMs
 // (oneDNN / MKL) reach well under the memory bandwidth there: they pack or re-read the weight
@@ -45,6 +46,11 @@ bool small_gemm_supported(SmallGemmType type, bool w_k_contiguous);
 // Computes columns [n_begin, n_end) of y (disjoint column ranges may run concurrently).
 // Requires small_gemm_supported and 1 <= rows <= kSmallGemmMaxRows.
 void small_gemm(const SmallGemm& gemm, int64_t n_begin, int64_t n_end);
+
+// acc[h] = fma(weight, row[h], acc[h]) for h < n: one row of a combine (AddWeightedRow of
+// common/rows.h, with one rounding), 16 values a vector. row: n values of `type`. False (nothing
+// done) where the CPU lacks AVX-512; the caller then loops.
+bool add_weighted_row(SmallGemmType type, const void* row, float weight, int64_t n, float* acc);
 
 // Columns per task when small_gemm is split across threads: of the nn.Linear layout (weight rows),
 // and of the [K, N] layout, whose weight rows are read in runs of this many columns (2 KiB of

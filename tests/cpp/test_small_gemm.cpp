@@ -97,8 +97,8 @@ TEST_CASE("small_gemm matches a float64 loop in both layouts and types", "[small
       }
       // Every row count (all row tiles), k and n around the vector widths, strided operands.
       for (int64_t rows = 1; rows <= moe_infer::kSmallGemmMaxRows; ++rows) {
-        for (const int64_t k : {1, 15, 16, 33, 64, 200}) {
-          for (const int64_t n : {1, 5, 16, 63, 64, 65, 130}) {
+        for (const int64_t k : {1, 15, 16, 33, 64, 200, 290}) {
+          for (const int64_t n : {1, 5, 16, 63, 64, 65, 130, 1100}) {
             const Case c{rows,
                          k,
                          n,
@@ -121,4 +121,29 @@ TEST_CASE("small_gemm matches a float64 loop in both layouts and types", "[small
   }
   // This test is meant for the AVX-512 machines CI runs on; report when it checked nothing.
   if (ran == 0) WARN("small_gemm is not supported on this CPU: nothing was checked");
+}
+
+TEST_CASE("add_weighted_row adds a weighted row with one rounding", "[small_gemm]") {
+  std::mt19937 gen(7);
+  std::normal_distribution<float> normal;
+  for (const bool bf16 : {false, true}) {
+    for (const int64_t n : {1, 15, 16, 17, 33, 1024, 1031}) {
+      std::vector<float> row(n), acc(n);
+      std::vector<uint16_t> row16(n);
+      for (int64_t h = 0; h < n; ++h) {
+        row16[h] = to_bf16(normal(gen));
+        row[h] = bf16 ? from_bf16(row16[h]) : normal(gen);
+        acc[h] = normal(gen);
+      }
+      const float weight = normal(gen);
+      std::vector<float> expected(n);  // rounded once
+      for (int64_t h = 0; h < n; ++h) expected[h] = std::fma(weight, row[h], acc[h]);
+      const bool ran = moe_infer::add_weighted_row(
+          bf16 ? moe_infer::SmallGemmType::kBFloat16 : moe_infer::SmallGemmType::kFloat,
+          bf16 ? static_cast<const void*>(row16.data()) : row.data(), weight, n, acc.data());
+      if (!ran) continue;  // no AVX-512 on this CPU: callers take the loop itself
+      INFO("bf16 " << bf16 << ", n " << n);
+      REQUIRE(acc == expected);
+    }
+  }
 }
