@@ -1,6 +1,6 @@
 // The row step shared by the combines (grouped_mlp_combine's accumulation, unpermute_combine),
-// torch-free. The CPU passes its AVX-512 version (cpu/parallel.h: fused multiply-adds, so the last
-// bit of a sum may differ) where the combines take an `AddRow`.
+// torch-free. The CPU passes its AVX-512 version (cpu/parallel.h) where the combines take an
+// `AddRow`; both compute the same bits.
 #pragma once
 
 #include <cstdint>

@@ -17,8 +17,8 @@
 
 namespace moe_infer {
 
-// AddWeightedRow (common/rows.h) on AVX-512 for float32 and bfloat16 rows (fused multiply-adds),
-// the plain loop otherwise.
+// AddWeightedRow (common/rows.h) on AVX-512 for float32 and bfloat16 rows (the same bits), the
+// plain loop otherwise.
 struct CpuAddWeightedRow {
   template <typename T>
   void operator()(const T* row, float weight, int64_t n, float* acc) const {

@@ -197,7 +197,8 @@ MOE_INFER_TARGET_AVX512 void axpy_rows(const T* x, int64_t x_stride, int64_t row
 
 // ---- weighted row sum ------------------------------------------------------------------------
 
-// A fused multiply-add: one rounding where AddWeightedRow's loop rounds twice.
+// Multiply, then add: AddWeightedRow's two roundings, so the combines' sums keep their bits (two
+// rows add up the same in either order). The empty asm keeps the compiler from fusing them.
 template <typename T>
 MOE_INFER_TARGET_AVX512 void add_weighted_row_avx512(const T* row, float weight, int64_t n,
                                                      float* acc) {
@@ -205,9 +206,10 @@ MOE_INFER_TARGET_AVX512 void add_weighted_row_avx512(const T* row, float weight,
   for (int64_t h = 0; h < n; h += 16) {
     const __mmask16 mask = n - h >= 16 ? static_cast<__mmask16>(0xffffu)
                                        : static_cast<__mmask16>((1u << (n - h)) - 1u);
-    const __m512 sum =
-        _mm512_fmadd_ps(w, load_columns(row + h, mask), _mm512_maskz_loadu_ps(mask, acc + h));
-    _mm512_mask_storeu_ps(acc + h, mask, sum);
+    __m512 product = _mm512_mul_ps(w, load_columns(row + h, mask));
+    asm("" : "+v"(product));
+    _mm512_mask_storeu_ps(acc + h, mask,
+                          _mm512_add_ps(_mm512_maskz_loadu_ps(mask, acc + h), product));
   }
 }
 

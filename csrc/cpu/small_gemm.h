@@ -47,9 +47,9 @@ bool small_gemm_supported(SmallGemmType type, bool w_k_contiguous);
 // Requires small_gemm_supported and 1 <= rows <= kSmallGemmMaxRows.
 void small_gemm(const SmallGemm& gemm, int64_t n_begin, int64_t n_end);
 
-// acc[h] = fma(weight, row[h], acc[h]) for h < n: one row of a combine (AddWeightedRow of
-// common/rows.h, with one rounding), 16 values a vector. row: n values of `type`. False (nothing
-// done) where the CPU lacks AVX-512; the caller then loops.
+// acc[h] += weight * row[h] for h < n with the bits of AddWeightedRow (common/rows.h): one row of
+// a combine, 16 values a vector. row: n values of `type`. False (nothing done) where the CPU lacks
+// AVX-512; the caller then loops.
 bool add_weighted_row(SmallGemmType type, const void* row, float weight, int64_t n, float* acc);
 
 // Columns per task when small_gemm is split across threads: of the nn.Linear layout (weight rows),
