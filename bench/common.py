@@ -108,27 +108,32 @@ class Bandwidth:
     def describe(self) -> str:
         return (
             f"Memory bandwidth: copy {self.copy / 1e9:.1f} GB/s (read + write), sum {self.read / 1e9:.1f} GB/s "
-            f"(read); bandwidth floors use the larger."
+            f"(read), medians of interleaved rounds; bandwidth floors use the larger."
         )
 
 
-def memory_bandwidth(clock: Callable[[], float] = time.perf_counter) -> Bandwidth:
-    """The copy and read bandwidths, best of several, on the current threads, timed with the clock of
-    the table they sit in (CPU time on one thread, so that other jobs holding the core do not count)."""
+def memory_bandwidth(clock: Callable[[], float] = time.perf_counter, rounds: int = 9) -> Bandwidth:
+    """The copy and read bandwidths, the median of interleaved rounds (as the tables' times are
+    medians; the best round of a shared machine is an outlier), on the current threads, timed with
+    the clock of the table they sit in (CPU time on one thread, so that other jobs holding the core
+    do not count)."""
     source = torch.empty(2**27, dtype=torch.uint8).fill_(1)  # 128 MiB: far beyond the caches
     target = torch.empty_like(source)
     target.copy_(source)
     values = torch.ones(2**26, dtype=torch.float32)  # 256 MiB
     values.sum()
-    copy, read = float("inf"), float("inf")
-    for _ in range(5):
+    copy, read = [], []
+    for _ in range(rounds):
         start = clock()
         target.copy_(source)
-        copy = min(copy, clock() - start)
+        copy.append(clock() - start)
         start = clock()
         values.sum()
-        read = min(read, clock() - start)
-    return Bandwidth(copy=2 * source.numel() / copy, read=values.numel() * values.element_size() / read)
+        read.append(clock() - start)
+    return Bandwidth(
+        copy=2 * source.numel() / statistics.median(copy),
+        read=values.numel() * values.element_size() / statistics.median(read),
+    )
 
 
 _EVICTION_BUFFER = None

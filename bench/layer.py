@@ -136,7 +136,7 @@ def run_table(dtype, threads, tokens, quick, progress):
             if gather > MAX_GATHER_BYTES:
                 del fns["HF batched_mm"]
             fns["GEMM floor"] = floor
-            repeats = 3 if quick else (15 if num_tokens <= 16 else 7)
+            repeats = 3 if quick else 15
             with torch.inference_mode():
                 samples = time_interleaved(
                     fns,
