@@ -224,6 +224,12 @@ def spread(values: list[float]) -> list[float]:
     return [min(values), statistics.median(values), max(values)]
 
 
+def ms_spread(seconds: list[float], digits: int = 3) -> str:
+    """'median (min-max)' of times in seconds, in ms, for a table cell."""
+    low, mid, high = (value * 1e3 for value in spread(seconds))
+    return f"{mid:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+
 def commit() -> str:
     """The checkout's short commit hash, which results files are stamped with ("unknown" outside git)."""
     try:

@@ -38,6 +38,7 @@ import copy
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ from common import (  # noqa: E402
     machine_description,
     markdown_table,
     memory_bandwidth,
+    ms_spread,
     time_interleaved,
     write_result,
 )
@@ -295,16 +297,6 @@ def memory_table(archs, quick):
 # ---- main -------------------------------------------------------------------------------------
 
 
-def spread(samples):
-    """'median (min-max)' of samples, in ms."""
-    ordered = sorted(samples)
-    return f"{ordered[len(ordered) // 2] * 1e3:.2f} ({ordered[0] * 1e3:.2f}-{ordered[-1] * 1e3:.2f})"
-
-
-def median(samples):
-    return sorted(samples)[len(samples) // 2]
-
-
 def run_table(archs, dtype, threads, quick, progress):
     """One table: every architecture and phase at this dtype and thread count."""
     torch.set_num_threads(threads)
@@ -344,13 +336,13 @@ def run_table(archs, dtype, threads, quick, progress):
                     clock=clock,
                     before=None if phase.startswith("prefill") else evict_caches,
                 )
-            times = {name: median(values) for name, values in samples.items()}
+            times = {name: statistics.median(values) for name, values in samples.items()}
             hf_times = {n: t for n, t in times.items() if n.startswith("HF") and "moe_infer" not in n}
             best_hf = min(hf_times, key=hf_times.get)
             floor = times.get("GEMM floor")
             row = [arch, phase]
             row += [f"{tokens / times[c]:.0f}" if c in times else skipped.get(c, "n/a") for c in COLUMNS]
-            row.append(spread(samples["moe_infer"]))
+            row.append(ms_spread(samples["moe_infer"], 2))
             row.append(f"{times['moe_infer'] / floor:.2f}" if floor else "n/a")
             row.append(f"{bandwidth_floor * 1e3:.2f}" if bandwidth_floor else "")
             row.append(f"{times['moe_infer'] / bandwidth_floor:.2f}" if bandwidth_floor else "")

@@ -25,6 +25,7 @@ count what other jobs take). More threads: wall-clock time.
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 
@@ -41,6 +42,7 @@ from common import (  # noqa: E402
     machine_description,
     markdown_table,
     memory_bandwidth,
+    ms_spread,
     time_interleaved,
     write_result,
 )
@@ -100,16 +102,6 @@ def gemm_floor_fn(block, x):
     return run, active_bytes, len(inputs)
 
 
-def spread(samples, scale=1e3):
-    """'median (min-max)' of samples, in ms."""
-    ordered = sorted(samples)
-    return f"{ordered[len(ordered) // 2] * scale:.3f} ({ordered[0] * scale:.3f}-{ordered[-1] * scale:.3f})"
-
-
-def median(samples):
-    return sorted(samples)[len(samples) // 2]
-
-
 def run_table(dtype, threads, tokens, quick, progress):
     torch.set_num_threads(threads)
     clock = time.thread_time if threads == 1 else time.perf_counter
@@ -148,21 +140,21 @@ def run_table(dtype, threads, tokens, quick, progress):
                     before=evict_caches if num_tokens <= 16 else None,
                 )
             ours, gemms = samples["moe_infer"], samples["GEMM floor"]
-            hf = {n: median(t) for n, t in samples.items() if n.startswith("HF")}
+            hf = {n: statistics.median(t) for n, t in samples.items() if n.startswith("HF")}
             best_hf = min(hf, key=hf.get)
             bandwidth_floor = active_bytes / bandwidth.floor
             rows.append(
                 [
                     shape,
                     num_tokens,
-                    spread(ours),
-                    spread(samples["MoELayer"]),
-                    *(spread(samples[f"HF {i}"]) if f"HF {i}" in samples else "skipped" for i in HF_IMPLEMENTATIONS),
-                    spread(gemms),
+                    ms_spread(ours),
+                    ms_spread(samples["MoELayer"]),
+                    *(ms_spread(samples[f"HF {i}"]) if f"HF {i}" in samples else "skipped" for i in HF_IMPLEMENTATIONS),
+                    ms_spread(gemms),
                     f"{bandwidth_floor * 1e3:.3f} ({active} experts)" if num_tokens <= 16 else "",
-                    f"{median(ours) / median(gemms):.3f} ({min(ours) / min(gemms):.3f})",
-                    f"{median(ours) / bandwidth_floor:.2f}" if num_tokens <= 16 else "",
-                    f"{hf[best_hf] / median(ours):.2f}x ({best_hf.removeprefix('HF ')})",
+                    f"{statistics.median(ours) / statistics.median(gemms):.3f} ({min(ours) / min(gemms):.3f})",
+                    f"{statistics.median(ours) / bandwidth_floor:.2f}" if num_tokens <= 16 else "",
+                    f"{hf[best_hf] / statistics.median(ours):.2f}x ({best_hf.removeprefix('HF ')})",
                 ]
             )
             progress.step(f"{shape} S={num_tokens} {dtype} t={threads}")
