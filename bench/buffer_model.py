@@ -235,10 +235,6 @@ def run_regime(label, regime, text, path, slots, repeats, dtype, progress) -> di
     }
 
 
-def _band(values) -> str:
-    return f"{values[1]:.2f}x [{values[0]:.2f}-{values[2]:.2f}]"
-
-
 def table(result: dict) -> str:
     headers = ["mode", "weights MiB", "total peak MiB", "static / this", "tok/s (CPU)", "vs dynamic", "vs static"]
     headers += ["hit rate", "misses/call", "GPU model tok/s", "GPU model vs dynamic", "GPU model copy share"]
@@ -253,8 +249,8 @@ def table(result: dict) -> str:
                 f"{r['peak_mib']:.1f}",
                 f"{r['memory_cut_vs_static']:.2f}x",
                 f"{mid:,.0f} [{low:,.0f}-{high:,.0f}]",
-                _band(r["vs_dynamic"]),
-                _band(r["vs_static"]),
+                common.band(r["vs_dynamic"], unit="x"),
+                common.band(r["vs_static"], unit="x"),
                 f"{r['hit_rate']:.2f}" if "hit_rate" in r else "—",
                 f"{r['misses_per_call']:.0f}" if "misses_per_call" in r else "—",
                 f"{gpu['tokens_per_s']:,.0f}",
@@ -315,7 +311,7 @@ def main():
             text += (
                 f"Largest memory cut against static with at most {MAX_LOSS:.0%} throughput loss against dynamic: "
                 + (
-                    f"**{best['memory_cut_vs_static']:.2f}x** ({best['mode']}, {_band(best['vs_dynamic'])} of "
+                    f"**{best['memory_cut_vs_static']:.2f}x** ({best['mode']}, {common.band(best['vs_dynamic'], unit='x')} of "
                     f"dynamic's throughput) on this CPU"
                     if best
                     else "none on this CPU"

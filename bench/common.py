@@ -224,6 +224,14 @@ def spread(values: list[float]) -> list[float]:
     return [min(values), statistics.median(values), max(values)]
 
 
+def band(values: list[float] | None, fmt: str = "{:.2f}", unit: str = "") -> str:
+    """'median [min-max]' of a [min, median, max] spread, for a table cell ('—' for none)."""
+    if values is None:
+        return "—"
+    low, mid, high = (fmt.format(v) for v in values)
+    return f"{mid}{unit} [{low}-{high}]"
+
+
 def ms_spread(seconds: list[float], digits: int = 3) -> str:
     """'median (min-max)' of times in seconds, in ms, for a table cell."""
     low, mid, high = (value * 1e3 for value in spread(seconds))

@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     RESULTS_DIR,
     Progress,
+    band,
     commit,
     machine_description,
     markdown_table,
@@ -189,7 +190,9 @@ def sweep(workload: str, args, progress: Progress) -> dict:
             round_seconds += time.process_time() - start
             if name == "static":
                 row["placeholder_fraction"], row["dropped_fraction"] = static_stats(layer.metadata)
-        repeats = args.repeats or (2 if args.quick else max(3, min(9, int(args.seconds_per_batch / round_seconds))))
+        repeats = args.repeats or (
+            2 if args.quick else max(3, min(9, int(args.seconds_per_batch / max(round_seconds, 1e-3))))
+        )
         for name, s in measured_rounds(fns, repeats).items():
             row[name] = {
                 **s,
@@ -203,7 +206,9 @@ def sweep(workload: str, args, progress: Progress) -> dict:
             static, dynamic = row["static"], row["dynamic"]
             # Per-round ratios: round i's static call ran next to round i's dynamic call.
             row["throughput_ratio"] = spread([s / d for s, d in zip(static["seconds"], dynamic["seconds"])])
-            row["memory_ratio"] = spread([s / d for s, d in zip(static["peak_bytes"], dynamic["peak_bytes"])])
+            # A small call may not grow the resident set at all (0 bytes): no ratio then.
+            if min(dynamic["peak_bytes"]) > 0:
+                row["memory_ratio"] = spread([s / d for s, d in zip(static["peak_bytes"], dynamic["peak_bytes"])])
         rows.append(row)
         progress.step(f"{workload} batch {batch} ({repeats} rounds)")
         batch *= 2
@@ -232,7 +237,7 @@ def headline(rows: list) -> dict:
         out.update(
             largest_batch_ratio=out["dynamic_largest_batch"] / out["static_largest_batch"],
             speedup_at_static_largest_batch=at["throughput_ratio"],
-            memory_ratio_at_static_largest_batch=at["memory_ratio"],
+            memory_ratio_at_static_largest_batch=at.get("memory_ratio"),
             max_throughput_ratio=[d[0] / s[2], d[1] / s[1], d[2] / s[0]],
             static_best_batch=best_static["batch"],
             dynamic_best_batch=best_dynamic["batch"],
@@ -243,14 +248,6 @@ def headline(rows: list) -> dict:
 
 
 # ---- report ----------------------------------------------------------------------------------
-
-
-def band(values, fmt: str = "{:.2f}", unit: str = "") -> str:
-    """'median [min-max]' of a [min, median, max] spread."""
-    if values is None:
-        return "—"
-    low, mid, high = (fmt.format(v) for v in values)
-    return f"{mid}{unit} [{low}-{high}]"
 
 
 def table(results: dict, cap_mib: int) -> str:
@@ -369,7 +366,7 @@ def plot(results: dict, cap_mib: int, path_prefix: str) -> list:
                 bars = [[v[1] - v[0] for _, v in points], [v[2] - v[1] for _, v in points]]
                 label = {"fairseq": "fairseq (einsum re-implementation)"}.get(mode, f"{mode} gating")
                 ax.errorbar(xs, mids, yerr=bars, fmt=style, capsize=2, label=label)
-            if metric == "peak_bytes":
+            if metric == "peak_mib":
                 ax.axhline(cap_mib, color="grey", linestyle=":", label=f"cap {cap_mib} MiB")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
