@@ -12,8 +12,11 @@ S, dtype and thread count, times interleaved (min / median / max over the repeat
                      with its own kernels (csrc/cpu/small_gemm.h), which can beat it.
 and, for decode (S <= 16), the weight-bandwidth floor: the bytes of the active experts' weights
 over the memory bandwidth measured in the same run (the larger of a large torch copy, read + write
-bytes, and a large sum, read bytes), the limit no implementation passes. Decode rows start every timed call with cold caches (128 MiB is
-read and written untimed before it), as a decode step of a real model finds them.
+bytes, and a large sum, read bytes, both on 2 MiB pages), the limit no implementation passes.
+Decode rows start every timed call with cold caches (128 MiB is read and written untimed before
+it), as a decode step of a real model finds them. Every contender's expert weights are on 2 MiB
+pages (moe_infer.optimize and MoEExperts put them there; the transformers blocks' are moved with
+moe_infer.host_memory.to_huge_pages), so the rows compare computations.
 Every row reads as ratios to those limits. Outputs are checked against HF eager first.
 
 One thread: CPU time of the thread (time.thread_time; the machine is shared, and CPU time does not
@@ -36,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))  # hf_models
 import hf_models  # noqa: E402
 import moe_infer  # noqa: E402
+from moe_infer import host_memory  # noqa: E402
 from common import (  # noqa: E402
     Progress,
     evict_caches,
@@ -66,11 +70,13 @@ def build_blocks(shape, dtype):
     for implementation in HF_IMPLEMENTATIONS:
         copy_ = copy.deepcopy(model)
         copy_.set_experts_implementation(implementation)
+        # The same 2 MiB pages as moe_infer.optimize gives its experts: the rows compare computations.
+        host_memory.to_huge_pages(copy_)
         blocks[f"HF {implementation}"] = sparse_block(copy_)
     blocks["moe_infer"] = sparse_block(moe_infer.optimize(copy.deepcopy(model), verbose=False))
     torch.manual_seed(0)
     layer = moe_infer.MoELayer(hidden, ffn, experts, top_k, activation="silu_glu", renormalize=True)
-    blocks["MoELayer"] = layer.to(dtype).eval()
+    blocks["MoELayer"] = layer.to(dtype).eval()  # MoEExperts keep their weights on 2 MiB pages
     return blocks
 
 
@@ -200,6 +206,7 @@ def main():
         f"Blocks: {shapes}; input [1, S, H]. Times: median (min-max) of interleaved repeats, in ms. "
         f"GEMM floor: F.linear of each routed expert's fc1 and fc2 on its token count, in the same dtype. "
         f"Bandwidth floor (S <= 16): bytes of the active experts' weights / the larger of the measured copy and read bandwidths; "
+        f"every contender's expert weights, and the bandwidth buffers, on 2 MiB pages (moe_infer.host_memory); "
         f"decode rows are timed from cold caches (128 MiB touched untimed before every call). "
         f"'best HF' = fastest median of transformers' eager / batched_mm / grouped_mm.\n\n" + "\n".join(sections)
     )

@@ -27,23 +27,29 @@ namespace moe_infer {
 
 namespace {
 
-// Register tiles of the nn.Linear layout: kRows rows of x against kBlock weight rows, 16 float32
-// accumulators. One or two rows take the wide tile: it reads more bytes of weights per tile, and
-// with 2 KiB weight rows the pipeline drain at the end of each 4-row tile costs a quarter of the
-// bandwidth. More rows take the square tile, which reloads each block of weights from L1 fewer
+// Register tiles of the nn.Linear layout: kRows rows of x against kBlock weight rows, float32
+// accumulators. A few rows take the stream tile: one weight row at a time, in memory order, so the
+// weights are one sequential stream that the hardware prefetcher follows (on 2 MiB pages it reads
+// about twice the bytes per second of weight rows read side by side). More rows take the square
+// tile, which reads four weight rows side by side and reloads each block of them from L1 fewer
 // times.
-struct WideTile {
-  static constexpr int kRows = 2;
-  static constexpr int kBlock = 8;
+struct StreamTile {
+  static constexpr int kRows = 4;
+  static constexpr int kBlock = 1;
 };
 struct SquareTile {
   static constexpr int kRows = 4;
   static constexpr int kBlock = 4;
 };
+// Rows of x up to which the stream tile wins (measured: Mixtral-sized experts, 4 KiB and 2 MiB
+// pages; float32's four-row stream loses to the square tile).
+template <typename T>
+constexpr int64_t kStreamRows = 2;
+template <>
+constexpr int64_t kStreamRows<uint16_t> = 4;
 // Scratch layout of one tile's results: out[j * kMaxRows + r].
 constexpr int kMaxRows = 4;
-static_assert(kSmallGemmColumnBlock % WideTile::kBlock == 0 &&
-                  kSmallGemmColumnBlock % SquareTile::kBlock == 0,
+static_assert(kSmallGemmColumnBlock % SquareTile::kBlock == 0,
               "column block of the kernels");
 // The [K, N] layout's columns per pass over its float32 accumulators (rows x kAxpyColumns).
 constexpr int64_t kAxpyColumns = kSmallGemmRowMajorColumnBlock;
@@ -71,8 +77,9 @@ inline void store(uint16_t* p, float v) { *p = float_to_bf16(v); }
 
 #if MOE_INFER_SMALL_GEMM_X86
 
-// The weight rows of the next tile, at the same k: each tile reads a few short rows at once, too
-// short for the hardware prefetcher to lock on (a prefetch past the end is harmless).
+// The weight rows of the next tile, at the same k: a tile of several rows reads a few short rows at
+// once, too short for the hardware prefetcher to lock on (a prefetch past the end is harmless).
+// A one-row tile reads one sequential stream, which the prefetcher follows better unaided.
 template <typename T>
 inline void prefetch_next_tile(const T* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
@@ -92,7 +99,7 @@ MOE_INFER_TARGET_AVX512 void dot_tile_f32(const float* x, int64_t x_stride, cons
     __m512 wv[NB];
     for (int j = 0; j < NB; ++j) {
       wv[j] = _mm512_loadu_ps(w + j * w_stride + i);
-      prefetch_next_tile(w + (j + NB) * w_stride + i);
+      if (NB > 1) prefetch_next_tile(w + (j + NB) * w_stride + i);
     }
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_loadu_ps(x + r * x_stride + i);
@@ -125,7 +132,7 @@ MOE_INFER_TARGET_AVX512_BF16 void dot_tile_bf16(const uint16_t* x, int64_t x_str
     __m512i wv[NB];
     for (int j = 0; j < NB; ++j) {
       wv[j] = _mm512_loadu_si512(w + j * w_stride + i);
-      prefetch_next_tile(w + (j + NB) * w_stride + i);
+      if (NB > 1) prefetch_next_tile(w + (j + NB) * w_stride + i);
     }
     for (int r = 0; r < R; ++r) {
       const __m512i xv = _mm512_loadu_si512(x + r * x_stride + i);
@@ -302,9 +309,9 @@ void run_axpy(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
 
 template <typename T>
 void run(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
-  const bool wide = g.rows <= WideTile::kRows;
   if (g.w_k_contiguous) {
-    wide ? run_dot<T, WideTile>(g, n_begin, n_end) : run_dot<T, SquareTile>(g, n_begin, n_end);
+    g.rows <= kStreamRows<T> ? run_dot<T, StreamTile>(g, n_begin, n_end)
+                             : run_dot<T, SquareTile>(g, n_begin, n_end);
   } else {
     run_axpy<T>(g, n_begin, n_end);
   }

@@ -20,7 +20,7 @@ from .layer import MoELayer
 
 # isort: split
 # Expert parallelism, load balancing, and the fairseq-compatible layer (moe_infer.fairseq).
-from . import distributed, fairseq, placement  # noqa: F401
+from . import distributed, fairseq, host_memory, placement  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,7 @@ def optimize(
     hf_capacity: bool = False,
     validate: bool = True,
     verbose: bool = True,
+    huge_pages: bool = True,
 ) -> torch.nn.Module:
     """Runs every supported sparse MoE block of a transformers v5 model on moe_infer's fused ops, in place.
 
@@ -64,6 +65,9 @@ def optimize(
             its dropped tokens exactly (default: capacity-free dynamic gating).
         validate: on CUDA, check router logits for NaN on the host (one sync per layer).
         verbose: print what was done (``model.moe_infer_report`` holds it too).
+        huge_pages: move the experts' weights computed on the CPU onto 2 MiB pages
+            (:mod:`moe_infer.host_memory`; decode reads them about twice as fast where Linux grants
+            them).
 
     Returns:
         ``model`` itself, with ``model.moe_infer_report`` (:class:`moe_infer.integrations.hf.OptimizeReport`).
@@ -84,6 +88,7 @@ def optimize(
         hf_capacity=hf_capacity,
         validate=validate,
         verbose=verbose,
+        huge_pages=huge_pages,
     )
 
 

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import ops
+from . import host_memory, ops
 
 # Activation modules of torch and transformers (by class name) -> the element function they compute
 # (a unary of the activation table, ops.ACTIVATION_TABLE).
@@ -179,6 +179,11 @@ def _default_gate(experts: nn.Module) -> bool:
 # ---- moe_infer's experts module ---------------------------------------------------------------
 
 
+def _weight(shape: tuple, factory: dict) -> torch.Tensor:
+    weight = torch.empty(shape, **factory)  # resolves the default device and dtype
+    return host_memory.empty(shape, weight.dtype) if weight.device.type == "cpu" else weight
+
+
 class MoEExperts(nn.Module):
     """E expert FFNs as stacked 3-D parameters, computed with :func:`moe_infer.ops.grouped_mlp`.
 
@@ -220,8 +225,9 @@ class MoEExperts(nn.Module):
             (num_experts, hidden_size, fc1_outputs) if weights_transposed else (num_experts, fc1_outputs, hidden_size)
         )
         fc2_shape = (num_experts, ffn_size, hidden_size) if weights_transposed else (num_experts, hidden_size, ffn_size)
-        self.gate_up_proj = nn.Parameter(torch.empty(fc1_shape, **factory))
-        self.down_proj = nn.Parameter(torch.empty(fc2_shape, **factory))
+        # On the CPU the weights take 2 MiB pages (moe_infer.host_memory: decode streams them).
+        self.gate_up_proj = nn.Parameter(_weight(fc1_shape, factory))
+        self.down_proj = nn.Parameter(_weight(fc2_shape, factory))
         if bias:
             self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, fc1_outputs, **factory))
             self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
@@ -240,6 +246,12 @@ class MoEExperts(nn.Module):
             nn.init.uniform_(weight, -bound, bound)
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .float() / .cpu() allocate new weights: back onto 2 MiB pages on the CPU.
+        module = super()._apply(fn, recurse)
+        host_memory.to_huge_pages(self, recurse=False)
+        return module
 
     @property
     def spec(self) -> ExpertSpec:

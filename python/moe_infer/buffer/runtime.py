@@ -7,7 +7,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .. import ops
+from .. import host_memory, ops
 from ..experts import ExpertsBackend, ExpertSpec
 from .checkpoint import _file_header, _file_identity
 from .store import ExpertStore
@@ -93,11 +93,9 @@ class ExpertBuffer(ExpertsBackend):
                 stacklevel=2,
             )
         # Zero-filled, so the whole pool is committed memory from the start (an empty CPU tensor's
-        # pages would only become resident as slots fill, hiding the pool's real size).
-        self.pools = {
-            part: torch.zeros((self.num_slots, *store.shapes[part]), dtype=store.dtype, device=self.device)
-            for part in store.parts
-        }
+        # pages would only become resident as slots fill, hiding the pool's real size); on the CPU
+        # on 2 MiB pages (moe_infer.host_memory: every step streams the slots it computes with).
+        self.pools = {part: self._pool((self.num_slots, *store.shapes[part]), store.dtype) for part in store.parts}
         self._core = torch.classes.moe_infer.ExpertBuffer(
             self.num_experts, self.num_slots, policy, list(self.pools.values()), int(copy_threads)
         )
@@ -123,6 +121,11 @@ class ExpertBuffer(ExpertsBackend):
         self.hidden_size = self.spec.hidden_size
 
     # -- compute --
+
+    def _pool(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return host_memory.empty(shape, dtype).zero_()
+        return torch.zeros(shape, dtype=dtype, device=self.device)
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return self.forward(hidden, top_k_index, top_k_weights)
