@@ -13,6 +13,7 @@ import time
 from typing import Callable
 
 import torch
+
 from moe_infer import host_memory
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

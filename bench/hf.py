@@ -51,7 +51,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))  # hf_models
 import hf_models  # noqa: E402
 import moe_infer  # noqa: E402
-from moe_infer import host_memory  # noqa: E402
 from common import (  # noqa: E402
     Progress,
     evict_caches,
@@ -62,6 +61,7 @@ from common import (  # noqa: E402
     time_interleaved,
     write_result,
 )
+from moe_infer import host_memory  # noqa: E402
 from moe_infer.integrations import hf  # noqa: E402
 
 # arch: make_config options (hidden 512, 8-64 experts; COMMON: 2 layers)

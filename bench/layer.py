@@ -39,7 +39,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))  # hf_models
 import hf_models  # noqa: E402
 import moe_infer  # noqa: E402
-from moe_infer import host_memory  # noqa: E402
 from common import (  # noqa: E402
     Progress,
     evict_caches,
@@ -50,6 +49,7 @@ from common import (  # noqa: E402
     time_interleaved,
     write_result,
 )
+from moe_infer import host_memory  # noqa: E402
 
 SHAPES = {
     # name: (transformers architecture, hidden, ffn, experts, top_k)
