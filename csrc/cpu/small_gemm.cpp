@@ -49,8 +49,7 @@ template <>
 constexpr int64_t kStreamRows<uint16_t> = 4;
 // Scratch layout of one tile's results: out[j * kMaxRows + r].
 constexpr int kMaxRows = 4;
-static_assert(kSmallGemmColumnBlock % SquareTile::kBlock == 0,
-              "column block of the kernels");
+static_assert(kSmallGemmColumnBlock % SquareTile::kBlock == 0, "column block of the kernels");
 // The [K, N] layout's columns per pass over its float32 accumulators (rows x kAxpyColumns).
 constexpr int64_t kAxpyColumns = kSmallGemmRowMajorColumnBlock;
 
