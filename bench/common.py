@@ -108,12 +108,34 @@ class Bandwidth:
     def floor(self) -> float:
         return max(self.copy, self.read)
 
+    def floor_with(self, row_read: float) -> float:
+        """The floor's bandwidth for a row whose own moments read at ``row_read`` (ReadProbe)."""
+        return max(self.floor, row_read)
+
     def describe(self) -> str:
         return (
             f"Memory bandwidth: copy {self.copy / 1e9:.1f} GB/s (read + write), sum {self.read / 1e9:.1f} GB/s "
             f"(read), medians of interleaved rounds, on {'2 MiB' if self.huge_pages else '4 KiB'} pages; "
             "bandwidth floors use the larger."
         )
+
+
+class ReadProbe:
+    """memory_bandwidth's sum, timed among a decode row's contenders (interleaved with them): the
+    read bandwidth of the very moments the row was measured in. On a shared machine the bandwidth
+    moves from minute to minute; a floor from a slower minute than the row's would be one that the
+    row passes, so floors take the largest (Bandwidth.floor_with)."""
+
+    name = "memory read (256 MiB sum)"
+
+    def __init__(self):
+        self.values = host_memory.empty((2**26,), torch.float32).fill_(1)
+
+    def __call__(self) -> None:
+        self.values.sum()
+
+    def bandwidth(self, seconds: list[float]) -> float:
+        return self.values.numel() * self.values.element_size() / statistics.median(seconds)
 
 
 def memory_bandwidth(clock: Callable[[], float] = time.perf_counter, rounds: int = 9) -> Bandwidth:

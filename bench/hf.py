@@ -18,8 +18,9 @@ cache is cropped back after each step), each timed call starting from cold cache
 untimed before it), as in a real model whose weights far exceed the caches. Decode rows also give
 the weight-bandwidth floor: the bytes of weights the step must read (every parameter outside the
 experts, an untied input embedding aside, plus each layer's active experts) over the memory
-bandwidth measured in the same run (the larger of a large torch copy, read + write bytes, and a
-large sum, read bytes).
+bandwidth measured in the same run (the largest of a large torch copy, read + write bytes, a large
+sum, read bytes, both on 2 MiB pages, and the same sum timed among the row's own calls). Every
+variant's large weights are on 2 MiB pages (moe_infer.host_memory), as optimize puts the experts'.
 
 Tables for each --dtype (default bfloat16 and float32) and --threads (default 1 and 2). One thread
 is timed in CPU time (time.process_time): this machine is shared, and CPU time of a single-threaded
@@ -53,6 +54,7 @@ import hf_models  # noqa: E402
 import moe_infer  # noqa: E402
 from common import (  # noqa: E402
     Progress,
+    ReadProbe,
     evict_caches,
     machine_description,
     markdown_table,
@@ -307,6 +309,7 @@ def run_table(archs, dtype, threads, quick, progress):
     torch.set_num_threads(threads)
     clock = time.process_time if threads == 1 else time.perf_counter
     bandwidth = memory_bandwidth(clock)
+    probe = ReadProbe()
     generator = torch.Generator().manual_seed(0)
     rows, worst = [], 0.0
     for arch in archs:
@@ -330,7 +333,7 @@ def run_table(archs, dtype, threads, quick, progress):
                 fns = {name: decode_fn(arch, model, ids) for name, model in variants.items()}
                 tokens, repeats = batch, (5 if quick else 15)
                 if arch not in hf_models.ENCODER_DECODER:
-                    bandwidth_floor = step_weight_bytes(variants["HF eager"], fns["HF eager"]) / bandwidth.floor
+                    fns[ReadProbe.name] = probe
             with torch.no_grad():
                 samples = time_interleaved(
                     fns,
@@ -341,6 +344,9 @@ def run_table(archs, dtype, threads, quick, progress):
                     clock=clock,
                     before=None if phase.startswith("prefill") else evict_caches,
                 )
+            if ReadProbe.name in samples:
+                floor_bandwidth = bandwidth.floor_with(probe.bandwidth(samples.pop(ReadProbe.name)))
+                bandwidth_floor = step_weight_bytes(variants["HF eager"], fns["HF eager"]) / floor_bandwidth
             times = {name: statistics.median(values) for name, values in samples.items()}
             hf_times = {n: t for n, t in times.items() if n.startswith("HF") and "moe_infer" not in n}
             best_hf = min(hf_times, key=hf_times.get)
@@ -404,8 +410,9 @@ def main():
         f"step at batch b after a {CONTEXT}-token context. 'GEMM floor': the whole model with experts that only run "
         f"their GEMMs (F.linear per routed expert), so 'moe_infer / GEMM floor' includes attention etc. on both "
         f"sides. 'bandwidth floor': bytes of the weights one decode step must read (every parameter outside the "
-        f"experts, an untied input embedding aside, plus the active experts of every layer) / the memory bandwidth; "
-        f"decode rows are timed from cold caches. 'vs best HF' = fastest of HF eager / batched_mm / grouped_mm divided by "
+        f"experts, an untied input embedding aside, plus the active experts of every layer) / the memory bandwidth "
+        f"(the largest of the table's copy and sum and the same sum timed among the row's own calls); every variant's "
+        f"large weights are on 2 MiB pages (moe_infer.host_memory); decode rows are timed from cold caches. 'vs best HF' = fastest of HF eager / batched_mm / grouped_mm divided by "
         f"moe_infer. Switch/NLLB: 'HF eager' is transformers' capacity routing and expert loop (NLLB-MoE's loop "
         f"corrected); they have no experts interface, so no GEMM floor. HF batched_mm gathers one weight matrix "
         f"pair per (token, expert); it is not run where that exceeds {MAX_GATHER_BYTES / 2**30:.0f} GiB (the size "

@@ -12,7 +12,8 @@ S, dtype and thread count, times interleaved (min / median / max over the repeat
                      with its own kernels (csrc/cpu/small_gemm.h), which can beat it.
 and, for decode (S <= 16), the weight-bandwidth floor: the bytes of the active experts' weights
 over the memory bandwidth measured in the same run (the larger of a large torch copy, read + write
-bytes, and a large sum, read bytes, both on 2 MiB pages), the limit no implementation passes.
+bytes, and a large sum, read bytes, both on 2 MiB pages, and the same sum timed among the row's
+own calls: the largest), the limit no implementation passes.
 Decode rows start every timed call with cold caches (128 MiB is read and written untimed before
 it), as a decode step of a real model finds them. Every contender's expert weights are on 2 MiB
 pages (moe_infer.optimize and MoEExperts put them there; the transformers blocks' are moved with
@@ -41,6 +42,7 @@ import hf_models  # noqa: E402
 import moe_infer  # noqa: E402
 from common import (  # noqa: E402
     Progress,
+    ReadProbe,
     evict_caches,
     machine_description,
     markdown_table,
@@ -112,6 +114,7 @@ def run_table(dtype, threads, tokens, quick, progress):
     torch.set_num_threads(threads)
     clock = time.thread_time if threads == 1 else time.perf_counter
     bandwidth = memory_bandwidth(clock)
+    probe = ReadProbe()
     rows, worst = [], 0.0
     for shape in SHAPES:
         blocks = build_blocks(shape, dtype)
@@ -134,6 +137,8 @@ def run_table(dtype, threads, tokens, quick, progress):
             if gather > MAX_GATHER_BYTES:
                 del fns["HF batched_mm"]
             fns["GEMM floor"] = floor
+            if num_tokens <= 16:
+                fns[ReadProbe.name] = probe
             repeats = 3 if quick else 15
             with torch.inference_mode():
                 samples = time_interleaved(
@@ -148,7 +153,9 @@ def run_table(dtype, threads, tokens, quick, progress):
             ours, gemms = samples["moe_infer"], samples["GEMM floor"]
             hf = {n: statistics.median(t) for n, t in samples.items() if n.startswith("HF")}
             best_hf = min(hf, key=hf.get)
-            bandwidth_floor = active_bytes / bandwidth.floor
+            if num_tokens <= 16:
+                floor_bandwidth = bandwidth.floor_with(probe.bandwidth(samples[ReadProbe.name]))
+                bandwidth_floor = active_bytes / floor_bandwidth
             rows.append(
                 [
                     shape,
@@ -157,7 +164,9 @@ def run_table(dtype, threads, tokens, quick, progress):
                     ms_spread(samples["MoELayer"]),
                     *(ms_spread(samples[f"HF {i}"]) if f"HF {i}" in samples else "skipped" for i in HF_IMPLEMENTATIONS),
                     ms_spread(gemms),
-                    f"{bandwidth_floor * 1e3:.3f} ({active} experts)" if num_tokens <= 16 else "",
+                    f"{bandwidth_floor * 1e3:.3f} ({active} experts, {floor_bandwidth / 1e9:.0f} GB/s)"
+                    if num_tokens <= 16
+                    else "",
                     f"{statistics.median(ours) / statistics.median(gemms):.3f} ({min(ours) / min(gemms):.3f})",
                     f"{statistics.median(ours) / bandwidth_floor:.2f}" if num_tokens <= 16 else "",
                     f"{hf[best_hf] / statistics.median(ours):.2f}x ({best_hf.removeprefix('HF ')})",
@@ -205,7 +214,8 @@ def main():
         f"{os.getloadavg()[0]:.1f} after (the machine is shared: other jobs ran during the measurement).\n\n"
         f"Blocks: {shapes}; input [1, S, H]. Times: median (min-max) of interleaved repeats, in ms. "
         f"GEMM floor: F.linear of each routed expert's fc1 and fc2 on its token count, in the same dtype. "
-        f"Bandwidth floor (S <= 16): bytes of the active experts' weights / the larger of the measured copy and read bandwidths; "
+        f"Bandwidth floor (S <= 16): bytes of the active experts' weights / the largest of the table's copy and sum bandwidths "
+        f"and the same sum timed among the row's own calls (the GB/s in the cell); "
         f"every contender's expert weights, and the bandwidth buffers, on 2 MiB pages (moe_infer.host_memory); "
         f"decode rows are timed from cold caches (128 MiB touched untimed before every call). "
         f"'best HF' = fastest median of transformers' eager / batched_mm / grouped_mm.\n\n" + "\n".join(sections)

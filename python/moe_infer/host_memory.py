@@ -131,26 +131,29 @@ def to_huge_pages(source: Union[nn.Module, list], min_bytes: int = HUGE_PAGE_BYT
         tensors = [*source.parameters(recurse=recurse), *source.buffers(recurse=recurse)]
     else:
         tensors = list(source)
-    unique = list({id(t): t for t in tensors if t is not None}.values())
+    large = [
+        tensor
+        for tensor in {id(t): t for t in tensors if t is not None}.values()
+        if tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() >= min_bytes
+    ]
     holders: dict[int, int] = {}
-    for tensor in unique:
+    for tensor in large:
         key = tensor.untyped_storage().data_ptr()
         holders[key] = holders.get(key, 0) + 1
-    mappings = _Mappings()
+    candidates = [
+        tensor
+        for tensor in large
+        if not tensor.is_shared()
+        and not tensor.is_pinned()
+        and tensor.is_contiguous()
+        and holders[tensor.untyped_storage().data_ptr()] == 1
+        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    ]
+    mappings = _Mappings() if candidates else None  # read /proc/self/smaps only when needed
     moved = 0
-    for tensor in unique:
-        num_bytes = tensor.numel() * tensor.element_size()
-        if (
-            num_bytes < min_bytes
-            or tensor.device.type != "cpu"
-            or tensor.is_shared()
-            or tensor.is_pinned()
-            or not tensor.is_contiguous()
-            or holders[tensor.untyped_storage().data_ptr()] > 1
-            or tensor.untyped_storage().nbytes() != num_bytes
-            or advised(tensor, mappings)
-        ):
+    for tensor in candidates:
+        if advised(tensor, mappings):
             continue
         tensor.data = copy(tensor.data)
-        moved += num_bytes
+        moved += tensor.numel() * tensor.element_size()
     return moved

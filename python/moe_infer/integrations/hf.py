@@ -710,7 +710,9 @@ def optimize(
     Supported (each with its exact routing): Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE, OLMoE,
     GPT-OSS, DeepSeek-V3 (sigmoid, selection bias, group-limited top-k, shared experts),
     SwitchTransformers and NLLB-MoE. Parameters, buffers and their names are unchanged (no weight
-    copies, except one stacked copy of SwitchTransformers' / NLLB-MoE's per-expert modules); router logits are still recorded for ``output_router_logits``.
+    is held twice, except in one stacked copy of SwitchTransformers' / NLLB-MoE's per-expert
+    modules; ``huge_pages`` moves weights, it does not duplicate them); router logits are still
+    recorded for ``output_router_logits``.
 
     Args:
         model: a transformers model (or any module containing supported blocks).
