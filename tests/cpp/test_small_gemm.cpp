@@ -29,6 +29,7 @@ float from_bf16(uint16_t b) {
 struct Case {
   int64_t rows, k, n, x_stride, w_stride, y_stride;
   bool k_contiguous, bf16, bias;
+  bool whole;  // one call over every column (one thread), else two column ranges (two threads)
 };
 
 // Runs one case; returns the worst error relative to (1 + |expected|).
@@ -64,8 +65,8 @@ double run_case(const Case& c, std::mt19937& gen) {
       c.rows,
       c.k,
       c.n};
-  // Two column ranges, as two threads would take them.
-  const int64_t split = std::min<int64_t>(c.n, moe_infer::kSmallGemmColumnBlock);
+  // Two column ranges, as two threads would take them, or one.
+  const int64_t split = c.whole ? c.n : std::min<int64_t>(c.n, moe_infer::kSmallGemmColumnBlock);
   moe_infer::small_gemm(gemm, 0, split);
   moe_infer::small_gemm(gemm, split, c.n);
   double worst = 0.0;
@@ -99,21 +100,24 @@ TEST_CASE("small_gemm matches a float64 loop in both layouts and types", "[small
       for (int64_t rows = 1; rows <= moe_infer::kSmallGemmMaxRows; ++rows) {
         for (const int64_t k : {1, 15, 16, 33, 64, 200, 290}) {
           for (const int64_t n : {1, 5, 16, 63, 64, 65, 130, 1100}) {
-            const Case c{rows,
-                         k,
-                         n,
-                         k + rows % 3,
-                         (k_contiguous ? k : n) + 2,
-                         n + 1,
-                         k_contiguous,
-                         bf16,
-                         (rows + k + n) % 2 == 0};
-            const double worst = run_case(c, gen);
-            // float32: summation order only; bfloat16: one rounding of the output.
-            INFO("rows " << rows << " k " << k << " n " << n << " bf16 " << bf16 << " k_contiguous "
-                         << k_contiguous);
-            REQUIRE(worst < (bf16 ? 8e-3 : 2e-5));
-            ++ran;
+            for (const bool whole : {false, true}) {
+              const Case c{rows,
+                           k,
+                           n,
+                           k + rows % 3,
+                           (k_contiguous ? k : n) + 2,
+                           n + 1,
+                           k_contiguous,
+                           bf16,
+                           (rows + k + n) % 2 == 0,
+                           whole};
+              const double worst = run_case(c, gen);
+              // float32: summation order only; bfloat16: one rounding of the output.
+              INFO("rows " << rows << " k " << k << " n " << n << " bf16 " << bf16
+                           << " k_contiguous " << k_contiguous << " whole " << whole);
+              REQUIRE(worst < (bf16 ? 8e-3 : 2e-5));
+              ++ran;
+            }
           }
         }
       }
