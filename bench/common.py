@@ -97,12 +97,15 @@ def time_interleaved(
 @dataclasses.dataclass
 class Bandwidth:
     """Memory bandwidths in bytes per second: a large copy (read + write bytes) and a large sum
-    (read bytes). A weight-bound step only reads, and one core may read faster or slower than it
-    copies: its floor takes the larger, the rate no implementation passes."""
+    (read bytes), on 2 MiB pages where the OS grants them, and the same sum on ordinary 4 KiB pages
+    for comparison. A weight-bound step only reads, and one core may read faster or slower than it
+    copies: its floor takes the larger (and, for a row, the sum timed among the row's own calls),
+    the rate no implementation passes."""
 
     copy: float
     read: float
-    huge_pages: bool = False  # measured on 2 MiB pages
+    read_small_pages: float
+    huge_pages: bool = False  # copy and read measured on 2 MiB pages
 
     @property
     def floor(self) -> float:
@@ -113,23 +116,29 @@ class Bandwidth:
         return max(self.floor, row_read)
 
     def describe(self) -> str:
+        pages = "2 MiB" if self.huge_pages else "4 KiB (no 2 MiB pages granted)"
         return (
             f"Memory bandwidth: copy {self.copy / 1e9:.1f} GB/s (read + write), sum {self.read / 1e9:.1f} GB/s "
-            f"(read), medians of interleaved rounds, on {'2 MiB' if self.huge_pages else '4 KiB'} pages; "
-            "bandwidth floors use the larger."
+            f"(read), on {pages} pages (the same sum on 4 KiB pages: {self.read_small_pages / 1e9:.1f} GB/s), "
+            "medians of interleaved rounds; bandwidth floors use the largest of the copy, the sum and the "
+            "sum timed among the row's own calls."
         )
 
 
 class ReadProbe:
-    """memory_bandwidth's sum, timed among a decode row's contenders (interleaved with them): the
-    read bandwidth of the very moments the row was measured in. On a shared machine the bandwidth
-    moves from minute to minute; a floor from a slower minute than the row's would be one that the
-    row passes, so floors take the largest (Bandwidth.floor_with)."""
+    """A 256 MiB float32 sum: the read bandwidth. Timed among a decode row's contenders
+    (interleaved with them) it gives the bandwidth of the very moments the row was measured in: on
+    a shared machine the bandwidth moves from minute to minute, and a floor from a slower minute
+    than the row's would be one that the row passes, so floors take the largest
+    (Bandwidth.floor_with). On 2 MiB pages (moe_infer.host_memory), as the benchmarks' weights
+    are; ``huge_pages=False``: an ordinary tensor."""
 
     name = "memory read (256 MiB sum)"
 
-    def __init__(self):
-        self.values = host_memory.empty((2**26,), torch.float32).fill_(1)
+    def __init__(self, huge_pages: bool = True):
+        shape = (2**26,)
+        values = host_memory.empty(shape, torch.float32) if huge_pages else torch.empty(shape)
+        self.values = values.fill_(1)
 
     def __call__(self) -> None:
         self.values.sum()
@@ -142,25 +151,26 @@ def memory_bandwidth(clock: Callable[[], float] = time.perf_counter, rounds: int
     """The copy and read bandwidths, the median of interleaved rounds (as the tables' times are
     medians; the best round of a shared machine is an outlier), on the current threads, timed with
     the clock of the table they sit in (CPU time on one thread, so that other jobs holding the core
-    do not count). The buffers are on 2 MiB pages where the OS grants them, as the benchmarks'
-    weights are (moe_infer.host_memory): one core reads them much faster than 4 KiB pages."""
+    do not count)."""
     source = host_memory.empty((2**27,), torch.uint8).fill_(1)  # 128 MiB: far beyond the caches
     target = host_memory.empty((2**27,), torch.uint8)
     target.copy_(source)
-    values = host_memory.empty((2**26,), torch.float32).fill_(1)  # 256 MiB
-    values.sum()
-    copy, read = [], []
+    probes = {"huge": ReadProbe(), "small": ReadProbe(huge_pages=False)}
+    times = {"copy": [], "huge": [], "small": []}
     for _ in range(rounds):
         start = clock()
         target.copy_(source)
-        copy.append(clock() - start)
-        start = clock()
-        values.sum()
-        read.append(clock() - start)
-    huge = all(host_memory.huge_page_bytes(t) >= t.numel() * t.element_size() // 2 for t in (source, target, values))
+        times["copy"].append(clock() - start)
+        for name, probe in probes.items():
+            start = clock()
+            probe()
+            times[name].append(clock() - start)
+    on_huge_pages = [source, target, probes["huge"].values]
+    huge = all(host_memory.huge_page_bytes(t) >= t.numel() * t.element_size() // 2 for t in on_huge_pages)
     return Bandwidth(
-        copy=2 * source.numel() / statistics.median(copy),
-        read=values.numel() * values.element_size() / statistics.median(read),
+        copy=2 * source.numel() / statistics.median(times["copy"]),
+        read=probes["huge"].bandwidth(times["huge"]),
+        read_small_pages=probes["small"].bandwidth(times["small"]),
         huge_pages=huge,
     )
 

@@ -180,8 +180,10 @@ def _default_gate(experts: nn.Module) -> bool:
 
 
 def _weight(shape: tuple, factory: dict) -> torch.Tensor:
-    weight = torch.empty(shape, **factory)  # resolves the default device and dtype
-    return host_memory.empty(shape, weight.dtype) if weight.device.type == "cpu" else weight
+    probe = torch.empty(0, **factory)  # the default device and dtype, and any active mode
+    if type(probe) is torch.Tensor and probe.device.type == "cpu":  # not a FakeTensor, not meta
+        return host_memory.empty(shape, probe.dtype)
+    return torch.empty(shape, **factory)
 
 
 class MoEExperts(nn.Module):

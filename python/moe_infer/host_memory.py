@@ -69,7 +69,8 @@ def copy(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _Mappings:
-    """This process's memory mappings (/proc/self/smaps): address range -> its fields."""
+    """This process's memory mappings (/proc/self/smaps): address range -> its fields, plus
+    "anonymous" ("1" for memory not backed by a file: inode 0)."""
 
     def __init__(self):
         self.ranges: list[tuple[int, int, dict[str, str]]] = []
@@ -83,7 +84,9 @@ class _Mappings:
             start, dash, end = head.partition("-")
             if dash and not head.endswith(":"):
                 try:
-                    self.ranges.append((int(start, 16), int(end, 16), {}))
+                    fields = rest.split()  # perms offset dev inode [path]
+                    anonymous = len(fields) >= 4 and fields[3] == "0"
+                    self.ranges.append((int(start, 16), int(end, 16), {"anonymous": "1" if anonymous else "0"}))
                     continue
                 except ValueError:
                     pass
@@ -105,24 +108,43 @@ def advised(tensor: torch.Tensor, mappings: Optional[_Mappings] = None) -> bool:
     return fields is not None and "hg" in fields.get("VmFlags", "").split()
 
 
-def huge_page_bytes(tensor: torch.Tensor) -> int:
+def huge_page_bytes(tensor: torch.Tensor, mappings: Optional[_Mappings] = None) -> int:
     """Bytes of the tensor's mapping that the kernel holds on 2 MiB pages (smaps AnonHugePages);
     0 off Linux or for memory that is not an anonymous mapping."""
     if tensor.device.type != "cpu" or tensor.numel() == 0:
         return 0
-    fields = _Mappings().of(tensor.data_ptr())
+    fields = (mappings or _Mappings()).of(tensor.data_ptr())
     if fields is None:
         return 0
     return int(fields.get("AnonHugePages", "0 kB").split()[0]) * 1024
 
 
+def _movable(tensor: torch.Tensor, min_bytes: int) -> bool:
+    """A plain, dense, large CPU tensor (not a subclass such as a FakeTensor or a DTensor, not
+    sparse, not in shared or pinned memory)."""
+    return (
+        type(tensor.data) is torch.Tensor
+        and tensor.layout == torch.strided
+        and tensor.device.type == "cpu"
+        and tensor.numel() * tensor.element_size() >= min_bytes
+        and not tensor.is_shared()
+        and not tensor.is_pinned()
+        and tensor.is_contiguous()
+    )
+
+
 def to_huge_pages(source: Union[nn.Module, list], min_bytes: int = HUGE_PAGE_BYTES, recurse: bool = True) -> int:
     """Moves the large CPU tensors of a module (its parameters and buffers, ``recurse`` into its
     submodules) or of a list of tensors onto :func:`empty` memory, in place: each parameter keeps
-    its identity, name and ``requires_grad`` (its ``.data`` is replaced). Skipped: tensors under
-    ``min_bytes``, not on the CPU, in shared or pinned memory, not contiguous, advised already, or
-    sharing their storage with another tensor or leaving part of it unused (a move would untie
-    them).
+    its identity, name and ``requires_grad`` (its ``.data`` is replaced, and the old memory is
+    freed unless something outside ``source`` still holds it: a ``state_dict()`` kept by the
+    caller, a view, which then no longer aliases the parameter).
+
+    Skipped: tensors under ``min_bytes``; tensor subclasses, sparse, shared or pinned memory, not
+    contiguous; sharing their storage with another tensor of ``source`` or leaving part of it
+    unused (a move would untie them); memory backed by a file (``torch.load(mmap=True)``,
+    safetensors: moving it would turn reclaimable page cache into committed memory); memory
+    advised already, or already on 2 MiB pages (transparent huge pages "always").
 
     Returns the bytes moved (0 where huge pages are not supported)."""
     if not huge_pages_supported():
@@ -131,11 +153,7 @@ def to_huge_pages(source: Union[nn.Module, list], min_bytes: int = HUGE_PAGE_BYT
         tensors = [*source.parameters(recurse=recurse), *source.buffers(recurse=recurse)]
     else:
         tensors = list(source)
-    large = [
-        tensor
-        for tensor in {id(t): t for t in tensors if t is not None}.values()
-        if tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() >= min_bytes
-    ]
+    large = [t for t in {id(t): t for t in tensors if t is not None}.values() if _movable(t, min_bytes)]
     holders: dict[int, int] = {}
     for tensor in large:
         key = tensor.untyped_storage().data_ptr()
@@ -143,17 +161,21 @@ def to_huge_pages(source: Union[nn.Module, list], min_bytes: int = HUGE_PAGE_BYT
     candidates = [
         tensor
         for tensor in large
-        if not tensor.is_shared()
-        and not tensor.is_pinned()
-        and tensor.is_contiguous()
-        and holders[tensor.untyped_storage().data_ptr()] == 1
+        if holders[tensor.untyped_storage().data_ptr()] == 1
         and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     ]
     mappings = _Mappings() if candidates else None  # read /proc/self/smaps only when needed
     moved = 0
     for tensor in candidates:
-        if advised(tensor, mappings):
+        num_bytes = tensor.numel() * tensor.element_size()
+        fields = mappings.of(tensor.data_ptr())
+        if (
+            fields is None
+            or fields["anonymous"] != "1"
+            or advised(tensor, mappings)
+            or huge_page_bytes(tensor, mappings) >= num_bytes // 2
+        ):
             continue
         tensor.data = copy(tensor.data)
-        moved += tensor.numel() * tensor.element_size()
+        moved += num_bytes
     return moved

@@ -4,6 +4,7 @@ tensors whose move would change sharing are left alone. Where the OS gives no hu
 same calls return ordinary tensors and move nothing."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -37,13 +38,19 @@ def _is_advised(tensor: torch.Tensor) -> bool:
     return "hg" in _vm_flags(tensor)
 
 
-def test_support_follows_the_kernel_setting():
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            expected = "[never]" not in f.read()
-    except OSError:
-        expected = False
-    assert SUPPORTED == expected
+@pytest.mark.parametrize("setting, supported", [("always [madvise] never", True), ("always madvise [never]", False)])
+def test_support_follows_the_kernel_setting(tmp_path, monkeypatch, setting, supported):
+    """With THP "never" nothing is advised and nothing moves; with "madvise" (on Linux) both happen."""
+    path = tmp_path / "enabled"
+    path.write_text(setting + "\n")
+    monkeypatch.setattr(host_memory, "_THP_SETTING", str(path))
+    expected = supported and sys.platform.startswith("linux")
+    assert host_memory.huge_pages_supported() == expected
+    t = host_memory.empty((MiB,), torch.float32)
+    assert _is_advised(t) == expected
+    layer = nn.Linear(1024, 2048, bias=False)
+    assert host_memory.to_huge_pages(layer) == (layer.weight.numel() * 4 if expected else 0)
+    assert _is_advised(layer.weight) == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -164,3 +171,28 @@ def test_cpu_buffer_pool_is_on_huge_pages():
     with torch.no_grad():
         expected = reference.grouped_mlp_combine(x, weights, ids, *experts.spec)
         torch.testing.assert_close(buffer(x, ids, weights), expected)
+
+
+def test_subclasses_sparse_and_file_backed_tensors_stay(tmp_path):
+    """FakeTensors (and other subclasses), sparse tensors and memory mapped from a file are not moved."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = moe_infer.MoEExperts(4, 256, 1024)  # builds under fake mode, as before
+    assert type(fake.gate_up_proj.data).__name__ == "FakeTensor"
+    assert host_memory.to_huge_pages(fake) == 0
+
+    dense = torch.zeros(1024, 1024)
+    dense[0, :10] = 1
+    sparse = dense.to_sparse()
+    holder = nn.Module()
+    holder.register_buffer("sparse", sparse)
+    assert host_memory.to_huge_pages(holder, min_bytes=1) == 0 and holder.sparse is sparse
+
+    path = tmp_path / "w.pt"
+    torch.save({"weight": torch.randn(1024, 2048)}, path)
+    mapped = torch.load(path, mmap=True)["weight"]
+    module = nn.Linear(2048, 1024, bias=False)
+    module.weight.data = mapped
+    assert host_memory.to_huge_pages(module) == 0
+    assert module.weight.data_ptr() == mapped.data_ptr()  # still the file's pages

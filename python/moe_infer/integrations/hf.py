@@ -692,6 +692,17 @@ def _prepare(block: nn.Module, arch: _Architecture, hf_capacity: bool, validate:
     block.__class__ = _fused_class(type(block), arch.block_mixin)
 
 
+def _to_huge_pages(block: nn.Module, arch: _Architecture, huge_pages: bool, expert_buffer, ep_group) -> int:
+    """Moves a block's expert weights onto 2 MiB pages where they are computed on the CPU here: not
+    buffered, not spread over ranks (by this call or an earlier one, whose backends read the
+    tensors they were given); stacked experts are stacked there already."""
+    if not huge_pages or expert_buffer is not None or ep_group is not None or arch.expert_layers is not None:
+        return 0
+    if not isinstance(block.__dict__.get("experts_backend"), LocalExperts):
+        return 0
+    return host_memory.to_huge_pages(block.experts, recurse=False)
+
+
 def optimize(
     model: nn.Module,
     *,
@@ -758,6 +769,7 @@ def optimize(
             arch = _BY_BLOCK.get((original.__module__, original.__name__))
             if arch is not None:
                 report.already_optimized[name] = arch.name
+                report.huge_page_bytes += _to_huge_pages(module, arch, huge_pages, expert_buffer, ep_group)
             continue
         arch = _architecture_of(module)
         if arch is None:
@@ -768,8 +780,7 @@ def optimize(
             report.skipped[name] = str(error)
             continue
         report.replaced[name] = arch.name
-        if huge_pages and expert_buffer is None and ep_group is None and arch.expert_layers is None:
-            report.huge_page_bytes += host_memory.to_huge_pages(module.experts, recurse=False)
+        report.huge_page_bytes += _to_huge_pages(module, arch, huge_pages, expert_buffer, ep_group)
     if not report.replaced and not report.already_optimized:
         found = "".join(f"\n  {name}: {why}" for name, why in report.skipped.items())
         raise ValueError(
