@@ -66,7 +66,7 @@ def optimize(
         validate: on CUDA, check router logits for NaN on the host (one sync per layer).
         verbose: print what was done (``model.moe_infer_report`` holds it too).
         huge_pages: move the experts' weights computed on the CPU onto 2 MiB pages
-            (:mod:`moe_infer.host_memory`; decode reads them about twice as fast where Linux grants
+            (:mod:`moe_infer.host_memory`; decode reads them about 1.5x as fast where Linux grants
             them).
 
     Returns:

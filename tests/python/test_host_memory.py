@@ -196,3 +196,16 @@ def test_subclasses_sparse_and_file_backed_tensors_stay(tmp_path):
     module.weight.data = mapped
     assert host_memory.to_huge_pages(module) == 0
     assert module.weight.data_ptr() == mapped.data_ptr()  # still the file's pages
+
+
+def test_a_second_optimize_moves_the_blocks_it_replaced_before():
+    model = hf_models.build_model("mixtral", hidden=256, ffn=1024, experts=4, layers=1).to(torch.bfloat16)
+    moe_infer.optimize(model, verbose=False, huge_pages=False)
+    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    assert not _is_advised(experts.gate_up_proj)
+    moe_infer.optimize(model, verbose=False)
+    report = model.moe_infer_report
+    assert report.already_optimized and not report.replaced
+    expected = (experts.gate_up_proj.numel() + experts.down_proj.numel()) * 2 if SUPPORTED else 0
+    assert report.huge_page_bytes == expected
+    assert _is_advised(experts.gate_up_proj) == SUPPORTED

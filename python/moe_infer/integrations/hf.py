@@ -744,7 +744,7 @@ def optimize(
         huge_pages: move the experts' weights of the replaced blocks that are on the CPU (and
             computed there: no expert_buffer, no ep_group) onto 2 MiB pages
             (:mod:`moe_infer.host_memory`; a copy each, in place of the original). Decode reads
-            them about twice as fast where Linux grants such pages.
+            them about 1.5x as fast where Linux grants such pages.
 
     Returns:
         ``model`` itself, with ``model.moe_infer_report`` (an :class:`OptimizeReport`).
