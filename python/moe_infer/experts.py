@@ -179,13 +179,6 @@ def _default_gate(experts: nn.Module) -> bool:
 # ---- moe_infer's experts module ---------------------------------------------------------------
 
 
-def _weight(shape: tuple, factory: dict) -> torch.Tensor:
-    probe = torch.empty(0, **factory)  # the default device and dtype, and any active mode
-    if type(probe) is torch.Tensor and probe.device.type == "cpu":  # not a FakeTensor, not meta
-        return host_memory.empty(shape, probe.dtype)
-    return torch.empty(shape, **factory)
-
-
 class MoEExperts(nn.Module):
     """E expert FFNs as stacked 3-D parameters, computed with :func:`moe_infer.ops.grouped_mlp`.
 
@@ -227,15 +220,17 @@ class MoEExperts(nn.Module):
             (num_experts, hidden_size, fc1_outputs) if weights_transposed else (num_experts, fc1_outputs, hidden_size)
         )
         fc2_shape = (num_experts, ffn_size, hidden_size) if weights_transposed else (num_experts, hidden_size, ffn_size)
-        # On the CPU the weights take 2 MiB pages (moe_infer.host_memory: decode streams them).
-        self.gate_up_proj = nn.Parameter(_weight(fc1_shape, factory))
-        self.down_proj = nn.Parameter(_weight(fc2_shape, factory))
+        self.gate_up_proj = nn.Parameter(torch.empty(fc1_shape, **factory))
+        self.down_proj = nn.Parameter(torch.empty(fc2_shape, **factory))
         if bias:
             self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, fc1_outputs, **factory))
             self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
         else:
             self.register_parameter("gate_up_proj_bias", None)
             self.register_parameter("down_proj_bias", None)
+        # On the CPU the weights take 2 MiB pages (moe_infer.host_memory: decode streams them);
+        # before they are written, the move copies untouched pages only.
+        host_memory.to_huge_pages(self, recurse=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -692,17 +692,6 @@ def _prepare(block: nn.Module, arch: _Architecture, hf_capacity: bool, validate:
     block.__class__ = _fused_class(type(block), arch.block_mixin)
 
 
-def _to_huge_pages(block: nn.Module, arch: _Architecture, huge_pages: bool, expert_buffer, ep_group) -> int:
-    """Moves a block's expert weights onto 2 MiB pages where they are computed on the CPU here: not
-    buffered, not spread over ranks (by this call or an earlier one, whose backends read the
-    tensors they were given); stacked experts are stacked there already."""
-    if not huge_pages or expert_buffer is not None or ep_group is not None or arch.expert_layers is not None:
-        return 0
-    if not isinstance(block.__dict__.get("experts_backend"), LocalExperts):
-        return 0
-    return host_memory.to_huge_pages(block.experts, recurse=False)
-
-
 def optimize(
     model: nn.Module,
     *,
@@ -769,7 +758,6 @@ def optimize(
             arch = _BY_BLOCK.get((original.__module__, original.__name__))
             if arch is not None:
                 report.already_optimized[name] = arch.name
-                report.huge_page_bytes += _to_huge_pages(module, arch, huge_pages, expert_buffer, ep_group)
             continue
         arch = _architecture_of(module)
         if arch is None:
@@ -780,7 +768,6 @@ def optimize(
             report.skipped[name] = str(error)
             continue
         report.replaced[name] = arch.name
-        report.huge_page_bytes += _to_huge_pages(module, arch, huge_pages, expert_buffer, ep_group)
     if not report.replaced and not report.already_optimized:
         found = "".join(f"\n  {name}: {why}" for name, why in report.skipped.items())
         raise ValueError(
@@ -804,6 +791,14 @@ def optimize(
                 source.expert_spec(), ep_placement, ep_group, validate=False
             )
         report.expert_parallel = True
+    if huge_pages:
+        # Experts computed here on the CPU, by their module's own parameters (not buffered, not
+        # spread over ranks: those backends hold the tensors they were given; a stacked copy is
+        # on 2 MiB pages already, and its per-expert modules are not the experts' own parameters).
+        for name in [*report.replaced, *report.already_optimized]:
+            block = model.get_submodule(name)
+            if isinstance(block.__dict__.get("experts_backend"), LocalExperts):
+                report.huge_page_bytes += host_memory.to_huge_pages(block.experts, recurse=False)
     for name in report.already_optimized:  # an experts implementation chosen since gives way again
         model.get_submodule(name).__dict__.pop(_HANDED_OVER, None)
     model.moe_infer_report = report
