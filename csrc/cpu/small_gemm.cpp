@@ -146,6 +146,19 @@ MOE_INFER_TARGET_AVX512_BF16 void dot_tile_bf16(const uint16_t* x, int64_t x_str
   for (int j = 0; j < NB; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
   int64_t i = 0;
+  if constexpr (R == 1 && NB == 1) {
+    // One row against one weight row: two accumulators, so that the dot products' latency does not
+    // pace the stream (on 2 MiB pages, Mixtral-sized experts: about 27 -> 31 GB/s, the rate of a
+    // plain sum over the same bytes).
+    __m512 odd = _mm512_setzero_ps();
+    for (; i + 64 <= k; i += 64) {
+      acc[0][0] = _mm512_dpbf16_ps(acc[0][0], (__m512bh)_mm512_loadu_si512(w + i),
+                                   (__m512bh)_mm512_loadu_si512(x + i));
+      odd = _mm512_dpbf16_ps(odd, (__m512bh)_mm512_loadu_si512(w + i + 32),
+                             (__m512bh)_mm512_loadu_si512(x + i + 32));
+    }
+    acc[0][0] = _mm512_add_ps(acc[0][0], odd);
+  }
   for (; i + 32 <= k; i += 32) {
     __m512i wv[NB];
     for (int j = 0; j < NB; ++j) {
@@ -235,6 +248,84 @@ MOE_INFER_TARGET_AVX512 void add_weighted_row_avx512(const T* row, float weight,
     asm("" : "+v"(product));
     _mm512_mask_storeu_ps(acc + h, mask,
                           _mm512_add_ps(_mm512_maskz_loadu_ps(mask, acc + h), product));
+  }
+}
+
+// ---- activation and rounding -----------------------------------------------------------------
+
+// exp(x) within about 1 ulp: n = round(x / ln 2), the Cephes polynomial of the rest, times 2^n by
+// scalef (which gives 0 and +inf past the float range). x is clamped to [-104, 89], where exp is
+// already 0 and +inf; NaN stays NaN (min and max return their second operand for a NaN).
+MOE_INFER_TARGET_AVX512 inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// float_to_bf16 on 16 values.
+MOE_INFER_TARGET_AVX512 inline __m256i round_bf16_ps(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x00400000));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+MOE_INFER_TARGET_AVX512 inline __m512 widen_bf16(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+MOE_INFER_TARGET_AVX512 inline __m512 silu_ps(__m512 g) {
+  return _mm512_div_ps(
+      g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+MOE_INFER_TARGET_AVX512 void silu_mul_f32(const float* x, int64_t rows, int64_t ffn, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* gate = x + r * 2 * ffn;
+    const float* up = gate + ffn;
+    float* o = out + r * ffn;
+    for (int64_t i = 0; i < ffn; i += 16) {
+      const __mmask16 mask = ffn - i >= 16 ? static_cast<__mmask16>(0xffffu)
+                                           : static_cast<__mmask16>((1u << (ffn - i)) - 1u);
+      const __m512 s = silu_ps(_mm512_maskz_loadu_ps(mask, gate + i));
+      _mm512_mask_storeu_ps(o + i, mask, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, up + i)));
+    }
+  }
+}
+
+MOE_INFER_TARGET_AVX512 void silu_mul_bf16(const uint16_t* x, int64_t rows, int64_t ffn,
+                                           uint16_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* gate = x + r * 2 * ffn;
+    const uint16_t* up = gate + ffn;
+    uint16_t* o = out + r * ffn;
+    for (int64_t i = 0; i < ffn; i += 16) {
+      const __mmask16 mask = ffn - i >= 16 ? static_cast<__mmask16>(0xffffu)
+                                           : static_cast<__mmask16>((1u << (ffn - i)) - 1u);
+      const __m512 s = widen_bf16(round_bf16_ps(silu_ps(load_columns(gate + i, mask))));
+      _mm256_mask_storeu_epi16(o + i, mask,
+                               round_bf16_ps(_mm512_mul_ps(s, load_columns(up + i, mask))));
+    }
+  }
+}
+
+MOE_INFER_TARGET_AVX512 void round_to_bf16_avx512(const float* acc, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? static_cast<__mmask16>(0xffffu)
+                                       : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    _mm256_mask_storeu_epi16(out + i, mask, round_bf16_ps(_mm512_maskz_loadu_ps(mask, acc + i)));
   }
 }
 
@@ -381,6 +472,38 @@ bool add_weighted_row(SmallGemmType type, const void* row, float weight, int64_t
   (void)weight;
   (void)n;
   (void)acc;
+  return false;
+#endif
+}
+
+bool silu_mul_rows(SmallGemmType type, const void* x, int64_t rows, int64_t ffn, void* out) {
+#if MOE_INFER_SMALL_GEMM_X86
+  if (!cpu_has_avx512()) return false;
+  if (type == SmallGemmType::kFloat) {
+    silu_mul_f32(static_cast<const float*>(x), rows, ffn, static_cast<float*>(out));
+  } else {
+    silu_mul_bf16(static_cast<const uint16_t*>(x), rows, ffn, static_cast<uint16_t*>(out));
+  }
+  return true;
+#else
+  (void)type;
+  (void)x;
+  (void)rows;
+  (void)ffn;
+  (void)out;
+  return false;
+#endif
+}
+
+bool round_to_bfloat16(const float* acc, int64_t n, void* out) {
+#if MOE_INFER_SMALL_GEMM_X86
+  if (!cpu_has_avx512()) return false;
+  round_to_bf16_avx512(acc, n, static_cast<uint16_t*>(out));
+  return true;
+#else
+  (void)acc;
+  (void)n;
+  (void)out;
   return false;
 #endif
 }

@@ -52,6 +52,16 @@ void small_gemm(const SmallGemm& gemm, int64_t n_begin, int64_t n_end);
 // AVX-512; the caller then loops.
 bool add_weighted_row(SmallGemmType type, const void* row, float weight, int64_t n, float* acc);
 
+// out[r, i] = silu(x[r, i]) * x[r, ffn + i] for r < rows, i < ffn (x: rows x 2 * ffn, out: rows x
+// ffn, both contiguous), rounded as ATen's silu and mul round in that type: the SiLU x / (1 +
+// exp(-x)) in float32, rounded to the type, then the product rounded. exp within about 1 ulp of
+// float32 (NaN and infinities as in x / (1 + exp(-x))). False (nothing done) without AVX-512.
+bool silu_mul_rows(SmallGemmType type, const void* x, int64_t rows, int64_t ffn, void* out);
+
+// out[i] = acc[i] rounded to bfloat16 (to nearest even, as c10::BFloat16) for i < n. False
+// (nothing done) without AVX-512.
+bool round_to_bfloat16(const float* acc, int64_t n, void* out);
+
 // Columns per task when small_gemm is split across threads: of the nn.Linear layout (weight rows),
 // and of the [K, N] layout, whose weight rows are read in runs of this many columns (2 KiB of
 // float32: long enough for the hardware prefetcher, short enough to keep 16 rows of float32

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -153,4 +154,99 @@ TEST_CASE("add_weighted_row gives the plain loop's bits", "[small_gemm]") {
       REQUIRE(acc == expected);
     }
   }
+}
+
+TEST_CASE("silu_mul_rows is x / (1 + exp(-x)) times up, rounded as ATen rounds", "[small_gemm]") {
+  std::mt19937 gen(11);
+  std::normal_distribution<float> normal;
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  // Specials first (exp's range ends, zeros, tiny values), then random gates.
+  const std::vector<float> specials{0.0f,   -0.0f,   1e-30f, -1e-30f, 20.0f,  -20.0f, 80.0f,
+                                    -80.0f, 88.5f,   -88.5f, 89.5f,   -89.5f, 103.0f, -103.0f,
+                                    110.0f, -110.0f, inf,    -inf,    nan};
+  const int64_t rows = 3, ffn = 37;  // 37: a tail after two vectors
+  for (const bool bf16 : {false, true}) {
+    std::vector<float> x(rows * 2 * ffn);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < ffn; ++i) {
+        const size_t s = static_cast<size_t>(r * ffn + i);
+        x[r * 2 * ffn + i] = s < specials.size() ? specials[s] : 4.0f * normal(gen);
+        x[r * 2 * ffn + ffn + i] = normal(gen) + 0.5f;  // up, never 0
+      }
+    }
+    std::vector<uint16_t> x16(x.size()), out16(rows * ffn);
+    if (bf16) {
+      for (size_t i = 0; i < x.size(); ++i) {
+        x16[i] = std::isnan(x[i]) ? uint16_t{0x7fc0} : to_bf16(x[i]);
+        x[i] = from_bf16(x16[i]);
+      }
+    }
+    std::vector<float> out(rows * ffn);
+    const bool ran = moe_infer::silu_mul_rows(
+        bf16 ? moe_infer::SmallGemmType::kBFloat16 : moe_infer::SmallGemmType::kFloat,
+        bf16 ? static_cast<const void*>(x16.data()) : x.data(), rows, ffn,
+        bf16 ? static_cast<void*>(out16.data()) : out.data());
+    if (!ran) continue;  // no AVX-512 on this CPU: callers take ATen's kernels
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < ffn; ++i) {
+        const double gate = x[r * 2 * ffn + i];
+        const double up = x[r * 2 * ffn + ffn + i];
+        const float got = bf16 ? from_bf16(out16[r * ffn + i]) : out[r * ffn + i];
+        INFO("bf16 " << bf16 << ", gate " << gate << ", up " << up << ", got " << got);
+        if (std::isnan(gate) || gate == -std::numeric_limits<double>::infinity()) {
+          REQUIRE(std::isnan(got));  // -inf / (1 + inf), as ATen's silu gives
+          continue;
+        }
+        const double silu = std::isinf(gate) ? gate : gate / (1.0 + std::exp(-gate));
+        if (bf16) {
+          // The SiLU rounded to bfloat16 (within one step of its rounding), then the product.
+          const double step = std::ldexp(1.0, std::ilogb(std::max(std::abs(silu), 1e-38)) - 7);
+          const double rounded = from_bf16(to_bf16(static_cast<float>(silu)));
+          const double expected = from_bf16(to_bf16(static_cast<float>(rounded * up)));
+          if (std::isinf(expected)) {
+            REQUIRE(got == expected);
+            continue;
+          }
+          REQUIRE(std::abs(got - expected) <=
+                  2.0 * std::abs(up) * step + std::abs(expected) / 64 + 1e-35);
+        } else {
+          const double expected = silu * up;
+          if (std::isinf(expected)) {
+            REQUIRE(got == expected);
+            continue;
+          }
+          // exp within about an ulp, then three roundings; past exp's float range (gates
+          // below -88.7) float gives -0 where float64 still has a value of about 1e-37.
+          REQUIRE(std::abs(got - expected) <= 1e-6 * std::abs(expected) + 1e-35);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("round_to_bfloat16 gives c10::BFloat16's bits", "[small_gemm]") {
+  std::mt19937 gen(5);
+  std::normal_distribution<float> normal;
+  std::vector<float> values{0.0f,
+                            -0.0f,
+                            1.0f,
+                            from_bf16(0x3f80) + std::ldexp(1.0f, -8),  // a tie: stays even
+                            from_bf16(0x3f81) + std::ldexp(1.0f, -8),  // a tie: up to even
+                            std::numeric_limits<float>::max(),         // rounds to inf
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::denorm_min()};
+  for (int i = 0; i < 1000; ++i) values.push_back(normal(gen) * std::ldexp(1.0f, i % 60 - 30));
+  values.push_back(std::numeric_limits<float>::quiet_NaN());
+  std::vector<uint16_t> out(values.size());
+  if (!moe_infer::round_to_bfloat16(values.data(), static_cast<int64_t>(values.size()),
+                                    out.data())) {
+    return;  // no AVX-512 on this CPU: callers round with c10::BFloat16
+  }
+  for (size_t i = 0; i + 1 < values.size(); ++i) {
+    INFO("value " << values[i]);
+    REQUIRE(out[i] == to_bf16(values[i]));
+  }
+  REQUIRE(std::isnan(from_bf16(out.back())));
 }
