@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <utility>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -253,23 +255,32 @@ MOE_INFER_TARGET_AVX512 void add_weighted_row_avx512(const T* row, float weight,
 
 // ---- activation and rounding -----------------------------------------------------------------
 
-// exp(x) within about 1 ulp: n = round(x / ln 2), the Cephes polynomial of the rest, times 2^n by
-// scalef (which gives 0 and +inf past the float range). x is clamped to [-104, 89], where exp is
-// already 0 and +inf; NaN stays NaN (min and max return their second operand for a NaN).
+// 2^e for integer e in the float range.
+MOE_INFER_TARGET_AVX512 inline __m512 pow2(__m512i e) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(0x7f)), 23));
+}
+
+// exp(x) with the bits of SLEEF's Sleef_expf16_u10, which ATen's vectorized float kernels call
+// (Vectorized<float>::exp): n = rint(x / ln 2), the rest in two parts of ln 2, its polynomial,
+// times 2^n in two halves; 0 below -104 and +inf above 100; NaN stays NaN.
 MOE_INFER_TARGET_AVX512 inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
+  const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(
+      x, _mm512_set1_ps(1.442695040888963407359924681001892137426645954152985934135f)));
+  const __m512 qf = _mm512_cvtepi32_ps(q);
+  __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-0.693145751953125f), x);
+  s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
+  __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
+  u = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+  const __m512i half = _mm512_srai_epi32(q, 1);
+  u = _mm512_mul_ps(_mm512_mul_ps(u, pow2(half)), pow2(_mm512_sub_epi32(q, half)));
+  u = _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_LT_OQ), u);
+  return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(_mm512_set1_ps(100.0f), x, _CMP_LT_OQ),
+                            _mm512_set1_ps(std::numeric_limits<float>::infinity()));
 }
 
 // float_to_bf16 on 16 values.
@@ -286,37 +297,49 @@ MOE_INFER_TARGET_AVX512 inline __m512 widen_bf16(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
+// ATen's SiLU, x / (1 + exp(-x)): vectorized (SLEEF's exp) and, for the elements its vectorized
+// loop leaves over, scalar (the C library's expf).
 MOE_INFER_TARGET_AVX512 inline __m512 silu_ps(__m512 g) {
-  return _mm512_div_ps(
-      g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+  const __m512 negated = _mm512_castsi512_ps(
+      _mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32(static_cast<int>(0x80000000u))));
+  return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(negated)));
 }
 
+inline float silu_scalar(float g) { return g / (1.0f + std::exp(-g)); }
+
+// Per row: the elements ATen's vectorized loop covers (two vectors a step; AVX-512 vectors hold
+// 16 float32 or 32 bfloat16 values), then the rest as its scalar loop computes them.
 MOE_INFER_TARGET_AVX512 void silu_mul_f32(const float* x, int64_t rows, int64_t ffn, float* out) {
+  const int64_t vectorized = ffn - ffn % 32;
   for (int64_t r = 0; r < rows; ++r) {
     const float* gate = x + r * 2 * ffn;
     const float* up = gate + ffn;
     float* o = out + r * ffn;
-    for (int64_t i = 0; i < ffn; i += 16) {
-      const __mmask16 mask = ffn - i >= 16 ? static_cast<__mmask16>(0xffffu)
-                                           : static_cast<__mmask16>((1u << (ffn - i)) - 1u);
-      const __m512 s = silu_ps(_mm512_maskz_loadu_ps(mask, gate + i));
-      _mm512_mask_storeu_ps(o + i, mask, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, up + i)));
+    for (int64_t i = 0; i < vectorized; i += 16) {
+      _mm512_storeu_ps(o + i,
+                       _mm512_mul_ps(silu_ps(_mm512_loadu_ps(gate + i)), _mm512_loadu_ps(up + i)));
     }
+    for (int64_t i = vectorized; i < ffn; ++i) o[i] = silu_scalar(gate[i]) * up[i];
   }
 }
 
 MOE_INFER_TARGET_AVX512 void silu_mul_bf16(const uint16_t* x, int64_t rows, int64_t ffn,
                                            uint16_t* out) {
+  const int64_t vectorized = ffn - ffn % 64;
+  const __mmask16 all = static_cast<__mmask16>(0xffffu);
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* gate = x + r * 2 * ffn;
     const uint16_t* up = gate + ffn;
     uint16_t* o = out + r * ffn;
-    for (int64_t i = 0; i < ffn; i += 16) {
-      const __mmask16 mask = ffn - i >= 16 ? static_cast<__mmask16>(0xffffu)
-                                           : static_cast<__mmask16>((1u << (ffn - i)) - 1u);
-      const __m512 s = widen_bf16(round_bf16_ps(silu_ps(load_columns(gate + i, mask))));
-      _mm256_mask_storeu_epi16(o + i, mask,
-                               round_bf16_ps(_mm512_mul_ps(s, load_columns(up + i, mask))));
+    for (int64_t i = 0; i < vectorized; i += 16) {
+      const __m512 s = load_columns(gate + i, all);  // widened exactly
+      const __m512 rounded = widen_bf16(round_bf16_ps(silu_ps(s)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
+                          round_bf16_ps(_mm512_mul_ps(rounded, load_columns(up + i, all))));
+    }
+    for (int64_t i = vectorized; i < ffn; ++i) {
+      const float s = to_float(float_to_bf16(silu_scalar(to_float(gate[i]))));
+      o[i] = float_to_bf16(s * to_float(up[i]));
     }
   }
 }

@@ -53,9 +53,10 @@ void small_gemm(const SmallGemm& gemm, int64_t n_begin, int64_t n_end);
 bool add_weighted_row(SmallGemmType type, const void* row, float weight, int64_t n, float* acc);
 
 // out[r, i] = silu(x[r, i]) * x[r, ffn + i] for r < rows, i < ffn (x: rows x 2 * ffn, out: rows x
-// ffn, both contiguous), rounded as ATen's silu and mul round in that type: the SiLU x / (1 +
-// exp(-x)) in float32, rounded to the type, then the product rounded. exp within about 1 ulp of
-// float32 (NaN and infinities as in x / (1 + exp(-x))). False (nothing done) without AVX-512.
+// ffn, both contiguous) with the bits of ATen's silu then mul on AVX-512 CPUs: x / (1 + exp(-x)) in
+// float32 with SLEEF's exp where ATen's vectorized loop reaches and the C library's expf on the
+// elements it leaves to its scalar loop, rounded to the type, then the product rounded. False
+// (nothing done) without AVX-512.
 bool silu_mul_rows(SmallGemmType type, const void* x, int64_t rows, int64_t ffn, void* out);
 
 // out[i] = acc[i] rounded to bfloat16 (to nearest even, as c10::BFloat16) for i < n. False

@@ -1,5 +1,7 @@
 // small_gemm: the few-row expert GEMM kernels, against a float64 loop, in both weight layouts and
-// both types, with every tile shape, tails along k and n, strides, bias and split column ranges.
+// both types, with every tile shape, tails along k and n, strides, bias and split column ranges;
+// and the activation and rounding kernels, against float64 and against ATen.
+#include <ATen/ATen.h>
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -249,4 +251,32 @@ TEST_CASE("round_to_bfloat16 gives c10::BFloat16's bits", "[small_gemm]") {
     REQUIRE(out[i] == to_bf16(values[i]));
   }
   REQUIRE(std::isnan(from_bf16(out.back())));
+}
+
+TEST_CASE("silu_mul_rows gives the bits of ATen's silu then mul", "[small_gemm]") {
+  // Rows whose width ATen's vectorized loop covers whole (64, 768) and rows it ends with its scalar
+  // loop (16, 37, 100); gates over exp's whole range, specials included.
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    for (const int64_t ffn : {16, 37, 64, 100, 768}) {
+      const int64_t rows = 64;
+      at::Tensor fc1 = at::randn({rows, 2 * ffn}) * 30;
+      fc1.index_put_({0, 0}, std::numeric_limits<float>::infinity());
+      fc1.index_put_({0, 1}, -std::numeric_limits<float>::infinity());
+      fc1.index_put_({0, 2}, std::numeric_limits<float>::quiet_NaN());
+      fc1.index_put_({0, 3}, -103.9f);
+      fc1.index_put_({0, 4}, -104.1f);
+      fc1.index_put_({0, 5}, 88.8f);
+      fc1 = fc1.to(dtype);
+      at::Tensor expected = at::silu(fc1.narrow(1, 0, ffn)).mul_(fc1.narrow(1, ffn, ffn));
+      at::Tensor got = at::empty({rows, ffn}, fc1.options());
+      const bool ran =
+          moe_infer::silu_mul_rows(dtype == at::kFloat ? moe_infer::SmallGemmType::kFloat
+                                                       : moe_infer::SmallGemmType::kBFloat16,
+                                   fc1.const_data_ptr(), rows, ffn, got.data_ptr());
+      if (!ran) continue;  // no AVX-512 on this CPU: callers take ATen's kernels
+      INFO("dtype " << dtype << ", ffn " << ffn);
+      const at::Tensor same = (got == expected) | (got.isnan() & expected.isnan());
+      REQUIRE(same.all().item<bool>());
+    }
+  }
 }
