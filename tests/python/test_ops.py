@@ -295,8 +295,9 @@ def test_opcheck_every_op(device, impl):
 
 
 def test_gradients_off_give_the_same_results_and_no_graph():
-    """With gradients off the ops are called below the Autograd key (ops._run): the same values as
-    with gradients on, no autograd graph; with gradients on, gradients against the reference."""
+    """With gradients off (no_grad, inference mode) the ops are called below the Autograd key
+    (ops._run): the same values as with gradients on, no autograd graph; with gradients on,
+    gradients against the reference."""
     torch.manual_seed(0)
     num_experts, hidden, ffn = 4, 16, 8
     logits = torch.randn(6, num_experts, requires_grad=True)
@@ -311,10 +312,14 @@ def test_gradients_off_give_the_same_results_and_no_graph():
 
     with torch.no_grad():
         off, off_ids = layer()
+    with torch.inference_mode():  # the Autograd keys excluded already: called directly
+        inference, inference_ids = layer()
     on, on_ids = layer()
     assert off.grad_fn is None and not off.requires_grad
+    assert inference.grad_fn is None and inference.is_inference()
     assert on.grad_fn is not None
     assert torch.equal(off_ids, on_ids) and torch.equal(off, on.detach())
+    assert torch.equal(inference_ids, on_ids) and torch.equal(inference, on.detach())
     on.sum().backward()
     grads = [t.grad.clone() for t in (logits, x, fc1, fc2)]
     for t in (logits, x, fc1, fc2):
