@@ -255,14 +255,9 @@ MOE_INFER_TARGET_AVX512 void add_weighted_row_avx512(const T* row, float weight,
 
 // ---- activation and rounding -----------------------------------------------------------------
 
-// 2^e for integer e in the float range.
-MOE_INFER_TARGET_AVX512 inline __m512 pow2(__m512i e) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(0x7f)), 23));
-}
-
 // exp(x) with the bits of SLEEF's Sleef_expf16_u10, which ATen's vectorized float kernels call
 // (Vectorized<float>::exp): n = rint(x / ln 2), the rest in two parts of ln 2, its polynomial,
-// times 2^n in two halves; 0 below -104 and +inf above 100; NaN stays NaN.
+// times 2^n; 0 below -104 and +inf above 100; NaN stays NaN.
 MOE_INFER_TARGET_AVX512 inline __m512 exp_ps(__m512 x) {
   const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(
       x, _mm512_set1_ps(1.442695040888963407359924681001892137426645954152985934135f)));
@@ -276,8 +271,9 @@ MOE_INFER_TARGET_AVX512 inline __m512 exp_ps(__m512 x) {
   u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
   u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
   u = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
-  const __m512i half = _mm512_srai_epi32(q, 1);
-  u = _mm512_mul_ps(_mm512_mul_ps(u, pow2(half)), pow2(_mm512_sub_epi32(q, half)));
+  // SLEEF multiplies by 2^(q >> 1), exactly, then by 2^(q - (q >> 1)), rounding once: scalef's
+  // one rounding of u * 2^q.
+  u = _mm512_scalef_ps(u, qf);
   u = _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_LT_OQ), u);
   return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(_mm512_set1_ps(100.0f), x, _CMP_LT_OQ),
                             _mm512_set1_ps(std::numeric_limits<float>::infinity()));

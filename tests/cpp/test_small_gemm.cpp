@@ -266,6 +266,9 @@ TEST_CASE("silu_mul_rows gives the bits of ATen's silu then mul", "[small_gemm]"
       fc1.index_put_({0, 3}, -103.9f);
       fc1.index_put_({0, 4}, -104.1f);
       fc1.index_put_({0, 5}, 88.8f);
+      for (int64_t i = 0; i < 8; ++i) {  // exp's results below the normal floats (gate > 87.3)
+        fc1.index_put_({1, i}, 87.5f + 2.0f * static_cast<float>(i));
+      }
       fc1 = fc1.to(dtype);
       at::Tensor expected = at::silu(fc1.narrow(1, 0, ffn)).mul_(fc1.narrow(1, ffn, ffn));
       at::Tensor got = at::empty({rows, ffn}, fc1.options());
