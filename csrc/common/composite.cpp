@@ -74,19 +74,20 @@ std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64
   return host;
 }
 
+void expert_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
+                   const std::optional<at::Tensor>& bias, LinearFn linear) {
+  if (linear != nullptr && linear(out, x, w, bias)) return;
+  if (bias.has_value()) {
+    at::addmm_out(out, *bias, x, w);
+  } else {
+    at::mm_out(out, x, w);
+  }
+}
+
 void expert_ffn(int64_t expert, const at::Tensor& x, const ExpertWeights& weights,
                 const at::Tensor& fc1_buffer, const at::Tensor& act_buffer,
                 const ActivateFn& activate, const at::Tensor& y, LinearFn linear) {
   const int64_t rows = x.size(0);
-  const auto gemm = [&](at::Tensor out, const at::Tensor& in, const at::Tensor& w,
-                        const std::optional<at::Tensor>& bias) {
-    if (linear != nullptr && linear(out, in, w, bias)) return;
-    if (bias.has_value()) {
-      at::addmm_out(out, *bias, in, w);
-    } else {
-      at::mm_out(out, in, w);
-    }
-  };
   const auto bias_of = [expert](const std::optional<at::Tensor>& bias) {
     return bias.has_value() ? std::optional<at::Tensor>(bias->select(0, expert)) : std::nullopt;
   };
@@ -94,10 +95,10 @@ void expert_ffn(int64_t expert, const at::Tensor& x, const ExpertWeights& weight
   const at::Tensor fc1 = weights.fc1_in_out().select(0, expert);
   const at::Tensor fc2 = weights.fc2_in_out().select(0, expert);
   const at::Tensor fc1_out = fc1_buffer.narrow(0, 0, rows);
-  gemm(fc1_out, x, fc1, bias_of(weights.fc1_bias));
+  expert_linear(fc1_out, x, fc1, bias_of(weights.fc1_bias), linear);
   const at::Tensor act = act_buffer.narrow(0, 0, rows);
   activate(fc1_out, act);
-  gemm(y, act, fc2, bias_of(weights.fc2_bias));
+  expert_linear(y, act, fc2, bias_of(weights.fc2_bias), linear);
 }
 
 void fail_static_slot_conflict(const at::Tensor& dispatch_mask, const StaticSlotSizes& sizes) {

@@ -111,6 +111,11 @@ using ActivateFn = std::function<void(const at::Tensor& fc1_out, const at::Tenso
 using LinearFn = bool (*)(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                           const std::optional<at::Tensor>& bias);
 
+// out = x @ w (+ bias): `linear` where it takes the shape, else ATen's GEMM. w: the [K, N] view of
+// one expert's weight, bias: its N values.
+void expert_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
+                   const std::optional<at::Tensor>& bias, LinearFn linear = nullptr);
+
 // One expert's FFN: rows x [n, H] -> y [n, H] (written in place): fc1 (+bias) -> activate ->
 // fc2 (+bias), through scratch buffers of at least n rows. Weights are read in place through views
 // (the GEMMs read the transposes as they are stored).

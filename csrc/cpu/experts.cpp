@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <numeric>
 #include <vector>
 
 #include "common/checks.h"
@@ -120,6 +121,37 @@ ActivateFn cpu_activation(const ActivationParams& params) {
   return [params](const at::Tensor& fc1_out, const at::Tensor& act) {
     activate_rows(fc1_out, params, act);
   };
+}
+
+// Whether cpu_activation computes each row on its own, to the same bits whatever other rows share
+// the call. Gated activations read gate and up as strided views, so ATen's kernels split every row
+// alike into their vectorized body and their scalar tail (which round differently); an ungated
+// activation, and GPT-OSS's through its contiguous temporaries, split the call as a whole.
+bool row_local(Activation activation) {
+  return is_gated(activation) && activation != Activation::kGptOssSwiglu;
+}
+
+// Rows [row, row + count) of one expert in a run of rows grouped by expert.
+struct ExpertRows {
+  int64_t expert;
+  int64_t row;
+  int64_t count;
+};
+
+// The activation of the rows of `pieces` (fc1_out -> act, row for row): one call where it is row
+// local, else one per expert, as the per-expert path calls it, so that an expert's output never
+// depends on the other experts' rows.
+void activate_experts(const ActivateFn& activate, Activation activation, const at::Tensor& fc1_out,
+                      const at::Tensor& act, const std::vector<ExpertRows>& pieces) {
+  if (pieces.empty()) return;
+  if (row_local(activation)) {
+    const int64_t end = pieces.back().row + pieces.back().count;
+    activate(fc1_out.narrow(0, 0, end), act.narrow(0, 0, end));
+    return;
+  }
+  for (const ExpertRows& piece : pieces) {
+    activate(fc1_out.narrow(0, piece.row, piece.count), act.narrow(0, piece.row, piece.count));
+  }
 }
 
 // small_gemm's view of the weights w (+ bias) of one GEMM: w(k, n) = w[..., k, n] (k_dim 0, n_dim
@@ -278,21 +310,15 @@ void run_few_rows_mlp(const FewRowsMlp& mlp, RowsView rows, const std::vector<in
   void* fc1_out = scratch.data_ptr();
   void* act = static_cast<char*>(fc1_out) + num_rows * sizes.fc1_outputs * scratch.element_size();
   small_gemm_experts(mlp.fc1, offsets, rows, fc1_out, sizes.fc1_outputs);
-  const at::Tensor fc1_rows = at::from_blob(fc1_out, {num_rows, sizes.fc1_outputs}, options);
-  const at::Tensor act_rows = at::from_blob(act, {num_rows, sizes.ffn_size}, options);
-  if (sizes.activation.activation == Activation::kSiluGlu) {
-    activate(fc1_rows, act_rows);  // silu_glu_rows: each row on its own
-  } else {
-    // ATen's elementwise kernels round their vectorized body and their scalar tail differently, so
-    // an element's bits depend on the extent of the call: expert by expert, as the per-expert path
-    // calls them, so an expert's output never depends on the other experts' rows.
-    for (size_t e = 0; e + 1 < offsets.size(); ++e) {
-      const int64_t count = offsets[e + 1] - offsets[e];
-      if (count > 0) {
-        activate(fc1_rows.narrow(0, offsets[e], count), act_rows.narrow(0, offsets[e], count));
-      }
+  std::vector<ExpertRows> pieces;
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    if (offsets[e + 1] > offsets[e]) {
+      pieces.push_back({static_cast<int64_t>(e), offsets[e], offsets[e + 1] - offsets[e]});
     }
   }
+  activate_experts(activate, sizes.activation.activation,
+                   at::from_blob(fc1_out, {num_rows, sizes.fc1_outputs}, options),
+                   at::from_blob(act, {num_rows, sizes.ffn_size}, options), pieces);
   small_gemm_experts(mlp.fc2, offsets, RowsView{act, sizes.ffn_size}, y, y_stride);
 }
 
@@ -355,6 +381,38 @@ at::Tensor few_rows_combine(const FewRowsMlp& mlp, const at::Tensor& hidden,
 // and the scratch stays bounded however many tokens come.
 constexpr int64_t kCombineBlockRows = 1024;
 
+// The end of the block of expert-ordered rows that starts at `begin`: whole experts, up to
+// `block_rows` rows; or, where the expert at `begin` has more rows left, `block_rows` of them.
+int64_t block_end(const std::vector<int32_t>& offsets, int64_t begin, int64_t block_rows) {
+  const int64_t limit = std::min<int64_t>(offsets.back(), begin + block_rows);
+  // The last expert boundary at or before the limit (offsets[0] == 0 is one).
+  const int64_t boundary = *(std::upper_bound(offsets.begin(), offsets.end(), limit) - 1);
+  return boundary > begin ? boundary : limit;
+}
+
+// Adds a block's expert output rows y [n, H] (sorted pair ids `pairs`) into the tokens' float32
+// accumulators, token after token: each accumulator row is read and written once a block, not
+// once an expert (Qwen3-MoE-like, 512 tokens, one thread: the op's time outside its GEMMs 7.2 ->
+// 6.5 ms). A token's rows are added in expert order, as they come, so the sums keep their bits;
+// the threads split the columns.
+template <typename T>
+void combine_block(const T* y, int64_t n, int64_t hidden_size, const int32_t* pairs,
+                   const float* weights, int64_t top_k, float* acc, std::vector<int32_t>& order) {
+  order.resize(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return pairs[a] / top_k < pairs[b] / top_k; });
+  const int64_t grain =
+      (std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(n, 1)) + 15) / 16 * 16;
+  at::parallel_for(0, hidden_size, grain, [&](int64_t begin, int64_t end) {
+    for (const int32_t i : order) {
+      const int64_t pair = pairs[i];
+      CpuAddWeightedRow{}(y + i * hidden_size + begin, weights[pair], end - begin,
+                          acc + (pair / top_k) * hidden_size + begin);
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor grouped_mlp_cpu(MOE_INFER_PARAMS(grouped_mlp)) {
@@ -404,43 +462,60 @@ at::Tensor grouped_mlp_combine_cpu(MOE_INFER_PARAMS(grouped_mlp_combine)) {
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
   // float32 accumulation; for a float32 hidden the accumulator is the output itself.
   auto accumulator = at::zeros({num_tokens, hidden_size}, hidden.options().dtype(at::kFloat));
-  int64_t block_rows = 0;
-  for (int64_t e = 0; e < sizes.mlp.num_experts; ++e) {
-    block_rows = std::max<int64_t>(block_rows, offsets[e + 1] - offsets[e]);
-  }
-  block_rows = std::min(block_rows, kCombineBlockRows);
+  const int64_t num_routed = offsets.back();
+  const int64_t block_rows = std::min(std::max<int64_t>(num_routed, 1), kCombineBlockRows);
   auto x_block = at::empty({block_rows, hidden_size}, hidden.options());
   auto y_block = at::empty({block_rows, hidden_size}, hidden.options());
   auto fc1_buffer = at::empty({block_rows, sizes.mlp.fc1_outputs}, hidden.options());
   auto act_buffer = at::empty({block_rows, sizes.mlp.ffn_size}, hidden.options());
+  const at::Tensor fc1_in_out = ffn_weights.fc1_in_out();
+  const at::Tensor fc2_in_out = ffn_weights.fc2_in_out();
+  const auto bias_of = [](const std::optional<at::Tensor>& bias, int64_t expert) {
+    return bias.has_value() ? std::optional<at::Tensor>(bias->select(0, expert)) : std::nullopt;
+  };
 
   const int64_t element_bytes = static_cast<int64_t>(hidden.element_size());
   const int64_t row_bytes = hidden_size * element_bytes;
   const char* src = static_cast<const char*>(rows.const_data_ptr());
   const int64_t src_stride_bytes = rows.stride(0) * element_bytes;
   const int64_t grain = row_grain(row_bytes);
+  std::vector<ExpertRows> pieces;
+  std::vector<int32_t> order;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, hidden.scalar_type(), "grouped_mlp_combine", [&] {
         const float* weights_ptr = weights.const_data_ptr<float>();
         float* acc_ptr = accumulator.data_ptr<float>();
-        for (int64_t e = 0; e < sizes.mlp.num_experts; ++e) {
-          for (int64_t begin = offsets[e]; begin < offsets[e + 1]; begin += block_rows) {
-            const int64_t n = std::min<int64_t>(block_rows, offsets[e + 1] - begin);
-            const int32_t* block_pairs = pair_ptr + begin;
-            char* x_ptr = static_cast<char*>(x_block.data_ptr());
-            at::parallel_for(0, n, grain, [&](int64_t b, int64_t end) {
-              permute_rows(src, src_stride_bytes, row_bytes, block_pairs, top_k, b, end, x_ptr);
-            });
-            at::Tensor y = y_block.narrow(0, 0, n);
-            expert_ffn(e, x_block.narrow(0, 0, n), ffn_weights, fc1_buffer, act_buffer, activate, y,
-                       small_linear);
-            const scalar_t* y_ptr = y.const_data_ptr<scalar_t>();
-            at::parallel_for(0, n, grain, [&](int64_t b, int64_t end) {
-              accumulate_weighted_rows(y_ptr + b * hidden_size, end - b, hidden_size,
-                                       block_pairs + b, weights_ptr, top_k, acc_ptr,
-                                       CpuAddWeightedRow{});
-            });
+        int64_t expert = 0;
+        for (int64_t begin = 0; begin < num_routed;) {
+          const int64_t end = block_end(offsets, begin, block_rows);
+          const int64_t n = end - begin;
+          const int32_t* block_pairs = pair_ptr + begin;
+          char* x_ptr = static_cast<char*>(x_block.data_ptr());
+          at::parallel_for(0, n, grain, [&](int64_t b, int64_t stop) {
+            permute_rows(src, src_stride_bytes, row_bytes, block_pairs, top_k, b, stop, x_ptr);
+          });
+          pieces.clear();
+          while (offsets[expert + 1] <= begin) ++expert;
+          for (int64_t e = expert; e < sizes.mlp.num_experts && offsets[e] < end; ++e) {
+            const int64_t lo = std::max<int64_t>(offsets[e], begin);
+            const int64_t hi = std::min<int64_t>(offsets[e + 1], end);
+            if (hi > lo) pieces.push_back({e, lo - begin, hi - lo});
           }
+          for (const ExpertRows& p : pieces) {
+            expert_linear(fc1_buffer.narrow(0, p.row, p.count), x_block.narrow(0, p.row, p.count),
+                          fc1_in_out.select(0, p.expert), bias_of(ffn_weights.fc1_bias, p.expert),
+                          small_linear);
+          }
+          activate_experts(activate, sizes.mlp.activation.activation, fc1_buffer, act_buffer,
+                           pieces);
+          for (const ExpertRows& p : pieces) {
+            expert_linear(y_block.narrow(0, p.row, p.count), act_buffer.narrow(0, p.row, p.count),
+                          fc2_in_out.select(0, p.expert), bias_of(ffn_weights.fc2_bias, p.expert),
+                          small_linear);
+          }
+          combine_block(y_block.const_data_ptr<scalar_t>(), n, hidden_size, block_pairs,
+                        weights_ptr, top_k, acc_ptr, order);
+          begin = end;
         }
       });
   return hidden.scalar_type() == at::kFloat ? accumulator : accumulator.to(hidden.scalar_type());

@@ -67,6 +67,24 @@ def test_experts_larger_than_a_block_and_empty_experts(device, impl):
     assert empty.shape == (0, 32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_of_several_experts_and_of_part_of_one(device, impl, dtype):
+    # Expert sizes around the CPU's 1024-row blocks: small experts share a block (a token can have
+    # both its rows in one), a large expert is cut into blocks, a block ends where an expert ends.
+    counts = torch.tensor([3, 1500, 2, 0, 700, 400, 1030, 1])
+    first = torch.repeat_interleave(torch.arange(8), counts)[torch.randperm(int(counts.sum()))]
+    second = (first + torch.randint(1, 8, first.shape)) % 8  # another expert of the same token
+    ids = torch.stack([first, second], dim=1).to(device)
+    num_tokens = ids.shape[0]
+    hidden, _, _, params = make_case(num_tokens, 8, 2, 32, 24, "silu_glu", True, False, dtype, device)
+    weights = torch.rand(num_tokens, 2, device=device)
+    out = ops.grouped_mlp_combine(hidden, weights, ops.dispatch_plan(ids, 8), *params, "silu_glu")
+    expected = ref.grouped_mlp_combine(
+        hidden.double(), weights.double(), ids, *(p.double() for p in params), "silu_glu"
+    )
+    assert relative_error(out, expected) < LIMIT[dtype]
+
+
 def test_strided_hidden_and_weights_in_hidden_dtype(device):
     hidden, weights, ids, params = make_case(40, 4, 2, 16, 8, "gelu", False, False, torch.bfloat16, device)
     wide = torch.randn(40, 48, device=device).to(torch.bfloat16)
