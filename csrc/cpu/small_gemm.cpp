@@ -293,8 +293,8 @@ MOE_INFER_TARGET_AVX512 inline __m512 widen_bf16(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-// ATen's SiLU, x / (1 + exp(-x)): vectorized (SLEEF's exp) and, for the elements its vectorized
-// loop leaves over, scalar (the C library's expf).
+// ATen's vectorized SiLU, x / (1 + exp(-x)) with SLEEF's exp; silu_scalar is its scalar loop's,
+// with the C library's expf.
 MOE_INFER_TARGET_AVX512 inline __m512 silu_ps(__m512 g) {
   const __m512 negated = _mm512_castsi512_ps(
       _mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32(static_cast<int>(0x80000000u))));

@@ -1,5 +1,6 @@
 // Expert GEMMs for a few rows (decode): y = x w (+ bias) with every weight read from memory once;
-// and the combine's weighted row sum.
+// the combine's weighted row sum; the gated SiLU and the rounding to bfloat16, with ATen's bits,
+// on raw memory (a decode step finds ATen's elementwise kernels cold in the caches).
 //
 // At a handful of rows an expert's GEMM is bound by the bytes of its weights, and ATen's GEMMs
 // (oneDNN / MKL) reach well under the memory bandwidth there: they pack or re-read the weight
@@ -53,7 +54,8 @@ void small_gemm(const SmallGemm& gemm, int64_t n_begin, int64_t n_end);
 bool add_weighted_row(SmallGemmType type, const void* row, float weight, int64_t n, float* acc);
 
 // out[r, i] = silu(x[r, i]) * x[r, ffn + i] for r < rows, i < ffn (x: rows x 2 * ffn, out: rows x
-// ffn, both contiguous) with the bits of ATen's silu then mul on AVX-512 CPUs: x / (1 + exp(-x)) in
+// ffn, both contiguous) with the bits of ATen's silu then mul (its AVX-512 kernels, its default on
+// CPUs that have AVX-512): x / (1 + exp(-x)) in
 // float32 with SLEEF's exp where ATen's vectorized loop reaches and the C library's expf on the
 // elements it leaves to its scalar loop, rounded to the type, then the product rounded. False
 // (nothing done) without AVX-512.
