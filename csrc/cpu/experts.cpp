@@ -391,10 +391,9 @@ int64_t block_end(const std::vector<int32_t>& offsets, int64_t begin, int64_t bl
 }
 
 // Adds a block's expert output rows y [n, H] (sorted pair ids `pairs`) into the tokens' float32
-// accumulators, token after token: each accumulator row is read and written once a block, not
-// once an expert (Qwen3-MoE-like, 512 tokens, one thread: the op's time outside its GEMMs 7.2 ->
-// 6.5 ms). A token's rows are added in expert order, as they come, so the sums keep their bits;
-// the threads split the columns.
+// accumulators, token after token (a token's rows in a block of several experts then meet its
+// accumulator row in L1), in expert order as they come, so the sums keep their bits; the threads
+// split the columns, as rows of one token may sit in several experts of the block.
 template <typename T>
 void combine_block(const T* y, int64_t n, int64_t hidden_size, const int32_t* pairs,
                    const float* weights, int64_t top_k, float* acc, std::vector<int32_t>& order) {
@@ -463,7 +462,13 @@ at::Tensor grouped_mlp_combine_cpu(MOE_INFER_PARAMS(grouped_mlp_combine)) {
   // float32 accumulation; for a float32 hidden the accumulator is the output itself.
   auto accumulator = at::zeros({num_tokens, hidden_size}, hidden.options().dtype(at::kFloat));
   const int64_t num_routed = offsets.back();
-  const int64_t block_rows = std::min(std::max<int64_t>(num_routed, 1), kCombineBlockRows);
+  // Blocks as large as the busiest expert (up to kCombineBlockRows): the scratch of an
+  // expert-by-expert loop, which peak memory keeps (several experts share a block where they fit).
+  int64_t block_rows = 1;
+  for (int64_t e = 0; e < sizes.mlp.num_experts; ++e) {
+    block_rows = std::max<int64_t>(block_rows, offsets[e + 1] - offsets[e]);
+  }
+  block_rows = std::min(block_rows, kCombineBlockRows);
   auto x_block = at::empty({block_rows, hidden_size}, hidden.options());
   auto y_block = at::empty({block_rows, hidden_size}, hidden.options());
   auto fc1_buffer = at::empty({block_rows, sizes.mlp.fc1_outputs}, hidden.options());
