@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -340,6 +341,111 @@ MOE_INFER_TARGET_AVX512 void silu_mul_bf16(const uint16_t* x, int64_t rows, int6
   }
 }
 
+// Rounds to T's precision as ATen stores a float result in T: bfloat16 to nearest even; float32
+// as it is.
+template <typename T>
+MOE_INFER_TARGET_AVX512 inline __m512 round_to(__m512 v) {
+  if constexpr (std::is_same_v<T, uint16_t>) return widen_bf16(round_bf16_ps(v));
+  return v;
+}
+
+template <typename T>
+inline float round_to(float v) {
+  if constexpr (std::is_same_v<T, uint16_t>) return to_float(float_to_bf16(v));
+  return v;
+}
+
+// Gate and up of 16 columns from GPT-OSS's interleaved fc1 row (gate at even, up at odd
+// positions), widened to float32; `count` <= 16 columns.
+MOE_INFER_TARGET_AVX512 inline void load_interleaved(const float* p, int64_t count, __m512& gate,
+                                                     __m512& up) {
+  const int64_t values = 2 * count;
+  const __m512 lo = _mm512_maskz_loadu_ps(
+      static_cast<__mmask16>(values >= 16 ? 0xffffu : (1u << values) - 1u), p);
+  const __m512 hi =
+      _mm512_maskz_loadu_ps(static_cast<__mmask16>(values >= 32   ? 0xffffu
+                                                   : values <= 16 ? 0u
+                                                                  : (1u << (values - 16)) - 1u),
+                            p + 16);
+  const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  gate = _mm512_permutex2var_ps(lo, evens, hi);
+  up = _mm512_permutex2var_ps(lo, _mm512_add_epi32(evens, _mm512_set1_epi32(1)), hi);
+}
+
+MOE_INFER_TARGET_AVX512 inline void load_interleaved(const uint16_t* p, int64_t count, __m512& gate,
+                                                     __m512& up) {
+  const __m512i pairs = _mm512_maskz_loadu_epi16(
+      static_cast<__mmask32>(count >= 16 ? 0xffffffffu : (1u << (2 * count)) - 1u), p);
+  gate = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+  up = _mm512_castsi512_ps(
+      _mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+MOE_INFER_TARGET_AVX512 inline void store_columns(float* p, int64_t count, __m512 v) {
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>(count >= 16 ? 0xffffu : (1u << count) - 1u), v);
+}
+
+MOE_INFER_TARGET_AVX512 inline void store_columns(uint16_t* p, int64_t count, __m512 v) {
+  _mm256_mask_storeu_epi16(p, static_cast<__mmask16>(count >= 16 ? 0xffffu : (1u << count) - 1u),
+                           round_bf16_ps(v));
+}
+
+// transformers' GPT-OSS activation op by op, as ATen computes and rounds each op in T: g =
+// clamp_max(gate, limit), u = clamp(up, -limit, limit), out = sigmoid(g * alpha) * g * (u + 1).
+// The sigmoid, 1 / (1 + exp(-x)), takes SLEEF's exp where `vectorized` (ATen's vectorized loop
+// over the whole call) and the C library's expf past it. Columns [c0, c1) of row r; NaN propagates
+// through the clamps, as ATen's.
+template <typename T>
+MOE_INFER_TARGET_AVX512 void gpt_oss_swiglu_columns(const T* x, int64_t c0, int64_t c1,
+                                                    bool vectorized, float alpha, float limit,
+                                                    T* out) {
+  if (vectorized) {
+    for (int64_t c = c0; c < c1; c += 16) {
+      const int64_t count = std::min<int64_t>(16, c1 - c);
+      __m512 gate, up;
+      load_interleaved(x + 2 * c, count, gate, up);
+      const __m512 g = _mm512_min_ps(_mm512_set1_ps(limit), gate);
+      const __m512 u =
+          _mm512_min_ps(_mm512_set1_ps(limit), _mm512_max_ps(_mm512_set1_ps(-limit), up));
+      const __m512 t = round_to<T>(_mm512_mul_ps(g, _mm512_set1_ps(alpha)));
+      const __m512 negated = _mm512_sub_ps(_mm512_setzero_ps(), t);
+      const __m512 sig = round_to<T>(_mm512_div_ps(
+          _mm512_set1_ps(1.0f), _mm512_add_ps(exp_ps(negated), _mm512_set1_ps(1.0f))));
+      const __m512 gated = round_to<T>(_mm512_mul_ps(sig, g));
+      const __m512 up1 = round_to<T>(_mm512_add_ps(u, _mm512_set1_ps(1.0f)));
+      store_columns(out + c, count, _mm512_mul_ps(gated, up1));
+    }
+    return;
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    const float gate = to_float(x[2 * c]);
+    const float up = to_float(x[2 * c + 1]);
+    const float g = std::isnan(gate) ? gate : std::min(gate, limit);
+    const float u = std::isnan(up) ? up : std::min(std::max(up, -limit), limit);
+    const float t = round_to<T>(g * alpha);
+    const float sig = round_to<T>(1.0f / (1.0f + std::exp(-t)));
+    const float gated = round_to<T>(sig * g);
+    const float up1 = round_to<T>(u + 1.0f);
+    store(out + c, gated * up1);
+  }
+}
+
+template <typename T>
+void gpt_oss_swiglu_range(const T* x, int64_t rows, int64_t ffn, float alpha, float limit, T* out,
+                          int64_t begin, int64_t end) {
+  // ATen's vectorized loop covers two vectors a step (16 float32 or 32 bfloat16 values a vector).
+  const int64_t step = std::is_same_v<T, uint16_t> ? 64 : 32;
+  const int64_t total = rows * ffn;
+  const int64_t vectorized = total - total % step;
+  for (int64_t r = begin / ffn; r < rows && r * ffn < end; ++r) {
+    const int64_t c0 = std::max<int64_t>(begin - r * ffn, 0);
+    const int64_t c1 = std::min<int64_t>(end - r * ffn, ffn);
+    const int64_t split = std::clamp<int64_t>(vectorized - r * ffn, c0, c1);
+    gpt_oss_swiglu_columns(x + r * 2 * ffn, c0, split, true, alpha, limit, out + r * ffn);
+    gpt_oss_swiglu_columns(x + r * 2 * ffn, split, c1, false, alpha, limit, out + r * ffn);
+  }
+}
+
 MOE_INFER_TARGET_AVX512 void round_to_bf16_avx512(const float* acc, int64_t n, uint16_t* out) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mask = n - i >= 16 ? static_cast<__mmask16>(0xffffu)
@@ -510,6 +616,32 @@ bool silu_mul_rows(SmallGemmType type, const void* x, int64_t rows, int64_t ffn,
   (void)rows;
   (void)ffn;
   (void)out;
+  return false;
+#endif
+}
+
+bool gpt_oss_swiglu_rows(SmallGemmType type, const void* x, int64_t rows, int64_t ffn, float alpha,
+                         float limit, void* out, int64_t begin, int64_t end) {
+#if MOE_INFER_SMALL_GEMM_X86
+  if (!cpu_has_avx512()) return false;
+  if (type == SmallGemmType::kFloat) {
+    gpt_oss_swiglu_range(static_cast<const float*>(x), rows, ffn, alpha, limit,
+                         static_cast<float*>(out), begin, end);
+  } else {
+    gpt_oss_swiglu_range(static_cast<const uint16_t*>(x), rows, ffn, alpha, limit,
+                         static_cast<uint16_t*>(out), begin, end);
+  }
+  return true;
+#else
+  (void)type;
+  (void)x;
+  (void)rows;
+  (void)ffn;
+  (void)alpha;
+  (void)limit;
+  (void)out;
+  (void)begin;
+  (void)end;
   return false;
 #endif
 }

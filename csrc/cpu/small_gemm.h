@@ -61,6 +61,15 @@ bool add_weighted_row(SmallGemmType type, const void* row, float weight, int64_t
 // (nothing done) without AVX-512.
 bool silu_mul_rows(SmallGemmType type, const void* x, int64_t rows, int64_t ffn, void* out);
 
+// GPT-OSS's clamped swiGLU on x: rows x 2 * ffn, gate and up interleaved (gate at even columns),
+// into out: rows x ffn, both contiguous, with the bits of transformers' op-by-op computation in
+// ATen (its AVX-512 kernels; one call over the rows): out = sigmoid(g * alpha) * g * (u + 1), g =
+// min(gate, limit), u = clamp(up, -limit, limit), each op rounded to the type. Writes the flat
+// elements [begin, end) of out (disjoint ranges may run concurrently; the same bits however the
+// range is split). False (nothing done) without AVX-512.
+bool gpt_oss_swiglu_rows(SmallGemmType type, const void* x, int64_t rows, int64_t ffn, float alpha,
+                         float limit, void* out, int64_t begin, int64_t end);
+
 // out[i] = acc[i] rounded to bfloat16 (to nearest even, as c10::BFloat16) for i < n. False
 // (nothing done) without AVX-512.
 bool round_to_bfloat16(const float* acc, int64_t n, void* out);
