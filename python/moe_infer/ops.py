@@ -434,7 +434,10 @@ def grouped_mlp_combine(
     ``out[s] = sum_j topk_weights[s, j] * FFN_{expert(s, j)}(hidden[s])``: the same result as
     ``unpermute_combine(grouped_mlp(permute(hidden, plan.sorted_pair_ids, k), plan.expert_offsets,
     ...), topk_weights, plan.row_of_pair)``, computed expert by expert in blocks of rows, without
-    the two [S*k, H] buffers (peak memory: the [S, H] output plus a few MiB of scratch).
+    the two [S*k, H] buffers (peak memory: the [S, H] output plus a few MiB of scratch). On the CPU,
+    where every expert has at most 16 rows (decode), one pass computes every expert's fc1, then the
+    activation, then every fc2, each GEMM of all experts in one parallel region of moe_infer's
+    weight-streaming kernels; an expert's rows come out with the same bits either way.
 
     Args:
         hidden: [S, H] in token order.
