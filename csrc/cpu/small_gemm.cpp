@@ -582,7 +582,10 @@ bool small_gemm_supported(SmallGemmType type, bool w_k_contiguous) {
 #endif
 }
 
-bool add_weighted_row(SmallGemmType type, const void* row, float weight, int64_t n, float* acc) {
+// (The parameters go unused where the kernels are not compiled.)
+bool add_weighted_row([[maybe_unused]] SmallGemmType type, [[maybe_unused]] const void* row,
+                      [[maybe_unused]] float weight, [[maybe_unused]] int64_t n,
+                      [[maybe_unused]] float* acc) {
 #if MOE_INFER_SMALL_GEMM_X86
   if (!cpu_has_avx512()) return false;
   if (type == SmallGemmType::kFloat) {
@@ -592,16 +595,13 @@ bool add_weighted_row(SmallGemmType type, const void* row, float weight, int64_t
   }
   return true;
 #else
-  (void)type;
-  (void)row;
-  (void)weight;
-  (void)n;
-  (void)acc;
   return false;
 #endif
 }
 
-bool silu_mul_rows(SmallGemmType type, const void* x, int64_t rows, int64_t ffn, void* out) {
+bool silu_mul_rows([[maybe_unused]] SmallGemmType type, [[maybe_unused]] const void* x,
+                   [[maybe_unused]] int64_t rows, [[maybe_unused]] int64_t ffn,
+                   [[maybe_unused]] void* out) {
 #if MOE_INFER_SMALL_GEMM_X86
   if (!cpu_has_avx512()) return false;
   if (type == SmallGemmType::kFloat) {
@@ -611,17 +611,15 @@ bool silu_mul_rows(SmallGemmType type, const void* x, int64_t rows, int64_t ffn,
   }
   return true;
 #else
-  (void)type;
-  (void)x;
-  (void)rows;
-  (void)ffn;
-  (void)out;
   return false;
 #endif
 }
 
-bool gpt_oss_swiglu_rows(SmallGemmType type, const void* x, int64_t rows, int64_t ffn, float alpha,
-                         float limit, void* out, int64_t begin, int64_t end) {
+bool gpt_oss_swiglu_rows([[maybe_unused]] SmallGemmType type, [[maybe_unused]] const void* x,
+                         [[maybe_unused]] int64_t rows, [[maybe_unused]] int64_t ffn,
+                         [[maybe_unused]] float alpha, [[maybe_unused]] float limit,
+                         [[maybe_unused]] void* out, [[maybe_unused]] int64_t begin,
+                         [[maybe_unused]] int64_t end) {
 #if MOE_INFER_SMALL_GEMM_X86
   if (!cpu_has_avx512()) return false;
   if (type == SmallGemmType::kFloat) {
@@ -633,43 +631,29 @@ bool gpt_oss_swiglu_rows(SmallGemmType type, const void* x, int64_t rows, int64_
   }
   return true;
 #else
-  (void)type;
-  (void)x;
-  (void)rows;
-  (void)ffn;
-  (void)alpha;
-  (void)limit;
-  (void)out;
-  (void)begin;
-  (void)end;
   return false;
 #endif
 }
 
-bool round_to_bfloat16(const float* acc, int64_t n, void* out) {
+bool round_to_bfloat16([[maybe_unused]] const float* acc, [[maybe_unused]] int64_t n,
+                       [[maybe_unused]] void* out) {
 #if MOE_INFER_SMALL_GEMM_X86
   if (!cpu_has_avx512()) return false;
   round_to_bf16_avx512(acc, n, static_cast<uint16_t*>(out));
   return true;
 #else
-  (void)acc;
-  (void)n;
-  (void)out;
   return false;
 #endif
 }
 
-void small_gemm(const SmallGemm& gemm, int64_t n_begin, int64_t n_end) {
+void small_gemm([[maybe_unused]] const SmallGemm& gemm, [[maybe_unused]] int64_t n_begin,
+                [[maybe_unused]] int64_t n_end) {
 #if MOE_INFER_SMALL_GEMM_X86
   if (gemm.type == SmallGemmType::kFloat) {
     run<float>(gemm, n_begin, n_end);
   } else {
     run<uint16_t>(gemm, n_begin, n_end);
   }
-#else
-  (void)gemm;
-  (void)n_begin;
-  (void)n_end;
 #endif
 }
 
