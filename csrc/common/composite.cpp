@@ -88,17 +88,14 @@ void expert_ffn(int64_t expert, const at::Tensor& x, const ExpertWeights& weight
                 const at::Tensor& fc1_buffer, const at::Tensor& act_buffer,
                 const ActivateFn& activate, const at::Tensor& y, LinearFn linear) {
   const int64_t rows = x.size(0);
-  const auto bias_of = [expert](const std::optional<at::Tensor>& bias) {
-    return bias.has_value() ? std::optional<at::Tensor>(bias->select(0, expert)) : std::nullopt;
-  };
   // [H, F1] and [I, H] views of the expert's weights.
   const at::Tensor fc1 = weights.fc1_in_out().select(0, expert);
   const at::Tensor fc2 = weights.fc2_in_out().select(0, expert);
   const at::Tensor fc1_out = fc1_buffer.narrow(0, 0, rows);
-  expert_linear(fc1_out, x, fc1, bias_of(weights.fc1_bias), linear);
+  expert_linear(fc1_out, x, fc1, expert_bias(weights.fc1_bias, expert), linear);
   const at::Tensor act = act_buffer.narrow(0, 0, rows);
   activate(fc1_out, act);
-  expert_linear(y, act, fc2, bias_of(weights.fc2_bias), linear);
+  expert_linear(y, act, fc2, expert_bias(weights.fc2_bias, expert), linear);
 }
 
 void fail_static_slot_conflict(const at::Tensor& dispatch_mask, const StaticSlotSizes& sizes) {

@@ -111,6 +111,12 @@ using ActivateFn = std::function<void(const at::Tensor& fc1_out, const at::Tenso
 using LinearFn = bool (*)(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                           const std::optional<at::Tensor>& bias);
 
+// One expert's bias [N] of the stacked [E, N], or nullopt.
+inline std::optional<at::Tensor> expert_bias(const std::optional<at::Tensor>& bias,
+                                             int64_t expert) {
+  return bias.has_value() ? std::optional<at::Tensor>(bias->select(0, expert)) : std::nullopt;
+}
+
 // out = x @ w (+ bias): `linear` where it takes the shape, else ATen's GEMM. w: the [K, N] view of
 // one expert's weight, bias: its N values.
 void expert_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w,

@@ -58,18 +58,28 @@ void gpt_oss_swiglu_out(const at::Tensor& fc1_out, int64_t ffn_size, const Activ
   out.mul_(up);
 }
 
-// GPT-OSS's activation with gpt_oss_swiglu_rows (AVX-512, float32 and bfloat16): the bits of
-// gpt_oss_swiglu_out in one pass, without its eight ATen calls and their temporaries. false where
-// it does not apply.
+// The type of moe_infer's own activation kernels (small_gemm.h: AVX-512, float32 and bfloat16) for
+// fc1_out [n, F1] -> out [n, F], rows contiguous; nullopt where they do not apply (ATen's kernels).
+std::optional<SmallGemmType> raw_activation_type(const at::Tensor& fc1_out, int64_t ffn_size,
+                                                 const at::Tensor& out) {
+  const at::ScalarType dtype = fc1_out.scalar_type();
+  if ((dtype != at::kFloat && dtype != at::kBFloat16) || out.scalar_type() != dtype) {
+    return std::nullopt;
+  }
+  if (!small_gemm_supported(SmallGemmType::kFloat, true)) return std::nullopt;  // AVX-512
+  if (fc1_out.stride(1) != 1 || fc1_out.stride(0) != 2 * ffn_size || !out.is_contiguous()) {
+    return std::nullopt;
+  }
+  return dtype == at::kFloat ? SmallGemmType::kFloat : SmallGemmType::kBFloat16;
+}
+
+// GPT-OSS's activation with gpt_oss_swiglu_rows: the bits of gpt_oss_swiglu_out in one pass,
+// without its eight ATen calls and their temporaries. false where it does not apply.
 bool gpt_oss_swiglu_raw(const at::Tensor& fc1_out, int64_t ffn_size, const ActivationParams& params,
                         const at::Tensor& out) {
-  const at::ScalarType dtype = fc1_out.scalar_type();
-  if ((dtype != at::kFloat && dtype != at::kBFloat16) || out.scalar_type() != dtype) return false;
-  if (!small_gemm_supported(SmallGemmType::kFloat, true)) return false;  // AVX-512
-  if (fc1_out.stride(1) != 1 || fc1_out.stride(0) != 2 * ffn_size || !out.is_contiguous()) {
-    return false;
-  }
-  const SmallGemmType type = dtype == at::kFloat ? SmallGemmType::kFloat : SmallGemmType::kBFloat16;
+  const std::optional<SmallGemmType> raw = raw_activation_type(fc1_out, ffn_size, out);
+  if (!raw.has_value()) return false;
+  const SmallGemmType type = *raw;
   const int64_t rows = out.size(0);
   const int64_t total = rows * ffn_size;
   const void* in = fc1_out.const_data_ptr();
@@ -100,19 +110,15 @@ bool activate_rows_vectorized(const at::Tensor& fc1_out, int64_t ffn_size,
   return true;
 }
 
-// The gated SiLU of float32 and bfloat16 rows with silu_mul_rows (AVX-512): the bits of ATen's silu
-// and mul, from raw memory (a decode step finds ATen's elementwise kernels cold in the caches: two
-// of them cost about 50 us there). false where it does not apply.
+// The gated SiLU with silu_mul_rows: the bits of ATen's silu and mul, from raw memory (a decode
+// step finds ATen's elementwise kernels cold in the caches: two of them cost about 50 us there),
+// each row on its own. false where it does not apply.
 bool silu_glu_rows(const at::Tensor& fc1_out, int64_t ffn_size, const ActivationParams& params,
                    const at::Tensor& out) {
   if (params.activation != Activation::kSiluGlu) return false;
-  const at::ScalarType dtype = fc1_out.scalar_type();
-  if ((dtype != at::kFloat && dtype != at::kBFloat16) || out.scalar_type() != dtype) return false;
-  const SmallGemmType type = dtype == at::kFloat ? SmallGemmType::kFloat : SmallGemmType::kBFloat16;
-  if (!small_gemm_supported(SmallGemmType::kFloat, true)) return false;  // AVX-512
-  if (fc1_out.stride(1) != 1 || fc1_out.stride(0) != 2 * ffn_size || !out.is_contiguous()) {
-    return false;
-  }
+  const std::optional<SmallGemmType> raw = raw_activation_type(fc1_out, ffn_size, out);
+  if (!raw.has_value()) return false;
+  const SmallGemmType type = *raw;
   const char* in = static_cast<const char*>(fc1_out.const_data_ptr());
   char* to = static_cast<char*>(out.data_ptr());
   const int64_t element_bytes = static_cast<int64_t>(out.element_size());
@@ -150,12 +156,13 @@ ActivateFn cpu_activation(const ActivationParams& params) {
   };
 }
 
-// Whether cpu_activation computes each row on its own, to the same bits whatever other rows share
-// the call. Gated activations read gate and up as strided views, so ATen's kernels split every row
-// alike into their vectorized body and their scalar tail (which round differently); an ungated
-// activation, and GPT-OSS's through its contiguous temporaries, split the call as a whole.
-bool row_local(Activation activation) {
-  return is_gated(activation) && activation != Activation::kGptOssSwiglu;
+// Whether cpu_activation computes each row of fc1_out on its own, to the same bits whatever other
+// rows share the call: the gated SiLU in moe_infer's kernel (silu_glu_rows). ATen's kernels split a
+// call, or each thread's part of it, into a vectorized body and a scalar tail that round
+// differently, so their bits depend on the call's extent and on where the threads split it.
+bool row_local(const ActivationParams& params, const at::Tensor& fc1_out, const at::Tensor& act) {
+  return params.activation == Activation::kSiluGlu &&
+         raw_activation_type(fc1_out, act.size(1), act).has_value();
 }
 
 // Rows [row, row + count) of one expert in a run of rows grouped by expert.
@@ -168,10 +175,11 @@ struct ExpertRows {
 // The activation of the rows of `pieces` (fc1_out -> act, row for row): one call where it is row
 // local, else one per expert, as the per-expert path calls it, so that an expert's output never
 // depends on the other experts' rows.
-void activate_experts(const ActivateFn& activate, Activation activation, const at::Tensor& fc1_out,
-                      const at::Tensor& act, const std::vector<ExpertRows>& pieces) {
+void activate_experts(const ActivateFn& activate, const ActivationParams& params,
+                      const at::Tensor& fc1_out, const at::Tensor& act,
+                      const std::vector<ExpertRows>& pieces) {
   if (pieces.empty()) return;
-  if (row_local(activation)) {
+  if (row_local(params, fc1_out, act)) {
     const int64_t end = pieces.back().row + pieces.back().count;
     activate(fc1_out.narrow(0, 0, end), act.narrow(0, 0, end));
     return;
@@ -304,6 +312,11 @@ void small_gemm_experts(const SmallGemmLayer& layer, const std::vector<int32_t>&
 // (decode): each GEMM of every expert in one parallel region, and the activation of all rows in
 // one call, instead of a region and several ATen calls per expert (Qwen3-MoE-like at 16 tokens
 // computes 59 experts). nullopt where small_gemm does not apply or an expert has more rows.
+// Rows of all experts up to which they take the one pass: its scratch holds every row's fc1 and
+// activation (Qwen3-MoE-like, 16 tokens: 128 rows; a DeepSeek-V3-sized layer at 256 rows: 10 MiB
+// in bfloat16); more go expert by expert, still through small_gemm.
+constexpr int64_t kFewRowsMaxRows = 256;
+
 struct FewRowsMlp {
   SmallGemmLayer fc1;
   SmallGemmLayer fc2;
@@ -311,6 +324,7 @@ struct FewRowsMlp {
 
 std::optional<FewRowsMlp> few_rows_mlp(const ExpertWeights& weights,
                                        const std::vector<int32_t>& offsets, at::ScalarType dtype) {
+  if (offsets.back() > kFewRowsMaxRows) return std::nullopt;
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
     if (offsets[e + 1] - offsets[e] > kSmallGemmMaxRows) return std::nullopt;
   }
@@ -343,7 +357,7 @@ void run_few_rows_mlp(const FewRowsMlp& mlp, RowsView rows, const std::vector<in
       pieces.push_back({static_cast<int64_t>(e), offsets[e], offsets[e + 1] - offsets[e]});
     }
   }
-  activate_experts(activate, sizes.activation.activation,
+  activate_experts(activate, sizes.activation,
                    at::from_blob(fc1_out, {num_rows, sizes.fc1_outputs}, options),
                    at::from_blob(act, {num_rows, sizes.ffn_size}, options), pieces);
   small_gemm_experts(mlp.fc2, offsets, RowsView{act, sizes.ffn_size}, y, y_stride);
@@ -502,9 +516,6 @@ at::Tensor grouped_mlp_combine_cpu(MOE_INFER_PARAMS(grouped_mlp_combine)) {
   auto act_buffer = at::empty({block_rows, sizes.mlp.ffn_size}, hidden.options());
   const at::Tensor fc1_in_out = ffn_weights.fc1_in_out();
   const at::Tensor fc2_in_out = ffn_weights.fc2_in_out();
-  const auto bias_of = [](const std::optional<at::Tensor>& bias, int64_t expert) {
-    return bias.has_value() ? std::optional<at::Tensor>(bias->select(0, expert)) : std::nullopt;
-  };
 
   const int64_t element_bytes = static_cast<int64_t>(hidden.element_size());
   const int64_t row_bytes = hidden_size * element_bytes;
@@ -535,15 +546,14 @@ at::Tensor grouped_mlp_combine_cpu(MOE_INFER_PARAMS(grouped_mlp_combine)) {
           }
           for (const ExpertRows& p : pieces) {
             expert_linear(fc1_buffer.narrow(0, p.row, p.count), x_block.narrow(0, p.row, p.count),
-                          fc1_in_out.select(0, p.expert), bias_of(ffn_weights.fc1_bias, p.expert),
-                          small_linear);
+                          fc1_in_out.select(0, p.expert),
+                          expert_bias(ffn_weights.fc1_bias, p.expert), small_linear);
           }
-          activate_experts(activate, sizes.mlp.activation.activation, fc1_buffer, act_buffer,
-                           pieces);
+          activate_experts(activate, sizes.mlp.activation, fc1_buffer, act_buffer, pieces);
           for (const ExpertRows& p : pieces) {
             expert_linear(y_block.narrow(0, p.row, p.count), act_buffer.narrow(0, p.row, p.count),
-                          fc2_in_out.select(0, p.expert), bias_of(ffn_weights.fc2_bias, p.expert),
-                          small_linear);
+                          fc2_in_out.select(0, p.expert),
+                          expert_bias(ffn_weights.fc2_bias, p.expert), small_linear);
           }
           combine_block(y_block.const_data_ptr<scalar_t>(), n, hidden_size, block_pairs,
                         weights_ptr, top_k, acc_ptr, order);

@@ -280,7 +280,7 @@ MOE_INFER_TARGET_AVX512 inline __m512 exp_ps(__m512 x) {
                             _mm512_set1_ps(std::numeric_limits<float>::infinity()));
 }
 
-// float_to_bf16 on 16 values.
+// float_to_bf16 on 16 values (a NaN stays a NaN, its payload kept).
 MOE_INFER_TARGET_AVX512 inline __m256i round_bf16_ps(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -437,12 +437,14 @@ void gpt_oss_swiglu_range(const T* x, int64_t rows, int64_t ffn, float alpha, fl
   const int64_t step = std::is_same_v<T, uint16_t> ? 64 : 32;
   const int64_t total = rows * ffn;
   const int64_t vectorized = total - total % step;
+  // ATen's clamps convert their bounds to the tensor's type.
+  const float bound = round_to<T>(limit);
   for (int64_t r = begin / ffn; r < rows && r * ffn < end; ++r) {
     const int64_t c0 = std::max<int64_t>(begin - r * ffn, 0);
     const int64_t c1 = std::min<int64_t>(end - r * ffn, ffn);
     const int64_t split = std::clamp<int64_t>(vectorized - r * ffn, c0, c1);
-    gpt_oss_swiglu_columns(x + r * 2 * ffn, c0, split, true, alpha, limit, out + r * ffn);
-    gpt_oss_swiglu_columns(x + r * 2 * ffn, split, c1, false, alpha, limit, out + r * ffn);
+    gpt_oss_swiglu_columns(x + r * 2 * ffn, c0, split, true, alpha, bound, out + r * ffn);
+    gpt_oss_swiglu_columns(x + r * 2 * ffn, split, c1, false, alpha, bound, out + r * ffn);
   }
 }
 

@@ -54,8 +54,8 @@ void small_gemm(const SmallGemm& gemm, int64_t n_begin, int64_t n_end);
 bool add_weighted_row(SmallGemmType type, const void* row, float weight, int64_t n, float* acc);
 
 // out[r, i] = silu(x[r, i]) * x[r, ffn + i] for r < rows, i < ffn (x: rows x 2 * ffn, out: rows x
-// ffn, both contiguous) with the bits of ATen's silu then mul (its AVX-512 kernels, its default on
-// CPUs that have AVX-512): x / (1 + exp(-x)) in
+// ffn, both contiguous) with the bits of ATen's silu then mul as one thread computes each row (its
+// AVX-512 kernels, its default on CPUs that have them): x / (1 + exp(-x)) in
 // float32 with SLEEF's exp where ATen's vectorized loop reaches and the C library's expf on the
 // elements it leaves to its scalar loop, rounded to the type, then the product rounded. False
 // (nothing done) without AVX-512.
@@ -63,14 +63,16 @@ bool silu_mul_rows(SmallGemmType type, const void* x, int64_t rows, int64_t ffn,
 
 // GPT-OSS's clamped swiGLU on x: rows x 2 * ffn, gate and up interleaved (gate at even columns),
 // into out: rows x ffn, both contiguous, with the bits of transformers' op-by-op computation in
-// ATen (its AVX-512 kernels; one call over the rows): out = sigmoid(g * alpha) * g * (u + 1), g =
-// min(gate, limit), u = clamp(up, -limit, limit), each op rounded to the type. Writes the flat
+// ATen (its AVX-512 kernels, one thread over the rows: ATen's threads each end their part with a
+// scalar tail of their own): out = sigmoid(g * alpha) * g * (u + 1), g = min(gate, limit), u =
+// clamp(up, -limit, limit), limit in the type, each op rounded to the type. Writes the flat
 // elements [begin, end) of out (disjoint ranges may run concurrently; the same bits however the
 // range is split). False (nothing done) without AVX-512.
 bool gpt_oss_swiglu_rows(SmallGemmType type, const void* x, int64_t rows, int64_t ffn, float alpha,
                          float limit, void* out, int64_t begin, int64_t end);
 
-// out[i] = acc[i] rounded to bfloat16 (to nearest even, as c10::BFloat16) for i < n. False
+// out[i] = acc[i] rounded to bfloat16 (to nearest even, as c10::BFloat16; a NaN stays a NaN) for
+// i < n. False
 // (nothing done) without AVX-512.
 bool round_to_bfloat16(const float* acc, int64_t n, void* out);
 

@@ -286,40 +286,43 @@ TEST_CASE("silu_mul_rows gives the bits of ATen's silu then mul", "[small_gemm]"
 
 TEST_CASE("gpt_oss_swiglu_rows gives the bits of transformers' GPT-OSS ops in ATen",
           "[small_gemm]") {
-  const float alpha = 1.702f, limit = 7.0f;
-  // One call's extent decides where ATen's vectorized loop ends: widths and row counts around it.
-  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-    for (const auto& [rows, ffn] : {std::pair<int64_t, int64_t>{5, 37}, {3, 100}, {64, 512}}) {
-      at::Tensor fc1 = at::randn({rows, 2 * ffn}) * 6;
-      fc1.index_put_({0, 0}, std::numeric_limits<float>::quiet_NaN());  // a gate
-      fc1.index_put_({0, 3}, std::numeric_limits<float>::quiet_NaN());  // an up
-      fc1.index_put_({0, 4}, std::numeric_limits<float>::infinity());
-      fc1.index_put_({0, 5}, -std::numeric_limits<float>::infinity());
-      fc1.index_put_({0, 6}, -60.0f);  // exp's large arguments
-      fc1.index_put_({0, 8}, limit);
-      fc1 = fc1.to(dtype);
-      // moe_infer's ATen form, as transformers computes it (experts.cpp: gpt_oss_swiglu_out).
-      const at::Tensor gate = fc1.slice(1, 0, 2 * ffn, 2).clamp_max(limit);
-      at::Tensor up = fc1.slice(1, 1, 2 * ffn, 2).clamp(-limit, limit);
-      at::Tensor expected = at::sigmoid(gate * alpha);
-      expected.mul_(gate);
-      up.add_(1);
-      expected.mul_(up);
-      at::Tensor got = at::empty({rows, ffn}, fc1.options());
-      const int64_t total = rows * ffn;
-      const auto type = dtype == at::kFloat ? moe_infer::SmallGemmType::kFloat
-                                            : moe_infer::SmallGemmType::kBFloat16;
-      // In two uneven pieces, as two threads may run it.
-      const int64_t split = (total / 3) / 16 * 16;
-      if (!moe_infer::gpt_oss_swiglu_rows(type, fc1.const_data_ptr(), rows, ffn, alpha, limit,
-                                          got.data_ptr(), 0, split)) {
-        continue;  // no AVX-512 on this CPU: callers take ATen's kernels
+  const float alpha = 1.702f;
+  for (const float limit : {7.0f, 2.9f}) {  // 2.9: not a bfloat16, which ATen's clamps round
+    INFO("limit " << limit);
+    // One call's extent decides where ATen's vectorized loop ends: widths and row counts around it.
+    for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+      for (const auto& [rows, ffn] : {std::pair<int64_t, int64_t>{5, 37}, {3, 100}, {64, 512}}) {
+        at::Tensor fc1 = at::randn({rows, 2 * ffn}) * 6;
+        fc1.index_put_({0, 0}, std::numeric_limits<float>::quiet_NaN());  // a gate
+        fc1.index_put_({0, 3}, std::numeric_limits<float>::quiet_NaN());  // an up
+        fc1.index_put_({0, 4}, std::numeric_limits<float>::infinity());
+        fc1.index_put_({0, 5}, -std::numeric_limits<float>::infinity());
+        fc1.index_put_({0, 6}, -60.0f);  // exp's large arguments
+        fc1.index_put_({0, 8}, limit);
+        fc1 = fc1.to(dtype);
+        // moe_infer's ATen form, as transformers computes it (experts.cpp: gpt_oss_swiglu_out).
+        const at::Tensor gate = fc1.slice(1, 0, 2 * ffn, 2).clamp_max(limit);
+        at::Tensor up = fc1.slice(1, 1, 2 * ffn, 2).clamp(-limit, limit);
+        at::Tensor expected = at::sigmoid(gate * alpha);
+        expected.mul_(gate);
+        up.add_(1);
+        expected.mul_(up);
+        at::Tensor got = at::empty({rows, ffn}, fc1.options());
+        const int64_t total = rows * ffn;
+        const auto type = dtype == at::kFloat ? moe_infer::SmallGemmType::kFloat
+                                              : moe_infer::SmallGemmType::kBFloat16;
+        // In two uneven pieces, as two threads may run it.
+        const int64_t split = (total / 3) / 16 * 16;
+        if (!moe_infer::gpt_oss_swiglu_rows(type, fc1.const_data_ptr(), rows, ffn, alpha, limit,
+                                            got.data_ptr(), 0, split)) {
+          continue;  // no AVX-512 on this CPU: callers take ATen's kernels
+        }
+        moe_infer::gpt_oss_swiglu_rows(type, fc1.const_data_ptr(), rows, ffn, alpha, limit,
+                                       got.data_ptr(), split, total);
+        INFO("dtype " << dtype << ", rows " << rows << ", ffn " << ffn);
+        const at::Tensor same = (got == expected) | (got.isnan() & expected.isnan());
+        REQUIRE(same.all().item<bool>());
       }
-      moe_infer::gpt_oss_swiglu_rows(type, fc1.const_data_ptr(), rows, ffn, alpha, limit,
-                                     got.data_ptr(), split, total);
-      INFO("dtype " << dtype << ", rows " << rows << ", ffn " << ffn);
-      const at::Tensor same = (got == expected) | (got.isnan() & expected.isnan());
-      REQUIRE(same.all().item<bool>());
     }
   }
 }

@@ -247,21 +247,24 @@ def test_grouped_mlp(device, impl, dtype, activation, bias, transposed, busiest)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "activation,bias,transposed", [("silu_glu", False, False), ("gpt_oss_swiglu", True, True), ("gelu", True, False)]
+    "activation,bias,transposed",
+    [("silu_glu", False, False), ("gpt_oss_swiglu", True, True), ("gelu", True, False), ("gelu_glu", False, False)],
 )
 def test_decode_pass_gives_each_experts_rows_the_per_expert_bits(dtype, activation, bias, transposed):
     """On the CPU, up to 16 rows in every expert take one pass over all experts, more take the
     per-expert loop: an expert's rows come out with the same bits in both (so a buffered layer,
     which computes a batch's experts in rounds, equals the resident one bit for bit)."""
-    num_experts, hidden_size, ffn_size = 4, 64, 96
+    # ffn 1000: a vector tail in every row, and (with two threads) ATen's elementwise kernels split
+    # the one pass's 18 rows between threads mid-row, unlike each expert's own call.
+    num_experts, hidden_size, ffn_size = 4, 64, 1000
     weights = make_expert_weights(num_experts, hidden_size, ffn_size, activation, bias, transposed, dtype, "cpu")
-    counts = [3, 17, 5, 1]  # expert 1 above 16 rows: the per-expert loop for every expert
+    counts = [9, 17, 8, 1]  # expert 1 above 16 rows: the per-expert loop for every expert
     hidden = (torch.randn(sum(counts), hidden_size) * 2).to(dtype)
     offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
     per_expert = ops.grouped_mlp(hidden, offsets, *weights, activation, transposed)
     keep = torch.ones(sum(counts), dtype=torch.bool)
-    keep[3:20] = False  # expert 1's rows out: the one pass
-    few_offsets = torch.tensor([0, 3, 3, 8, 9], dtype=torch.int32)
+    keep[9:26] = False  # expert 1's rows out: the one pass
+    few_offsets = torch.tensor([0, 9, 9, 17, 18], dtype=torch.int32)
     one_pass = ops.grouped_mlp(hidden[keep], few_offsets, *weights, activation, transposed)
     assert torch.equal(one_pass, per_expert[keep])
 
