@@ -306,7 +306,7 @@ inline float silu_scalar(float g) { return g / (1.0f + std::exp(-g)); }
 
 // Per row: the elements ATen's vectorized loop covers (two vectors a step; AVX-512 vectors hold
 // 16 float32 or 32 bfloat16 values), then the rest as its scalar loop computes them.
-MOE_INFER_TARGET_AVX512 void silu_mul_f32(const float* x, int64_t rows, int64_t ffn, float* out) {
+MOE_INFER_TARGET_AVX512 void silu_mul(const float* x, int64_t rows, int64_t ffn, float* out) {
   const int64_t vectorized = ffn - ffn % 32;
   for (int64_t r = 0; r < rows; ++r) {
     const float* gate = x + r * 2 * ffn;
@@ -320,8 +320,7 @@ MOE_INFER_TARGET_AVX512 void silu_mul_f32(const float* x, int64_t rows, int64_t 
   }
 }
 
-MOE_INFER_TARGET_AVX512 void silu_mul_bf16(const uint16_t* x, int64_t rows, int64_t ffn,
-                                           uint16_t* out) {
+MOE_INFER_TARGET_AVX512 void silu_mul(const uint16_t* x, int64_t rows, int64_t ffn, uint16_t* out) {
   const int64_t vectorized = ffn - ffn % 64;
   const __mmask16 all = static_cast<__mmask16>(0xffffu);
   for (int64_t r = 0; r < rows; ++r) {
@@ -571,6 +570,19 @@ bool cpu_has_avx512_bf16() {
   return has;
 }
 
+// f(T{}) with T the element type of `type` (float, or uint16_t for bfloat16) where the CPU has
+// AVX-512; false, with nothing done, where it has not.
+template <typename F>
+bool on_avx512(SmallGemmType type, F&& f) {
+  if (!cpu_has_avx512()) return false;
+  if (type == SmallGemmType::kFloat) {
+    f(float{});
+  } else {
+    f(uint16_t{});
+  }
+  return true;
+}
+
 #endif  // MOE_INFER_SMALL_GEMM_X86
 
 }  // namespace
@@ -589,13 +601,10 @@ bool add_weighted_row([[maybe_unused]] SmallGemmType type, [[maybe_unused]] cons
                       [[maybe_unused]] float weight, [[maybe_unused]] int64_t n,
                       [[maybe_unused]] float* acc) {
 #if MOE_INFER_SMALL_GEMM_X86
-  if (!cpu_has_avx512()) return false;
-  if (type == SmallGemmType::kFloat) {
-    add_weighted_row_avx512(static_cast<const float*>(row), weight, n, acc);
-  } else {
-    add_weighted_row_avx512(static_cast<const uint16_t*>(row), weight, n, acc);
-  }
-  return true;
+  return on_avx512(type, [&](auto element) {
+    using T = decltype(element);
+    add_weighted_row_avx512(static_cast<const T*>(row), weight, n, acc);
+  });
 #else
   return false;
 #endif
@@ -605,13 +614,10 @@ bool silu_mul_rows([[maybe_unused]] SmallGemmType type, [[maybe_unused]] const v
                    [[maybe_unused]] int64_t rows, [[maybe_unused]] int64_t ffn,
                    [[maybe_unused]] void* out) {
 #if MOE_INFER_SMALL_GEMM_X86
-  if (!cpu_has_avx512()) return false;
-  if (type == SmallGemmType::kFloat) {
-    silu_mul_f32(static_cast<const float*>(x), rows, ffn, static_cast<float*>(out));
-  } else {
-    silu_mul_bf16(static_cast<const uint16_t*>(x), rows, ffn, static_cast<uint16_t*>(out));
-  }
-  return true;
+  return on_avx512(type, [&](auto element) {
+    using T = decltype(element);
+    silu_mul(static_cast<const T*>(x), rows, ffn, static_cast<T*>(out));
+  });
 #else
   return false;
 #endif
@@ -623,15 +629,11 @@ bool gpt_oss_swiglu_rows([[maybe_unused]] SmallGemmType type, [[maybe_unused]] c
                          [[maybe_unused]] void* out, [[maybe_unused]] int64_t begin,
                          [[maybe_unused]] int64_t end) {
 #if MOE_INFER_SMALL_GEMM_X86
-  if (!cpu_has_avx512()) return false;
-  if (type == SmallGemmType::kFloat) {
-    gpt_oss_swiglu_range(static_cast<const float*>(x), rows, ffn, alpha, limit,
-                         static_cast<float*>(out), begin, end);
-  } else {
-    gpt_oss_swiglu_range(static_cast<const uint16_t*>(x), rows, ffn, alpha, limit,
-                         static_cast<uint16_t*>(out), begin, end);
-  }
-  return true;
+  return on_avx512(type, [&](auto element) {
+    using T = decltype(element);
+    gpt_oss_swiglu_range(static_cast<const T*>(x), rows, ffn, alpha, limit, static_cast<T*>(out),
+                         begin, end);
+  });
 #else
   return false;
 #endif
