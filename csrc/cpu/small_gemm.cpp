@@ -31,11 +31,13 @@ namespace moe_infer {
 namespace {
 
 // Register tiles of the nn.Linear layout: kRows rows of x against kBlock weight rows, float32
-// accumulators. A few rows take the stream tile: one weight row at a time, in memory order, so the
-// weights are one sequential stream that the hardware prefetcher follows (on 2 MiB pages it reads
-// about twice the bytes per second of weight rows read side by side). More rows take the square
-// tile, which reads four weight rows side by side and reloads each block of them from L1 fewer
-// times.
+// accumulators. Up to four rows take the stream tile: one weight row at a time, in memory order, so
+// the weights are one sequential stream that the hardware prefetcher follows (on 2 MiB pages it
+// reads about twice the bytes per second of weight rows read side by side). More rows take the
+// square tile, which reads four weight rows side by side, each vector of them used for four rows
+// of x, with its own prefetch (prefetch_weights): measured on 2 MiB pages, Mixtral-sized experts,
+// from five to eight rows it reads 1.3-1.6x the bytes per second of the stream tile, which makes a
+// second pass over each weight row, from L1, and spends more load slots on x.
 struct StreamTile {
   static constexpr int kRows = 4;
   static constexpr int kBlock = 1;
@@ -44,13 +46,8 @@ struct SquareTile {
   static constexpr int kRows = 4;
   static constexpr int kBlock = 4;
 };
-// Rows of x up to which the stream tile wins (measured on 2 MiB pages, Mixtral- and Qwen3-MoE-sized
-// experts: by 1.1-2x, in bfloat16 up to 8 rows, in float32 up to 6; the square tile wins above).
-// Above four rows it makes a second pass over each weight row, from L1.
-template <typename T>
-constexpr int64_t kStreamRows = 6;
-template <>
-constexpr int64_t kStreamRows<uint16_t> = 8;
+// Rows of x up to which the stream tile runs.
+constexpr int64_t kStreamRows = StreamTile::kRows;
 // Scratch layout of one tile's results: out[j * kMaxRows + r].
 constexpr int kMaxRows = 4;
 static_assert(kSmallGemmColumnBlock % SquareTile::kBlock == 0, "column block of the kernels");
@@ -93,14 +90,16 @@ constexpr int kStreamPrefetchBytes = 8192;
 
 // The prefetch a tile issues at offset i of its weight row j. Several rows side by side (NB > 1):
 // the next tile's rows at the same k, rows too short for the hardware prefetcher to lock on (a
-// prefetch past the end is harmless). The stream tile (one row) against three or more rows of x:
-// the stream kStreamPrefetchBytes ahead, into L2; with that much arithmetic per byte the hardware
-// prefetcher alone falls behind (about 18 -> 25 GB/s at four rows, 2 MiB pages). Against one or
-// two rows: nothing, the hardware prefetcher alone is faster.
+// prefetch past the end is harmless), into L2: into L1 they would evict the rows in use (bfloat16,
+// Mixtral-sized experts on 2 MiB pages, 8 rows: 12 -> 17 GB/s; 16 rows: 8 -> 10 GB/s; float32
+// alike). The stream tile (one row) against three or more rows of x: the stream
+// kStreamPrefetchBytes ahead, into L2; with that much arithmetic per byte the hardware prefetcher
+// alone falls behind (about 18 -> 25 GB/s at four rows, 2 MiB pages). Against one or two rows:
+// nothing, the hardware prefetcher alone is faster.
 template <int R, int NB, typename T>
 inline void prefetch_weights(const T* w, int64_t w_stride, int j, int64_t i) {
   if constexpr (NB > 1) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + (j + NB) * w_stride + i), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (j + NB) * w_stride + i), _MM_HINT_T1);
   } else if constexpr (R >= 3) {
     _mm_prefetch(reinterpret_cast<const char*>(w + i) + kStreamPrefetchBytes, _MM_HINT_T1);
   }
@@ -552,8 +551,8 @@ void run_axpy(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
 template <typename T>
 void run(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
   if (g.w_k_contiguous) {
-    g.rows <= kStreamRows<T> ? run_dot<T, StreamTile>(g, n_begin, n_end)
-                             : run_dot<T, SquareTile>(g, n_begin, n_end);
+    g.rows <= kStreamRows ? run_dot<T, StreamTile>(g, n_begin, n_end)
+                          : run_dot<T, SquareTile>(g, n_begin, n_end);
   } else {
     run_axpy<T>(g, n_begin, n_end);
   }
