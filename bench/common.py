@@ -204,6 +204,36 @@ def evict_caches() -> None:
     _EVICTION_BUFFER.sum()
 
 
+def time_cpu_rows(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    min_seconds: float,
+    clock: Callable[[], float],
+    cold: bool,
+    probe: "ReadProbe | None" = None,
+    bandwidth: Bandwidth | None = None,
+) -> tuple[dict[str, list[float]], float | None]:
+    """The seconds of every call of ``fns`` on the CPU, in interleaved rounds (time_interleaved),
+    and the bandwidth floor of those moments. ``cold``: evict_caches before every call (a decode
+    step). With a ``probe``, it is timed among ``fns`` and the floor is ``bandwidth.floor_with`` its
+    rate; without, the floor is None."""
+    timed = dict(fns)
+    if probe is not None:
+        timed[probe.name] = probe
+    samples = time_interleaved(
+        timed,
+        torch.device("cpu"),
+        repeats,
+        min_seconds=min_seconds,
+        statistic=list,
+        clock=clock,
+        before=evict_caches if cold else None,
+    )
+    if probe is None:
+        return samples, None
+    return samples, bandwidth.floor_with(probe.bandwidth(samples.pop(probe.name)))
+
+
 # ---- memory: peak RSS of one call ------------------------------------------------------------
 
 _libc = None

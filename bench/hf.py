@@ -55,12 +55,11 @@ import moe_infer  # noqa: E402
 from common import (  # noqa: E402
     Progress,
     ReadProbe,
-    evict_caches,
     machine_description,
     markdown_table,
     memory_bandwidth,
     ms_spread,
-    time_interleaved,
+    time_cpu_rows,
     write_result,
 )
 from moe_infer import host_memory  # noqa: E402
@@ -332,20 +331,18 @@ def run_table(archs, dtype, threads, quick, progress):
             else:
                 fns = {name: decode_fn(arch, model, ids) for name, model in variants.items()}
                 tokens, repeats = batch, (5 if quick else 15)
-                if arch not in hf_models.ENCODER_DECODER:
-                    fns[ReadProbe.name] = probe
+            decode = not phase.startswith("prefill")
             with torch.no_grad():
-                samples = time_interleaved(
+                samples, floor_bandwidth = time_cpu_rows(
                     fns,
-                    torch.device("cpu"),
                     repeats,
-                    min_seconds=0.5 if quick else 2.0,
-                    statistic=list,
-                    clock=clock,
-                    before=None if phase.startswith("prefill") else evict_caches,
+                    0.5 if quick else 2.0,
+                    clock,
+                    cold=decode,
+                    probe=probe if decode and arch not in hf_models.ENCODER_DECODER else None,
+                    bandwidth=bandwidth,
                 )
-            if ReadProbe.name in samples:
-                floor_bandwidth = bandwidth.floor_with(probe.bandwidth(samples.pop(ReadProbe.name)))
+            if floor_bandwidth is not None:
                 bandwidth_floor = step_weight_bytes(variants["HF eager"], fns["HF eager"]) / floor_bandwidth
             times = {name: statistics.median(values) for name, values in samples.items()}
             hf_times = {n: t for n, t in times.items() if n.startswith("HF") and "moe_infer" not in n}

@@ -43,12 +43,11 @@ import moe_infer  # noqa: E402
 from common import (  # noqa: E402
     Progress,
     ReadProbe,
-    evict_caches,
     machine_description,
     markdown_table,
     memory_bandwidth,
     ms_spread,
-    time_interleaved,
+    time_cpu_rows,
     write_result,
 )
 from moe_infer import host_memory  # noqa: E402
@@ -137,24 +136,21 @@ def run_table(dtype, threads, tokens, quick, progress):
             if gather > MAX_GATHER_BYTES:
                 del fns["HF batched_mm"]
             fns["GEMM floor"] = floor
-            if num_tokens <= 16:
-                fns[ReadProbe.name] = probe
-            repeats = 3 if quick else 15
+            decode = num_tokens <= 16
             with torch.inference_mode():
-                samples = time_interleaved(
+                samples, floor_bandwidth = time_cpu_rows(
                     fns,
-                    torch.device("cpu"),
-                    repeats,
-                    min_seconds=0.3 if quick else 1.0,
-                    statistic=list,
-                    clock=clock,
-                    before=evict_caches if num_tokens <= 16 else None,
+                    3 if quick else 15,
+                    0.3 if quick else 1.0,
+                    clock,
+                    cold=decode,
+                    probe=probe if decode else None,
+                    bandwidth=bandwidth,
                 )
             ours, gemms = samples["moe_infer"], samples["GEMM floor"]
             hf = {n: statistics.median(t) for n, t in samples.items() if n.startswith("HF")}
             best_hf = min(hf, key=hf.get)
-            if num_tokens <= 16:
-                floor_bandwidth = bandwidth.floor_with(probe.bandwidth(samples[ReadProbe.name]))
+            if decode:
                 bandwidth_floor = active_bytes / floor_bandwidth
             rows.append(
                 [
@@ -165,10 +161,10 @@ def run_table(dtype, threads, tokens, quick, progress):
                     *(ms_spread(samples[f"HF {i}"]) if f"HF {i}" in samples else "skipped" for i in HF_IMPLEMENTATIONS),
                     ms_spread(gemms),
                     f"{bandwidth_floor * 1e3:.3f} ({active} experts, {floor_bandwidth / 1e9:.0f} GB/s)"
-                    if num_tokens <= 16
+                    if decode
                     else "",
                     f"{statistics.median(ours) / statistics.median(gemms):.3f} ({min(ours) / min(gemms):.3f})",
-                    f"{statistics.median(ours) / bandwidth_floor:.2f}" if num_tokens <= 16 else "",
+                    f"{statistics.median(ours) / bandwidth_floor:.2f}" if decode else "",
                     f"{hf[best_hf] / statistics.median(ours):.2f}x ({best_hf.removeprefix('HF ')})",
                 ]
             )
