@@ -69,7 +69,7 @@ def time_interleaved(
     before: Callable[[], object] | None = None,
 ) -> dict[str, float]:
     """Median (or ``statistic``) seconds per call of each function, measured in interleaved rounds
-    (A B C, then C A B, ...).
+    (A B C, then e.g. C A B, ...).
 
     Interleaving spreads the machine's noise over all variants, so their ratios are fair. Every
     round after the first takes the variants in a new (seeded) random order, so that each follows
@@ -195,9 +195,9 @@ def evict_caches() -> None:
     It only reads, as what runs between two MoE layers of a real model mostly does (the other
     layers' weights, the KV cache), and as the bandwidth floor's sum does: an eviction that wrote
     would leave the caches full of dirty lines, and the next call would pay their write-back (32 MiB
-    at the start of its own reads; measured: 2 threads read the Mixtral-like experts of one token
-    about 1.3x slower after such an eviction, one thread 1.1x) that neither the floor nor a real
-    decode step pays."""
+    at the start of its own reads), which neither the floor nor a real decode step pays (measured,
+    minimum times: 2 threads read the Mixtral-like experts of one token about 1.35x slower after
+    such an eviction, one thread 1.1x)."""
     global _EVICTION_BUFFER
     if _EVICTION_BUFFER is None:
         _EVICTION_BUFFER = host_memory.empty((2**25,), torch.float32).fill_(1.0)

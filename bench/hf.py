@@ -14,7 +14,7 @@ expert loop (NLLB-MoE's loop corrected, see tests/python/hf_models.py), and moe_
 capacity-free. Every variant's float32 logits are checked against HF eager first, then the variants
 are timed interleaved (median): prefill of 512 tokens (encoder-decoder models: 512 source tokens
 and one target token), and one decode step at batch 1 and 16 after a 128-token context (the KV
-cache is cropped back after each step), each timed call starting from cold caches (128 MiB touched
+cache is cropped back after each step), each timed call starting from cold caches (128 MiB read
 untimed before it), as in a real model whose weights far exceed the caches. Decode rows also give
 the weight-bandwidth floor: the bytes of weights the step must read (every parameter outside the
 experts, an untied input embedding aside, plus each layer's active experts) over the memory

@@ -14,8 +14,8 @@ and, for decode (S <= 16), the weight-bandwidth floor: the bytes of the active e
 over the memory bandwidth measured in the same run (the larger of a large torch copy, read + write
 bytes, and a large sum, read bytes, both on 2 MiB pages, and the same sum timed among the row's
 own calls: the largest), the limit no implementation passes.
-Decode rows start every timed call with cold caches (128 MiB is read and written untimed before
-it), as a decode step of a real model finds them. Every contender's expert weights are on 2 MiB
+Decode rows start every timed call with cold caches (128 MiB is read untimed before it), as a
+decode step of a real model finds them. Every contender's expert weights are on 2 MiB
 pages (moe_infer.optimize and MoEExperts put them there; the transformers blocks' are moved with
 moe_infer.host_memory.to_huge_pages), so the rows compare computations.
 Every row reads as ratios to those limits. Outputs are checked against HF eager first.
@@ -213,7 +213,7 @@ def main():
         f"Bandwidth floor (S <= 16): bytes of the active experts' weights / the largest of the table's copy and sum bandwidths "
         f"and the same sum timed among the row's own calls (the GB/s in the cell); "
         f"every contender's expert weights, and the bandwidth buffers, on 2 MiB pages (moe_infer.host_memory); "
-        f"decode rows are timed from cold caches (128 MiB touched untimed before every call). "
+        f"decode rows are timed from cold caches (128 MiB read untimed before every call). "
         f"'best HF' = fastest median of transformers' eager / batched_mm / grouped_mm.\n\n" + "\n".join(sections)
     )
     print(text)
