@@ -189,6 +189,62 @@ MOE_INFER_TARGET_AVX512_BF16 void dot_tile_bf16(const uint16_t* x, int64_t x_str
     for (int r = 0; r < R; ++r) out[j * kMaxRows + r] = _mm512_reduce_add_ps(acc[j][r]);
 }
 
+// One row of x against two weight rows far apart (out[0] = dot(x, w0), out[1] = dot(x, w1)), each
+// with the arithmetic of dot_tile_*<1, 1>, so the bits are those of one row at a time: two streams
+// of weights, which one core reads faster than one (on 2 MiB pages, about 26 -> 34 GB/s for a plain
+// sum; the hardware prefetcher follows each).
+MOE_INFER_TARGET_AVX512 void dot_pair_f32(const float* x, const float* w0, const float* w1,
+                                          int64_t k, float* out) {
+  __m512 a0 = _mm512_setzero_ps();
+  __m512 a1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + i), xv, a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + i), xv, a1);
+  }
+  if (i < k) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (k - i)) - 1u);
+    const __m512 xv = _mm512_maskz_loadu_ps(mask, x + i);
+    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w0 + i), xv, a0);
+    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w1 + i), xv, a1);
+  }
+  out[0] = _mm512_reduce_add_ps(a0);
+  out[1] = _mm512_reduce_add_ps(a1);
+}
+
+MOE_INFER_TARGET_AVX512_BF16 void dot_pair_bf16(const uint16_t* x, const uint16_t* w0,
+                                                const uint16_t* w1, int64_t k, float* out) {
+  __m512 a0 = _mm512_setzero_ps();
+  __m512 a1 = _mm512_setzero_ps();
+  __m512 odd0 = _mm512_setzero_ps();
+  __m512 odd1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= k; i += 64) {
+    const __m512bh even_x = (__m512bh)_mm512_loadu_si512(x + i);
+    const __m512bh odd_x = (__m512bh)_mm512_loadu_si512(x + i + 32);
+    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + i), even_x);
+    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w1 + i), even_x);
+    odd0 = _mm512_dpbf16_ps(odd0, (__m512bh)_mm512_loadu_si512(w0 + i + 32), odd_x);
+    odd1 = _mm512_dpbf16_ps(odd1, (__m512bh)_mm512_loadu_si512(w1 + i + 32), odd_x);
+  }
+  a0 = _mm512_add_ps(a0, odd0);
+  a1 = _mm512_add_ps(a1, odd1);
+  for (; i + 32 <= k; i += 32) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
+    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + i), xv);
+    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w1 + i), xv);
+  }
+  if (i < k) {
+    const __mmask32 mask = static_cast<__mmask32>((1u << (k - i)) - 1u);
+    const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i);
+    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(mask, w0 + i), xv);
+    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(mask, w1 + i), xv);
+  }
+  out[0] = _mm512_reduce_add_ps(a0);
+  out[1] = _mm512_reduce_add_ps(a1);
+}
+
 // ---- [K, N] layout: rows of w scaled by x and summed, 16 columns a vector ----------------------
 
 MOE_INFER_TARGET_AVX512 inline __m512 load_columns(const float* p, __mmask16 mask) {
@@ -520,6 +576,39 @@ void run_dot(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
   }
 }
 
+inline void dot_pair(const float* x, const float* w0, const float* w1, int64_t k, float* out) {
+  dot_pair_f32(x, w0, w1, k, out);
+}
+inline void dot_pair(const uint16_t* x, const uint16_t* w0, const uint16_t* w1, int64_t k,
+                     float* out) {
+  dot_pair_bf16(x, w0, w1, k, out);
+}
+
+// One row of x: the columns' first half and second half side by side (dot_pair), an odd last
+// column alone; the same bits as run_dot.
+template <typename T>
+void run_dot_pairs(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
+  const T* x = static_cast<const T*>(g.x);
+  const T* w = static_cast<const T*>(g.w);
+  const T* bias = static_cast<const T*>(g.bias);
+  T* y = static_cast<T*>(g.y);
+  const int64_t half = (n_end - n_begin) / 2;
+  float out[kMaxRows];
+  const auto put = [&](int64_t n, float v) {
+    store(y + n, v + (bias != nullptr ? to_float(bias[n]) : 0.0f));
+  };
+  for (int64_t n = n_begin; n < n_begin + half; ++n) {
+    dot_pair(x, w + n * g.w_stride, w + (n + half) * g.w_stride, g.k, out);
+    put(n, out[0]);
+    put(n + half, out[1]);
+  }
+  if (n_begin + 2 * half < n_end) {
+    const int64_t n = n_end - 1;
+    DotOf<T>::template Tile<1, 1>::run(x, g.x_stride, w + n * g.w_stride, g.w_stride, g.k, out);
+    put(n, out[0]);
+  }
+}
+
 template <typename T>
 void run_axpy(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
   const T* x = static_cast<const T*>(g.x);
@@ -551,8 +640,13 @@ void run_axpy(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
 template <typename T>
 void run(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
   if (g.w_k_contiguous) {
-    g.rows <= kStreamRows ? run_dot<T, StreamTile>(g, n_begin, n_end)
-                          : run_dot<T, SquareTile>(g, n_begin, n_end);
+    if (g.rows == 1) {
+      run_dot_pairs<T>(g, n_begin, n_end);
+    } else if (g.rows <= kStreamRows) {
+      run_dot<T, StreamTile>(g, n_begin, n_end);
+    } else {
+      run_dot<T, SquareTile>(g, n_begin, n_end);
+    }
   } else {
     run_axpy<T>(g, n_begin, n_end);
   }
