@@ -327,7 +327,7 @@ def run_table(archs, dtype, threads, quick, progress):
                     if gather > MAX_GATHER_BYTES:
                         del fns["HF batched_mm"]
                         skipped["HF batched_mm"] = f"({gather / 2**30:.0f} GiB)"
-                tokens, repeats = PREFILL, (3 if quick else 7)
+                tokens, repeats = PREFILL, (3 if quick else 11)
             else:
                 fns = {name: decode_fn(arch, model, ids) for name, model in variants.items()}
                 tokens, repeats = batch, (5 if quick else 15)
