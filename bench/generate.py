@@ -108,10 +108,11 @@ def part_generation(cfg, dtype, progress):
         variants[f"optimize, expert_buffer={slots}"] = moe_infer.optimize(
             copy.deepcopy(base), expert_buffer=slots, verbose=False
         )
-    expected = generate(base, prompt, cfg["new_tokens"])
-    identical = {}
+    expected = generate(base, prompt, cfg["new_tokens"])[:, prompt.shape[1] :]
+    identical = {}  # name -> generated tokens equal to the model as shipped in every sequence (a prefix)
     for name, model in variants.items():
-        identical[name] = torch.equal(generate(model, prompt, cfg["new_tokens"]), expected)
+        same = generate(model, prompt, cfg["new_tokens"])[:, prompt.shape[1] :] == expected
+        identical[name] = int(same.int().cumprod(dim=1).sum(dim=1).min())
         progress.step(f"check {name}")
     for model in variants.values():
         for buffer in buffers_of(model).values():
@@ -140,6 +141,7 @@ def part_generation(cfg, dtype, progress):
             dict(
                 variant=name,
                 identical=identical[name],
+                new_tokens=cfg["new_tokens"],
                 tokens_per_s=(tokens / high, tokens / mid, tokens / low),
                 vs_shipped=shipped / mid,
                 slots=slots,
@@ -171,7 +173,7 @@ def generation_table(rows) -> str:
         [
             [
                 r["variant"],
-                "yes" if r["identical"] else "NO",
+                "yes" if r["identical"] == r["new_tokens"] else f"first {r['identical']} of {r['new_tokens']}",
                 f"{r['tokens_per_s'][1]:.1f}",
                 f"{r['tokens_per_s'][0]:.1f}-{r['tokens_per_s'][2]:.1f}",
                 f"{r['vs_shipped']:.2f}x",
@@ -428,9 +430,18 @@ def main():
         f"A Mixtral-style transformers model built from a config, seeded weights in {args.dtype}: hidden {m['hidden']}, expert ffn "
         f"{m['ffn']}, {m['experts']} experts, top-{m['top_k']}, {m['layers']} layers ({all_experts / 2**20:.1f} MiB of "
         f"experts). Greedy generation of {cfg['new_tokens']} tokens after {cfg['prompt']}-token prompts, batch "
-        f"{cfg['batch']}. 'tokens identical': the same generated ids as the model as shipped. With expert buffering "
+        f"{cfg['batch']}. 'tokens identical': the same generated ids as the model as shipped (else how many of the "
+        "first generated tokens agree in every sequence). With expert buffering "
         "the experts live in host memory and each layer keeps its slots on the compute device (on this CPU both are "
-        "the same RAM: the column counts what a GPU would hold); hit rate over the timed runs.",
+        "the same RAM: the column counts what a GPU would hold); hit rate over the timed runs."
+        + (
+            ""
+            if dtype == torch.float32
+            else " In 16-bit types no two GEMM implementations round alike (transformers' own grouped_mm against "
+            "its eager loop included): a last-bit difference in a logit changes a greedy token sooner or later, "
+            "and the sequences part there. That the routing itself is transformers' (the same experts for "
+            "the same inputs, ties included) is tested per architecture in tests/python/test_hf.py."
+        ),
         "",
         generation_table(generation),
         "",
@@ -466,7 +477,7 @@ def main():
         f.write(text)
     plot(generation, static, placement, os.path.join(out_dir, f"{name}.png"))
     print(f"wrote {os.path.join(out_dir, name)}.md and .png")
-    if dtype == torch.float32 and not all(r["identical"] for r in generation):
+    if dtype == torch.float32 and not all(r["identical"] == r["new_tokens"] for r in generation):
         sys.exit("main job: the optimized model generated different tokens")
 
 
