@@ -74,6 +74,16 @@ std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64
   return host;
 }
 
+at::Tensor float_contiguous(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
+  if (t.scalar_type() != at::kBFloat16 || !t.is_contiguous() || !t.is_cpu()) {
+    return t.to(at::kFloat).contiguous();
+  }
+  at::Tensor out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
+  std::copy_n(t.const_data_ptr<c10::BFloat16>(), t.numel(), out.data_ptr<float>());
+  return out;
+}
+
 void expert_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
                    const std::optional<at::Tensor>& bias, LinearFn linear) {
   if (linear != nullptr && linear(out, x, w, bias)) return;

@@ -104,6 +104,11 @@ std::vector<int32_t> host_expert_offsets(const at::Tensor& expert_offsets, int64
                                          const char* op = "grouped_mlp",
                                          const char* rows_name = "rows in hidden");
 
+// A CPU tensor's values as float32, contiguous: `t` itself when it already is; bfloat16 widened
+// with a plain copy (exact), without ATen's conversion kernel (a decode step finds it cold in the
+// caches, where one ATen call costs tens of microseconds); other types through t.to(float).
+at::Tensor float_contiguous(const at::Tensor& t);
+
 using ActivateFn = std::function<void(const at::Tensor& fc1_out, const at::Tensor& act)>;
 
 // A device's own GEMM for the shapes it handles better than ATen's: out = x @ w (+ bias), with w

@@ -77,7 +77,7 @@ at::Tensor unpermute_combine_cpu(MOE_INFER_PARAMS(unpermute_combine)) {
   const RowSizes sizes = check_unpermute_combine(MOE_INFER_ARGS(unpermute_combine));
   check_index_range("unpermute_combine", "row_of_pair", row_of_pair, expert_out.size(0));
   const at::Tensor rows = expert_out.contiguous();
-  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+  const at::Tensor weights = float_contiguous(topk_weights);
   const at::Tensor pair_rows = row_of_pair.contiguous();
   const float* weights_ptr = weights.const_data_ptr<float>();
   const int32_t* pair_rows_ptr = pair_rows.const_data_ptr<int32_t>();

@@ -389,27 +389,19 @@ at::Tensor few_rows_combine(const FewRowsMlp& mlp, const at::Tensor& hidden,
                                           ~uintptr_t{63});
   std::fill_n(accumulator, num_tokens * hidden_size, 0.0f);
 
-  const at::Tensor weights_in = topk_weights.contiguous();
-  std::vector<float> weights(num_tokens * sizes.top_k);
-  if (weights_in.scalar_type() == at::kFloat) {
-    std::copy_n(weights_in.const_data_ptr<float>(), weights.size(), weights.data());
-  } else if (weights_in.scalar_type() == at::kBFloat16) {
-    std::copy_n(weights_in.const_data_ptr<c10::BFloat16>(), weights.size(), weights.data());
-  } else {
-    const at::Tensor as_float = weights_in.to(at::kFloat);
-    std::copy_n(as_float.const_data_ptr<float>(), weights.size(), weights.data());
-  }
+  const at::Tensor weights_values = float_contiguous(topk_weights);
+  const float* weights = weights_values.const_data_ptr<float>();
 
   permute_rows(static_cast<const char*>(hidden.const_data_ptr()), hidden.stride(0) * element_bytes,
                hidden_size * element_bytes, pair_ids, sizes.top_k, 0, num_routed, x);
   run_few_rows_mlp(mlp, RowsView{x, hidden_size}, offsets, sizes.mlp, activate, y, hidden_size);
   if (is_float) {
     accumulate_weighted_rows(reinterpret_cast<const float*>(y), num_routed, hidden_size, pair_ids,
-                             weights.data(), sizes.top_k, accumulator, CpuAddWeightedRow{});
+                             weights, sizes.top_k, accumulator, CpuAddWeightedRow{});
     return out;
   }
   accumulate_weighted_rows(reinterpret_cast<const c10::BFloat16*>(y), num_routed, hidden_size,
-                           pair_ids, weights.data(), sizes.top_k, accumulator, CpuAddWeightedRow{});
+                           pair_ids, weights, sizes.top_k, accumulator, CpuAddWeightedRow{});
   auto* out_ptr = out.data_ptr<c10::BFloat16>();
   if (!round_to_bfloat16(accumulator, num_tokens * hidden_size, out_ptr)) {
     std::copy_n(accumulator, num_tokens * hidden_size, out_ptr);
@@ -499,7 +491,7 @@ at::Tensor grouped_mlp_combine_cpu(MOE_INFER_PARAMS(grouped_mlp_combine)) {
   if (few_rows.has_value()) {
     return few_rows_combine(*few_rows, rows, topk_weights, pair_ptr, offsets, sizes, activate);
   }
-  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+  const at::Tensor weights = float_contiguous(topk_weights);
   // float32 accumulation; for a float32 hidden the accumulator is the output itself.
   auto accumulator = at::zeros({num_tokens, hidden_size}, hidden.options().dtype(at::kFloat));
   const int64_t num_routed = offsets.back();

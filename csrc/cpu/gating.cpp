@@ -25,19 +25,6 @@ bool ranks_above(const ScoredExpert& x, const ScoredExpert& y) {
   return (std::isnan(x.first) && !std::isnan(y.first)) || x.first > y.first;
 }
 
-// The logits in float32, contiguous, as logits.to(float).contiguous() gives them (bfloat16 widens
-// exactly), without ATen's conversion kernel for the common cases: a decode step finds it cold in
-// the caches, where one ATen call costs tens of microseconds.
-at::Tensor float_logits(const at::Tensor& logits) {
-  if (logits.scalar_type() == at::kFloat && logits.is_contiguous()) return logits;
-  if (logits.scalar_type() != at::kBFloat16 || !logits.is_contiguous()) {
-    return logits.to(at::kFloat).contiguous();
-  }
-  at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
-  std::copy_n(logits.const_data_ptr<c10::BFloat16>(), logits.numel(), out.data_ptr<float>());
-  return out;
-}
-
 }  // namespace
 
 void select_topk_like_torch(const float* values, int64_t n, int64_t k, ScoredExpert* queue) {
@@ -140,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(MOE_INFER_PARAMS(topk_gating)
                             static_cast<float>(scaling_factor),
                             sizes.n_group,
                             sizes.topk_group};
-  const at::Tensor logits = float_logits(router_logits);
+  const at::Tensor logits = float_contiguous(router_logits);
   const float* logits_ptr = logits.const_data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / sizes.num_experts);
   std::atomic<int64_t> bad_token{sizes.num_tokens};
@@ -161,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(MOE_INFER_PARAMS(topk_gating)
   if (sizes.scoring == Scoring::kSoftmax) scores = at::_softmax(logits, -1, false);
   if (sizes.scoring == Scoring::kSigmoid) scores = at::sigmoid(logits);
   at::Tensor bias;
-  if (selection_bias.has_value()) bias = selection_bias->to(at::kFloat).contiguous();
+  if (selection_bias.has_value()) bias = float_contiguous(*selection_bias);
 
   auto topk_weights = at::empty({sizes.num_tokens, k}, router_logits.options().dtype(at::kFloat));
   auto expert_ids = at::empty({sizes.num_tokens, k}, router_logits.options().dtype(at::kInt));

@@ -23,9 +23,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> static_gating_cpu(
                                   normalize_before_dropping};
   const int64_t num_tokens = sizes.num_tokens;
   const int64_t num_experts = sizes.num_experts;
-  const at::Tensor logits = router_logits.to(at::kFloat).contiguous();
+  const at::Tensor logits = float_contiguous(router_logits);
   at::Tensor noise;
-  if (second_expert_noise.has_value()) noise = second_expert_noise->to(at::kFloat).contiguous();
+  if (second_expert_noise.has_value()) noise = float_contiguous(*second_expert_noise);
   at::Tensor padding;
   if (padding_mask.has_value()) padding = padding_mask->contiguous();
 
@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> static_routing_tensors_cpu(
   const int64_t num_slots = num_experts * capacity;
   const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
   const at::Tensor pair_locations = locations.contiguous();
-  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+  const at::Tensor weights = float_contiguous(topk_weights);
   const auto options = topk_weights.options();
   auto combine_weights = at::empty({num_tokens, num_experts, capacity}, options.dtype(at::kFloat));
   auto dispatch_mask = at::empty({num_tokens, num_experts, capacity}, options.dtype(at::kBool));
@@ -192,7 +192,7 @@ at::Tensor static_combine_cpu(MOE_INFER_PARAMS(static_combine)) {
   const StaticSlotSizes sizes = check_static_combine(MOE_INFER_ARGS(static_combine));
   const int64_t num_slots = sizes.num_experts * sizes.capacity;
   const at::Tensor rows = expert_out.contiguous();
-  const at::Tensor weights = combine_weights.to(at::kFloat).contiguous();
+  const at::Tensor weights = float_contiguous(combine_weights);
   const float* weights_ptr = weights.const_data_ptr<float>();
   const int64_t hidden_size = sizes.hidden_size;
   // A token scans its E * C weights.
