@@ -31,9 +31,10 @@ namespace moe_infer {
 namespace {
 
 // Register tiles of the nn.Linear layout: kRows rows of x against kBlock weight rows, float32
-// accumulators. Up to four rows take the stream tile: one weight row at a time, in memory order, so
-// the weights are one sequential stream that the hardware prefetcher follows (on 2 MiB pages it
-// reads about twice the bytes per second of weight rows read side by side). More rows take the
+// accumulators. Two to four rows take the stream tile: one weight row at a time, in memory order,
+// so the weights are one sequential stream that the hardware prefetcher follows (on 2 MiB pages it
+// reads about twice the bytes per second of weight rows read side by side); one row takes two such
+// streams (dot_pair_*, run_dot_pairs). More rows take the
 // square tile, which reads four weight rows side by side, each vector of them used for four rows
 // of x, with its own prefetch (prefetch_weights): measured on 2 MiB pages, Mixtral-sized experts,
 // from five to eight rows it reads 1.3-1.6x the bytes per second of the stream tile, which makes a
@@ -96,12 +97,17 @@ constexpr int kStreamPrefetchBytes = 8192;
 // kStreamPrefetchBytes ahead, into L2; with that much arithmetic per byte the hardware prefetcher
 // alone falls behind (about 18 -> 25 GB/s at four rows, 2 MiB pages). Against one or two rows:
 // nothing, the hardware prefetcher alone is faster.
+// (The addresses are computed as integers: they may lie past the weights, which a prefetch may
+// name but a pointer may not.)
 template <int R, int NB, typename T>
 inline void prefetch_weights(const T* w, int64_t w_stride, int j, int64_t i) {
+  const uintptr_t base = reinterpret_cast<uintptr_t>(w);
   if constexpr (NB > 1) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + (j + NB) * w_stride + i), _MM_HINT_T1);
+    const uintptr_t at = base + static_cast<uintptr_t>(((j + NB) * w_stride + i) * sizeof(T));
+    _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T1);
   } else if constexpr (R >= 3) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + i) + kStreamPrefetchBytes, _MM_HINT_T1);
+    const uintptr_t at = base + static_cast<uintptr_t>(i * sizeof(T) + kStreamPrefetchBytes);
+    _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T1);
   }
 }
 
@@ -148,18 +154,26 @@ MOE_INFER_TARGET_AVX512_BF16 void dot_tile_bf16(const uint16_t* x, int64_t x_str
   for (int j = 0; j < NB; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
   int64_t i = 0;
-  if constexpr (R == 1 && NB == 1) {
-    // One row against one weight row: two accumulators, so that the dot products' latency does not
-    // pace the stream (on 2 MiB pages, Mixtral-sized experts: about 27 -> 31 GB/s, the rate of a
-    // plain sum over the same bytes).
-    __m512 odd = _mm512_setzero_ps();
+  if constexpr (R == 1) {
+    // One row of x: two accumulators a weight row (even and odd vectors), so that the dot products'
+    // latency does not pace the stream (on 2 MiB pages, Mixtral-sized experts: about 27 -> 31 GB/s,
+    // the rate of a plain sum over the same bytes); every NB, so that a column has the same bits
+    // in whichever tile it falls.
+    __m512 odd[NB];
+    for (int j = 0; j < NB; ++j) odd[j] = _mm512_setzero_ps();
     for (; i + 64 <= k; i += 64) {
-      acc[0][0] = _mm512_dpbf16_ps(acc[0][0], (__m512bh)_mm512_loadu_si512(w + i),
-                                   (__m512bh)_mm512_loadu_si512(x + i));
-      odd = _mm512_dpbf16_ps(odd, (__m512bh)_mm512_loadu_si512(w + i + 32),
-                             (__m512bh)_mm512_loadu_si512(x + i + 32));
+      const __m512bh even_x = (__m512bh)_mm512_loadu_si512(x + i);
+      const __m512bh odd_x = (__m512bh)_mm512_loadu_si512(x + i + 32);
+      for (int j = 0; j < NB; ++j) {
+        prefetch_weights<R, NB>(w, w_stride, j, i);
+        prefetch_weights<R, NB>(w, w_stride, j, i + 32);
+        acc[j][0] =
+            _mm512_dpbf16_ps(acc[j][0], (__m512bh)_mm512_loadu_si512(w + j * w_stride + i), even_x);
+        odd[j] = _mm512_dpbf16_ps(odd[j], (__m512bh)_mm512_loadu_si512(w + j * w_stride + i + 32),
+                                  odd_x);
+      }
     }
-    acc[0][0] = _mm512_add_ps(acc[0][0], odd);
+    for (int j = 0; j < NB; ++j) acc[j][0] = _mm512_add_ps(acc[j][0], odd[j]);
   }
   for (; i + 32 <= k; i += 32) {
     __m512i wv[NB];

@@ -132,41 +132,58 @@ TEST_CASE("small_gemm matches a float64 loop in both layouts and types", "[small
 
 TEST_CASE("small_gemm gives a column the same bits whatever columns share its call",
           "[small_gemm]") {
-  // One row of x reads two columns' weights side by side (two streams): each column must still
-  // come out as when computed alone, and so as whatever range a thread takes.
+  // One row of x reads two columns' weights side by side (two streams), and the last pass of the
+  // square tile over 5, 9 or 13 rows has one row against several columns: each column must still
+  // come out as when computed alone, and so as whatever range a thread takes. A large first and
+  // last product that cancel keep the float32 rounding of the sums visible in a bfloat16 result.
   std::mt19937 gen(11);
   std::normal_distribution<float> normal;
   for (const bool bf16 : {false, true}) {
     const auto type = bf16 ? moe_infer::SmallGemmType::kBFloat16 : moe_infer::SmallGemmType::kFloat;
     if (!moe_infer::small_gemm_supported(type, true)) continue;
-    for (const int64_t k : {7, 64, 100, 1024}) {
-      const int64_t n = 37;
-      std::vector<float> x(k), w(n * k);
-      std::vector<uint16_t> x16(k), w16(n * k);
-      for (int64_t i = 0; i < k; ++i) x16[i] = to_bf16(x[i] = normal(gen));
-      for (int64_t i = 0; i < n * k; ++i) w16[i] = to_bf16(w[i] = normal(gen));
-      const auto run = [&](int64_t begin, int64_t end) {
-        std::vector<float> y(n, 0.0f);
-        std::vector<uint16_t> y16(n, 0);
-        const moe_infer::SmallGemm gemm{
-            type,    bf16 ? static_cast<const void*>(x16.data()) : x.data(),
-            k,       bf16 ? static_cast<const void*>(w16.data()) : w.data(),
-            k,       true,
-            nullptr, bf16 ? static_cast<void*>(y16.data()) : y.data(),
-            n,       1,
-            k,       n};
-        moe_infer::small_gemm(gemm, begin, end);
-        std::vector<float> got(end - begin);
-        for (int64_t j = begin; j < end; ++j) got[j - begin] = bf16 ? from_bf16(y16[j]) : y[j];
-        return got;
-      };
-      std::vector<float> alone;
-      for (int64_t j = 0; j < n; ++j) alone.push_back(run(j, j + 1)[0]);
-      for (const auto [begin, end] :
-           {std::pair<int64_t, int64_t>{0, n}, {0, 36}, {5, 30}, {1, 4}}) {
-        const std::vector<float> together = run(begin, end);
-        INFO("bf16 " << bf16 << " k " << k << " columns [" << begin << ", " << end << ")");
-        REQUIRE(together == std::vector<float>(alone.begin() + begin, alone.begin() + end));
+    for (const int64_t rows : {1, 5, 9}) {
+      for (const int64_t k : {7, 64, 100, 1024}) {
+        const int64_t n = 37;
+        std::vector<float> x(rows * k), w(n * k);
+        for (float& v : x) v = normal(gen);
+        for (float& v : w) v = normal(gen);
+        for (int64_t r = 0; r < rows; ++r) x[r * k] = x[r * k + k - 1] = 1.0f;
+        for (int64_t j = 0; j < n; ++j) {
+          w[j * k] = 1048576.0f;
+          w[j * k + k - 1] = -1048576.0f;
+        }
+        std::vector<uint16_t> x16(x.size()), w16(w.size());
+        for (size_t i = 0; i < x.size(); ++i) x16[i] = to_bf16(x[i]);
+        for (size_t i = 0; i < w.size(); ++i) w16[i] = to_bf16(w[i]);
+        const auto run = [&](int64_t begin, int64_t end) {
+          std::vector<float> y(rows * n, 0.0f);
+          std::vector<uint16_t> y16(rows * n, 0);
+          const moe_infer::SmallGemm gemm{
+              type,    bf16 ? static_cast<const void*>(x16.data()) : x.data(),
+              k,       bf16 ? static_cast<const void*>(w16.data()) : w.data(),
+              k,       true,
+              nullptr, bf16 ? static_cast<void*>(y16.data()) : y.data(),
+              n,       rows,
+              k,       n};
+          moe_infer::small_gemm(gemm, begin, end);
+          std::vector<float> got;
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = begin; j < end; ++j)
+              got.push_back(bf16 ? from_bf16(y16[r * n + j]) : y[r * n + j]);
+          return got;
+        };
+        std::vector<std::vector<float>> alone(n);
+        for (int64_t j = 0; j < n; ++j) alone[j] = run(j, j + 1);
+        for (const auto [begin, end] :
+             {std::pair<int64_t, int64_t>{0, n}, {0, 36}, {5, 30}, {1, 4}}) {
+          const std::vector<float> together = run(begin, end);
+          std::vector<float> expected;
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = begin; j < end; ++j) expected.push_back(alone[j][r]);
+          INFO("bf16 " << bf16 << " rows " << rows << " k " << k << " columns [" << begin << ", "
+                       << end << ")");
+          REQUIRE(together == expected);
+        }
       }
     }
   }
