@@ -58,6 +58,11 @@ def capture_cuda_graph(fn: Callable[[torch.Tensor], object], static_x: torch.Ten
     return graph, static_out
 
 
+# The order of the variants in every round after the first (time_interleaved): one seeded sequence
+# for the whole run, so that a table's rows do not all see the same orders.
+_ROUND_ORDER = random.Random(0)
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], object]],
     device: torch.device,
@@ -72,8 +77,8 @@ def time_interleaved(
     (A B C, then e.g. C A B, ...).
 
     Interleaving spreads the machine's noise over all variants, so their ratios are fair. Every
-    round after the first takes the variants in a new (seeded) random order, so that each follows
-    each of the others about as often: a call pays for what the one before it left behind
+    round after the first takes the variants in a new random order (one seeded sequence for the
+    run), so that each follows each of the others about as often over a table: a call pays for what the one before it left behind
     (dirty cache lines to write back, memory handed back to the system that it faults in again;
     measured: a Qwen3-MoE-like S = 512 block right after transformers' grouped_mm took 736 page
     faults a call, right after another block none). ``clock`` may be ``time.process_time`` (CPU
@@ -88,7 +93,6 @@ def time_interleaved(
     start = time.perf_counter()
     rounds = 0
     names = list(fns)
-    order = random.Random(0)
     while rounds < repeats or (time.perf_counter() - start < min_seconds and rounds < 50 * repeats):
         for name in names:
             fn = fns[name]
@@ -99,7 +103,7 @@ def time_interleaved(
             fn()
             synchronize(device)
             samples[name].append(clock() - t0)
-        order.shuffle(names)
+        _ROUND_ORDER.shuffle(names)
         rounds += 1
     return {name: statistic(values) for name, values in samples.items()}
 
@@ -200,7 +204,8 @@ def evict_caches() -> None:
     such an eviction, one thread 1.1x)."""
     global _EVICTION_BUFFER
     if _EVICTION_BUFFER is None:
-        _EVICTION_BUFFER = host_memory.empty((2**25,), torch.float32).fill_(1.0)
+        # Ordinary 4 KiB pages: 32768 of them, so the TLB's entries go too.
+        _EVICTION_BUFFER = torch.ones(2**25, dtype=torch.float32)
     _EVICTION_BUFFER.sum()
 
 
