@@ -34,7 +34,7 @@ namespace {
 // accumulators. Two to four rows take the stream tile: one weight row at a time, in memory order,
 // so the weights are one sequential stream that the hardware prefetcher follows (on 2 MiB pages it
 // reads about twice the bytes per second of weight rows read side by side); one row takes two such
-// streams (dot_pair_*, run_dot_pairs). More rows take the
+// streams (dot_pair, run_dot_pairs). More rows take the
 // square tile, which reads four weight rows side by side, each vector of them used for four rows
 // of x, with its own prefetch (prefetch_weights): measured on 2 MiB pages, Mixtral-sized experts,
 // from five to eight rows it reads 1.3-1.6x the bytes per second of the stream tile, which makes a
@@ -99,14 +99,17 @@ constexpr int kStreamPrefetchBytes = 8192;
 // nothing, the hardware prefetcher alone is faster.
 // (The addresses are computed as integers: they may lie past the weights, which a prefetch may
 // name but a pointer may not.)
-template <int R, int NB, typename T>
+// kFar: the tile's weight rows lie far apart (two streams, run_dot_pairs), each a stream of its
+// own.
+template <int R, int NB, bool kFar, typename T>
 inline void prefetch_weights(const T* w, int64_t w_stride, int j, int64_t i) {
   const uintptr_t base = reinterpret_cast<uintptr_t>(w);
-  if constexpr (NB > 1) {
+  if constexpr (NB > 1 && !kFar) {
     const uintptr_t at = base + static_cast<uintptr_t>(((j + NB) * w_stride + i) * sizeof(T));
     _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T1);
   } else if constexpr (R >= 3) {
-    const uintptr_t at = base + static_cast<uintptr_t>(i * sizeof(T) + kStreamPrefetchBytes);
+    const uintptr_t at =
+        base + static_cast<uintptr_t>((j * w_stride + i) * sizeof(T) + kStreamPrefetchBytes);
     _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T1);
   }
 }
@@ -114,7 +117,7 @@ inline void prefetch_weights(const T* w, int64_t w_stride, int j, int64_t i) {
 // ---- nn.Linear layout: dot products along k ----------------------------------------------------
 
 // out[j * kMaxRows + r] = dot(w row j, x row r) for j < NB, r < R.
-template <int R, int NB>
+template <int R, int NB, bool kFar = false>
 MOE_INFER_TARGET_AVX512 void dot_tile_f32(const float* x, int64_t x_stride, const float* w,
                                           int64_t w_stride, int64_t k, float* out) {
   __m512 acc[NB][R];
@@ -125,7 +128,7 @@ MOE_INFER_TARGET_AVX512 void dot_tile_f32(const float* x, int64_t x_stride, cons
     __m512 wv[NB];
     for (int j = 0; j < NB; ++j) {
       wv[j] = _mm512_loadu_ps(w + j * w_stride + i);
-      prefetch_weights<R, NB>(w, w_stride, j, i);
+      prefetch_weights<R, NB, kFar>(w, w_stride, j, i);
     }
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_loadu_ps(x + r * x_stride + i);
@@ -146,7 +149,7 @@ MOE_INFER_TARGET_AVX512 void dot_tile_f32(const float* x, int64_t x_stride, cons
 }
 
 // The same for bfloat16: AVX512-BF16 dot products of pairs, summed in float32.
-template <int R, int NB>
+template <int R, int NB, bool kFar = false>
 MOE_INFER_TARGET_AVX512_BF16 void dot_tile_bf16(const uint16_t* x, int64_t x_stride,
                                                 const uint16_t* w, int64_t w_stride, int64_t k,
                                                 float* out) {
@@ -165,8 +168,8 @@ MOE_INFER_TARGET_AVX512_BF16 void dot_tile_bf16(const uint16_t* x, int64_t x_str
       const __m512bh even_x = (__m512bh)_mm512_loadu_si512(x + i);
       const __m512bh odd_x = (__m512bh)_mm512_loadu_si512(x + i + 32);
       for (int j = 0; j < NB; ++j) {
-        prefetch_weights<R, NB>(w, w_stride, j, i);
-        prefetch_weights<R, NB>(w, w_stride, j, i + 32);
+        prefetch_weights<R, NB, kFar>(w, w_stride, j, i);
+        prefetch_weights<R, NB, kFar>(w, w_stride, j, i + 32);
         acc[j][0] =
             _mm512_dpbf16_ps(acc[j][0], (__m512bh)_mm512_loadu_si512(w + j * w_stride + i), even_x);
         odd[j] = _mm512_dpbf16_ps(odd[j], (__m512bh)_mm512_loadu_si512(w + j * w_stride + i + 32),
@@ -179,7 +182,7 @@ MOE_INFER_TARGET_AVX512_BF16 void dot_tile_bf16(const uint16_t* x, int64_t x_str
     __m512i wv[NB];
     for (int j = 0; j < NB; ++j) {
       wv[j] = _mm512_loadu_si512(w + j * w_stride + i);
-      prefetch_weights<R, NB>(w, w_stride, j, i);
+      prefetch_weights<R, NB, kFar>(w, w_stride, j, i);
     }
     for (int r = 0; r < R; ++r) {
       const __m512i xv = _mm512_loadu_si512(x + r * x_stride + i);
@@ -201,62 +204,6 @@ MOE_INFER_TARGET_AVX512_BF16 void dot_tile_bf16(const uint16_t* x, int64_t x_str
   }
   for (int j = 0; j < NB; ++j)
     for (int r = 0; r < R; ++r) out[j * kMaxRows + r] = _mm512_reduce_add_ps(acc[j][r]);
-}
-
-// One row of x against two weight rows far apart (out[0] = dot(x, w0), out[1] = dot(x, w1)), each
-// with the arithmetic of dot_tile_*<1, 1>, so the bits are those of one row at a time: two streams
-// of weights, which one core reads faster than one (on 2 MiB pages, about 26 -> 34 GB/s for a plain
-// sum; the hardware prefetcher follows each).
-MOE_INFER_TARGET_AVX512 void dot_pair_f32(const float* x, const float* w0, const float* w1,
-                                          int64_t k, float* out) {
-  __m512 a0 = _mm512_setzero_ps();
-  __m512 a1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + i);
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + i), xv, a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + i), xv, a1);
-  }
-  if (i < k) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (k - i)) - 1u);
-    const __m512 xv = _mm512_maskz_loadu_ps(mask, x + i);
-    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w0 + i), xv, a0);
-    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w1 + i), xv, a1);
-  }
-  out[0] = _mm512_reduce_add_ps(a0);
-  out[1] = _mm512_reduce_add_ps(a1);
-}
-
-MOE_INFER_TARGET_AVX512_BF16 void dot_pair_bf16(const uint16_t* x, const uint16_t* w0,
-                                                const uint16_t* w1, int64_t k, float* out) {
-  __m512 a0 = _mm512_setzero_ps();
-  __m512 a1 = _mm512_setzero_ps();
-  __m512 odd0 = _mm512_setzero_ps();
-  __m512 odd1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 64 <= k; i += 64) {
-    const __m512bh even_x = (__m512bh)_mm512_loadu_si512(x + i);
-    const __m512bh odd_x = (__m512bh)_mm512_loadu_si512(x + i + 32);
-    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + i), even_x);
-    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w1 + i), even_x);
-    odd0 = _mm512_dpbf16_ps(odd0, (__m512bh)_mm512_loadu_si512(w0 + i + 32), odd_x);
-    odd1 = _mm512_dpbf16_ps(odd1, (__m512bh)_mm512_loadu_si512(w1 + i + 32), odd_x);
-  }
-  a0 = _mm512_add_ps(a0, odd0);
-  a1 = _mm512_add_ps(a1, odd1);
-  for (; i + 32 <= k; i += 32) {
-    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
-    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + i), xv);
-    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w1 + i), xv);
-  }
-  if (i < k) {
-    const __mmask32 mask = static_cast<__mmask32>((1u << (k - i)) - 1u);
-    const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i);
-    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(mask, w0 + i), xv);
-    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(mask, w1 + i), xv);
-  }
-  out[0] = _mm512_reduce_add_ps(a0);
-  out[1] = _mm512_reduce_add_ps(a1);
 }
 
 // ---- [K, N] layout: rows of w scaled by x and summed, 16 columns a vector ----------------------
@@ -590,12 +537,15 @@ void run_dot(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
   }
 }
 
-inline void dot_pair(const float* x, const float* w0, const float* w1, int64_t k, float* out) {
-  dot_pair_f32(x, w0, w1, k, out);
+// One row of x against weight rows w and w + far (out[0], out[kMaxRows]): the one-row tile of two
+// weight rows, each column with the one-row arithmetic (its bits), each row a stream of its own,
+// which one core reads faster than one stream (on 2 MiB pages, about 26 -> 34 GB/s for a plain
+// sum; the hardware prefetcher follows each).
+inline void dot_pair(const float* x, const float* w, int64_t far, int64_t k, float* out) {
+  dot_tile_f32<1, 2, true>(x, 0, w, far, k, out);
 }
-inline void dot_pair(const uint16_t* x, const uint16_t* w0, const uint16_t* w1, int64_t k,
-                     float* out) {
-  dot_pair_bf16(x, w0, w1, k, out);
+inline void dot_pair(const uint16_t* x, const uint16_t* w, int64_t far, int64_t k, float* out) {
+  dot_tile_bf16<1, 2, true>(x, 0, w, far, k, out);
 }
 
 // One row of x: the columns' first half and second half side by side (dot_pair), an odd last
@@ -607,14 +557,14 @@ void run_dot_pairs(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
   const T* bias = static_cast<const T*>(g.bias);
   T* y = static_cast<T*>(g.y);
   const int64_t half = (n_end - n_begin) / 2;
-  float out[kMaxRows];
+  float out[2 * kMaxRows];
   const auto put = [&](int64_t n, float v) {
     store(y + n, v + (bias != nullptr ? to_float(bias[n]) : 0.0f));
   };
   for (int64_t n = n_begin; n < n_begin + half; ++n) {
-    dot_pair(x, w + n * g.w_stride, w + (n + half) * g.w_stride, g.k, out);
+    dot_pair(x, w + n * g.w_stride, half * g.w_stride, g.k, out);
     put(n, out[0]);
-    put(n + half, out[1]);
+    put(n + half, out[kMaxRows]);
   }
   if (n_begin + 2 * half < n_end) {
     const int64_t n = n_end - 1;
