@@ -21,18 +21,16 @@ import ctypes
 import gc
 import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import moe_infer  # noqa: E402
-from common import RESULTS_DIR, Progress, commit, machine_description, markdown_table, write_result  # noqa: E402
-from moe_infer import ops  # noqa: E402
-from moe_infer.buffer import (  # noqa: E402
+import moe_infer
+from common import RESULTS_DIR, Progress, commit, machine_description, markdown_table, write_result
+from moe_infer import ops
+from moe_infer.buffer import (
     LIVE_POLICIES,
     POLICIES,
     ExpertBuffer,
@@ -41,7 +39,7 @@ from moe_infer.buffer import (  # noqa: E402
     SafetensorsFile,
     simulate,
 )
-from moe_infer.traces import RoutingRecorder, RoutingTrace, synthetic_trace  # noqa: E402
+from moe_infer.traces import RoutingRecorder, RoutingTrace, synthetic_trace
 
 LAYER = dict(hidden=512, ffn=1024, experts=32, top_k=2)  # 6 MiB per expert in float32
 DTYPE = torch.float32  # of the experts and activations (--dtype)

@@ -42,18 +42,16 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from moe_infer.buffer import SafetensorsCheckpoint, attach_expert_buffers  # noqa: E402
-from paper_models import LM, LM_SETTING, build_lm  # noqa: E402
-from routing_lm import load_corpus  # noqa: E402
+import common
+from moe_infer.buffer import SafetensorsCheckpoint, attach_expert_buffers
+from paper_models import LM, LM_SETTING, build_lm
+from routing_lm import load_corpus
 
 SLOTS = (512, 256, 128, 64, 32, 16)  # per MoE layer, of E=512
 QUICK_SLOTS = (512, 64)

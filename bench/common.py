@@ -18,6 +18,17 @@ import torch
 from moe_infer import host_memory
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TESTS_PYTHON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python")
+
+
+def load_hf_models():
+    """tests/python/hf_models.py: the transformers models, built from configs with seeded weights,
+    that the tests check and the benchmarks time (imported on demand: it imports transformers)."""
+    if TESTS_PYTHON_DIR not in sys.path:
+        sys.path.insert(1, TESTS_PYTHON_DIR)
+    import hf_models
+
+    return hf_models
 
 
 class Progress:

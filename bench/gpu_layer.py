@@ -29,10 +29,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import moe_infer  # noqa: E402
-from common import capture_cuda_graph, machine_description, markdown_table  # noqa: E402
-from moe_infer import reference as ref  # noqa: E402
+import moe_infer
+from common import capture_cuda_graph, machine_description, markdown_table
+from moe_infer import reference as ref
 
 SHAPES = {
     "mixtral-8x7b": dict(hidden=4096, ffn=14336, experts=8, top_k=2),

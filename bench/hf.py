@@ -48,13 +48,11 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations import moe as hf_moe
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))  # hf_models
-import hf_models  # noqa: E402
-import moe_infer  # noqa: E402
-from common import (  # noqa: E402
+import moe_infer
+from common import (
     Progress,
     ReadProbe,
+    load_hf_models,
     machine_description,
     markdown_table,
     memory_bandwidth,
@@ -62,8 +60,10 @@ from common import (  # noqa: E402
     time_cpu_rows,
     write_result,
 )
-from moe_infer import host_memory  # noqa: E402
-from moe_infer.integrations import hf  # noqa: E402
+from moe_infer import host_memory
+from moe_infer.integrations import hf
+
+hf_models = load_hf_models()
 
 # arch: make_config options (hidden 512, 8-64 experts; COMMON: 2 layers)
 SIZES = {

@@ -13,7 +13,10 @@ S, dtype and thread count, times interleaved (min / median / max over the repeat
 and, for decode (S <= 16), the weight-bandwidth floor: the bytes of the active experts' weights
 over the memory bandwidth measured in the same run (the larger of a large torch copy, read + write
 bytes, and a large sum, read bytes, both on 2 MiB pages, and the same sum timed among the row's
-own calls: the largest), the limit no implementation passes.
+own calls: the largest), the limit no implementation passes. Decode rows also time the router
+alone (F.linear of the block's router weight, transformers' own call, which every contender makes
+and routing parity requires: its logits' bits choose the experts) and show the layer against the
+floor plus the router: no implementation that routes as transformers does can pass that sum.
 Decode rows start every timed call with cold caches (128 MiB is read untimed before it), as a
 decode step of a real model finds them. Every contender's expert weights are on 2 MiB
 pages (moe_infer.optimize and MoEExperts put them there; the transformers blocks' are moved with
@@ -30,19 +33,16 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))  # hf_models
-import hf_models  # noqa: E402
-import moe_infer  # noqa: E402
-from common import (  # noqa: E402
+import moe_infer
+from common import (
     Progress,
     ReadProbe,
+    load_hf_models,
     machine_description,
     markdown_table,
     memory_bandwidth,
@@ -50,7 +50,9 @@ from common import (  # noqa: E402
     time_cpu_rows,
     write_result,
 )
-from moe_infer import host_memory  # noqa: E402
+from moe_infer import host_memory
+
+hf_models = load_hf_models()
 
 SHAPES = {
     # name: (transformers architecture, hidden, ffn, experts, top_k)
@@ -137,6 +139,9 @@ def run_table(dtype, threads, tokens, quick, progress):
                 del fns["HF batched_mm"]
             fns["GEMM floor"] = floor
             decode = num_tokens <= 16
+            if decode:
+                flat, router_weight = x.reshape(-1, x.shape[-1]), blocks["HF eager"].gate.weight
+                fns["router"] = lambda flat=flat, router_weight=router_weight: F.linear(flat, router_weight)
             with torch.inference_mode():
                 samples, floor_bandwidth = time_cpu_rows(
                     fns,
@@ -152,6 +157,7 @@ def run_table(dtype, threads, tokens, quick, progress):
             best_hf = min(hf, key=hf.get)
             if decode:
                 bandwidth_floor = active_bytes / floor_bandwidth
+                router = statistics.median(samples["router"])
             rows.append(
                 [
                     shape,
@@ -165,6 +171,8 @@ def run_table(dtype, threads, tokens, quick, progress):
                     else "",
                     f"{statistics.median(ours) / statistics.median(gemms):.3f} ({min(ours) / min(gemms):.3f})",
                     f"{statistics.median(ours) / bandwidth_floor:.2f}" if decode else "",
+                    ms_spread(samples["router"]) if decode else "",
+                    f"{statistics.median(ours) / (bandwidth_floor + router):.2f}" if decode else "",
                     f"{hf[best_hf] / statistics.median(ours):.2f}x ({best_hf.removeprefix('HF ')})",
                 ]
             )
@@ -179,6 +187,8 @@ def run_table(dtype, threads, tokens, quick, progress):
         "bandwidth floor ms",
         "moe_infer / GEMM floor (of mins)",
         "moe_infer / bandwidth floor",
+        "router ms",
+        "moe_infer / (bandwidth floor + router)",
         "best HF / moe_infer",
     ]
     clock_name = "CPU time of the thread" if threads == 1 else "wall-clock time"
@@ -214,6 +224,8 @@ def main():
         f"and the same sum timed among the row's own calls (the GB/s in the cell); "
         f"every contender's expert weights, and the bandwidth buffers, on 2 MiB pages (moe_infer.host_memory); "
         f"decode rows are timed from cold caches (128 MiB read untimed before every call). "
+        f"Router (S <= 16): F.linear of the block's router weight alone, timed among the row's calls: "
+        f"transformers' own call, which every contender makes and routing parity requires. "
         f"'best HF' = fastest median of transformers' eager / batched_mm / grouped_mm.\n\n" + "\n".join(sections)
     )
     print(text)

@@ -16,10 +16,8 @@ differs in a way that matters; "not" when it is absent or unmeasured.
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS_DIR, commit, markdown_table, write_result  # noqa: E402
+from common import RESULTS_DIR, commit, markdown_table, write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The README's paper table sits between these markers; this script rewrites it.

@@ -37,7 +37,6 @@ budget. Writes bench/results/paper_models.{md,json}.
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -47,8 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
+from common import (
     Progress,
     commit,
     machine_description,
@@ -60,7 +58,7 @@ from common import (  # noqa: E402
     time_interleaved,
     write_result,
 )
-from moe_infer.fairseq import MOELayer, Top2Gate  # noqa: E402
+from moe_infer.fairseq import MOELayer, Top2Gate
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODES = ("static", "dynamic")

@@ -28,15 +28,13 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
+from common import (
     RESULTS_DIR,
     Progress,
     commit,
@@ -46,9 +44,9 @@ from common import (  # noqa: E402
     spread,
     write_result,
 )
-from moe_infer.placement import LoadRecorder, Placement, load_metrics, plan_placement, rank_loads  # noqa: E402
-from moe_infer.traces import RoutingTrace, synthetic_trace  # noqa: E402
-from paper_models import LM, MT, SCALED, LMLayer  # noqa: E402
+from moe_infer.placement import LoadRecorder, Placement, load_metrics, plan_placement, rank_loads
+from moe_infer.traces import RoutingTrace, synthetic_trace
+from paper_models import LM, MT, SCALED, LMLayer
 
 # name: (experts, top_k, layers, tokens per batch, batches, skew, locality, coactivation, description)
 TRACES = {

@@ -32,17 +32,15 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS_DIR, machine_description, markdown_table, write_result  # noqa: E402
-from moe_infer.fairseq import MOELayer, Top2Gate  # noqa: E402
-from moe_infer.traces import RoutingTrace  # noqa: E402
+from common import RESULTS_DIR, machine_description, markdown_table, write_result
+from moe_infer.fairseq import MOELayer, Top2Gate
+from moe_infer.traces import RoutingTrace
 
 CORPUS = "/usr/share/doc/python3.11/html/_sources"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

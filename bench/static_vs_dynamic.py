@@ -33,13 +33,11 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
+from common import (
     RESULTS_DIR,
     Progress,
     band,
@@ -52,8 +50,8 @@ from common import (  # noqa: E402
     spread,
     write_result,
 )
-from moe_infer import reference as ref  # noqa: E402
-from moe_infer.fairseq import MOELayer, Top2Gate  # noqa: E402
+from moe_infer import reference as ref
+from moe_infer.fairseq import MOELayer, Top2Gate
 
 WORKLOADS = {
     "lm": dict(
