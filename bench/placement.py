@@ -12,7 +12,9 @@ machine, routing ids from a skewed trace: time per layer (the busiest rank's CPU
 bytes each rank sends to the others, the busiest rank's rows, pairs dropped, for dynamic vs static
 (fairseq's fixed-size all-to-all) and for each placement; and the cost of rebalancing.
 
-Prints tables, writes bench/results/placement_cpu[_quick].md and .png.
+Prints tables, writes bench/results/placement_cpu[_quick].md and .png. --dtype (default float32) is
+the weights' and activations' type on the real ranks (gloo's all-to-all moves bfloat16 too); files
+of another dtype get its name as a suffix (placement_cpu_bfloat16.md).
 
 The paper's own protocol (claims 8 and 9), always run first: 8 ranks, calibrated traces and the
 recorded ones, Max Load of the paper's placements (bench/results/placement_paper.md); with
@@ -20,7 +22,7 @@ recorded ones, Max Load of the paper's placements (bench/results/placement_paper
 model's ranks (the rest of the model around each MoE layer, as bench/paper_models.py builds it):
 bench/results/placement_timed.md.
 
-    python bench/placement.py [--quick] [--skip-real] [--paper-only | --paper-timed]
+    python bench/placement.py [--quick] [--skip-real] [--paper-only | --paper-timed] [--dtype bfloat16]
 """
 
 import argparse
@@ -255,7 +257,7 @@ def paper_protocol(recorded_dir):
 
 # The paper's protocol on real ranks: each placement runs the second half of a trace through the
 # expert-parallel layer on 8 gloo processes. The fairseq LM's expert shape (d_model : ffn = 1 : 4,
-# gelu), scaled as bench/paper_models.py scales it; float32 (gloo's all-to-all).
+# gelu), scaled as bench/paper_models.py scales it; in --dtype.
 TIMED = dict(hidden=SCALED["d_model"], ffn=SCALED["ffn"], activation="gelu", repeats=3)
 QUICK_TIMED = dict(hidden=64, ffn=256, activation="gelu", repeats=1, batches=2)
 TIMED_TRACES = ["LM-like, calibrated", "MT-like, calibrated", "recorded lm_prefill.pt"]
@@ -279,19 +281,20 @@ class NonExpertBlocks(nn.Module):
     projection. ``before_experts`` returns what the experts take; ``after_experts`` adds their output
     back to the residual (and projects to the vocabulary after the last layer)."""
 
-    def __init__(self, spec: dict, num_experts: int, top_k: int, first: bool, last: bool):
+    def __init__(self, spec: dict, num_experts: int, top_k: int, first: bool, last: bool, dtype: torch.dtype):
         super().__init__()
         layer_spec = dict(SCALED, d_model=spec["hidden"], ffn=spec["ffn"], causal=spec["causal"])
         self.seq_len, self.top_k = spec["seq_len"], top_k
-        self.embed = nn.Embedding(spec["vocab"] or 1024, spec["hidden"]) if first else None
-        self.dense = nn.ModuleList(LMLayer(layer_spec, False, torch.float32) for _ in range(spec["period"] - 1))
-        self.moe_layer = LMLayer(layer_spec, False, torch.float32)  # its attention and ffn_norm only
-        self.router = nn.Linear(spec["hidden"], num_experts, bias=False)
-        self.head = nn.Linear(spec["hidden"], spec["vocab"], bias=False) if last and spec["vocab"] else None
-        self.norm = nn.LayerNorm(spec["hidden"]) if self.head is not None else None
+        hidden, vocab = spec["hidden"], spec["vocab"]
+        self.embed = nn.Embedding(vocab or 1024, hidden, dtype=dtype) if first else None
+        self.dense = nn.ModuleList(LMLayer(layer_spec, False, dtype) for _ in range(spec["period"] - 1))
+        self.moe_layer = LMLayer(layer_spec, False, dtype)  # its attention and ffn_norm only
+        self.router = nn.Linear(hidden, num_experts, bias=False, dtype=dtype)
+        self.head = nn.Linear(hidden, vocab, bias=False, dtype=dtype) if last and vocab else None
+        self.norm = nn.LayerNorm(hidden, dtype=dtype) if self.head is not None else None
 
     def before_experts(self, x: torch.Tensor) -> tuple:
-        """x [T, d] float32 (or [T] token ids at the first MoE layer) -> (residual [T, d], expert input
+        """x [T, d] (or [T] token ids at the first MoE layer) -> (residual [T, d], expert input
         [T, d], router weights [T, k])."""
         x = self.embed(x) if self.embed is not None else x
         tokens = x.shape[0]
@@ -301,7 +304,7 @@ class NonExpertBlocks(nn.Module):
             h = layer(h)
         h = self.moe_layer.attend(h).reshape(tokens, -1)
         normed = self.moe_layer.ffn_norm(h)
-        weights, _ = torch.softmax(self.router(normed), dim=-1).topk(self.top_k, dim=-1)
+        weights, _ = torch.softmax(self.router(normed), dim=-1, dtype=torch.float32).topk(self.top_k, dim=-1)
         return h, normed, weights
 
     def after_experts(self, residual: torch.Tensor, expert_output: torch.Tensor) -> torch.Tensor:
@@ -309,7 +312,7 @@ class NonExpertBlocks(nn.Module):
         return self.head(self.norm(out)) if self.head is not None else out
 
 
-def _timed_worker(rank, world_size, store, trace, placements, config, model, results):
+def _timed_worker(rank, world_size, store, trace, placements, config, model, dtype, results):
     """Every step (batch x layer) runs through each placement's layer in turn, a barrier before each:
     the rest of the model around that MoE layer (NonExpertBlocks of ``model``), then the expert-parallel
     layer. A call's CPU time is this rank's main thread's (gloo moves the rows on its own threads),
@@ -327,6 +330,7 @@ def _timed_worker(rank, world_size, store, trace, placements, config, model, res
         with torch.no_grad():
             for p in experts.parameters():
                 p.normal_(0.0, p.shape[-1] ** -0.5)
+        experts = experts.to(dtype)
         names = list(placements)
         layers = {
             name: [expert_parallel(experts, placement, validate=False) for placement in per_layer]
@@ -335,7 +339,9 @@ def _timed_worker(rank, world_size, store, trace, placements, config, model, res
         del experts
         spec = dict(model, hidden=c["hidden"], ffn=c["ffn"])
         last = trace.num_layers - 1
-        rest = [NonExpertBlocks(spec, trace.num_experts, trace.top_k, i == 0, i == last) for i in range(last + 1)]
+        rest = [
+            NonExpertBlocks(spec, trace.num_experts, trace.top_k, i == 0, i == last, dtype) for i in range(last + 1)
+        ]
         half = trace.num_batches // 2
         batches = range(half, trace.num_batches if "batches" not in c else half + c["batches"])
         gen = torch.Generator().manual_seed(100 + rank)
@@ -350,7 +356,7 @@ def _timed_worker(rank, world_size, store, trace, placements, config, model, res
                         if layer == 0:  # token ids into the embedding
                             x = torch.randint(0, rest[0].embed.num_embeddings, (tokens,), generator=gen)
                         else:
-                            x = torch.randn(tokens, c["hidden"], generator=gen)
+                            x = torch.randn(tokens, c["hidden"], generator=gen, dtype=dtype)
                         shift = (b + layer + repeat) % len(names)  # interleaved, each first in turn
                         for name in names[shift:] + names[:shift]:
                             dist.barrier()
@@ -377,7 +383,7 @@ def _busiest(by_rank, field):
     return {name: [max(by_rank[r][field][name][i] for r in by_rank) for i in range(steps)] for name in PAPER_ALGORITHMS}
 
 
-def paper_timed(recorded_dir, modelled, quick):
+def paper_timed(recorded_dir, modelled, quick, dtype):
     """Claim 9 on real ranks: per trace, the paper's placements (and replication, beyond the paper)
     planned on the first half, the second half timed through the expert-parallel layer on 8 gloo
     ranks. A step's time is its busiest rank's CPU time; the speedup of a placement is contiguous's
@@ -396,7 +402,7 @@ def paper_timed(recorded_dir, modelled, quick):
             for name in PAPER_ALGORITHMS
         }
         model = WHOLE_MODEL[trace_name]
-        by_rank = run_ranks(PAPER_RANKS, _timed_worker, trace, placements, config, model)
+        by_rank = run_ranks(PAPER_RANKS, _timed_worker, trace, placements, config, model, dtype)
         steps = len(by_rank[0][0]["contiguous"])
         step_cpu, step_wall, step_rest = (_busiest(by_rank, field) for field in (0, 1, 3))
         # The all-to-alls make the expert-parallel layer a synchronisation point: a whole-model step takes
@@ -495,7 +501,7 @@ def real_configs(world_size, load):
     }
 
 
-def _real_worker(rank, world_size, store, config, results):
+def _real_worker(rank, world_size, store, config, dtype, results):
     import torch.distributed as dist
 
     import moe_infer
@@ -509,7 +515,7 @@ def _real_worker(rank, world_size, store, config, results):
         )
         load = LoadRecorder.from_trace(trace, range(c["batches"])).load(0)
         torch.manual_seed(0)
-        layer = moe_infer.MoELayer(c["hidden"], c["ffn"], c["experts"], c["top_k"]).eval()
+        layer = moe_infer.MoELayer(c["hidden"], c["ffn"], c["experts"], c["top_k"]).to(dtype).eval()
         configs = real_configs(world_size, load)
         layers = {key: expert_parallel(layer.experts, p, **opts) for key, (p, opts) in configs.items()}
         gen = torch.Generator().manual_seed(100 + rank)
@@ -518,7 +524,7 @@ def _real_worker(rank, world_size, store, config, results):
         with torch.no_grad():
             for b in range(c["batches"] - 1, 2 * c["batches"]):  # the first one warms up
                 ids = trace.layers[0][b][rank * c["tokens"] : (rank + 1) * c["tokens"]]
-                x = torch.randn(c["tokens"], c["hidden"], generator=gen)
+                x = torch.randn(c["tokens"], c["hidden"], generator=gen, dtype=dtype)
                 weights = torch.rand(c["tokens"], c["top_k"], generator=gen)
                 for key, ep in layers.items():
                     dist.barrier()
@@ -568,8 +574,8 @@ def run_ranks(world_size, worker, *args):
     return {outcome[0]: outcome[1:] for outcome in outcomes}
 
 
-def run_real(world_size, config):
-    by_rank = run_ranks(world_size, _real_worker, config)
+def run_real(world_size, config, dtype):
+    by_rank = run_ranks(world_size, _real_worker, config, dtype)
     rows, times = [], {}
     keys = list(by_rank[0][0])
     baseline = None
@@ -649,7 +655,15 @@ def main():
     parser.add_argument(
         "--paper-timed", action="store_true", help="the paper's protocol, then timed on 8 gloo ranks (minutes)"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="weights and activations on the real ranks (default float32)",
+    )
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    dtype_suffix = "" if dtype == torch.float32 else f"_{args.dtype}"
     torch.set_num_threads(1)
     paper_table, paper_results = paper_protocol(os.path.join(RESULTS_DIR, "traces"))
     paper_text = (
@@ -672,7 +686,7 @@ def main():
         json.dumps(dict(commit=commit(), ranks=PAPER_RANKS, traces=paper_results), indent=1) + "\n",
     )
     if args.paper_timed:
-        timed_table, timed_results = paper_timed(os.path.join(RESULTS_DIR, "traces"), paper_results, args.quick)
+        timed_table, timed_results = paper_timed(os.path.join(RESULTS_DIR, "traces"), paper_results, args.quick, dtype)
         c = timed_results["config"]
         timed_text = results_header(
             "Load balancing timed on real ranks, the paper's protocol (bench/placement.py --paper-timed)",
@@ -684,7 +698,7 @@ def main():
             f"{sorted(os.sched_getaffinity(0))} of {os.cpu_count()} (a shared machine). Per trace, each placement is "
             "planned on the first half of the batches and the second half runs through moe_infer's expert-parallel "
             f"layer (ExpertParallelExperts, dynamic gating: counts all-to-all, then the variable-size all-to-alls): "
-            f"E experts of d_model {c['hidden']}, ffn {c['ffn']}, {c['activation']}, float32; each batch's tokens "
+            f"E experts of d_model {c['hidden']}, ffn {c['ffn']}, {c['activation']}, {args.dtype}; each batch's tokens "
             f"split evenly over the ranks; every layer of the trace is a step; {c['repeats']} passes over the half, "
             "the placements interleaved step by step (a barrier before each call). A step's time is the busiest "
             "rank's CPU time of the call (its main thread: routing, permutes, expert GEMMs and combine; gloo moves "
@@ -716,7 +730,7 @@ def main():
             + "\n"
         )
         print(timed_text)
-        stem = f"placement_timed{'_quick' if args.quick else ''}"
+        stem = f"placement_timed{'_quick' if args.quick else ''}{dtype_suffix}"
         write_result(f"{stem}.md", timed_text)
         write_result(
             f"{stem}.json",
@@ -731,7 +745,7 @@ def main():
     sim_rows, summary = simulate(traces, progress)
     real_rows, rebalance_rows, real_times = [], [], {}
     for world_size in worlds:
-        rows, rebalance, times = run_real(world_size, real_config)
+        rows, rebalance, times = run_real(world_size, real_config, dtype)
         real_rows += rows
         rebalance_rows.append(rebalance)
         real_times[world_size] = times
@@ -779,7 +793,7 @@ def main():
         text += (
             "\n## Expert-parallel layer on gloo processes (this machine)\n\n"
             f"ExpertParallelExperts, E={cfg['experts']}, H={cfg['hidden']}, ffn={cfg['ffn']} (SiLU-GLU), "
-            f"top-{cfg['top_k']}, {cfg['tokens']} tokens per rank per batch, float32, one thread per rank, the "
+            f"top-{cfg['top_k']}, {cfg['tokens']} tokens per rank per batch, {args.dtype}, one thread per rank, the "
             f"ranks pinned to core(s) {sorted(os.sched_getaffinity(0))} of {os.cpu_count()}; "
             f"routing ids from a trace (skew {cfg['skew']}, locality {cfg['locality']}), placement planned "
             f"on its first {cfg['batches']} batches, measured on the next {cfg['batches']} (interleaved, "
@@ -792,7 +806,7 @@ def main():
             f"capacity of S.\n\n{real_table}\n\nRebalancing a running layer (contiguous -> greedy + "
             f"replicas, point-to-point):\n\n{rebalance_table}\n"
         )
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + dtype_suffix
     png = os.path.join(RESULTS_DIR, f"placement_cpu{suffix}.png")
     os.makedirs(RESULTS_DIR, exist_ok=True)
     plot(summary, traces, real_times, png)
