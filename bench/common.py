@@ -21,6 +21,17 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 TESTS_PYTHON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python")
 
 
+def relative_error(got: torch.Tensor, expected: torch.Tensor, dim=None) -> torch.Tensor:
+    """||got - expected|| / ||expected|| in float64: of the whole tensors, or along ``dim``."""
+    got, expected = got.double(), expected.double()
+    return (got - expected).norm(dim=dim) / expected.norm(dim=dim)
+
+
+def dtype_suffix(dtype: torch.dtype) -> str:
+    """The results-file suffix of a dtype: "" for float32 (the default), else "_bfloat16" etc."""
+    return "" if dtype == torch.float32 else "_" + str(dtype).removeprefix("torch.")
+
+
 def load_hf_models():
     """tests/python/hf_models.py: the transformers models, built from configs with seeded weights,
     that the tests check and the benchmarks time (imported on demand: it imports transformers)."""

@@ -30,7 +30,7 @@ import time
 import torch
 
 import moe_infer
-from common import capture_cuda_graph, machine_description, markdown_table
+from common import capture_cuda_graph, machine_description, markdown_table, relative_error
 from moe_infer import reference as ref
 
 SHAPES = {
@@ -248,7 +248,7 @@ def part_layer(args, device, dtype, timer, bandwidth, shapes, tokens):
                 out = layer(x)
                 active = int(torch.unique(layer.route(x)[2]).numel())
                 expected = ref.layer_forward(layer, x[:256], compute_dtype=torch.float32)
-                error = ((out[:256].float() - expected).norm() / expected.norm()).item()
+                error = relative_error(out[:256], expected).item()
                 t = {"moe_infer": timer(lambda layer=layer, x=x: layer(x))}
                 graph = captured(layer, x)
                 if graph is not None:

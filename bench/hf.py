@@ -57,6 +57,7 @@ from common import (
     markdown_table,
     memory_bandwidth,
     ms_spread,
+    relative_error,
     time_cpu_rows,
     write_result,
 )
@@ -226,7 +227,7 @@ def check_variants(arch, variants, ids, dtype):
                 continue
             if name == "HF batched_mm" and batched_mm_gather_bytes(arch, model, ids.numel()) > MAX_GATHER_BYTES:
                 continue
-            errors[name] = ((prefill_fn(arch, model, ids)().double() - expected).norm() / expected.norm()).item()
+            errors[name] = relative_error(prefill_fn(arch, model, ids)(), expected).item()
     ours = {name: e for name, e in errors.items() if "moe_infer" in name}
     hf_spread = max((e for name, e in errors.items() if name not in ours), default=0.0)
     allowed = limit if dtype == torch.float32 else max(limit, 2 * hf_spread)

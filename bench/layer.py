@@ -14,9 +14,10 @@ and, for decode (S <= 16), the weight-bandwidth floor: the bytes of the active e
 over the memory bandwidth measured in the same run (the larger of a large torch copy, read + write
 bytes, and a large sum, read bytes, both on 2 MiB pages, and the same sum timed among the row's
 own calls: the largest), the limit no implementation passes. Decode rows also time the router
-alone (F.linear of the block's router weight, transformers' own call, which every contender makes
-and routing parity requires: its logits' bits choose the experts) and show the layer against the
-floor plus the router: no implementation that routes as transformers does can pass that sum.
+alone (F.linear of the block's router weight: transformers' own call, which transformers' blocks
+and moe_infer make and routing parity requires, as its logits' bits choose the experts) and show
+the layer against the floor plus the router: no implementation that routes as transformers does
+can pass that sum.
 Decode rows start every timed call with cold caches (128 MiB is read untimed before it), as a
 decode step of a real model finds them. Every contender's expert weights are on 2 MiB
 pages (moe_infer.optimize and MoEExperts put them there; the transformers blocks' are moved with
@@ -47,6 +48,7 @@ from common import (
     markdown_table,
     memory_bandwidth,
     ms_spread,
+    relative_error,
     time_cpu_rows,
     write_result,
 )
@@ -122,10 +124,9 @@ def run_table(dtype, threads, tokens, quick, progress):
         for num_tokens in tokens:
             x = torch.randn(1, num_tokens, SHAPES[shape][1], dtype=dtype)
             with torch.no_grad():
-                expected = blocks["HF eager"](x).double()
+                expected = blocks["HF eager"](x)
                 for name in ("moe_infer", "HF grouped_mm"):
-                    got = blocks[name](x).double()
-                    error = ((got - expected).norm() / expected.norm()).item()
+                    error = relative_error(blocks[name](x), expected).item()
                     if not error < (1e-5 if dtype == torch.float32 else 2e-2):
                         raise SystemExit(
                             f"{shape} S={num_tokens} {dtype}: {name} disagrees with HF eager ({error:.1e})"
@@ -225,7 +226,7 @@ def main():
         f"every contender's expert weights, and the bandwidth buffers, on 2 MiB pages (moe_infer.host_memory); "
         f"decode rows are timed from cold caches (128 MiB read untimed before every call). "
         f"Router (S <= 16): F.linear of the block's router weight alone, timed among the row's calls: "
-        f"transformers' own call, which every contender makes and routing parity requires. "
+        f"transformers' own call, which transformers' blocks and moe_infer make and routing parity requires. "
         f"'best HF' = fastest median of transformers' eager / batched_mm / grouped_mm.\n\n" + "\n".join(sections)
     )
     print(text)

@@ -13,8 +13,9 @@ bytes each rank sends to the others, the busiest rank's rows, pairs dropped, for
 (fairseq's fixed-size all-to-all) and for each placement; and the cost of rebalancing.
 
 Prints tables, writes bench/results/placement_cpu[_quick].md and .png. --dtype (default float32) is
-the weights' and activations' type on the real ranks (gloo's all-to-all moves bfloat16 too); files
-of another dtype get its name as a suffix (placement_cpu_bfloat16.md).
+the weights' and activations' type on the real ranks (gloo's all-to-all moves bfloat16 too); with
+another dtype only the real ranks run (the simulation has no dtype), into files with its name as a
+suffix (placement_cpu_bfloat16.md).
 
 The paper's own protocol (claims 8 and 9), always run first: 8 ranks, calibrated traces and the
 recorded ones, Max Load of the paper's placements (bench/results/placement_paper.md); with
@@ -40,6 +41,7 @@ from common import (
     RESULTS_DIR,
     Progress,
     commit,
+    dtype_suffix,
     machine_description,
     markdown_table,
     results_header,
@@ -657,13 +659,14 @@ def main():
     )
     parser.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=["float32", "bfloat16"],
         default="float32",
         help="weights and activations on the real ranks (default float32)",
     )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    dtype_suffix = "" if dtype == torch.float32 else f"_{args.dtype}"
+    if dtype != torch.float32 and args.skip_real:
+        parser.error("--skip-real runs the simulation only, which has no dtype: leave out --dtype")
     torch.set_num_threads(1)
     paper_table, paper_results = paper_protocol(os.path.join(RESULTS_DIR, "traces"))
     paper_text = (
@@ -730,15 +733,16 @@ def main():
             + "\n"
         )
         print(timed_text)
-        stem = f"placement_timed{'_quick' if args.quick else ''}{dtype_suffix}"
+        stem = f"placement_timed{'_quick' if args.quick else ''}{dtype_suffix(dtype)}"
         write_result(f"{stem}.md", timed_text)
         write_result(
             f"{stem}.json",
-            json.dumps(dict(commit=commit(), quick=args.quick, **timed_results), indent=1) + "\n",
+            json.dumps(dict(commit=commit(), quick=args.quick, dtype=args.dtype, **timed_results), indent=1) + "\n",
         )
     if args.paper_only or args.paper_timed:
         return
-    traces = QUICK_TRACES if args.quick else TRACES
+    # The simulation has no dtype: in another dtype only the real ranks run.
+    traces = {} if dtype != torch.float32 else QUICK_TRACES if args.quick else TRACES
     real_config = QUICK_REAL if args.quick else REAL
     worlds = [] if args.skip_real else [2, 4]
     progress = Progress(len(traces) * len(RANKS) + len(worlds), "bench/placement")
@@ -761,19 +765,22 @@ def main():
         sim_rows,
     )
     text = (
-        f"# Expert placement and expert parallelism ({'quick' if args.quick else 'full'})\n\n"
+        f"# Expert placement and expert parallelism ({'quick' if args.quick else 'full'}, {args.dtype})\n\n"
         f"Machine: {machine_description(torch.device('cpu'))}. Measured at commit {commit()}.\n\n"
-        "## Load balance (simulation, the paper's protocol)\n\n"
-        "Each placement is planned on the first half of the batches of a synthetic routing trace "
-        "(moe_infer.traces.synthetic_trace) and measured on the second half, layer by layer. "
-        "Max Load: the largest share of one batch's tokens on one rank; Avg Max Load: its mean over "
-        "batches and layers (1/ranks is perfect); balancedness: mean / max tokens per rank, averaged. "
-        "'+ replicas' uses ~12.5% extra expert slots (slots/rank). Hierarchical: ranks in 2 nodes, "
-        "co-activation clusters kept on one node. 'one-node tokens': share of tokens whose experts "
-        "all have a replica on one common node (traffic a per-node deduplicating transport would keep "
-        f"inside a node; 2 nodes). 'online' replans every {ONLINE_EVERY} batches from the last "
-        f"{ONLINE_EVERY}.\n\n{trace_lines}\n\n{sim_table}\n"
     )
+    if traces:
+        text += (
+            "## Load balance (simulation, the paper's protocol)\n\n"
+            "Each placement is planned on the first half of the batches of a synthetic routing trace "
+            "(moe_infer.traces.synthetic_trace) and measured on the second half, layer by layer. "
+            "Max Load: the largest share of one batch's tokens on one rank; Avg Max Load: its mean over "
+            "batches and layers (1/ranks is perfect); balancedness: mean / max tokens per rank, averaged. "
+            "'+ replicas' uses ~12.5% extra expert slots (slots/rank). Hierarchical: ranks in 2 nodes, "
+            "co-activation clusters kept on one node. 'one-node tokens': share of tokens whose experts "
+            "all have a replica on one common node (traffic a per-node deduplicating transport would keep "
+            f"inside a node; 2 nodes). 'online' replans every {ONLINE_EVERY} batches from the last "
+            f"{ONLINE_EVERY}.\n\n{trace_lines}\n\n{sim_table}\n"
+        )
     if real_rows:
         cfg = real_config
         real_table = markdown_table(
@@ -806,7 +813,7 @@ def main():
             f"capacity of S.\n\n{real_table}\n\nRebalancing a running layer (contiguous -> greedy + "
             f"replicas, point-to-point):\n\n{rebalance_table}\n"
         )
-    suffix = ("_quick" if args.quick else "") + dtype_suffix
+    suffix = ("_quick" if args.quick else "") + dtype_suffix(dtype)
     png = os.path.join(RESULTS_DIR, f"placement_cpu{suffix}.png")
     os.makedirs(RESULTS_DIR, exist_ok=True)
     plot(summary, traces, real_times, png)

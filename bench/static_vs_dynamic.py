@@ -45,6 +45,7 @@ from common import (
     machine_description,
     markdown_table,
     peak_memory,
+    relative_error,
     results_header,
     return_freed_memory_to_os,
     spread,
@@ -131,7 +132,7 @@ def check_against_fairseq(layer: MOELayer, seq_len: int) -> float:
     torch.manual_seed(1)
     want = fairseq_forward(layer, x)
     run_mode(layer, x, "dynamic")  # warms the dynamic path up too
-    error = ((got - want).norm() / want.norm()).item()
+    error = relative_error(got, want).item()
     if not error < 1e-5:
         raise SystemExit(f"static gating disagrees with the fairseq re-implementation: relative error {error:.2e}")
     return error
