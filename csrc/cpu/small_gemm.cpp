@@ -34,24 +34,41 @@ namespace {
 // accumulators. Two to four rows take the stream tile: one weight row at a time, in memory order,
 // so the weights are one sequential stream that the hardware prefetcher follows (on 2 MiB pages it
 // reads about twice the bytes per second of weight rows read side by side); one row takes two such
-// streams (dot_pair, run_dot_pairs). More rows take the
-// square tile, which reads four weight rows side by side, each vector of them used for four rows
-// of x, with its own prefetch (prefetch_weights): measured on 2 MiB pages, Mixtral-sized experts,
-// from five to eight rows it reads 1.3-1.6x the bytes per second of the stream tile, which makes a
-// second pass over each weight row, from L1, and spends more load slots on x.
+// streams (dot_pair, run_dot_pairs). More rows take the square tile, which reads four weight rows
+// side by side, each vector of them used for four rows of x (bfloat16: up to six), with its own
+// prefetch (prefetch_weights): measured on 2 MiB pages, Mixtral-sized experts, from five to eight
+// rows it reads 1.3-1.6x the bytes per second of the stream tile, which makes a second pass over
+// each weight row, from L1, and spends more load slots on x.
+// pass(left): the rows of x of the next pass over a tile's weight rows, `left` rows to go.
 struct StreamTile {
   static constexpr int kRows = 4;
   static constexpr int kBlock = 1;
+  static int pass(int64_t left) { return static_cast<int>(std::min<int64_t>(kRows, left)); }
 };
 struct SquareTile {
   static constexpr int kRows = 4;
   static constexpr int kBlock = 4;
+  static int pass(int64_t left) { return static_cast<int>(std::min<int64_t>(kRows, left)); }
+};
+// bfloat16 takes six rows of x a pass (24 accumulators, 4 weight vectors and one of x: 29 of the
+// 32 registers): kernel alone, Mixtral-sized experts from memory, one thread, 6 rows 20 -> 24
+// GB/s, 8 rows 17 -> 19, 10-12 rows 1.08-1.12x; float32's loads make six rows slower (5-7 rows
+// 0.82-0.92x), and five rows in one pass read slower than four and one (0.88x).
+struct SquareTileBf16 {
+  static constexpr int kRows = 6;
+  static constexpr int kBlock = 4;
+  static int pass(int64_t left) {
+    return left >= kRows ? kRows : left == 5 ? 4 : static_cast<int>(left);
+  }
 };
 // Rows of x up to which the stream tile runs.
 constexpr int64_t kStreamRows = StreamTile::kRows;
 // Scratch layout of one tile's results: out[j * kMaxRows + r].
-constexpr int kMaxRows = 4;
-static_assert(kSmallGemmColumnBlock % SquareTile::kBlock == 0, "column block of the kernels");
+constexpr int kMaxRows = SquareTileBf16::kRows;
+static_assert(SquareTile::kRows <= kMaxRows && StreamTile::kRows <= kMaxRows, "tile scratch");
+static_assert(kSmallGemmColumnBlock % SquareTile::kBlock == 0 &&
+                  kSmallGemmColumnBlock % SquareTileBf16::kBlock == 0,
+              "column block of the kernels");
 // The [K, N] layout's columns per pass over its float32 accumulators (rows x kAxpyColumns).
 constexpr int64_t kAxpyColumns = kSmallGemmRowMajorColumnBlock;
 // One row of x in the [K, N] layout reads each weight row whole, one after another, where one pass
@@ -506,11 +523,13 @@ template <>
 struct DotOf<float> {
   template <int R, int NB>
   using Tile = DotF32<R, NB>;
+  using Square = SquareTile;
 };
 template <>
 struct DotOf<uint16_t> {
   template <int R, int NB>
   using Tile = DotBf16<R, NB>;
+  using Square = SquareTileBf16;
 };
 
 template <typename T, typename Shape>
@@ -523,8 +542,8 @@ void run_dot(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
   float out[Shape::kBlock * kMaxRows];
   for (int64_t n0 = n_begin; n0 < n_end; n0 += Shape::kBlock) {
     const int nb = static_cast<int>(std::min<int64_t>(Shape::kBlock, n_end - n0));
-    for (int64_t r0 = 0; r0 < g.rows; r0 += Shape::kRows) {
-      const int rt = static_cast<int>(std::min<int64_t>(Shape::kRows, g.rows - r0));
+    for (int64_t r0 = 0, rt = 0; r0 < g.rows; r0 += rt) {
+      rt = Shape::pass(g.rows - r0);
       tiles[(rt - 1) * Shape::kBlock + (nb - 1)](x + r0 * g.x_stride, g.x_stride,
                                                  w + n0 * g.w_stride, g.w_stride, g.k, out);
       for (int j = 0; j < nb; ++j) {
@@ -609,7 +628,7 @@ void run(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
     } else if (g.rows <= kStreamRows) {
       run_dot<T, StreamTile>(g, n_begin, n_end);
     } else {
-      run_dot<T, SquareTile>(g, n_begin, n_end);
+      run_dot<T, typename DotOf<T>::Square>(g, n_begin, n_end);
     }
   } else {
     run_axpy<T>(g, n_begin, n_end);
