@@ -179,8 +179,12 @@ class ReadProbe:
     def __call__(self) -> None:
         self.values.sum()
 
+    @property
+    def bytes(self) -> int:
+        return self.values.numel() * self.values.element_size()
+
     def bandwidth(self, seconds: list[float]) -> float:
-        return self.values.numel() * self.values.element_size() / statistics.median(seconds)
+        return self.bytes / statistics.median(seconds)
 
 
 def memory_bandwidth(clock: Callable[[], float] = time.perf_counter, rounds: int = 9) -> Bandwidth:
@@ -231,6 +235,29 @@ def evict_caches() -> None:
     _EVICTION_BUFFER.sum()
 
 
+@dataclasses.dataclass
+class RowTimes:
+    """time_cpu_rows' result. samples: the seconds of every call, by name, in round order.
+    floor_bandwidth: the bandwidth of the row's floor (Bandwidth.floor_with the probe's median
+    rate), None without a probe. round_read: the probe's read rate in each round (bytes per
+    second), the same order as the samples, None without a probe."""
+
+    samples: dict[str, list[float]]
+    floor_bandwidth: float | None
+    round_read: list[float] | None
+
+    def round_floors(self, num_bytes: int) -> list[float]:
+        """The seconds ``num_bytes`` take at the rate the probe read in each round: a floor per round
+        (the bandwidth a shared machine gives moves from minute to minute; interleaving pairs each
+        call with the probe of its own round)."""
+        return [num_bytes / read for read in self.round_read]
+
+
+def median_ratio(times: list[float], floors: list[float]) -> float:
+    """The median over rounds of time / floor (the two lists in round order)."""
+    return statistics.median(t / f for t, f in zip(times, floors, strict=True))
+
+
 def time_cpu_rows(
     fns: dict[str, Callable[[], object]],
     repeats: int,
@@ -239,11 +266,11 @@ def time_cpu_rows(
     cold: bool,
     probe: "ReadProbe | None" = None,
     bandwidth: Bandwidth | None = None,
-) -> tuple[dict[str, list[float]], float | None]:
+) -> RowTimes:
     """The seconds of every call of ``fns`` on the CPU, in interleaved rounds (time_interleaved),
     and the bandwidth floor of those moments. ``cold``: evict_caches before every call (a decode
-    step). With a ``probe``, it is timed among ``fns`` and the floor is ``bandwidth.floor_with`` its
-    rate; without, the floor is None."""
+    step). With a ``probe``, it is timed among ``fns``: the floor is ``bandwidth.floor_with`` its
+    median rate, and its rate in each round is kept for per-round ratios."""
     timed = dict(fns)
     if probe is not None:
         timed[probe.name] = probe
@@ -257,8 +284,11 @@ def time_cpu_rows(
         before=evict_caches if cold else None,
     )
     if probe is None:
-        return samples, None
-    return samples, bandwidth.floor_with(probe.bandwidth(samples.pop(probe.name)))
+        return RowTimes(samples, None, None)
+    probe_seconds = samples.pop(probe.name)
+    return RowTimes(
+        samples, bandwidth.floor_with(probe.bandwidth(probe_seconds)), [probe.bytes / t for t in probe_seconds]
+    )
 
 
 # ---- memory: peak RSS of one call ------------------------------------------------------------

@@ -19,8 +19,10 @@ untimed before it), as in a real model whose weights far exceed the caches. Deco
 the weight-bandwidth floor: the bytes of weights the step must read (every parameter outside the
 experts, an untied input embedding aside, plus each layer's active experts) over the memory
 bandwidth measured in the same run (the largest of a large torch copy, read + write bytes, a large
-sum, read bytes, both on 2 MiB pages, and the same sum timed among the row's own calls). Every
-variant's large weights are on 2 MiB pages (moe_infer.host_memory), as optimize puts the experts'.
+sum, read bytes, both on 2 MiB pages, and the same sum timed among the row's own calls), and the
+step's ratio to it is the median over rounds of its time over the floor at the rate that sum read
+in the same round (the strict ratio beside it). Every variant's large weights are on 2 MiB pages
+(moe_infer.host_memory), as optimize puts the experts'.
 
 Tables for each --dtype (default bfloat16 and float32) and --threads (default 1 and 2). One thread
 is timed in CPU time (time.process_time): this machine is shared, and CPU time of a single-threaded
@@ -55,6 +57,7 @@ from common import (
     load_hf_models,
     machine_description,
     markdown_table,
+    median_ratio,
     memory_bandwidth,
     ms_spread,
     relative_error,
@@ -334,7 +337,7 @@ def run_table(archs, dtype, threads, quick, progress):
                 tokens, repeats = batch, (5 if quick else 15)
             decode = not phase.startswith("prefill")
             with torch.no_grad():
-                samples, floor_bandwidth = time_cpu_rows(
+                timed = time_cpu_rows(
                     fns,
                     repeats,
                     0.5 if quick else 2.0,
@@ -343,8 +346,11 @@ def run_table(archs, dtype, threads, quick, progress):
                     probe=probe if decode and arch not in hf_models.ENCODER_DECODER else None,
                     bandwidth=bandwidth,
                 )
+            samples, floor_bandwidth = timed.samples, timed.floor_bandwidth
             if floor_bandwidth is not None:
-                bandwidth_floor = step_weight_bytes(variants["HF eager"], fns["HF eager"]) / floor_bandwidth
+                step_bytes = step_weight_bytes(variants["HF eager"], fns["HF eager"])
+                bandwidth_floor = step_bytes / floor_bandwidth
+                per_round = median_ratio(samples["moe_infer"], timed.round_floors(step_bytes))
             times = {name: statistics.median(values) for name, values in samples.items()}
             hf_times = {n: t for n, t in times.items() if n.startswith("HF") and "moe_infer" not in n}
             best_hf = min(hf_times, key=hf_times.get)
@@ -354,7 +360,7 @@ def run_table(archs, dtype, threads, quick, progress):
             row.append(ms_spread(samples["moe_infer"], 2))
             row.append(f"{times['moe_infer'] / floor:.2f}" if floor else "n/a")
             row.append(f"{bandwidth_floor * 1e3:.2f}" if bandwidth_floor else "")
-            row.append(f"{times['moe_infer'] / bandwidth_floor:.2f}" if bandwidth_floor else "")
+            row.append(f"{per_round:.2f} ({times['moe_infer'] / bandwidth_floor:.2f})" if bandwidth_floor else "")
             row.append(f"{hf_times[best_hf] / times['moe_infer']:.2f}x ({best_hf.removeprefix('HF ')})")
             rows.append(row)
             progress.step(f"{arch} {phase} {dtype} t={threads}")
@@ -362,7 +368,12 @@ def run_table(archs, dtype, threads, quick, progress):
         gc.collect()
 
     headers = ["model", "phase", *(f"{c} tok/s" if c == "HF eager" else c for c in COLUMNS)]
-    headers += ["moe_infer ms", "moe_infer / GEMM floor", "bandwidth floor ms", "moe_infer / bandwidth floor"]
+    headers += [
+        "moe_infer ms",
+        "moe_infer / GEMM floor",
+        "bandwidth floor ms",
+        "moe_infer / bandwidth floor: per round (of medians)",
+    ]
     table = markdown_table(headers + ["vs best HF"], rows)
     timing = "CPU time (time.process_time)" if threads == 1 else "wall-clock time"
     return (
@@ -410,7 +421,10 @@ def main():
         f"sides. 'bandwidth floor': bytes of the weights one decode step must read (every parameter outside the "
         f"experts, an untied input embedding aside, plus the active experts of every layer) / the memory bandwidth "
         f"(the largest of the table's copy and sum and the same sum timed among the row's own calls); every variant's "
-        f"large weights are on 2 MiB pages (moe_infer.host_memory); decode rows are timed from cold caches. 'vs best HF' = fastest of HF eager / batched_mm / grouped_mm divided by "
+        f"large weights are on 2 MiB pages (moe_infer.host_memory); decode rows are timed from cold caches. "
+        f"'moe_infer / bandwidth floor': the median over the interleaved rounds of the step's time over the floor at "
+        f"the rate the same sum read in that round; in parentheses, the median time over the floor in the cell. "
+        f"'vs best HF' = fastest of HF eager / batched_mm / grouped_mm divided by "
         f"moe_infer. Switch/NLLB: 'HF eager' is transformers' capacity routing and expert loop (NLLB-MoE's loop "
         f"corrected); they have no experts interface, so no GEMM floor. HF batched_mm gathers one weight matrix "
         f"pair per (token, expert); it is not run where that exceeds {MAX_GATHER_BYTES / 2**30:.0f} GiB (the size "

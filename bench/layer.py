@@ -17,7 +17,10 @@ own calls: the largest), the limit no implementation passes. Decode rows also ti
 alone (F.linear of the block's router weight: transformers' own call, which transformers' blocks
 and moe_infer make and routing parity requires, as its logits' bits choose the experts) and show
 the layer against the floor plus the router: no implementation that routes as transformers does
-can pass that sum.
+can pass that sum. The two ratios are medians over the interleaved rounds of the call's time over
+that round's floor, at the rate the same sum read in that round (a shared machine's bandwidth
+moves from minute to minute: two threads read 33 GB/s at some and 60 at others); in parentheses,
+the median time over the strict floor above (the largest rate of the run).
 Decode rows start every timed call with cold caches (128 MiB is read untimed before it), as a
 decode step of a real model finds them. Every contender's expert weights are on 2 MiB
 pages (moe_infer.optimize and MoEExperts put them there; the transformers blocks' are moved with
@@ -46,6 +49,7 @@ from common import (
     load_hf_models,
     machine_description,
     markdown_table,
+    median_ratio,
     memory_bandwidth,
     ms_spread,
     relative_error,
@@ -144,7 +148,7 @@ def run_table(dtype, threads, tokens, quick, progress):
                 flat, router_weight = x.reshape(-1, x.shape[-1]), blocks["HF eager"].gate.weight
                 fns["router"] = lambda flat=flat, router_weight=router_weight: F.linear(flat, router_weight)
             with torch.inference_mode():
-                samples, floor_bandwidth = time_cpu_rows(
+                row = time_cpu_rows(
                     fns,
                     3 if quick else 15,
                     0.3 if quick else 1.0,
@@ -153,12 +157,18 @@ def run_table(dtype, threads, tokens, quick, progress):
                     probe=probe if decode else None,
                     bandwidth=bandwidth,
                 )
+            samples, floor_bandwidth = row.samples, row.floor_bandwidth
             ours, gemms = samples["moe_infer"], samples["GEMM floor"]
             hf = {n: statistics.median(t) for n, t in samples.items() if n.startswith("HF")}
             best_hf = min(hf, key=hf.get)
             if decode:
                 bandwidth_floor = active_bytes / floor_bandwidth
                 router = statistics.median(samples["router"])
+                # Per round: the floor at the rate the probe read in that round (plus, for the
+                # second, that round's router call).
+                floors = row.round_floors(active_bytes)
+                per_round = median_ratio(ours, floors)
+                per_round_router = median_ratio(ours, [f + r for f, r in zip(floors, samples["router"])])
             rows.append(
                 [
                     shape,
@@ -171,9 +181,11 @@ def run_table(dtype, threads, tokens, quick, progress):
                     if decode
                     else "",
                     f"{statistics.median(ours) / statistics.median(gemms):.3f} ({min(ours) / min(gemms):.3f})",
-                    f"{statistics.median(ours) / bandwidth_floor:.2f}" if decode else "",
+                    f"{per_round:.2f} ({statistics.median(ours) / bandwidth_floor:.2f})" if decode else "",
                     ms_spread(samples["router"]) if decode else "",
-                    f"{statistics.median(ours) / (bandwidth_floor + router):.2f}" if decode else "",
+                    f"{per_round_router:.2f} ({statistics.median(ours) / (bandwidth_floor + router):.2f})"
+                    if decode
+                    else "",
                     f"{hf[best_hf] / statistics.median(ours):.2f}x ({best_hf.removeprefix('HF ')})",
                 ]
             )
@@ -187,9 +199,9 @@ def run_table(dtype, threads, tokens, quick, progress):
         "GEMM floor ms",
         "bandwidth floor ms",
         "moe_infer / GEMM floor (of mins)",
-        "moe_infer / bandwidth floor",
+        "moe_infer / bandwidth floor: per round (of medians)",
         "router ms",
-        "moe_infer / (bandwidth floor + router)",
+        "moe_infer / (bandwidth floor + router): per round (of medians)",
         "best HF / moe_infer",
     ]
     clock_name = "CPU time of the thread" if threads == 1 else "wall-clock time"
@@ -225,6 +237,8 @@ def main():
         f"and the same sum timed among the row's own calls (the GB/s in the cell); "
         f"every contender's expert weights, and the bandwidth buffers, on 2 MiB pages (moe_infer.host_memory); "
         f"decode rows are timed from cold caches (128 MiB read untimed before every call). "
+        f"Ratios to the bandwidth floor: the median over rounds of the call's time over the floor at the rate the "
+        f"sum read in the same round; in parentheses, the median time over the floor in the cell. "
         f"Router (S <= 16): F.linear of the block's router weight alone, timed among the row's calls: "
         f"transformers' own call, which transformers' blocks and moe_infer make and routing parity requires. "
         f"'best HF' = fastest median of transformers' eager / batched_mm / grouped_mm.\n\n" + "\n".join(sections)
