@@ -40,16 +40,14 @@ namespace {
 // rows it reads 1.3-1.6x the bytes per second of the stream tile, which makes a second pass over
 // each weight row, from L1, and spends more load slots on x.
 // pass(left): the rows of x of the next pass over a tile's weight rows, `left` rows to go.
-struct StreamTile {
-  static constexpr int kRows = 4;
-  static constexpr int kBlock = 1;
+template <int Rows, int Block>
+struct TileShape {
+  static constexpr int kRows = Rows;
+  static constexpr int kBlock = Block;
   static int pass(int64_t left) { return static_cast<int>(std::min<int64_t>(kRows, left)); }
 };
-struct SquareTile {
-  static constexpr int kRows = 4;
-  static constexpr int kBlock = 4;
-  static int pass(int64_t left) { return static_cast<int>(std::min<int64_t>(kRows, left)); }
-};
+using StreamTile = TileShape<4, 1>;
+using SquareTile = TileShape<4, 4>;
 // bfloat16 takes six rows of x a pass (24 accumulators, 4 weight vectors and one of x: 29 of the
 // 32 registers): kernel alone, Mixtral-sized experts from memory, one thread, 6 rows 20 -> 24
 // GB/s, 8 rows 17 -> 19, 10-12 rows 1.08-1.12x; float32's loads make six rows slower (5-7 rows
@@ -532,24 +530,36 @@ struct DotOf<uint16_t> {
   using Square = SquareTileBf16;
 };
 
+// A SmallGemm's operands in their element type T (float, or uint16_t for bfloat16).
+template <typename T>
+struct Operands {
+  const T* x;
+  const T* w;
+  const T* bias;
+  T* y;
+  explicit Operands(const SmallGemm& g)
+      : x(static_cast<const T*>(g.x)),
+        w(static_cast<const T*>(g.w)),
+        bias(static_cast<const T*>(g.bias)),
+        y(static_cast<T*>(g.y)) {}
+  float bias_at(int64_t n) const { return bias != nullptr ? to_float(bias[n]) : 0.0f; }
+};
+
 template <typename T, typename Shape>
 void run_dot(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
   static constexpr auto tiles = tiles_of<Shape, DotOf<T>::template Tile>();
-  const T* x = static_cast<const T*>(g.x);
-  const T* w = static_cast<const T*>(g.w);
-  const T* bias = static_cast<const T*>(g.bias);
-  T* y = static_cast<T*>(g.y);
+  const Operands<T> o(g);
   float out[Shape::kBlock * kMaxRows];
   for (int64_t n0 = n_begin; n0 < n_end; n0 += Shape::kBlock) {
     const int nb = static_cast<int>(std::min<int64_t>(Shape::kBlock, n_end - n0));
     for (int64_t r0 = 0, rt = 0; r0 < g.rows; r0 += rt) {
       rt = Shape::pass(g.rows - r0);
-      tiles[(rt - 1) * Shape::kBlock + (nb - 1)](x + r0 * g.x_stride, g.x_stride,
-                                                 w + n0 * g.w_stride, g.w_stride, g.k, out);
+      tiles[(rt - 1) * Shape::kBlock + (nb - 1)](o.x + r0 * g.x_stride, g.x_stride,
+                                                 o.w + n0 * g.w_stride, g.w_stride, g.k, out);
       for (int j = 0; j < nb; ++j) {
-        const float b = bias != nullptr ? to_float(bias[n0 + j]) : 0.0f;
+        const float b = o.bias_at(n0 + j);
         for (int r = 0; r < rt; ++r) {
-          store(y + (r0 + r) * g.y_stride + n0 + j, out[j * kMaxRows + r] + b);
+          store(o.y + (r0 + r) * g.y_stride + n0 + j, out[j * kMaxRows + r] + b);
         }
       }
     }
@@ -571,33 +581,25 @@ inline void dot_pair(const uint16_t* x, const uint16_t* w, int64_t far, int64_t 
 // column alone; the same bits as run_dot.
 template <typename T>
 void run_dot_pairs(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
-  const T* x = static_cast<const T*>(g.x);
-  const T* w = static_cast<const T*>(g.w);
-  const T* bias = static_cast<const T*>(g.bias);
-  T* y = static_cast<T*>(g.y);
+  const Operands<T> o(g);
   const int64_t half = (n_end - n_begin) / 2;
   float out[2 * kMaxRows];
-  const auto put = [&](int64_t n, float v) {
-    store(y + n, v + (bias != nullptr ? to_float(bias[n]) : 0.0f));
-  };
+  const auto put = [&](int64_t n, float v) { store(o.y + n, v + o.bias_at(n)); };
   for (int64_t n = n_begin; n < n_begin + half; ++n) {
-    dot_pair(x, w + n * g.w_stride, half * g.w_stride, g.k, out);
+    dot_pair(o.x, o.w + n * g.w_stride, half * g.w_stride, g.k, out);
     put(n, out[0]);
     put(n + half, out[kMaxRows]);
   }
   if (n_begin + 2 * half < n_end) {
     const int64_t n = n_end - 1;
-    DotOf<T>::template Tile<1, 1>::run(x, g.x_stride, w + n * g.w_stride, g.w_stride, g.k, out);
+    DotOf<T>::template Tile<1, 1>::run(o.x, g.x_stride, o.w + n * g.w_stride, g.w_stride, g.k, out);
     put(n, out[0]);
   }
 }
 
 template <typename T>
 void run_axpy(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
-  const T* x = static_cast<const T*>(g.x);
-  const T* w = static_cast<const T*>(g.w);
-  const T* bias = static_cast<const T*>(g.bias);
-  T* y = static_cast<T*>(g.y);
+  const Operands<T> o(g);
   float acc[kAxpyScratch];
   const bool stream =
       g.rows <= kAxpyStreamRows && n_begin == 0 && n_end == g.n && g.n * g.rows <= kAxpyScratch;
@@ -606,16 +608,14 @@ void run_axpy(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
     const int64_t columns = std::min<int64_t>(block, n_end - n0);
     for (int64_t r = 0; r < g.rows; ++r) std::fill_n(acc + r * block, columns, 0.0f);
     if (stream) {
-      axpy_rows<1>(x, g.x_stride, g.rows, w + n0, g.w_stride, g.k, columns, acc, block);
+      axpy_rows<1>(o.x, g.x_stride, g.rows, o.w + n0, g.w_stride, g.k, columns, acc, block);
     } else {
-      axpy_rows<4>(x, g.x_stride, g.rows, w + n0, g.w_stride, g.k, columns, acc, block);
+      axpy_rows<4>(o.x, g.x_stride, g.rows, o.w + n0, g.w_stride, g.k, columns, acc, block);
     }
     for (int64_t r = 0; r < g.rows; ++r) {
-      T* y_row = y + r * g.y_stride + n0;
-      for (int64_t c = 0; c < columns; ++c) {
-        const float b = bias != nullptr ? to_float(bias[n0 + c]) : 0.0f;
-        store(y_row + c, acc[r * block + c] + b);
-      }
+      T* y_row = o.y + r * g.y_stride + n0;
+      for (int64_t c = 0; c < columns; ++c)
+        store(y_row + c, acc[r * block + c] + o.bias_at(n0 + c));
     }
   }
 }

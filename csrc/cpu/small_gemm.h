@@ -4,8 +4,8 @@
 //
 // At a handful of rows an expert's GEMM is bound by the bytes of its weights, and ATen's GEMMs
 // (oneDNN / MKL) reach well under the memory bandwidth there: they pack or re-read the weight
-// matrix per call. These kernels stream each weight once, keep up to four rows of
-// accumulators in registers, and re-read a block of weights from L1/L2 for further row tiles.
+// matrix per call. These kernels stream each weight once, keep up to four rows of x (bfloat16:
+// six) of accumulators in registers, and re-read a block of weights from L1/L2 for further passes.
 // float32 and bfloat16 (products summed in float32, rounded once to nearest even), AVX-512; the
 // nn.Linear layout in bfloat16 uses AVX512-BF16 dot products. torch-free.
 #pragma once
