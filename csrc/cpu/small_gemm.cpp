@@ -31,14 +31,15 @@ namespace moe_infer {
 namespace {
 
 // Register tiles of the nn.Linear layout: kRows rows of x against kBlock weight rows, float32
-// accumulators. Two to four rows take the stream tile: one weight row at a time, in memory order,
-// so the weights are one sequential stream that the hardware prefetcher follows (on 2 MiB pages it
-// reads about twice the bytes per second of weight rows read side by side); one row takes two such
-// streams (dot_pair, run_dot_pairs). More rows take the square tile, which reads four weight rows
-// side by side, each vector of them used for four rows of x (bfloat16: up to six), with its own
-// prefetch (prefetch_weights): measured on 2 MiB pages, Mixtral-sized experts, from five to eight
-// rows it reads 1.3-1.6x the bytes per second of the stream tile, which makes a second pass over
-// each weight row, from L1, and spends more load slots on x.
+// accumulators. Two to four short rows of x (kStreamRowBytes) take the stream tile: one weight row
+// at a time, in memory order, so the weights are one sequential stream that the hardware
+// prefetcher follows (on 2 MiB pages it reads about twice the bytes per second of weight rows read
+// side by side); one row takes two such streams (dot_pair, run_dot_pairs). More rows, or longer,
+// take the square tile, which reads four weight rows side by side, each vector of them used for
+// four rows of x (bfloat16: up to six), with its own prefetch (prefetch_weights): measured on 2 MiB
+// pages, Mixtral-sized experts, from five to eight rows it reads 1.3-1.6x the bytes per second of
+// the stream tile, which makes a second pass over each weight row, from L1, and spends more load
+// slots on x.
 // pass(left): the rows of x of the next pass over a tile's weight rows, `left` rows to go.
 template <int Rows, int Block>
 struct TileShape {
@@ -59,8 +60,15 @@ struct SquareTileBf16 {
     return left >= kRows ? kRows : left == 5 ? 4 : static_cast<int>(left);
   }
 };
-// Rows of x up to which the stream tile runs.
+// Rows of x up to which the stream tile runs, where a row of x is shorter than kStreamRowBytes.
+// The stream tile reads every row of x once per weight row; from 8 KiB a row, the rows of x and
+// the weight stream no longer share L1, and the square tile, which reads x once per four weight
+// rows, is faster from two rows (kernel alone, one thread, 2 MiB pages, 8 experts from memory:
+// float32 k = 3584: 2-4 rows 13-15 -> 19-25 GB/s, k = 2048: 1.12-1.41x; bfloat16 k = 4096:
+// 1.09-1.55x, k = 7168: 1.66-1.70x; two threads 1.17-1.31x or even. Below it, float32 k <= 1792
+// and bfloat16 k <= 3584, the stream tile is as fast or faster: 0.64-1.08x for the square).
 constexpr int64_t kStreamRows = StreamTile::kRows;
+constexpr int64_t kStreamRowBytes = 8192;
 // Scratch layout of one tile's results: out[j * kMaxRows + r].
 constexpr int kMaxRows = SquareTileBf16::kRows;
 static_assert(SquareTile::kRows <= kMaxRows && StreamTile::kRows <= kMaxRows, "tile scratch");
@@ -625,7 +633,7 @@ void run(const SmallGemm& g, int64_t n_begin, int64_t n_end) {
   if (g.w_k_contiguous) {
     if (g.rows == 1) {
       run_dot_pairs<T>(g, n_begin, n_end);
-    } else if (g.rows <= kStreamRows) {
+    } else if (g.rows <= kStreamRows && g.k * static_cast<int64_t>(sizeof(T)) < kStreamRowBytes) {
       run_dot<T, StreamTile>(g, n_begin, n_end);
     } else {
       run_dot<T, typename DotOf<T>::Square>(g, n_begin, n_end);

@@ -401,5 +401,6 @@ class ModuleSpec:
         self._options = spec.options
 
     def expert_spec(self) -> ExpertSpec:
-        tensors = [getattr(self.experts, name) if name is not None else None for name in self._names]
+        parameters = self.experts._parameters  # not nn.Module.__getattr__: see _SoftmaxRouter.forward
+        tensors = [parameters[name] if name is not None else None for name in self._names]
         return ExpertSpec(*tensors, *self._options)

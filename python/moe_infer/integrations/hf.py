@@ -174,12 +174,15 @@ class _SoftmaxRouter:
         if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states)
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        router_logits = F.linear(hidden_states, self.weight)
+        # The parameter and the flags read from the instance's dicts: nn.Module.__getattr__ (and
+        # the AttributeError Mixtral's missing norm_topk_prob raises in it) costs tens of
+        # microseconds on a decode step, whose code starts cold in the caches.
+        router_logits = F.linear(hidden_states, self._parameters["weight"])
         weights, ids = ops.topk_gating(
             router_logits,
             self.top_k,
             "softmax",
-            getattr(self, "norm_topk_prob", True),  # Mixtral always renormalizes
+            self.__dict__.get("norm_topk_prob", True),  # Mixtral always renormalizes
             validate=self._moe_infer_validate,
         )
         if self._moe_infer_weights_in_logits_dtype:
@@ -344,11 +347,15 @@ def _offloaded(block: nn.Module) -> bool:
     Runs every forward: the experts' modules are listed once (again if ``experts`` is replaced),
     and accelerate's ``_hf_hook`` attribute is looked up in each module's __dict__, where
     nn.Module.__setattr__ puts it (hasattr would raise and catch per module: 0.4 ms for 32 experts)."""
+    experts = block._modules["experts"]
     cached = block.__dict__.get("_moe_infer_expert_modules")
-    if cached is None or cached[0] is not block.experts:
-        cached = (block.experts, tuple(block.experts.modules()))
+    if cached is None or cached[0] is not experts:
+        cached = (experts, tuple(experts.modules()))
         block.__dict__["_moe_infer_expert_modules"] = cached
-    return any("_hf_hook" in module.__dict__ for module in cached[1])
+    for module in cached[1]:
+        if "_hf_hook" in module.__dict__:
+            return True
+    return False
 
 
 def _transformers_forward(block: nn.Module, forward, *args):
@@ -379,7 +386,7 @@ class _RoutedBlock:
     def _routed(self, hidden_states):
         """hidden_states [..., H] -> (routed expert output [S, H], hidden [S, H], topk weights [S, k])."""
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-        _, weights, ids = getattr(self, self._router_attr)(hidden)
+        _, weights, ids = self._modules[self._router_attr](hidden)
         return self.experts_backend.run(hidden, weights, ids), hidden, weights
 
 
