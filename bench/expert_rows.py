@@ -146,7 +146,7 @@ def run_table(dtype, threads, row_counts, quick, progress):
         table += rows
         worst = max(worst, error)
     headers = [
-        "experts",
+        "shape",
         "experts x rows",
         "moe_infer ms",
         "GEMM floor ms",

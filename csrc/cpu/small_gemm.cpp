@@ -139,14 +139,17 @@ inline void prefetch_weights(const T* w, int64_t w_stride, int j, int64_t i) {
 
 // Bytes ahead of a stream tile's reads of each row of x that it prefetches into L1, against three
 // or four rows of x: those rows are read again for every weight row, beside the weight stream, and
-// the hardware prefetcher does not keep them all in L1 (kernel alone, one thread, Mixtral-sized
-// experts on 2 MiB pages: three rows 1.03-1.15x, four 0.99-1.08x; two rows lose, 0.73-0.97x).
+// the hardware prefetcher does not keep them all in L1 (kernel alone, one thread, Mixtral-like
+// experts, hidden 1024 and ffn 3584, on 2 MiB pages: three rows 1.03-1.15x, four 0.99-1.08x; two
+// rows lose, 0.73-0.97x).
 constexpr int kStreamPrefetchXBytes = 256;
 
 template <int R, int NB, typename T>
 inline void prefetch_x(const T* x_at) {
   if constexpr (NB == 1 && R >= 3) {
-    _mm_prefetch(reinterpret_cast<const char*>(x_at) + kStreamPrefetchXBytes, _MM_HINT_T0);
+    const uintptr_t at =
+        reinterpret_cast<uintptr_t>(x_at) + kStreamPrefetchXBytes;  // may lie past x
+    _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T0);
   }
 }
 

@@ -269,6 +269,15 @@ class MoEExperts(nn.Module):
         return ops.grouped_mlp(rows, expert_offsets, self.spec)
 
 
+def parameter_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """``getattr(module, name)`` for a parameter, read from ``module._parameters`` where it is: the
+    forward of a decode step starts cold in the caches, and nn.Module.__getattr__ (after the
+    failed ordinary lookup) costs tens of microseconds there. A parametrized or pruned weight, which
+    is not in ``_parameters``, is read the usual way."""
+    value = module._parameters.get(name)
+    return value if value is not None else getattr(module, name)
+
+
 def parameters_spec(module: nn.Module) -> ExpertSpec:
     """The :class:`ExpertSpec` of a module laid out as :class:`MoEExperts` (``gate_up_proj``,
     ``gate_up_proj_bias``, ``down_proj``, ``down_proj_bias``, ``activation``, ``weights_transposed``,
@@ -401,6 +410,5 @@ class ModuleSpec:
         self._options = spec.options
 
     def expert_spec(self) -> ExpertSpec:
-        parameters = self.experts._parameters  # not nn.Module.__getattr__: see _SoftmaxRouter.forward
-        tensors = [parameters[name] if name is not None else None for name in self._names]
+        tensors = [parameter_of(self.experts, name) if name is not None else None for name in self._names]
         return ExpertSpec(*tensors, *self._options)

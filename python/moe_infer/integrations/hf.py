@@ -46,7 +46,7 @@ except (ImportError, AttributeError) as error:
     ) from error
 
 from .. import host_memory, ops
-from ..experts import ExpertSpec, LocalExperts, ModuleSpec, activation_of, expert_spec, run_local
+from ..experts import ExpertSpec, LocalExperts, ModuleSpec, activation_of, expert_spec, parameter_of, run_local
 
 EXPERTS_IMPLEMENTATION = "moe_infer"
 
@@ -174,10 +174,10 @@ class _SoftmaxRouter:
         if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states)
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        # The parameter and the flags read from the instance's dicts: nn.Module.__getattr__ (and
-        # the AttributeError Mixtral's missing norm_topk_prob raises in it) costs tens of
-        # microseconds on a decode step, whose code starts cold in the caches.
-        router_logits = F.linear(hidden_states, self._parameters["weight"])
+        # The weight and the flag read without nn.Module.__getattr__ (parameter_of), which costs
+        # tens of microseconds on a decode step, the AttributeError of Mixtral's missing
+        # norm_topk_prob included.
+        router_logits = F.linear(hidden_states, parameter_of(self, "weight"))
         weights, ids = ops.topk_gating(
             router_logits,
             self.top_k,
