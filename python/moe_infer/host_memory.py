@@ -3,8 +3,8 @@
 A decode step reads each routed expert's weights once, straight from memory. On 4 KiB pages that
 stream crosses a page every 4 KiB: a TLB miss each time (a two-level page walk in a virtual
 machine), and the hardware prefetcher stops at every page boundary. On 2 MiB pages one core of
-this project's CPU machine reads 1.2-1.9x the bytes per second (a 256 MiB sum: 31-34 against
-18-26 GB/s, bench/results/layer_cpu.md).
+this project's CPU machine reads 1.2-1.6x the bytes per second (a 256 MiB sum: 30-31 against
+19-25 GB/s, bench/results/layer_cpu.md).
 
 Linux backs a private anonymous mapping with 2 MiB pages ("transparent huge pages") when it is
 advised MADV_HUGEPAGE and /sys/kernel/mm/transparent_hugepage/enabled is not "never"; the kernel
