@@ -258,6 +258,19 @@ def median_ratio(times: list[float], floors: list[float]) -> float:
     return statistics.median(t / f for t, f in zip(times, floors, strict=True))
 
 
+def table_clock(threads: int) -> Callable[[], float]:
+    """The clock of a CPU table on ``threads`` torch threads: the CPU time of the thread on one
+    (the machine is shared, and CPU time does not count what other jobs take), wall-clock time on
+    more (table_title names it)."""
+    return time.thread_time if threads == 1 else time.perf_counter
+
+
+def table_title(dtype: torch.dtype, threads: int) -> str:
+    """A CPU table's section title: its dtype, threads and clock (table_clock)."""
+    clock = "CPU time of the thread" if threads == 1 else "wall-clock time"
+    return f"## {str(dtype).removeprefix('torch.')}, {threads} thread{'s' if threads > 1 else ''} ({clock})"
+
+
 def time_cpu_rows(
     fns: dict[str, Callable[[], object]],
     repeats: int,

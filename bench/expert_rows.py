@@ -27,7 +27,6 @@ One thread: CPU time of the thread. More threads: wall-clock time.
 import argparse
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +43,8 @@ from common import (
     ms_spread,
     relative_error,
     results_header,
+    table_clock,
+    table_title,
     time_cpu_rows,
     write_result,
 )
@@ -136,7 +137,7 @@ def shape_rows(shape, dtype, row_counts, quick, clock, probe, bandwidth, flops, 
 
 def run_table(dtype, threads, row_counts, quick, progress):
     torch.set_num_threads(threads)
-    clock = time.thread_time if threads == 1 else time.perf_counter
+    clock = table_clock(threads)
     bandwidth = memory_bandwidth(clock)
     probe = ReadProbe()
     flops = gemm_rate(dtype, clock)
@@ -156,8 +157,7 @@ def run_table(dtype, threads, row_counts, quick, progress):
         "moe_infer / the larger floor: per round (of medians)",
         "GEMM floor / moe_infer",
     ]
-    clock_name = "CPU time of the thread" if threads == 1 else "wall-clock time"
-    title = f"## {str(dtype).removeprefix('torch.')}, {threads} thread{'s' if threads > 1 else ''} ({clock_name})"
+    title = table_title(dtype, threads)
     note = (
         f"{bandwidth.describe()} Compute: a large F.linear runs at {flops / 1e9:.0f} GFLOP/s"
         f" (2048 x 2048 x 4096, warm, the best of five)."

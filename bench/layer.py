@@ -37,7 +37,6 @@ import argparse
 import copy
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +52,8 @@ from common import (
     memory_bandwidth,
     ms_spread,
     relative_error,
+    table_clock,
+    table_title,
     time_cpu_rows,
     write_result,
 )
@@ -119,7 +120,7 @@ def gemm_floor_fn(block, x):
 
 def run_table(dtype, threads, tokens, quick, progress):
     torch.set_num_threads(threads)
-    clock = time.thread_time if threads == 1 else time.perf_counter
+    clock = table_clock(threads)
     bandwidth = memory_bandwidth(clock)
     probe = ReadProbe()
     rows, worst = [], 0.0
@@ -204,8 +205,7 @@ def run_table(dtype, threads, tokens, quick, progress):
         "moe_infer / (bandwidth floor + router): per round (of medians)",
         "best HF / moe_infer",
     ]
-    clock_name = "CPU time of the thread" if threads == 1 else "wall-clock time"
-    title = f"## {str(dtype).removeprefix('torch.')}, {threads} thread{'s' if threads > 1 else ''} ({clock_name})"
+    title = table_title(dtype, threads)
     note = f"{bandwidth.describe()} Outputs agree with HF eager (worst relative error {worst:.1e})."
     return f"{title}\n\n{note}\n\n{markdown_table(headers, rows)}\n"
 

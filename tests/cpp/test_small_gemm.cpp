@@ -87,6 +87,64 @@ double run_case(const Case& c, std::mt19937& gen) {
   return worst;
 }
 
+// x [rows, k] and w [n, k] (the nn.Linear layout) of normal values, each representable in bfloat16
+// (the float32 copies hold the bfloat16 values, so a float64 reference serves both types).
+// `cancelling`: every dot product gets a large first and last product that cancel, which keep the
+// float32 rounding of the sums visible in a bfloat16 result.
+struct DotOperands {
+  int64_t rows, k, n;
+  bool bf16;
+  std::vector<float> x, w;
+  std::vector<uint16_t> x16, w16;
+
+  DotOperands(int64_t rows_, int64_t k_, int64_t n_, bool bf16_, bool cancelling, std::mt19937& gen)
+      : rows(rows_), k(k_), n(n_), bf16(bf16_), x(rows_ * k_), w(n_ * k_) {
+    std::normal_distribution<float> normal;
+    for (auto* v : {&x, &w})
+      for (float& e : *v) e = normal(gen);
+    if (cancelling) {
+      for (int64_t r = 0; r < rows; ++r) x[r * k] = x[r * k + k - 1] = 1.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        w[j * k] = 1048576.0f;
+        w[j * k + k - 1] = -1048576.0f;
+      }
+    }
+    for (auto [f, b] : {std::pair{&x, &x16}, std::pair{&w, &w16}}) {
+      b->resize(f->size());
+      for (size_t i = 0; i < f->size(); ++i) {
+        (*b)[i] = to_bf16((*f)[i]);
+        (*f)[i] = from_bf16((*b)[i]);
+      }
+    }
+  }
+
+  // small_gemm of the first `use_rows` rows of x over columns [begin, end): use_rows x (end -
+  // begin) values, row after row.
+  std::vector<float> run(int64_t use_rows, int64_t begin, int64_t end) const {
+    std::vector<float> y(use_rows * n, 0.0f);
+    std::vector<uint16_t> y16(use_rows * n, 0);
+    const moe_infer::SmallGemm gemm{
+        bf16 ? moe_infer::SmallGemmType::kBFloat16 : moe_infer::SmallGemmType::kFloat,
+        bf16 ? static_cast<const void*>(x16.data()) : x.data(),
+        k,
+        bf16 ? static_cast<const void*>(w16.data()) : w.data(),
+        k,
+        true,
+        nullptr,
+        bf16 ? static_cast<void*>(y16.data()) : y.data(),
+        n,
+        use_rows,
+        k,
+        n};
+    moe_infer::small_gemm(gemm, begin, end);
+    std::vector<float> got;
+    for (int64_t r = 0; r < use_rows; ++r)
+      for (int64_t j = begin; j < end; ++j)
+        got.push_back(bf16 ? from_bf16(y16[r * n + j]) : y[r * n + j]);
+    return got;
+  }
+};
+
 }  // namespace
 
 TEST_CASE("small_gemm matches a float64 loop in both layouts and types", "[small_gemm]") {
@@ -137,46 +195,18 @@ TEST_CASE("small_gemm gives a column the same bits whatever columns share its ca
   // come out as when computed alone, and so as whatever range a thread takes. A large first and
   // last product that cancel keep the float32 rounding of the sums visible in a bfloat16 result.
   std::mt19937 gen(11);
-  std::normal_distribution<float> normal;
   for (const bool bf16 : {false, true}) {
     const auto type = bf16 ? moe_infer::SmallGemmType::kBFloat16 : moe_infer::SmallGemmType::kFloat;
     if (!moe_infer::small_gemm_supported(type, true)) continue;
     for (const int64_t rows : {1, 5, 9}) {
       for (const int64_t k : {7, 64, 100, 1024}) {
         const int64_t n = 37;
-        std::vector<float> x(rows * k), w(n * k);
-        for (float& v : x) v = normal(gen);
-        for (float& v : w) v = normal(gen);
-        for (int64_t r = 0; r < rows; ++r) x[r * k] = x[r * k + k - 1] = 1.0f;
-        for (int64_t j = 0; j < n; ++j) {
-          w[j * k] = 1048576.0f;
-          w[j * k + k - 1] = -1048576.0f;
-        }
-        std::vector<uint16_t> x16(x.size()), w16(w.size());
-        for (size_t i = 0; i < x.size(); ++i) x16[i] = to_bf16(x[i]);
-        for (size_t i = 0; i < w.size(); ++i) w16[i] = to_bf16(w[i]);
-        const auto run = [&](int64_t begin, int64_t end) {
-          std::vector<float> y(rows * n, 0.0f);
-          std::vector<uint16_t> y16(rows * n, 0);
-          const moe_infer::SmallGemm gemm{
-              type,    bf16 ? static_cast<const void*>(x16.data()) : x.data(),
-              k,       bf16 ? static_cast<const void*>(w16.data()) : w.data(),
-              k,       true,
-              nullptr, bf16 ? static_cast<void*>(y16.data()) : y.data(),
-              n,       rows,
-              k,       n};
-          moe_infer::small_gemm(gemm, begin, end);
-          std::vector<float> got;
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t j = begin; j < end; ++j)
-              got.push_back(bf16 ? from_bf16(y16[r * n + j]) : y[r * n + j]);
-          return got;
-        };
+        const DotOperands operands(rows, k, n, bf16, true, gen);
         std::vector<std::vector<float>> alone(n);
-        for (int64_t j = 0; j < n; ++j) alone[j] = run(j, j + 1);
+        for (int64_t j = 0; j < n; ++j) alone[j] = operands.run(rows, j, j + 1);
         for (const auto [begin, end] :
              {std::pair<int64_t, int64_t>{0, n}, {0, 36}, {5, 30}, {1, 4}}) {
-          const std::vector<float> together = run(begin, end);
+          const std::vector<float> together = operands.run(rows, begin, end);
           std::vector<float> expected;
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t j = begin; j < end; ++j) expected.push_back(alone[j][r]);
@@ -199,7 +229,6 @@ TEST_CASE("small_gemm gives a row the same bits whatever rows share its call, sh
   // last product that cancel keep the float32 rounding of the sums visible in a bfloat16 result;
   // plain values check each result against a float64 loop.
   std::mt19937 gen(13);
-  std::normal_distribution<float> normal;
   for (const bool bf16 : {false, true}) {
     const auto type = bf16 ? moe_infer::SmallGemmType::kBFloat16 : moe_infer::SmallGemmType::kFloat;
     if (!moe_infer::small_gemm_supported(type, true)) continue;
@@ -207,48 +236,16 @@ TEST_CASE("small_gemm gives a row the same bits whatever rows share its call, sh
       for (const bool cancelling : {false, true}) {
         const int64_t n = 21;
         const int64_t max_rows = 7;
-        std::vector<float> x(max_rows * k), w(n * k);
-        for (float& v : x) v = normal(gen);
-        for (float& v : w) v = normal(gen);
-        if (cancelling) {
-          for (int64_t r = 0; r < max_rows; ++r) x[r * k] = x[r * k + k - 1] = 1.0f;
-          for (int64_t j = 0; j < n; ++j) {
-            w[j * k] = 1048576.0f;
-            w[j * k + k - 1] = -1048576.0f;
-          }
-        }
-        std::vector<uint16_t> x16(x.size()), w16(w.size());
-        for (size_t i = 0; i < x.size(); ++i) {
-          x16[i] = to_bf16(x[i]);
-          x[i] = from_bf16(x16[i]);  // float32 gets the same values, so one reference serves both
-        }
-        for (size_t i = 0; i < w.size(); ++i) {
-          w16[i] = to_bf16(w[i]);
-          w[i] = from_bf16(w16[i]);
-        }
-        const auto run = [&](int64_t rows) {
-          std::vector<float> y(rows * n, 0.0f);
-          std::vector<uint16_t> y16(rows * n, 0);
-          const moe_infer::SmallGemm gemm{
-              type,    bf16 ? static_cast<const void*>(x16.data()) : x.data(),
-              k,       bf16 ? static_cast<const void*>(w16.data()) : w.data(),
-              k,       true,
-              nullptr, bf16 ? static_cast<void*>(y16.data()) : y.data(),
-              n,       rows,
-              k,       n};
-          moe_infer::small_gemm(gemm, 0, n);
-          std::vector<float> got(rows * n);
-          for (int64_t i = 0; i < rows * n; ++i) got[i] = bf16 ? from_bf16(y16[i]) : y[i];
-          return got;
-        };
-        const std::vector<float> all = run(max_rows);
+        const DotOperands operands(max_rows, k, n, bf16, cancelling, gen);
+        const std::vector<float> all = operands.run(max_rows, 0, n);
         if (!cancelling) {
           for (int64_t r = 0; r < max_rows; ++r) {
             for (int64_t j = 0; j < n; ++j) {
               double expected = 0.0;
               double magnitude = 0.0;  // the sum of |products|, which bounds float32's error
               for (int64_t i = 0; i < k; ++i) {
-                const double product = static_cast<double>(x[r * k + i]) * w[j * k + i];
+                const double product =
+                    static_cast<double>(operands.x[r * k + i]) * operands.w[j * k + i];
                 expected += product;
                 magnitude += std::abs(product);
               }
@@ -262,7 +259,7 @@ TEST_CASE("small_gemm gives a row the same bits whatever rows share its call, sh
         }
         for (int64_t rows = 2; rows < max_rows; ++rows) {
           const int64_t compared = bf16 && rows == 5 ? 4 : rows;
-          const std::vector<float> some = run(rows);
+          const std::vector<float> some = operands.run(rows, 0, n);
           INFO("bf16 " << bf16 << " k " << k << " rows " << rows << " cancelling " << cancelling);
           REQUIRE(std::vector<float>(some.begin(), some.begin() + compared * n) ==
                   std::vector<float>(all.begin(), all.begin() + compared * n));
