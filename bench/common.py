@@ -258,6 +258,30 @@ def median_ratio(times: list[float], floors: list[float]) -> float:
     return statistics.median(t / f for t, f in zip(times, floors, strict=True))
 
 
+def add_table_arguments(parser, dtypes=("bfloat16", "float32"), quick_help: str = "fewer repeats") -> None:
+    """The options of the CPU table benchmarks: --dtype and --threads (each repeatable; default
+    bfloat16 and float32, 1 and 2 threads: table_settings), --quick and --output."""
+    parser.add_argument("--dtype", action="append", choices=list(dtypes), help="default: bfloat16 and float32")
+    parser.add_argument("--threads", action="append", type=int, help="torch threads (default: 1 and 2)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--output", default=None, help="results file name under bench/results/")
+
+
+def table_settings(args) -> tuple[list[torch.dtype], list[int]]:
+    """The dtypes and thread counts that add_table_arguments' options ask for."""
+    return [getattr(torch, d) for d in args.dtype or ["bfloat16", "float32"]], args.threads or [1, 2]
+
+
+def machine_line(load_before: float) -> str:
+    """A CPU results file's line on where and when it was measured: the machine, the load average
+    before (``load_before``) and now, and the commit."""
+    return (
+        f"Machine: {machine_description(torch.device('cpu'))}; load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after (the machine is shared: other jobs ran during the measurement). "
+        f"Measured at commit {commit()}.\n\n"
+    )
+
+
 def table_clock(threads: int) -> Callable[[], float]:
     """The clock of a CPU table on ``threads`` torch threads: the CPU time of the thread on one
     (the machine is shared, and CPU time does not count what other jobs take), wall-clock time on

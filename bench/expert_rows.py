@@ -35,15 +35,15 @@ import moe_infer
 from common import (
     Progress,
     ReadProbe,
-    commit,
-    machine_description,
+    add_table_arguments,
+    machine_line,
     markdown_table,
     median_ratio,
     memory_bandwidth,
     ms_spread,
     relative_error,
-    results_header,
     table_clock,
+    table_settings,
     table_title,
     time_cpu_rows,
     write_result,
@@ -168,14 +168,10 @@ def run_table(dtype, threads, row_counts, quick, progress):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", action="append", choices=["bfloat16", "float32"], help="default: both")
-    parser.add_argument("--threads", action="append", type=int, help="default: 1 and 2")
+    add_table_arguments(parser)
     parser.add_argument("--rows", action="append", type=int, help=f"rows per expert (default: {ROWS})")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--output", default=None, help="results file name under bench/results/")
     args = parser.parse_args()
-    dtypes = [getattr(torch, d) for d in args.dtype or ["bfloat16", "float32"]]
-    threads = args.threads or [1, 2]
+    dtypes, threads = table_settings(args)
     row_counts = args.rows or list(ROWS)
     if any(not 1 <= r <= 16 for r in row_counts):
         parser.error("--rows: 1 to 16 rows per expert (decode; more take ATen's GEMMs)")
@@ -184,14 +180,9 @@ def main():
     sections = [run_table(dtype, t, row_counts, args.quick, progress) for dtype in dtypes for t in threads]
     shapes = "; ".join(f"{name}: H={h}, ffn={f}, E={e}" for name, (h, f, e) in SHAPES.items())
     text = (
-        results_header(
-            "The expert FFNs of a decode step, by rows per expert (cpu)",
-            machine_description(torch.device("cpu")),
-            commit(),
-            args.quick,
-        )
-        + f"Load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (the machine is shared).\n\n"
-        f"Shapes: {shapes}; gated SiLU experts (MoEExperts, weights on 2 MiB pages), every expert R rows. "
+        f"# The expert FFNs of a decode step, by rows per expert (cpu){' (quick run)' if args.quick else ''}\n\n"
+        + machine_line(load_before)
+        + f"Shapes: {shapes}; gated SiLU experts (MoEExperts, weights on 2 MiB pages), every expert R rows. "
         f"Times: median (min-max) of interleaved repeats from cold caches, in ms. GEMM floor: F.linear of each "
         f"expert's fc1 and fc2 on its rows, in the same dtype, without the activation. Bandwidth floor: the "
         f"experts' weight bytes / the largest of the table's copy and sum bandwidths and the same sum timed among "

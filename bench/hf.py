@@ -54,13 +54,15 @@ import moe_infer
 from common import (
     Progress,
     ReadProbe,
+    add_table_arguments,
     load_hf_models,
-    machine_description,
+    machine_line,
     markdown_table,
     median_ratio,
     memory_bandwidth,
     ms_spread,
     relative_error,
+    table_settings,
     time_cpu_rows,
     write_result,
 )
@@ -385,12 +387,9 @@ def run_table(archs, dtype, threads, quick, progress):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats; memory at one expert count")
+    add_table_arguments(parser, quick_help="fewer repeats; memory at one expert count")
     parser.add_argument("--arch", action="append", choices=list(SIZES), help="architectures (default: all)")
-    parser.add_argument("--dtype", action="append", choices=["bfloat16", "float32"], help="default: both")
-    parser.add_argument("--threads", action="append", type=int, help="torch threads (default: 1 and 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
-    parser.add_argument("--output", default=None, help="results file name under bench/results/")
     parser.add_argument("--memory-child", nargs=3, metavar=("ARCH", "VARIANT", "EXPERTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -398,8 +397,7 @@ def main():
         memory_child(arch, variant, int(num_experts))
         return
     archs = args.arch or list(SIZES)
-    dtypes = [getattr(torch, d) for d in args.dtype or ["bfloat16", "float32"]]
-    threads = args.threads or [1, 2]
+    dtypes, threads = table_settings(args)
     load_before = os.getloadavg()[0]
     progress = Progress(len(dtypes) * len(threads) * len(archs) * (1 + len(DECODE_BATCHES)), "bench/hf")
     sections = [run_table(archs, dtype, t, args.quick, progress) for dtype in dtypes for t in threads]
@@ -409,10 +407,9 @@ def main():
         if a in archs
     )
     text = (
-        f"# transformers v5 MoE models: HF experts implementations vs moe_infer (cpu)\n\n"
-        f"Machine: {machine_description(torch.device('cpu'))}; load average {load_before:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after (the machine is shared: other jobs ran during the measurement).\n\n"
-        f"Models ({COMMON['layers']} layers, vocab {COMMON['vocab']}, {COMMON['heads']} heads; "
+        "# transformers v5 MoE models: HF experts implementations vs moe_infer (cpu)\n\n"
+        + machine_line(load_before)
+        + f"Models ({COMMON['layers']} layers, vocab {COMMON['vocab']}, {COMMON['heads']} heads; "
         f"Switch/NLLB: {COMMON['layers']} encoder + {COMMON['layers']} decoder layers): {sizes}\n\n"
         f"Tokens per second from the median time of interleaved runs; 'moe_infer ms' is median (min-max). Prefill: "
         f"one sequence of {PREFILL} tokens (encoder-decoder: {PREFILL} source tokens, 1 target token). Decode: one "

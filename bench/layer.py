@@ -45,14 +45,16 @@ import moe_infer
 from common import (
     Progress,
     ReadProbe,
+    add_table_arguments,
     load_hf_models,
-    machine_description,
+    machine_line,
     markdown_table,
     median_ratio,
     memory_bandwidth,
     ms_spread,
     relative_error,
     table_clock,
+    table_settings,
     table_title,
     time_cpu_rows,
     write_result,
@@ -212,26 +214,19 @@ def run_table(dtype, threads, tokens, quick, progress):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--dtype", action="append", choices=["bfloat16", "float32", "float16"], help="default: bfloat16 and float32"
-    )
-    parser.add_argument("--threads", action="append", type=int, help="default: 1 and 2")
+    add_table_arguments(parser, dtypes=("bfloat16", "float32", "float16"))
     parser.add_argument("--tokens", action="append", type=int, help=f"token counts S (default: {TOKENS})")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--output", default=None, help="results file name under bench/results/")
     args = parser.parse_args()
-    dtypes = [getattr(torch, d) for d in args.dtype or ["bfloat16", "float32"]]
-    threads = args.threads or [1, 2]
+    dtypes, threads = table_settings(args)
     tokens = args.tokens or list(TOKENS)
     load_before = os.getloadavg()[0]
     progress = Progress(len(dtypes) * len(threads) * len(SHAPES) * len(tokens), "bench/layer")
     sections = [run_table(dtype, t, tokens, args.quick, progress) for dtype in dtypes for t in threads]
     shapes = "; ".join(f"{k}: {v[0]} block, H={v[1]}, ffn={v[2]}, E={v[3]}, k={v[4]}" for k, v in SHAPES.items())
     text = (
-        f"# One sparse MoE block against its limits (cpu)\n\n"
-        f"Machine: {machine_description(torch.device('cpu'))}; load average {load_before:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after (the machine is shared: other jobs ran during the measurement).\n\n"
-        f"Blocks: {shapes}; input [1, S, H]. Times: median (min-max) of interleaved repeats, in ms. "
+        "# One sparse MoE block against its limits (cpu)\n\n"
+        + machine_line(load_before)
+        + f"Blocks: {shapes}; input [1, S, H]. Times: median (min-max) of interleaved repeats, in ms. "
         f"GEMM floor: F.linear of each routed expert's fc1 and fc2 on its token count, in the same dtype. "
         f"Bandwidth floor (S <= 16): bytes of the active experts' weights / the largest of the table's copy and sum bandwidths "
         f"and the same sum timed among the row's own calls (the GB/s in the cell); "
