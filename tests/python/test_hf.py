@@ -675,3 +675,28 @@ def test_separate_experts_stay_independent_parameters(arch):
     torch.testing.assert_close(
         run(arch, model, ids, mask).logits, run(arch, plain, ids, mask).logits, rtol=1e-5, atol=1e-5
     )
+
+
+class _Scaled(nn.Module):
+    def forward(self, weight):
+        return 1.5 * weight
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_parametrized_weights_are_read_through_the_parametrization(arch):
+    """A router or expert weight under torch.nn.utils.parametrize is no longer in its module's
+    _parameters: the fused path reads it through the parametrization (moe_infer.experts.parameter_of),
+    as transformers' forward does, also when the parametrization comes after optimize()."""
+    from torch.nn.utils import parametrize
+
+    ids, mask = padded_batch([9, 5], 9)
+    model, plain = optimized(arch), reference(arch)
+    unchanged = run(arch, model, ids, mask).logits
+    for m in (model, plain):
+        block = next(b for b in m.modules() if hasattr(b, "experts") and hasattr(b, "gate"))
+        parametrize.register_parametrization(block.gate, "weight", _Scaled())
+        parametrize.register_parametrization(block.experts, "down_proj", _Scaled())
+    out = run(arch, model, ids, mask).logits
+    assert fused_blocks(model)
+    torch.testing.assert_close(out, run(arch, plain, ids, mask).logits, rtol=1e-5, atol=1e-5)
+    assert relative_error(out, unchanged) > 1e-3  # the parametrizations did change the model
