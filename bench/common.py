@@ -272,6 +272,14 @@ def table_settings(args) -> tuple[list[torch.dtype], list[int]]:
     return [getattr(torch, d) for d in args.dtype or ["bfloat16", "float32"]], args.threads or [1, 2]
 
 
+def publish_tables(args, stem: str, text: str) -> None:
+    """Prints a CPU table benchmark's results and writes them under bench/results/: as --output, or
+    ``<stem>.md`` (``<stem>_quick.md`` for --quick)."""
+    print(text)
+    name = args.output or f"{stem}{'_quick' if args.quick else ''}.md"
+    print(f"written: {write_result(name, text)}")
+
+
 def machine_line(load_before: float) -> str:
     """A CPU results file's line on where and when it was measured: the machine, the load average
     before (``load_before``) and now, and the commit."""

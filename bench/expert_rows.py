@@ -41,12 +41,12 @@ from common import (
     median_ratio,
     memory_bandwidth,
     ms_spread,
+    publish_tables,
     relative_error,
     table_clock,
     table_settings,
     table_title,
     time_cpu_rows,
-    write_result,
 )
 from moe_infer import ops
 
@@ -191,9 +191,7 @@ def main():
         f"floor, the bandwidth floor at the rate the sum read in the same round; in parentheses, the median time "
         f"over the larger floor in the cells.\n\n" + "\n".join(sections)
     )
-    print(text)
-    name = args.output or f"expert_rows_cpu{'_quick' if args.quick else ''}.md"
-    print(f"written: {write_result(name, text)}")
+    publish_tables(args, "expert_rows_cpu", text)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ in the same round (the strict ratio beside it). Every variant's large weights ar
 (moe_infer.host_memory), as optimize puts the experts'.
 
 Tables for each --dtype (default bfloat16 and float32) and --threads (default 1 and 2). One thread
-is timed in CPU time (time.process_time): this machine is shared, and CPU time of a single-threaded
-run does not count the time other jobs hold the core; more threads in wall-clock time.
+is timed in the CPU time of the thread (time.thread_time): this machine is shared, and CPU time
+does not count the time other jobs hold the core; more threads in wall-clock time.
 
 Peak memory of one SwitchTransformers / NLLB-MoE MoE layer on 4096 tokens is measured in a
 subprocess per variant: the rise of VmHWM over the resting RSS (glibc told to return every block
@@ -44,7 +44,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -61,10 +60,12 @@ from common import (
     median_ratio,
     memory_bandwidth,
     ms_spread,
+    publish_tables,
     relative_error,
+    table_clock,
     table_settings,
+    table_title,
     time_cpu_rows,
-    write_result,
 )
 from moe_infer import host_memory
 from moe_infer.integrations import hf
@@ -312,7 +313,7 @@ def memory_table(archs, quick):
 def run_table(archs, dtype, threads, quick, progress):
     """One table: every architecture and phase at this dtype and thread count."""
     torch.set_num_threads(threads)
-    clock = time.process_time if threads == 1 else time.perf_counter
+    clock = table_clock(threads)
     bandwidth = memory_bandwidth(clock)
     probe = ReadProbe()
     generator = torch.Generator().manual_seed(0)
@@ -377,9 +378,8 @@ def run_table(archs, dtype, threads, quick, progress):
         "moe_infer / bandwidth floor: per round (of medians)",
     ]
     table = markdown_table(headers + ["vs best HF"], rows)
-    timing = "CPU time (time.process_time)" if threads == 1 else "wall-clock time"
     return (
-        f"## {str(dtype).removeprefix('torch.')}, {threads} thread{'s' if threads > 1 else ''} ({timing})\n\n"
+        f"{table_title(dtype, threads)}\n\n"
         f"{bandwidth.describe()} Every variant agrees with HF eager "
         f"(worst relative error of the logits {worst:.1e}).\n\n{table}\n"
     )
@@ -435,9 +435,7 @@ def main():
             f"RSS. 'HF as shipped': transformers 5.x's NLLB-MoE expert loop, which one-hot encodes its [tokens, "
             f"experts] mask into [tokens, experts, experts].\n\n{memory_table(memory_archs, args.quick)}\n"
         )
-    print(text)
-    name = args.output or ("hf_cpu_quick.md" if args.quick else "hf_cpu.md")
-    print(f"written: {write_result(name, text)}")
+    publish_tables(args, "hf_cpu", text)
 
 
 if __name__ == "__main__":

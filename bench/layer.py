@@ -52,12 +52,12 @@ from common import (
     median_ratio,
     memory_bandwidth,
     ms_spread,
+    publish_tables,
     relative_error,
     table_clock,
     table_settings,
     table_title,
     time_cpu_rows,
-    write_result,
 )
 from moe_infer import host_memory
 
@@ -238,9 +238,7 @@ def main():
         f"transformers' own call, which transformers' blocks and moe_infer make and routing parity requires. "
         f"'best HF' = fastest median of transformers' eager / batched_mm / grouped_mm.\n\n" + "\n".join(sections)
     )
-    print(text)
-    name = args.output or f"layer_cpu{'_quick' if args.quick else ''}.md"
-    print(f"written: {write_result(name, text)}")
+    publish_tables(args, "layer_cpu", text)
 
 
 if __name__ == "__main__":
