@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 import moe_infer
-from common import RESULTS_DIR, Progress, commit, machine_description, markdown_table, write_result
+from common import RESULTS_DIR, Progress, commit, dtype_suffix, machine_description, markdown_table, write_result
 from moe_infer import ops
 from moe_infer.buffer import (
     LIVE_POLICIES,
@@ -623,7 +623,7 @@ def main():
         return
     warmup = 4
     slot_list = [1, 2, 4, 8, 16, 18, 20, 24, 32] if not args.quick else [1, 8, 16, 20, 32]
-    suffix = "" if DTYPE == torch.float32 else f"_{args.dtype}"
+    suffix = dtype_suffix(DTYPE)
     name = args.output or f"buffer_{device.type}{suffix}{'_quick' if args.quick else ''}"
     traces, batches_of_regime = {}, {}
     for regime, (tokens, full, quick) in REGIMES.items():

@@ -22,10 +22,17 @@ Outputs (under bench/results/traces/, committed, small):
 and bench/results/routing_lm_quality.md (the quality table). The trained weights go to
 build/routing_lm.pt (not committed; --eval-only reuses them).
 
-    python bench/routing_lm.py [--minutes 20] [--eval-only] [--quick]
+--dtype bfloat16: training stays float32; the held-out quality is measured in float32 and in
+bfloat16 on the same weights, side by side, with the share of routed pairs whose expert bfloat16
+changes, and the routing is recorded in bfloat16. Its files carry a _bfloat16 suffix
+(routing_lm_quality_bfloat16.md, traces/lm_prefill_bfloat16.pt, ...); the float32 traces, which
+bench/buffer.py and bench/placement.py read, are left alone.
+
+    python bench/routing_lm.py [--minutes 20] [--eval-only] [--quick] [--dtype {float32,bfloat16}]
 """
 
 import argparse
+import copy
 import glob
 import json
 import math
@@ -38,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import RESULTS_DIR, machine_description, markdown_table, write_result
+from common import RESULTS_DIR, dtype_suffix, machine_description, markdown_table, write_result
 from moe_infer.fairseq import MOELayer, Top2Gate
 from moe_infer.traces import RoutingTrace
 
@@ -191,7 +198,7 @@ def evaluate(model: MoELM, data: torch.Tensor, num_batches: int, batch: int = 8)
     total_loss, total_tokens, dropped, routed = 0.0, 0, 0, 0
     for _, (inputs, targets) in zip(range(num_batches), batches(data, generator, batch)):
         logits, _ = model(inputs)
-        total_loss += float(F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1), reduction="sum"))
+        total_loss += float(F.cross_entropy(logits.float().reshape(-1, 256), targets.reshape(-1), reduction="sum"))
         total_tokens += targets.numel()
         for layer in model.moe_layers():
             meta = layer.metadata
@@ -259,14 +266,58 @@ def record_traces(model: MoELM, data: torch.Tensor, prefill_batches: int, decode
     return prefill, decode
 
 
+def changed_routing(reference: list[list[torch.Tensor]], other: list[list[torch.Tensor]]) -> dict:
+    """How much of the routing ``other`` changes against ``reference`` (record_traces' prefill of
+    the same batches): the share of (token, slot) pairs sent to another expert, and of tokens whose
+    pair of experts differs as a set."""
+    pairs = tokens = changed_pairs = changed_tokens = 0
+    for reference_layer, other_layer in zip(reference, other):
+        for a, b in zip(reference_layer, other_layer):
+            pairs += a.numel()
+            tokens += a.shape[0]
+            changed_pairs += int((a != b).sum())
+            changed_tokens += int((a.sort(dim=1).values != b.sort(dim=1).values).any(dim=1).sum())
+    return dict(
+        changed_pair_fraction=changed_pairs / max(pairs, 1), changed_token_fraction=changed_tokens / max(tokens, 1)
+    )
+
+
+def quality_table(quality: list[dict], dtypes: list[str]) -> str:
+    """Held-out bits per byte under each gating (quality[i][dtype]: evaluate's result) in each
+    dtype; where there are two, the last against the first. 'vs dynamic' and the dropped pairs are
+    the last dtype's."""
+    base = quality[0][dtypes[-1]]["bits_per_byte"]
+    header = [f"held-out bits/byte, {d}" for d in dtypes]
+    if len(dtypes) > 1:
+        header.append(f"{dtypes[-1]} / {dtypes[0]}")
+    header += [f"vs dynamic ({dtypes[-1]})", f"pairs dropped ({dtypes[-1]})"]
+    rows = []
+    for q in quality:
+        bits = [q[d]["bits_per_byte"] for d in dtypes]
+        row = [q["gating"], *(f"{b:.4f}" for b in bits)]
+        if len(dtypes) > 1:
+            row.append(f"{bits[-1] / bits[0]:.4f}x")
+        row += [f"{bits[-1] / base:.3f}x", f"{q[dtypes[-1]]['dropped_pair_fraction']:.2%}"]
+        rows.append(row)
+    return markdown_table(["gating", *header], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget in CPU minutes per thread")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-only", action="store_true", help="reuse build/routing_lm.pt")
     parser.add_argument("--quick", action="store_true", help="1 minute of training, small evaluation; writes nothing")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="of the evaluation and the recorded routing (training is float32); bfloat16 also evaluates float32",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    suffix = dtype_suffix(dtype)
     train_data, held_out, num_files = load_corpus()
     print(
         f"corpus: {num_files} files, {train_data.numel() / 1e6:.1f} MB train, {held_out.numel() / 1e6:.1f} MB held out"
@@ -282,17 +333,50 @@ def main() -> None:
         if not args.quick:
             os.makedirs(os.path.dirname(CHECKPOINT), exist_ok=True)
             torch.save({"model": model.state_dict(), "log": log}, CHECKPOINT)
+    # The trained float32 weights, and (--dtype bfloat16) the same weights in bfloat16.
+    models = {"float32": model}
+    if dtype != torch.float32:
+        models[args.dtype] = copy.deepcopy(model).to(dtype)
     eval_batches = 4 if args.quick else 64
-    quality = []
+    # Per gating: evaluate's result in each dtype (by name).
+    evaluated = []
     for label, gating, fraction, factor in GATINGS:
-        set_gating(model, gating, fraction, factor)
-        result = evaluate(model, held_out, eval_batches)
-        quality.append(dict(gating=label, eval_capacity_fraction=fraction, capacity_factor=factor, **result))
-        print(
-            f"{label:48s} bits/byte {result['bits_per_byte']:.4f}  dropped pairs {result['dropped_pair_fraction']:.3%}"
+        entry = dict(gating=label)
+        for name, m in models.items():
+            set_gating(m, gating, fraction, factor)
+            result = evaluate(m, held_out, eval_batches)
+            entry[name] = result
+            print(
+                f"{label:48s} {name:9s} bits/byte {result['bits_per_byte']:.4f}  "
+                f"dropped pairs {result['dropped_pair_fraction']:.3%}"
+            )
+        evaluated.append(entry)
+    # The results file's entries: the run's dtype at the top level (as float32 runs have always
+    # written them, which paper_claims.py reads), float32 beside it in a bfloat16 run.
+    quality = [
+        dict(
+            gating=label,
+            eval_capacity_fraction=fraction,
+            capacity_factor=factor,
+            **entry[args.dtype],
+            **({"float32": entry["float32"]} if dtype != torch.float32 else {}),
         )
-    set_gating(model, "static", 0.25, 1.0)
-    prefill, decode = record_traces(model, held_out, 8 if args.quick else 64, 16 if args.quick else 256)
+        for (label, _, fraction, factor), entry in zip(GATINGS, evaluated)
+    ]
+    recorded = {}
+    for name, m in models.items():
+        set_gating(m, "static", 0.25, 1.0)
+        recorded[name] = record_traces(m, held_out, 8 if args.quick else 64, 16 if args.quick else 256)
+    prefill, decode = recorded[args.dtype]
+    changed = None
+    if dtype != torch.float32:
+        changed = changed_routing(recorded["float32"][0], prefill)
+        print(
+            f"bfloat16 against float32 routing (held-out prefill): {changed['changed_pair_fraction']:.3%} of pairs, "
+            f"{changed['changed_token_fraction']:.3%} of tokens"
+        )
+    table = quality_table(evaluated, list(models))
+    print(table)
     if args.quick:
         return
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
@@ -302,40 +386,41 @@ def main() -> None:
         f"training capacity and l_aux x {AUX_WEIGHT}",
         text=f"Python 3.11 documentation reST sources (Debian python3.11-doc, {CORPUS}); every 10th file held out",
         training_cpu_minutes=log[-1]["cpu_s"] / 60 if log else None,
+        dtype=args.dtype,
         commit=commit.strip(),
         machine=machine_description(torch.device("cpu")),
     )
     os.makedirs(TRACE_DIR, exist_ok=True)
     traces = {}
-    for name, layers, how in (
-        ("lm_prefill.pt", prefill, "held-out text, batches of 8 sequences x 128 bytes (1024 tokens)"),
-        ("lm_decode.pt", decode, "greedy decoding of 4 held-out prompts, one token per sequence per batch"),
+    for stem, layers, how in (
+        ("lm_prefill", prefill, "held-out text, batches of 8 sequences x 128 bytes (1024 tokens)"),
+        ("lm_decode", decode, "greedy decoding of 4 held-out prompts, one token per sequence per batch"),
     ):
+        name = f"{stem}{suffix}.pt"
         trace = RoutingTrace(NUM_EXPERTS, 2, layers, dict(made, batches=how))
         trace.validate()
         trace.save(os.path.join(TRACE_DIR, name))
         traces[name] = dict(num_batches=trace.num_batches, num_layers=trace.num_layers, batches=how)
     summary = dict(made=made, training=log, quality=quality, traces=traces)
-    write_result("traces/routing_lm.json", json.dumps(summary, indent=1) + "\n")
-    base = quality[0]["bits_per_byte"]
-    rows = [
-        [
-            q["gating"],
-            f"{q['bits_per_byte']:.4f}",
-            f"{q['bits_per_byte'] / base:.3f}x",
-            f"{q['dropped_pair_fraction']:.2%}",
-        ]
-        for q in quality
-    ]
-    table = markdown_table(["gating", "held-out bits/byte", "vs dynamic", "pairs dropped"], rows)
+    if changed is not None:
+        summary["changed_routing_vs_float32"] = changed
+    write_result(f"traces/routing_lm{suffix}.json", json.dumps(summary, indent=1) + "\n")
     text = (
-        "# What capacity costs in quality (bench/routing_lm.py)\n\n"
-        f"{made['model']}.\nText: {made['text']}.\nTraining: {made['training_cpu_minutes']:.1f} CPU minutes; "
-        f"commit {made['commit']}; {made['machine']}.\n\nHeld-out bits per byte ({eval_batches} batches of 8 x "
-        f"{SEQ_LEN} bytes; lower is better) under each gating of the same trained weights:\n\n{table}\n"
+        f"# What capacity costs in quality (bench/routing_lm.py, {args.dtype})\n\n"
+        f"{made['model']}.\nText: {made['text']}.\nTraining: {made['training_cpu_minutes']:.1f} CPU minutes, "
+        f"float32; commit {made['commit']}; {made['machine']}.\n\nHeld-out bits per byte ({eval_batches} batches "
+        f"of 8 x {SEQ_LEN} bytes; lower is better) under each gating of the same trained weights"
+        f"{', in float32 and in ' + args.dtype if changed is not None else ''}:\n\n{table}\n"
     )
-    write_result("routing_lm_quality.md", text)
-    print(table)
+    if changed is not None:
+        text += (
+            f"\nRouting in {args.dtype} against float32, same weights, the held-out prefill batches (capacity-free): "
+            f"{changed['changed_pair_fraction']:.2%} of the (token, slot) pairs go to another expert; "
+            f"{changed['changed_token_fraction']:.2%} of the tokens get another pair of experts. Each run trains "
+            "its own weights (for CPU minutes), so this table's float32 figures are not those of "
+            "routing_lm_quality.md.\n"
+        )
+    write_result(f"routing_lm_quality{suffix}.md", text)
 
 
 if __name__ == "__main__":

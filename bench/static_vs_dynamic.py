@@ -42,6 +42,7 @@ from common import (
     Progress,
     band,
     commit,
+    dtype_suffix,
     machine_description,
     markdown_table,
     peak_memory,
@@ -410,8 +411,10 @@ def main():
     results = {}
     for workload in workloads:
         results[workload] = sweep(workload, args, progress)
-    dtype_suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
-    stem = args.output or f"static_vs_dynamic_cpu{'_quick' if args.quick else ''}{dtype_suffix}"
+    stem = (
+        args.output
+        or f"static_vs_dynamic_cpu{'_quick' if args.quick else ''}{dtype_suffix(getattr(torch, args.dtype))}"
+    )
     os.makedirs(RESULTS_DIR, exist_ok=True)
     plots = plot(results, args.cap_mib, os.path.join(RESULTS_DIR, stem))
     workload_lines = "\n".join(f"- {WORKLOADS[w]['title']}: {WORKLOADS[w]['description']}" for w in workloads)
