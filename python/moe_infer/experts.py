@@ -123,8 +123,8 @@ def expert_spec(experts: nn.Module, activation: Optional[str] = None) -> ExpertS
     if isinstance(experts, MoEExperts):
         return experts.spec if activation is None else experts.spec._replace(activation=activation)
     owner = type(experts).__name__
-    fc1_name = "gate_up_proj" if getattr(experts, "has_gate", hasattr(experts, "gate_up_proj")) else "up_proj"
-    fc1, fc2 = getattr(experts, fc1_name, None), getattr(experts, "down_proj", None)
+    fc1_name, fc1_bias_name, fc2_name, fc2_bias_name = tensor_names(experts)
+    fc1, fc2 = getattr(experts, fc1_name, None), getattr(experts, fc2_name, None)
     if not isinstance(fc1, torch.Tensor) or not isinstance(fc2, torch.Tensor) or fc1.dim() != 3 or fc2.dim() != 3:
         raise NotImplementedError(
             f"moe_infer: {owner} is not a stacked experts module (expected 3-D gate_up_proj/up_proj and down_proj "
@@ -132,9 +132,8 @@ def expert_spec(experts: nn.Module, activation: Optional[str] = None) -> ExpertS
         )
     if getattr(experts, "has_post_expert_norm", False):
         raise NotImplementedError(f"moe_infer: {owner} normalizes each expert's output, which grouped_mlp does not do")
-    has_bias = getattr(experts, "has_bias", getattr(experts, fc1_name + "_bias", None) is not None)
-    fc1_bias = getattr(experts, fc1_name + "_bias") if has_bias else None
-    fc2_bias = experts.down_proj_bias if has_bias else None
+    fc1_bias = getattr(experts, fc1_bias_name) if fc1_bias_name else None
+    fc2_bias = getattr(experts, fc2_bias_name) if fc2_bias_name else None
     transposed = bool(getattr(experts, "is_transposed", False))
     if _is_gpt_oss(experts):
         return ExpertSpec(
@@ -145,6 +144,18 @@ def expert_spec(experts: nn.Module, activation: Optional[str] = None) -> ExpertS
         raise NotImplementedError(f"moe_infer: {owner} has a custom _apply_gate, which grouped_mlp does not compute")
     activation = activation or activation_of(getattr(experts, "act_fn", None), gated, owner)
     return ExpertSpec(fc1, fc1_bias, fc2, fc2_bias, activation, transposed)
+
+
+def tensor_names(experts: nn.Module) -> tuple[str, Optional[str], str, Optional[str]]:
+    """The attributes of a stacked experts module that :func:`expert_spec` reads its fc1 weight,
+    fc1 bias, fc2 weight and fc2 bias from (None: no bias), whether they are parameters or computed
+    on each read (torch.nn.utils.parametrize)."""
+    if isinstance(experts, MoEExperts):
+        fc1_name, has_bias = "gate_up_proj", experts.gate_up_proj_bias is not None
+    else:
+        fc1_name = "gate_up_proj" if getattr(experts, "has_gate", hasattr(experts, "gate_up_proj")) else "up_proj"
+        has_bias = getattr(experts, "has_bias", getattr(experts, fc1_name + "_bias", None) is not None)
+    return fc1_name, fc1_name + "_bias" if has_bias else None, "down_proj", "down_proj_bias" if has_bias else None
 
 
 def _is_gpt_oss(experts: nn.Module) -> bool:
@@ -403,10 +414,7 @@ class ModuleSpec:
     def __init__(self, experts: nn.Module):
         spec = expert_spec(experts)
         self.experts = experts
-        self._names = [
-            next(name for name, p in experts.named_parameters(recurse=False) if p is t) if t is not None else None
-            for t in spec.tensors().values()
-        ]
+        self._names = tensor_names(experts)
         self._options = spec.options
 
     def expert_spec(self) -> ExpertSpec:

@@ -433,6 +433,12 @@ def test_simulate_expert_cache_opcheck():
 # ---- bad input ---------------------------------------------------------------------------------
 
 
+def _parametrized(experts):
+    """experts with down_proj computed on each read (torch.nn.utils.parametrize)."""
+    torch.nn.utils.parametrize.register_parametrization(experts, "down_proj", torch.nn.Identity())
+    return experts
+
+
 @pytest.mark.parametrize(
     "call,message",
     [
@@ -467,6 +473,7 @@ def test_simulate_expert_cache_opcheck():
             r"ids outside \[-1, 4\)",
         ),
         (lambda: attach_expert_buffer(torch.nn.Linear(4, 4), 2), r"is not a stacked experts module"),
+        (lambda: attach_expert_buffer(_parametrized(make_experts(4, 16, 16)), 2), r"down_proj is not a parameter"),
     ],
 )
 def test_errors(call, message):

@@ -700,3 +700,143 @@ def test_parametrized_weights_are_read_through_the_parametrization(arch):
     assert fused_blocks(model)
     torch.testing.assert_close(out, run(arch, plain, ids, mask).logits, rtol=1e-5, atol=1e-5)
     assert relative_error(out, unchanged) > 1e-3  # the parametrizations did change the model
+
+
+def _first_block(model):
+    return next(
+        b for b in model.modules() if hasattr(b, "experts") and hasattr(b, "gate" if hasattr(b, "gate") else "router")
+    )
+
+
+# The fc2 layer of each expert where the experts are separate modules.
+_SEPARATE_FC2 = {"switch": "wo", "nllb_moe": "fc2"}
+
+
+def _expert_tensor_owner(arch, block):
+    """(module, name) of one expert weight of ``block``: the stacked down_proj, or expert 1's fc2 weight."""
+    if arch in _SEPARATE_FC2:
+        return block.experts.expert_1.get_submodule(_SEPARATE_FC2[arch]), "weight"
+    return block.experts, "down_proj"
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "switch", "nllb_moe"])
+def test_experts_parametrized_before_optimize_are_fused(arch, monkeypatch):
+    """An expert weight under torch.nn.utils.parametrize before optimize(): the block is still
+    fused (it used to stop optimize() with a bare StopIteration, or crash the first forward of
+    SwitchTransformers / NLLB-MoE), reads the weight through the parametrization, and gives
+    transformers' logits."""
+    from torch.nn.utils import parametrize
+
+    ids, mask = padded_batch([9, 5], 9)
+    model, plain = reference(arch), reference(arch)
+    for m in (model, plain):
+        parametrize.register_parametrization(*_expert_tensor_owner(arch, _first_block(m)), _Scaled())
+    moe_infer.optimize(model, verbose=False)
+    assert not model.moe_infer_report.skipped
+    fused_runs = count_fused_runs(model, monkeypatch)
+    torch.testing.assert_close(
+        run(arch, model, ids, mask).logits, run(arch, plain, ids, mask).logits, rtol=1e-5, atol=1e-5
+    )
+    assert fused_runs
+
+
+def _double_output(module, args, output):
+    return 2 * output
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "switch"])
+@pytest.mark.parametrize("change", ["prune", "forward_hook"])
+def test_hooks_on_the_experts_run_in_transformers_forward(arch, change, monkeypatch):
+    """torch.nn.utils.prune (a forward pre-hook computes the weight) and a user's forward hook act
+    through the experts' modules' hooks, which the fused path, not calling those modules, would
+    skip: such a block runs transformers' own forward and gives its logits; removing the hook
+    brings the fused path back."""
+    from torch.nn.utils import prune
+
+    ids, mask = padded_batch([9, 5], 9)
+    model, plain = optimized(arch), reference(arch)
+    fused_runs = count_fused_runs(model, monkeypatch)
+    handles = []
+    for m in (model, plain):
+        owner, name = _expert_tensor_owner(arch, _first_block(m))
+        if change == "prune":
+            prune.l1_unstructured(owner, name, amount=0.5)
+            with torch.no_grad():
+                getattr(owner, name + "_orig").mul_(3.0)  # read through the hook at the next forward
+        else:
+            handles.append(_first_block(m).experts.register_forward_hook(_double_output))
+    out = run(arch, model, ids, mask).logits
+    torch.testing.assert_close(out, run(arch, plain, ids, mask).logits, rtol=1e-5, atol=1e-5)
+    assert len(fused_runs) == len(fused_blocks(model)) - 1  # every block but the hooked one
+    assert relative_error(out, run(arch, optimized(arch), ids, mask).logits) > 1e-3  # the change shows
+    if handles:
+        handles[0].remove()
+        fused_runs.clear()
+        run(arch, model, ids, mask)
+        assert len(fused_runs) == len(fused_blocks(model))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "switch"])
+def test_experts_replaced_after_optimize(arch, monkeypatch):
+    """A block's experts module (or, where the experts are separate modules, one expert's module)
+    replaced after optimize(): the fused backend was built from the one before, so the block runs
+    transformers' forward with the new one; and optimize() again fuses the new one."""
+    ids, mask = padded_batch([9, 5], 9)
+    model, plain = optimized(arch), reference(arch)
+    run(arch, model, ids, mask)
+    for m in (model, plain):
+        experts = _first_block(m).experts
+        replacement = copy.deepcopy(experts.expert_2 if arch in _SEPARATE_FC2 else experts)
+        with torch.no_grad():
+            for p in replacement.parameters():
+                p.mul_(-1.0)
+        if arch in _SEPARATE_FC2:
+            experts.expert_1 = replacement
+        else:
+            _first_block(m).experts = replacement
+    fused_runs = count_fused_runs(model, monkeypatch)
+    out = run(arch, model, ids, mask).logits
+    torch.testing.assert_close(out, run(arch, plain, ids, mask).logits, rtol=1e-5, atol=1e-5)
+    assert len(fused_runs) == len(fused_blocks(model)) - 1
+    moe_infer.optimize(model, verbose=False)
+    fused_runs = count_fused_runs(model, monkeypatch)
+    refused = run(arch, model, ids, mask).logits
+    assert len(fused_runs) == len(fused_blocks(model))
+    torch.testing.assert_close(refused, run(arch, plain, ids, mask).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_restore_keeps_a_parametrization_made_after_optimize():
+    """hf.restore() on a router parametrized after optimize(): its class becomes the
+    parametrization's class over transformers' router, so the weight is still computed."""
+    from torch.nn.utils import parametrize
+
+    ids, mask = padded_batch([9, 5], 9)
+    model, plain = optimized("mixtral"), reference("mixtral")
+    for m in (model, plain):
+        parametrize.register_parametrization(_first_block(m).gate, "weight", _Scaled())
+    hf.restore(model)
+    gate = _first_block(model).gate
+    assert type(gate).__name__ == "ParametrizedMixtralTopKRouter"
+    assert not fused_blocks(model) and not hasattr(type(gate), "_moe_infer_original")
+    assert parametrize.is_parametrized(gate, "weight")
+    torch.testing.assert_close(
+        run("mixtral", model, ids, mask).logits, run("mixtral", plain, ids, mask).logits, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_router_renormalization_follows_transformers():
+    """Mixtral's router always renormalizes (transformers ignores a norm_topk_prob set on it);
+    Qwen3-MoE's reads its norm_topk_prob, and without one fails as transformers' does."""
+    ids, mask = padded_batch([9, 5], 9)
+    for arch in ("mixtral", "qwen3_moe"):
+        model, plain = optimized(arch), reference(arch)
+        for m in (model, plain):
+            _first_block(m).gate.norm_topk_prob = False
+        out = run(arch, model, ids, mask).logits
+        torch.testing.assert_close(out, run(arch, plain, ids, mask).logits, rtol=1e-5, atol=1e-5)
+        changed = relative_error(out, run(arch, optimized(arch), ids, mask).logits) > 1e-3
+        assert changed == (arch == "qwen3_moe")
+    for m in (model, plain):
+        del _first_block(m).gate.norm_topk_prob
+        with pytest.raises(AttributeError, match="norm_topk_prob"):
+            run("qwen3_moe", m, ids, mask)

@@ -5,7 +5,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..experts import ExpertSpec, MoEExperts, expert_spec, is_transformers_experts
+from ..experts import ExpertSpec, MoEExperts, expert_spec, is_transformers_experts, tensor_names
 from .checkpoint import SafetensorsCheckpoint
 from .runtime import ExpertBuffer
 from .store import ExpertStore
@@ -19,9 +19,17 @@ def _stacked_experts(experts: nn.Module, activation: Optional[str]) -> tuple[Exp
     except NotImplementedError as error:
         raise TypeError(f"attach_expert_buffer: {error}") from None
     names = {}
-    for part, tensor in spec.tensors().items():
-        if tensor is not None:
-            names[part] = next(name for name, p in experts.named_parameters(recurse=False) if p is tensor)
+    for part, name in zip(spec.tensors(), tensor_names(experts)):
+        if name is None:
+            continue
+        if experts._parameters.get(name) is None:
+            # Parametrized (torch.nn.utils.parametrize) or pruned: computed on each read, which the
+            # buffer's copies of the weights would not follow.
+            raise TypeError(
+                f"attach_expert_buffer: {type(experts).__name__}.{name} is not a parameter (parametrized or pruned: "
+                "computed on each read); make it one first (e.g. torch.nn.utils.parametrize.remove_parametrizations)"
+            )
+        names[part] = name
     return spec, names
 
 

@@ -11,7 +11,9 @@ Two entry points:
     returns the router logits that transformers records for ``output_router_logits``. In training
     mode the blocks run transformers' own forward (dropout, jitter, token dropout), and so they do
     after ``model.set_experts_implementation(...)`` (any implementation, the one in use included:
-    the choice is honoured) until ``optimize(model)`` is called again.
+    the choice is honoured) until ``optimize(model)`` is called again. So does a block whose
+    experts' modules have forward hooks (``torch.nn.utils.prune``, a user's), which the fused path
+    does not call, or were replaced since ``optimize`` (which, called again, fuses the new ones).
 
 The ``"moe_infer"`` experts implementation
     Importing this module registers it in transformers' experts registry: after
@@ -166,7 +168,11 @@ if not hasattr(PreTrainedModel.get_correct_experts_implementation, "_moe_infer_w
 
 
 class _SoftmaxRouter:
-    """Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: softmax over E in float32, top-k, optional renormalization."""
+    """Qwen2-MoE, Qwen3-MoE, OLMoE (and Mixtral, below): softmax over E in float32, top-k, and the
+    renormalization transformers' router does: its ``norm_topk_prob``, or always
+    (``_moe_infer_renormalize``)."""
+
+    _moe_infer_renormalize: Optional[bool] = None
 
     _moe_infer_weights_in_logits_dtype = False  # Qwen and OLMoE round the weights to the logits' dtype
 
@@ -174,20 +180,25 @@ class _SoftmaxRouter:
         if self.training or self.__dict__.get("_moe_infer_passthrough", False):
             return super().forward(hidden_states)
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        # The weight and the flag read without nn.Module.__getattr__ (parameter_of), which costs
-        # tens of microseconds on a decode step, the AttributeError of Mixtral's missing
-        # norm_topk_prob included.
+        # The weight and the flag read without nn.Module.__getattr__ (parameter_of, __dict__),
+        # which costs tens of microseconds on a decode step.
         router_logits = F.linear(hidden_states, parameter_of(self, "weight"))
+        renormalize = self._moe_infer_renormalize
+        if renormalize is None:
+            attributes = self.__dict__
+            renormalize = attributes["norm_topk_prob"] if "norm_topk_prob" in attributes else self.norm_topk_prob
         weights, ids = ops.topk_gating(
-            router_logits,
-            self.top_k,
-            "softmax",
-            self.__dict__.get("norm_topk_prob", True),  # Mixtral always renormalizes
-            validate=self._moe_infer_validate,
+            router_logits, self.top_k, "softmax", renormalize, validate=self._moe_infer_validate
         )
         if self._moe_infer_weights_in_logits_dtype:
             weights = weights.to(router_logits.dtype)
         return router_logits, weights, ids
+
+
+class _MixtralRouter(_SoftmaxRouter):
+    """Mixtral: always renormalizes (its router has no norm_topk_prob)."""
+
+    _moe_infer_renormalize = True
 
 
 class _RoundedSoftmaxRouter(_SoftmaxRouter):
@@ -340,20 +351,37 @@ def _nllb_non_padding(padding_mask: torch.Tensor, num_tokens: int) -> torch.Tens
 # ---- fused blocks -----------------------------------------------------------------------------
 
 
-def _offloaded(block: nn.Module) -> bool:
-    """accelerate hooks on the experts (cpu_offload, disk_offload, a device_map with "cpu"/"disk"):
-    their weights are placeholders until a hook loads them, so only the hooked forward is exact.
-
-    Runs every forward: the experts' modules are listed once (again if ``experts`` is replaced),
-    and accelerate's ``_hf_hook`` attribute is looked up in each module's __dict__, where
-    nn.Module.__setattr__ puts it (hasattr would raise and catch per module: 0.4 ms for 32 experts)."""
+def _experts_key(block: nn.Module) -> tuple:
+    """The modules the block's experts backend was built from, as they are now: the experts module;
+    for experts kept as separate modules (_ExpertStack), also each expert's module, activation and
+    two layers. Compared by identity (and holding them, so that no id is reused)."""
     experts = block._modules["experts"]
-    cached = block.__dict__.get("_moe_infer_expert_modules")
-    if cached is None or cached[0] is not experts:
-        cached = (experts, tuple(experts.modules()))
-        block.__dict__["_moe_infer_expert_modules"] = cached
+    stack = block.__dict__.get("_moe_infer_stack")
+    return (experts,) if stack is None else (experts, *stack.modules_now())
+
+
+def _experts_need_transformers(block: nn.Module) -> bool:
+    """Whether the block's experts must run in transformers' own forward, the exact one for them:
+    - a module of theirs was replaced since optimize() (the backend was built from the one before;
+      ``optimize(model)`` again fuses the new one);
+    - a module among them has forward hooks or pre-hooks (torch.nn.utils.prune, a user's hooks),
+      which the fused path, not calling the experts' modules, would skip;
+    - accelerate's hooks (cpu_offload, disk_offload, a device_map with "cpu"/"disk"): the weights
+      are placeholders until a hook loads them.
+
+    Runs every forward: the experts' modules are listed once (again when they change), and each
+    one's hooks are read from its __dict__ (hasattr would raise and catch per module: 0.4 ms for
+    32 experts)."""
+    key = _experts_key(block)
+    attributes = block.__dict__
+    if key != attributes.get(_FUSED_EXPERTS):
+        return True
+    cached = attributes.get("_moe_infer_expert_modules")
+    if cached is None or cached[0] != key:
+        cached = (key, tuple(key[0].modules()))
+        attributes["_moe_infer_expert_modules"] = cached
     for module in cached[1]:
-        if "_hf_hook" in module.__dict__:
+        if module._forward_hooks or module._forward_pre_hooks or "_hf_hook" in module.__dict__:
             return True
     return False
 
@@ -379,9 +407,9 @@ class _RoutedBlock:
     @property
     def _runs_transformers(self) -> bool:
         """Training mode, an experts implementation chosen after optimize()
-        (``model.set_experts_implementation(...)``), or accelerate's offloading hooks: transformers'
-        own forward, which honours them."""
-        return self.training or self.__dict__.get(_HANDED_OVER, False) or _offloaded(self)
+        (``model.set_experts_implementation(...)``), or experts that the fused path cannot run
+        exactly (_experts_need_transformers): transformers' own forward, which honours them."""
+        return self.training or self.__dict__.get(_HANDED_OVER, False) or _experts_need_transformers(self)
 
     def _routed(self, hidden_states):
         """hidden_states [..., H] -> (routed expert output [S, H], hidden [S, H], topk weights [S, k])."""
@@ -435,7 +463,7 @@ class _SwitchBlock:
     """SwitchTransformers: top-1, capacity-free unless hf_capacity (then per sequence, in token order)."""
 
     def forward(self, hidden_states):
-        if self.training or _offloaded(self):
+        if self.training or _experts_need_transformers(self):
             return _transformers_forward(self, super().forward, hidden_states)
         batch, seq, hidden_size = hidden_states.shape
         ids, weights, _ = self.router(hidden_states)
@@ -452,7 +480,7 @@ class _NllbBlock:
     """NLLB-MoE: top-2 with padding and capacity rules, outputs scaled by (1 - moe_token_dropout) in eval."""
 
     def forward(self, hidden_states, padding_mask=None):
-        if self.training or _offloaded(self):
+        if self.training or _experts_need_transformers(self):
             return _transformers_forward(self, super().forward, hidden_states, padding_mask)
         batch, seq, hidden_size = hidden_states.shape
         hidden = hidden_states.reshape(-1, hidden_size)
@@ -478,17 +506,30 @@ class _ExpertStack:
         self.num_experts = experts.num_experts
         self.fc1, self.fc2 = fc1, fc2
         modules = [experts[f"expert_{e}"] for e in range(self.num_experts)]
-        # Every expert's two linear layers, looked up once (their parameters are read each forward).
+        # Every expert's two linear layers, looked up once (their parameters are read each forward;
+        # a replaced module sends the block to transformers' forward: _experts_need_transformers).
         self._layers = [[m.get_submodule(name) for m in modules] for name in (fc1, fc2)]
         self.activation = activation_of(modules[0].act, False, owner)
         if any(type(m.act) is not type(modules[0].act) for m in modules):
             raise NotImplementedError(f"moe_infer: the experts of {owner} use different activations")
         self.weights = self._stack()
 
+    def modules_now(self) -> list:
+        """Each expert's module, activation and two layers as the experts module holds them now
+        (None where one is missing)."""
+        found = []
+        children = self.experts._modules
+        for e in range(self.num_experts):
+            module = children.get(f"expert_{e}")
+            parts = getattr(module, "_modules", {})
+            found += [module, parts.get("act"), parts.get(self.fc1), parts.get(self.fc2)]
+        return found
+
     def _params(self) -> list[list[Optional[torch.Tensor]]]:
-        """[fc1 weight, fc1 bias, fc2 weight, fc2 bias] -> each expert's parameter (or None)."""
+        """[fc1 weight, fc1 bias, fc2 weight, fc2 bias] -> each expert's tensor (or None), a
+        parametrized one included."""
         return [
-            [layer._parameters.get(attr) for layer in layers] for layers in self._layers for attr in ("weight", "bias")
+            [parameter_of(layer, attr) for layer in layers] for layers in self._layers for attr in ("weight", "bias")
         ]
 
     @staticmethod
@@ -542,7 +583,7 @@ _ARCHITECTURES = (
         _TopKBlock,
         "gate",
         "MixtralTopKRouter",
-        _SoftmaxRouter,
+        _MixtralRouter,
     ),
     _Architecture(
         "Qwen2-MoE",
@@ -680,18 +721,29 @@ def _architecture_of(module: nn.Module) -> Optional[_Architecture]:
     return _BY_BLOCK.get((cls.__module__, cls.__name__))
 
 
+# block.__dict__: _experts_key of the modules its experts backend was built from.
+_FUSED_EXPERTS = "_moe_infer_fused_experts"
+
+
+def _attach_experts(block: nn.Module, arch: _Architecture) -> None:
+    """The block's experts backend (moe_infer.experts.ExpertsBackend), kept out of the module tree
+    (the checkpoint's parameters and names stay as they are): the experts here, or their buffer.
+    NotImplementedError (nothing changed) for experts our ops do not compute."""
+    if arch.expert_layers is None:
+        source = ModuleSpec(block.experts)  # raises for an unsupported layout or activation
+        block.__dict__.pop("_moe_infer_stack", None)
+    else:
+        source = block.__dict__["_moe_infer_stack"] = _ExpertStack(block.experts, *arch.expert_layers, owner=arch.block)
+    block.__dict__["experts_backend"] = getattr(block.experts, "expert_buffer", None) or LocalExperts(source)
+    block.__dict__[_FUSED_EXPERTS] = _experts_key(block)
+
+
 def _prepare(block: nn.Module, arch: _Architecture, hf_capacity: bool, validate: bool) -> None:
     """Checks that the block is computable by our ops (NotImplementedError if not), then swaps the classes."""
     router = getattr(block, arch.router_attr)
     if type(router).__name__ != arch.router or type(router).__module__ != arch.module:
         raise NotImplementedError(f"moe_infer: its router is a {type(router).__name__}, expected {arch.router}")
-    if arch.expert_layers is None:
-        source = ModuleSpec(block.experts)  # raises for an unsupported layout or activation
-    else:
-        source = block._moe_infer_stack = _ExpertStack(block.experts, *arch.expert_layers, owner=arch.block)
-    # The block's experts backend (moe_infer.experts.ExpertsBackend), kept out of the module tree
-    # (the checkpoint's parameters and names stay as they are): the experts here, or their buffer.
-    block.__dict__["experts_backend"] = getattr(block.experts, "expert_buffer", None) or LocalExperts(source)
+    _attach_experts(block, arch)
     block._moe_infer_hf_capacity = hf_capacity
     router._moe_infer_hf_capacity = hf_capacity
     router._moe_infer_validate = validate
@@ -765,6 +817,11 @@ def optimize(
             arch = _BY_BLOCK.get((original.__module__, original.__name__))
             if arch is not None:
                 report.already_optimized[name] = arch.name
+                if _experts_key(module) != module.__dict__.get(_FUSED_EXPERTS):  # replaced since: fuse the new ones
+                    try:
+                        _attach_experts(module, arch)
+                    except NotImplementedError as error:
+                        report.skipped[name] = f"{error} (its experts run in transformers' forward)"
             continue
         arch = _architecture_of(module)
         if arch is None:
@@ -821,10 +878,23 @@ def _separate_experts_block(module: nn.Module) -> bool:
     return arch is not None and arch.name in ("SwitchTransformers", "NLLB-MoE")
 
 
+def _without_fused(cls: type, fused: type, original: type) -> type:
+    """``cls`` with the fused class among its bases replaced by the original: a class made on top
+    of the fused one since optimize(), e.g. torch.nn.utils.parametrize's ``Parametrized<fused>``
+    (its properties compute the parametrized tensors), rebuilt on top of the original."""
+    if cls is fused:
+        return original
+    bases = tuple(_without_fused(b, fused, original) if issubclass(b, fused) else b for b in cls.__bases__)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    return type(cls.__name__.replace(fused.__name__, original.__name__), bases, namespace)
+
+
 def restore(model: nn.Module) -> nn.Module:
     """Undoes :func:`optimize`: every fused block and router runs transformers' own forward again."""
     for module in model.modules():
-        original = getattr(type(module), "_moe_infer_original", None)
+        cls = type(module)
+        original = getattr(cls, "_moe_infer_original", None)
         if original is not None:
-            module.__class__ = original
+            fused = next(c for c in cls.__mro__ if c.__dict__.get("_moe_infer_original") is original)
+            module.__class__ = _without_fused(cls, fused, original)
     return model
