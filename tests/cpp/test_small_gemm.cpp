@@ -224,8 +224,10 @@ TEST_CASE("small_gemm gives a row the same bits whatever rows share its call, sh
   // From two rows of x each tile sums a column of a row in the same order, so a row's bits do not
   // depend on how many rows share the call, nor on which tile ran it: two to four rows shorter than
   // 8 KiB take the stream tile, longer ones the square tile (float32 from k = 2048, bfloat16 from
-  // k = 4096). The one exception: a bfloat16 pass of one row (the fifth of five rows: 4 + 1) keeps
-  // two accumulators, so five-row calls are compared on their first four rows. A large first and
+  // k = 4096). The exception: in bfloat16 a pass of one row keeps two accumulators, and such a pass
+  // computes a call of one row and the last row of 5, 7, 11, 13, ... rows (passes of six rows, five
+  // as four and one); so five-row calls are compared on their first four rows, and the seventh of
+  // `all`'s rows is not compared. A large first and
   // last product that cancel keep the float32 rounding of the sums visible in a bfloat16 result;
   // plain values check each result against a float64 loop.
   std::mt19937 gen(13);
