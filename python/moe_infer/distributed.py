@@ -366,10 +366,7 @@ class ExpertParallelExperts(nn.Module, ExpertsBackend):
             raise ValueError(
                 f"ExpertParallelExperts: hidden is {hidden.dtype} but the experts are {self.gate_up_proj.dtype}"
             )
-        if torch.is_grad_enabled() and (hidden.requires_grad or topk_weights.requires_grad):
-            raise RuntimeError(
-                "ExpertParallelExperts is inference-only: call it under torch.no_grad() or torch.inference_mode()"
-            )
+        self.refuse_gradients(hidden, topk_weights)
         if self.validate and expert_ids.numel():
             low, high = torch.aminmax(expert_ids)
             low, high = int(low), int(high)

@@ -280,6 +280,18 @@ class MoEExperts(nn.Module):
         return ops.grouped_mlp(rows, expert_offsets, self.spec)
 
 
+def check_layer_input(owner: str, hidden: torch.Tensor, hidden_size: int, weights_dtype: torch.dtype) -> None:
+    """A layer's input [..., hidden_size] in the layer's dtype: ValueError / TypeError naming
+    ``owner`` and the fix otherwise."""
+    if hidden.dim() == 0 or hidden.shape[-1] != hidden_size:
+        raise ValueError(f"{owner}: the input's last dimension must be {hidden_size}, got shape {tuple(hidden.shape)}")
+    if hidden.dtype != weights_dtype:
+        raise TypeError(
+            f"{owner}: the input is {hidden.dtype} but the layer's weights are {weights_dtype}; "
+            f"convert one of them (input.to({weights_dtype}) or layer.to({hidden.dtype}))"
+        )
+
+
 def parameter_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     """``getattr(module, name)`` for a parameter, read from ``module._parameters`` where it is: the
     forward of a decode step starts cold in the caches, and nn.Module.__getattr__ (after the
@@ -335,6 +347,17 @@ class ExpertsBackend:
 
     inference_only = False
     collective = False
+
+    def refuse_gradients(self, hidden: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        """RuntimeError where autograd would record a call of an inference-only backend: it computes
+        outside autograd's view (slots overwritten within a batch, all-to-alls), so gradients
+        through it would be wrong. No error under torch.no_grad() / inference_mode, or for inputs
+        that need no gradient."""
+        if self.inference_only and torch.is_grad_enabled() and (hidden.requires_grad or topk_weights.requires_grad):
+            raise RuntimeError(
+                f"{type(self).__name__} is inference-only (gradients through it would be wrong): call the layer "
+                "under torch.no_grad() or torch.inference_mode()"
+            )
 
     def run(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

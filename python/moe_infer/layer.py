@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .buffer import attach_expert_buffer
-from .experts import ExpertsBackend, LocalExperts, MoEExperts
+from .buffer import ExpertBuffer, attach_expert_buffer
+from .experts import ExpertsBackend, LocalExperts, MoEExperts, check_layer_input
 
 
 class MoELayer(nn.Module):
@@ -122,15 +122,7 @@ class MoELayer(nn.Module):
         return router_logits, weights, ids
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"MoELayer: hidden's last dimension ({hidden.shape[-1]}) must be hidden_size ({self.hidden_size})"
-            )
-        if hidden.dtype != self.gate.weight.dtype:
-            raise TypeError(
-                f"MoELayer: hidden is {hidden.dtype} but the layer's weights are {self.gate.weight.dtype}; "
-                f"convert one of them (hidden.to({self.gate.weight.dtype}) or layer.to({hidden.dtype}))"
-            )
+        check_layer_input("MoELayer", hidden, self.hidden_size, self.gate.weight.dtype)
         shape = hidden.shape
         x = hidden.reshape(-1, self.hidden_size)
         _, weights, ids = self.route(x)
@@ -138,8 +130,11 @@ class MoELayer(nn.Module):
 
     @property
     def expert_buffer(self):
-        """The :class:`moe_infer.buffer.ExpertBuffer` of a buffered layer, else None."""
-        return getattr(self.experts, "expert_buffer", None)
+        """The :class:`moe_infer.buffer.ExpertBuffer` a buffered layer runs its experts through,
+        else None. (The layer runs the buffer it was built with, ``expert_buffer=N``; to buffer
+        an existing layer: ``layer.experts_backend = attach_expert_buffer(layer.experts, N)``.)"""
+        backend = self.experts_backend
+        return backend if isinstance(backend, ExpertBuffer) else None
 
     def extra_repr(self) -> str:
         return (

@@ -1,9 +1,12 @@
 """Expert buffering: cache policies against an independent model, exact outputs, prefetch, warm start,
 the simulator, and the safetensors store."""
 
+import copy
 import gc
 import itertools
+import json
 import math
+import pickle
 
 import pytest
 import torch
@@ -374,8 +377,17 @@ def test_warm_start_from_saved_profile(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a readable profile"):
         load_activation_profile(str(tmp_path / "bad.json"))
-    with pytest.raises(ValueError, match="the profile has 5 experts"):
+    with pytest.raises(ValueError, match=r"tokens_per_expert must be \[8\] \(one count per expert\), got \[5\]"):
         fresh.warm_start(torch.ones(5))
+    with pytest.raises(ValueError, match=r"tokens_per_expert must be \[8\].*got \[2, 4\]"):
+        fresh.warm_start(torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"batches_active has NaN or infinite counts"):
+        fresh.warm_start(torch.ones(8), torch.full((8,), float("nan")))
+    (tmp_path / "partial.json").write_text(json.dumps({"format": json.loads(path.read_text())["format"]}))
+    with pytest.raises(ValueError, match="not a complete profile"):
+        load_activation_profile(str(tmp_path / "partial.json"))
+    with pytest.raises(ValueError, match="expert ids must be integers"):
+        fresh.prefetch(torch.tensor([1.7]))
 
 
 # ---- MoELayer integration ----------------------------------------------------------------------
@@ -394,6 +406,41 @@ def test_moe_layer_expert_buffer_option():
         assert torch.equal(layer(x), plain(x))
     assert layer.expert_buffer.num_slots == 3 and layer.expert_buffer.policy == "lru"
     assert moe_infer.MoELayer(**options, expert_buffer=100).expert_buffer.num_slots == 8  # at most E slots
+
+
+def test_buffered_layer_refuses_gradients():
+    """The buffer overwrites its slots within a batch, out of autograd's sight: a call that autograd
+    would record is refused (the input gradients came out wrong); under no_grad it runs."""
+    torch.manual_seed(2)
+    layer = moe_infer.MoELayer(16, 8, 4, 2, expert_buffer=2).eval()
+    x = torch.randn(6, 16)
+    with pytest.raises(RuntimeError, match=r"ExpertBuffer is inference-only .*torch.no_grad\(\)"):
+        layer(x)  # the router's weights need gradients
+    with torch.no_grad():
+        layer(x)
+    with torch.inference_mode():
+        layer.train()(x)
+
+
+def test_buffer_attachment_is_one_per_module():
+    """A module takes one buffer (a second would swap the first's store from under it); a layer
+    reports the buffer it runs its experts through, and runs one set as its backend."""
+    layer = moe_infer.MoELayer(16, 8, 4, 2, expert_buffer=2).eval()
+    with pytest.raises(ValueError, match="has an expert buffer already"):
+        attach_expert_buffer(layer.experts, 3)
+    plain = moe_infer.MoELayer(16, 8, 4, 2).eval()
+    reference = copy.deepcopy(plain)
+    buffer = attach_expert_buffer(plain.experts, 2)
+    assert plain.expert_buffer is None  # attached, not yet the layer's backend
+    plain.experts_backend = buffer
+    assert plain.expert_buffer is buffer
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        assert torch.equal(plain(x), reference(x))
+    assert buffer.stats()["batches"] == 1
+    for copy_ in (copy.deepcopy, lambda m: pickle.dumps(m)):
+        with pytest.raises(TypeError, match="ExpertBuffer cannot be copied or pickled"):
+            copy_(layer)
 
 
 def test_buffered_layer_under_torch_compile():
@@ -473,6 +520,21 @@ def _parametrized(experts):
             r"ids outside \[-1, 4\)",
         ),
         (lambda: attach_expert_buffer(torch.nn.Linear(4, 4), 2), r"is not a stacked experts module"),
+        (lambda: ExpertStore.from_tensors(torch.randn(0, 4, 4), torch.randn(0, 4, 4)), r"there are no experts"),
+        (
+            lambda: ExpertStore.from_tensors(torch.randn(2, 4, 4), torch.randn(2, 4)),
+            r"fc2_weight must be a 3-D floating tensor \[experts, ...\], got torch.float32 of shape \(2, 4\)",
+        ),
+        (
+            lambda: ExpertStore.from_tensors(torch.ones(2, 4, 4, dtype=torch.int32), torch.randn(2, 4, 4)),
+            r"fc1_weight must be a 3-D floating tensor",
+        ),
+        (
+            lambda: buffered(make_experts(4, 16, 16), 2)(
+                torch.randn(3, 16), torch.full((3, 1), 2**32 + 3), torch.ones(3, 1)
+            ),
+            r"ids outside \[-1, 4\)",
+        ),
         (lambda: attach_expert_buffer(_parametrized(make_experts(4, 16, 16)), 2), r"down_proj is not a parameter"),
     ],
 )

@@ -2,6 +2,7 @@
 clear errors for broken files, and a disk-backed store that does not grow the resident set."""
 
 import json
+import os
 import struct
 
 import pytest
@@ -84,6 +85,15 @@ def test_per_expert_keys(tmp_path, naming):
     store = ExpertStore.from_safetensors(str(path), PREFIX)
     if naming == "fairseq":
         check_store(store, up, down, b1, b2, activation="relu")
+        # Each bias on its own: the one the file has is kept (the fc1 biases were dropped when
+        # no fc2 bias came with them).
+        for kept, dropped in (("fc1", "fc2"), ("fc2", "fc1")):
+            path = tmp_path / f"{kept}_bias.safetensors"
+            save_file({k: v for k, v in tensors.items() if not k.endswith(f"{dropped}.bias")}, str(path))
+            store = ExpertStore.from_safetensors(str(path), PREFIX)
+            assert sorted(store.parts) == sorted(["fc1_weight", "fc2_weight", f"{kept}_bias"])
+            biases = (b1, None) if kept == "fc1" else (None, b2)
+            check_store(store, up, down, *biases, activation="relu")
     else:
         check_store(store, torch.cat([gate, up], dim=1), down)  # transformers' gate_up_proj layout
 
@@ -377,6 +387,14 @@ def test_host_buffered_layer_follows_its_parameters():
         layer.experts.down_proj = torch.nn.Parameter(torch.zeros_like(plain.experts.down_proj), requires_grad=False)
         with pytest.raises(RuntimeError, match=r"parameter 'down_proj' was replaced"):
             layer(x)
+    # param.data = ... (as torch.nn.utils.vector_to_parameters does) keeps the Parameter and its
+    # version but not its storage, which the host store was.
+    layer = moe_infer.MoELayer(**LAYER, expert_buffer=2).eval()
+    with torch.no_grad():
+        layer(x)
+        layer.experts.gate_up_proj.data = layer.experts.gate_up_proj.data.clone()
+        with pytest.raises(RuntimeError, match=r"parameter 'gate_up_proj' was replaced .*param.data = "):
+            layer(x)
 
 
 def test_file_backed_layer_refuses_new_parameters_and_follows_its_file(tmp_path):
@@ -389,6 +407,13 @@ def test_file_backed_layer_refuses_new_parameters_and_follows_its_file(tmp_path)
         # The same layout with new values (rewritten in place): the buffer follows the file.
         new = _rewrite_in_place(path, seed=0, scale=3.0)
         assert torch.equal(layer(x), new(x))
+        # Rewritten in place again, its modification time set back (cp -p, rsync -t): the change
+        # time still tells.
+        before = os.stat(path)
+        newer = _rewrite_in_place(path, seed=0, scale=5.0)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert torch.equal(layer(x), newer(x))
+        new = newer
         # Loading weights into the layer cannot change the file it reads: refused.
         layer.load_state_dict(plain.state_dict())
         with pytest.raises(
@@ -410,6 +435,28 @@ def test_file_backed_layer_refuses_new_parameters_and_follows_its_file(tmp_path)
             f.write(b"\x00" * 16)
         with pytest.raises(RuntimeError, match=r"no longer has the same tensors"):
             layer(x)
+
+
+def test_file_backed_fairseq_layer_saves_its_weights(tmp_path):
+    """A fairseq MOELayer on a file store: its state_dict has fairseq's per-expert keys with the
+    weights read from the file (the store's hook runs before the layer's renaming hook), and a
+    plain layer loads it."""
+    from moe_infer.fairseq import MOELayer, Top2Gate
+
+    torch.manual_seed(5)
+    plain = MOELayer.build(Top2Gate(32, 4, second_expert_policy="all"), 16).eval()
+    save_file({PREFIX + name: t.detach() for name, t in plain.experts.named_parameters()}, str(tmp_path / "f.st"))
+    store = ExpertStore.from_safetensors(str(tmp_path / "f.st"), PREFIX)
+    layer = MOELayer.build(Top2Gate(32, 4, second_expert_policy="all"), 16, expert_buffer=2, expert_store=store).eval()
+    layer.gate.load_state_dict(plain.gate.state_dict())
+    state = layer.state_dict()
+    assert all(t.device.type == "cpu" for t in state.values())
+    torch.testing.assert_close(state, plain.state_dict(), rtol=0, atol=0)
+    again = MOELayer.build(Top2Gate(32, 4, second_expert_policy="all"), 16).eval()
+    again.load_state_dict(state)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x)[0], plain(x)[0]) and torch.equal(layer(x)[0], plain(x)[0])
 
 
 def test_buffered_layer_from_two_threads():

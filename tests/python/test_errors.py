@@ -188,9 +188,13 @@ def test_layer_configuration_errors():
     with pytest.raises(ValueError, match=r"scoring must be one of"):
         moe_infer.MoELayer(16, 8, 4, 2, scoring="max")
     layer = moe_infer.MoELayer(16, 8, 4, 2)
-    with pytest.raises(ValueError, match=r"last dimension \(15\) must be hidden_size \(16\)"):
+    with pytest.raises(ValueError, match=r"MoELayer: the input's last dimension must be 16, got shape \(2, 15\)"):
         layer(torch.randn(2, 15))
-    with pytest.raises(TypeError, match=r"MoELayer: hidden is torch.float64 but the layer's weights are torch.float32"):
+    with pytest.raises(ValueError, match=r"MoELayer: the input's last dimension must be 16, got shape \(\)"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(
+        TypeError, match=r"MoELayer: the input is torch.float64 but the layer's weights are torch.float32"
+    ):
         layer(torch.randn(2, 16, dtype=torch.float64))
 
 

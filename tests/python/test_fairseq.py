@@ -342,6 +342,14 @@ def test_configuration_errors():
         layer(torch.randn(2, 5, MODEL_DIM), input_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"only a single input tensor"):
         layer(torch.randn(2, 5, MODEL_DIM), torch.randn(2, 5, MODEL_DIM))
+    with pytest.raises(ValueError, match=r"MOELayer: the input's last dimension must be 16"):
+        layer(torch.randn(2, 5, MODEL_DIM + 1))
+    with pytest.raises(
+        TypeError, match=r"MOELayer: the input is torch.bfloat16 but the layer's weights are torch.float32"
+    ):
+        layer(torch.randn(2, 5, MODEL_DIM, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"MOELayer: the gate is torch.float32 but the experts are torch.bfloat16"):
+        MOELayer.build(Top2Gate(MODEL_DIM, 4), FFN_DIM, dtype=torch.bfloat16)
 
 
 def test_package_exposes_the_fairseq_module():

@@ -468,6 +468,9 @@ def test_optimize_with_expert_buffer(arch, tmp_path):
     torch.testing.assert_close(run(arch, buffered, ids, mask).logits, expected, rtol=1e-5, atol=1e-5)
     stats = [b.stats() for b in buffered.moe_infer_report.buffers.values()]
     assert all(s["misses"] > 0 for s in stats)
+    before = buffered.moe_infer_report.buffers
+    moe_infer.optimize(buffered, verbose=False)  # again: the report lists the buffers still in use
+    assert buffered.moe_infer_report.buffers == before
     if arch == "mixtral":  # from the checkpoint files instead of the model's own weights
         reference(arch).save_pretrained(tmp_path)
         from_disk = optimized(arch, expert_buffer=3, checkpoint=str(tmp_path))

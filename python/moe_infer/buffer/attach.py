@@ -1,5 +1,6 @@
 """Attaching expert buffers to expert modules: moe_infer layers and transformers v5 experts."""
 
+import functools
 from typing import Mapping, Optional, Union
 
 import torch
@@ -33,9 +34,14 @@ def _stacked_experts(experts: nn.Module, activation: Optional[str]) -> tuple[Exp
     return spec, names
 
 
+def _apply_nothing(module: nn.Module, fn, recurse=True) -> nn.Module:
+    return module
+
+
 def _keep_on_host(module: nn.Module) -> None:
-    """Makes ``.to()`` / ``.cuda()`` / ``.half()`` leave this module's (host store) tensors alone."""
-    module._apply = lambda fn, recurse=True: module
+    """Makes ``.to()`` / ``.cuda()`` / ``.half()`` leave this module's (host store) tensors alone
+    (a partial of a module-level function: pickling the module reaches ExpertBuffer's own error)."""
+    module._apply = functools.partial(_apply_nothing, module)
 
 
 def attach_expert_buffer(
@@ -67,8 +73,15 @@ def attach_expert_buffer(
     Returns:
         The :class:`ExpertBuffer`, also set as ``experts.expert_buffer``. A transformers experts
         module's ``forward`` becomes the buffer's (same signature: hidden, top_k_index,
-        top_k_weights). moe_infer's :class:`MoELayer` calls it itself.
+        top_k_weights). moe_infer's :class:`MoELayer` runs its experts through the buffer it was
+        built with (``expert_buffer=N``); for an existing one, set ``layer.experts_backend`` to the
+        returned buffer. A module has one buffer: a second attach is a ValueError.
     """
+    if experts.__dict__.get("expert_buffer") is not None:
+        raise ValueError(
+            f"attach_expert_buffer: this {type(experts).__name__} has an expert buffer already (its weights are that "
+            "buffer's store); build the layer again to change its buffer"
+        )
     spec, param_names = _stacked_experts(experts, activation)
     present = {part: t for part, t in spec.tensors().items() if t is not None}
     if device is None:
@@ -123,7 +136,10 @@ def attach_expert_buffer(
     names = {part: param_names[part] for part in store.parts}
     buffer.watch_parameters(experts, names)
     if store.file_backed:
-        experts._register_state_dict_hook(_state_dict_from_store(store, names))
+        handle = experts._register_state_dict_hook(_state_dict_from_store(store, names))
+        # First, before a hook of the module's own that renames the stacked keys (FairseqExperts
+        # writes fairseq's per-expert keys).
+        experts._state_dict_hooks.move_to_end(handle.id, last=False)
     if not isinstance(experts, MoEExperts):  # a transformers module: route its forward to the buffer
 
         def forward(hidden_states, top_k_index=None, top_k_weights=None, **kwargs):

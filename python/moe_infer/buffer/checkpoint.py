@@ -168,9 +168,11 @@ class SafetensorsCheckpoint:
         return self._open(self._file_of[name])
 
 
-def _file_identity(path: str) -> tuple[int, int, int]:
+def _file_identity(path: str) -> tuple[int, int, int, int]:
+    """(inode, size, mtime, ctime): a write changes the ctime even where the mtime is set back
+    (``cp -p``, ``rsync -t``)."""
     info = os.stat(path)
-    return info.st_ino, info.st_size, info.st_mtime_ns
+    return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def _file_header(path: str) -> bytes:

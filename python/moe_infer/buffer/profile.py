@@ -34,11 +34,16 @@ def load_activation_profile(path: str) -> dict[str, dict[str, torch.Tensor]]:
     if not isinstance(payload, dict) or payload.get("format") != _PROFILE_FORMAT:
         raise ValueError(f"load_activation_profile: '{path}' is not a moe_infer activation profile")
     profile = {}
-    for name, layer in payload["layers"].items():
-        tokens, batches = torch.tensor(layer["tokens"]), torch.tensor(layer["batches"])
-        if tokens.numel() != layer["num_experts"] or batches.numel() != layer["num_experts"]:
-            raise ValueError(f"load_activation_profile: layer '{name}' has inconsistent counts")
-        profile[name] = {"tokens": tokens, "batches": batches}
+    try:
+        for name, layer in payload["layers"].items():
+            tokens, batches = torch.tensor(layer["tokens"]), torch.tensor(layer["batches"])
+            if tokens.numel() != layer["num_experts"] or batches.numel() != layer["num_experts"]:
+                raise ValueError(f"load_activation_profile: layer '{name}' has inconsistent counts")
+            profile[name] = {"tokens": tokens, "batches": batches}
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"load_activation_profile: '{path}' is not a complete profile (missing or bad {error})"
+        ) from None
     return profile
 
 

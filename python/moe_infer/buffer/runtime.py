@@ -15,6 +15,11 @@ from .store import ExpertStore
 LIVE_POLICIES = ("paper", "fifo", "lru", "lfu")
 
 
+def _parameter_state(param: torch.Tensor) -> tuple:
+    """(the parameter, its version, its data pointer): what _follow_parameters compares."""
+    return param, param._version, param.data_ptr()
+
+
 class ExpertBuffer(ExpertsBackend):
     """One MoE layer's slot pool on the compute device, and its cache (a C++ object): an
     :class:`moe_infer.experts.ExpertsBackend` (inference only).
@@ -35,11 +40,20 @@ class ExpertBuffer(ExpertsBackend):
     Thread-safe: calls from several threads run one at a time. A buffer attached to a layer
     (:func:`attach_expert_buffer`) follows the layer's parameters: with a host store (the
     parameters are the store), an in-place change to them empties the pool and the next batch
-    loads the new weights; with a file store, writing the parameters, replacing them or changing a
-    file on disk raises a RuntimeError at the next call (never a silent mix of old and new weights).
+    loads the new weights; with a file store, writing or replacing the parameters raises a
+    RuntimeError at the next call, and so does a file changed on disk, except one rewritten with
+    the same layout (same tensors at the same places), whose new bytes the pool then loads: never a
+    silent mix of old and new weights. A buffer owns copy threads and a slot pool: it cannot be
+    copied or pickled (save the state_dict and attach a new buffer).
     """
 
     inference_only = True
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "ExpertBuffer cannot be copied or pickled (it owns copy threads and a slot pool): save the model's "
+            "state_dict and attach a new buffer"
+        )
 
     def __init__(
         self,
@@ -142,6 +156,11 @@ class ExpertBuffer(ExpertsBackend):
     def _forward(self, hidden, top_k_index, top_k_weights):
         self._check_inputs(hidden, top_k_index, top_k_weights)
         self._follow_parameters()
+        outside = ValueError(f"ExpertBuffer: top_k_index has ids outside [-1, {self.num_experts})")
+        if top_k_index.dtype == torch.int64 and top_k_index.numel():
+            low, high = torch.aminmax(top_k_index)  # before int32, which would wrap ids of 2**31 and more
+            if low < -1 or high >= self.num_experts:
+                raise outside
         ids = top_k_index if top_k_index.dtype == torch.int32 else top_k_index.to(torch.int32)
         top_k = ids.shape[1]
         # The one host sync: which experts the batch needs (id -1 counts in bucket 0, dropped).
@@ -150,7 +169,7 @@ class ExpertBuffer(ExpertsBackend):
         except RuntimeError:  # bincount rejects negative values: an id below -1
             counts = None
         if counts is None or counts.numel() > self.num_experts + 1:
-            raise ValueError(f"ExpertBuffer: top_k_index has ids outside [-1, {self.num_experts})")
+            raise outside
         self._core.begin_batch(counts[1:])
         try:
             return self._run_batch(hidden, ids, top_k_weights, counts[1:], top_k)
@@ -242,15 +261,15 @@ class ExpertBuffer(ExpertsBackend):
 
     def watch_parameters(self, module: nn.Module, names: Mapping[str, str]) -> None:
         """Follows ``module``'s parameters {part: parameter name} (what attach_expert_buffer sets)."""
-        self._watched = [
-            (module, name, module._parameters[name], module._parameters[name]._version) for name in names.values()
-        ]
+        self._watched = [(module, name, *_parameter_state(module._parameters[name])) for name in names.values()]
 
     def _follow_parameters(self) -> None:
         """A buffered layer follows its parameters: with a host store the parameters are the store,
         so an in-place change (``load_state_dict``, ``param.mul_()``) empties the pool and the next
         batch loads the new weights; a file store reads its files, so a change to the parameters or
-        to the files is an error (never a silent mix of old and new weights)."""
+        to the files is an error (never a silent mix of old and new weights). Not seen: a write
+        through ``param.data`` in place (``param.data.copy_(...)``), which bypasses the version
+        counter; call :meth:`clear` after one. ``param.data = tensor`` is seen, and an error."""
         changed = False
         for path, (identity, header) in self._files.items():
             now = _file_identity(path)
@@ -275,12 +294,12 @@ class ExpertBuffer(ExpertsBackend):
                     "bytes); restore it or attach a new buffer to the new file"
                 )
             self._files[path] = (now, header)  # the same layout: follow the new bytes
-        for i, (module, name, param, version) in enumerate(self._watched):
-            if module._parameters.get(name) is not param:
+        for i, (module, name, param, version, data) in enumerate(self._watched):
+            if module._parameters.get(name) is not param or param.data_ptr() != data:
                 raise RuntimeError(
-                    f"ExpertBuffer: the layer's parameter '{name}' was replaced (load_state_dict(assign=True) or an "
-                    "assignment); the buffer copies experts from its store, not from the new tensor. Attach a new "
-                    "buffer to the new weights."
+                    f"ExpertBuffer: the layer's parameter '{name}' was replaced (load_state_dict(assign=True), an "
+                    "assignment, or param.data = ...); the buffer copies experts from its store, not from the new "
+                    "tensor. Attach a new buffer to the new weights."
                 )
             if param._version != version:
                 if self.store.file_backed:
@@ -288,7 +307,7 @@ class ExpertBuffer(ExpertsBackend):
                         f"ExpertBuffer: the layer's parameter '{name}' was written, but its experts are read from "
                         f"{self.store.description}; write the new weights to a file and attach a new buffer"
                     )
-                self._watched[i] = (module, name, param, param._version)
+                self._watched[i] = (module, name, *_parameter_state(param))
                 changed = True
         if changed:
             self._core.clear()  # the host store holds the new weights: reload them on demand
@@ -310,6 +329,7 @@ class ExpertBuffer(ExpertsBackend):
             )
         if ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"ExpertBuffer: top_k_index must be int32 or int64, got {ids.dtype}")
+        self.refuse_gradients(hidden, weights)
 
     # -- cache control --
 
@@ -319,6 +339,8 @@ class ExpertBuffer(ExpertsBackend):
         With ``is_prediction``, the set is also scored against the next batch's active experts
         (precision and recall in :meth:`stats`)."""
         if isinstance(experts, torch.Tensor):
+            if experts.is_floating_point() or experts.is_complex():
+                raise ValueError(f"ExpertBuffer.prefetch: expert ids must be integers, got {experts.dtype}")
             experts = experts.reshape(-1).tolist()
         with self._lock:
             self._follow_parameters()
@@ -328,11 +350,17 @@ class ExpertBuffer(ExpertsBackend):
         """Empties the pool and fills it with the experts that received the most tokens (a saved
         activation profile); LFU's frequencies start from ``batches_active`` (or the token counts).
         Waits for the copies. Returns the experts loaded."""
-        tokens = torch.as_tensor(tokens_per_expert).reshape(-1).long()
-        if tokens.numel() != self.num_experts:
-            raise ValueError(
-                f"ExpertBuffer.warm_start: the profile has {tokens.numel()} experts, the layer {self.num_experts}"
-            )
+        counts = {"tokens_per_expert": tokens_per_expert, "batches_active": batches_active}
+        for name, values in counts.items():
+            values = None if values is None else torch.as_tensor(values)
+            if values is not None and (values.dim() != 1 or values.numel() != self.num_experts):
+                raise ValueError(
+                    f"ExpertBuffer.warm_start: {name} must be [{self.num_experts}] (one count per expert), "
+                    f"got {list(values.shape)}"
+                )
+            if values is not None and values.is_floating_point() and not bool(torch.isfinite(values).all()):
+                raise ValueError(f"ExpertBuffer.warm_start: {name} has NaN or infinite counts")
+        tokens = torch.as_tensor(tokens_per_expert).long()
         order = sorted(range(self.num_experts), key=lambda e: (-int(tokens[e]), e))
         chosen = [e for e in order[: self.num_slots] if tokens[e] > 0]
         frequency = tokens if batches_active is None else torch.as_tensor(batches_active).reshape(-1).long()

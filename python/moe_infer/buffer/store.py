@@ -96,7 +96,16 @@ class ExpertStore:
         already there are used in place, without a copy)."""
         tensors = {"fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias}
         tensors = {name: t for name, t in tensors.items() if t is not None}
+        for name, t in tensors.items():
+            dims = 2 if name.endswith("bias") else 3
+            if t.dim() != dims or not t.is_floating_point():
+                raise ValueError(
+                    f"ExpertStore.from_tensors: {name} must be a {dims}-D floating tensor [experts, ...], got "
+                    f"{t.dtype} of shape {tuple(t.shape)}"
+                )
         num_experts = fc1_weight.shape[0]
+        if num_experts < 1:
+            raise ValueError("ExpertStore.from_tensors: there are no experts (fc1_weight has 0 rows)")
         for name, t in tensors.items():
             if t.shape[0] != num_experts:
                 raise ValueError(f"ExpertStore.from_tensors: {name} has {t.shape[0]} experts, fc1_weight {num_experts}")
@@ -201,10 +210,12 @@ class ExpertStore:
             missing = f"{prefix}{count}.{fc1_keys[0]}"
             raise ValueError(f"{where}: missing tensor '{missing}' (expected {num_experts} experts, found {count})")
         count = num_experts if num_experts is not None else count
-        has_bias = f"{prefix}0.{fc2_bias_key}" in ckpt
         parts = {"fc1_weight": fc1_keys, "fc2_weight": (fc2_key,)}
-        if has_bias:
-            parts["fc1_bias"], parts["fc2_bias"] = fc1_bias_keys, (fc2_bias_key,)
+        # Each bias where expert 0 has it (a part missing for a later expert is an error below).
+        if f"{prefix}0.{fc1_bias_keys[0]}" in ckpt:
+            parts["fc1_bias"] = fc1_bias_keys
+        if f"{prefix}0.{fc2_bias_key}" in ckpt:
+            parts["fc2_bias"] = (fc2_bias_key,)
         pieces = {part: [] for part in parts}
         shapes, store_dtype = {}, dtype
         for e in range(count):

@@ -49,7 +49,7 @@ from torch import nn
 from .. import ops
 from ..buffer import attach_expert_buffer
 from ..distributed import ExpertParallelExperts
-from ..experts import ExpertsBackend, LocalExperts, MoEExperts
+from ..experts import ExpertsBackend, LocalExperts, MoEExperts, check_layer_input
 
 __all__ = ["FairseqExperts", "MOELayer", "Top1Gate", "Top2Gate", "convert_fairseq_moe", "gate_from_fairseq"]
 
@@ -518,6 +518,12 @@ class MOELayer(nn.Module):
             raise ValueError(
                 f"MOELayer: experts have model_dim {self.experts.hidden_size} but the gate {self.gate.model_dim}"
             )
+        gate_dtype, experts_dtype = self.gate.wg.weight.dtype, self.experts.gate_up_proj.dtype
+        if gate_dtype != experts_dtype and self.experts.gate_up_proj.device.type != "meta":
+            raise ValueError(
+                f"MOELayer: the gate is {gate_dtype} but the experts are {experts_dtype}; give them one dtype "
+                f"(gate.to({experts_dtype}) or experts.to({gate_dtype}))"
+            )
         self.gating = gating
         self.args = args
         self.expert_group = group
@@ -571,8 +577,7 @@ class MOELayer(nn.Module):
         x = input[0]
         if x.dim() != 3:
             raise ValueError(f"MOELayer: input must be [batch, seq, model_dim], got shape {tuple(x.shape)}")
-        if x.shape[2] != self.gate.model_dim:
-            raise ValueError(f"MOELayer: input's model_dim ({x.shape[2]}) must be {self.gate.model_dim}")
+        check_layer_input("MOELayer", x, self.gate.model_dim, self.gate.wg.weight.dtype)
         if input_padding_mask is not None and tuple(input_padding_mask.shape) != tuple(x.shape[:2]):
             raise ValueError(
                 f"MOELayer: input_padding_mask must be [batch, seq] = {tuple(x.shape[:2])}, "
@@ -621,11 +626,7 @@ class MOELayer(nn.Module):
         return rows
 
     def _combine_weights(self, weights: torch.Tensor) -> torch.Tensor:
-        if self.experts_backend.inference_only and (self.training or torch.is_grad_enabled() and weights.requires_grad):
-            raise RuntimeError(
-                "MOELayer: the expert-buffered and expert-parallel paths are inference-only: call eval() and run "
-                "under torch.no_grad()"
-            )
+        # (An inference-only backend refuses weights that need gradients: refuse_gradients.)
         return weights * (1 - self.tok_dropout) if self.tok_dropout > 0.0 and not self.training else weights
 
     def _forward_static(self, tokens, mask, eval_capacity_length):

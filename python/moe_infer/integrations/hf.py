@@ -844,6 +844,11 @@ def optimize(
         from ..buffer import attach_expert_buffers
 
         report.buffers = attach_expert_buffers(model, expert_buffer, buffer_policy, checkpoint)
+    else:  # buffers attached by an earlier optimize(model, expert_buffer=N): still the ones in use
+        for name in report.already_optimized:
+            buffer = model.get_submodule(name).experts.__dict__.get("expert_buffer")
+            if buffer is not None:
+                report.buffers[f"{name}.experts"] = buffer
     if ep_group is not None:
         from ..distributed import ExpertParallelExperts
 
