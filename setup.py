@@ -9,6 +9,7 @@ Plain `pip install .` builds in an isolated environment that has no torch; there
 the torch of the environment being installed into (pip's isolation keeps the interpreter, so
 sysconfig still names that environment's site-packages). The CUDA sources are compiled when that
 torch has CUDA and nvcc is found (MOE_INFER_CUDA=0/1 forces it); otherwise the extension is CPU-only.
+They are built for the visible GPU, else for TORCH_CUDA_ARCH_LIST, else for DEFAULT_CUDA_ARCHS.
 """
 
 import glob
@@ -18,6 +19,7 @@ import sys
 import sysconfig
 
 MIN_TORCH = (2, 6)
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
 def _import_torch():
@@ -89,10 +91,18 @@ def _extension():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
         )
-    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if arch_list is None and torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    # The GPU's architecture; with no GPU visible (a build machine), torch's own choice can be an
+    # empty list, on which its build fails with an IndexError: A100 and H100/H200 by default.
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") is None:
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+            print(
+                f"moe_infer: no GPU visible, so the CUDA kernels are built for {DEFAULT_CUDA_ARCHS} (A100, H100/H200); "
+                "set TORCH_CUDA_ARCH_LIST for another GPU, or MOE_INFER_CUDA=0 for a CPU-only build"
+            )
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension(
         "moe_infer._C",

@@ -480,7 +480,9 @@ def main():
     name = "main_cpu" + dtype_suffix(dtype) + ("_quick" if args.quick else "")
     cfg = settings(args.quick)
     torch.set_num_threads(1)
-    progress = Progress(len(cfg["slots"]) + 3 + 3, "main job")
+    # A check per variant (3, and one per slot count), timed generation, the routing trace, static
+    # vs dynamic, placement.
+    progress = Progress(3 + len(cfg["slots"]) + 4, "main job")
 
     generation, trace, all_experts = part_generation(cfg, dtype, progress)
     static = part_static_vs_dynamic(cfg, dtype, progress)
