@@ -96,6 +96,11 @@ class MoELayer(nn.Module):
         )
         # Where the experts run (moe_infer.experts.ExpertsBackend): here, or through an expert buffer.
         self.experts_backend: ExpertsBackend = LocalExperts(self.experts)
+        if expert_store is not None and expert_store.dtype != self.gate.weight.dtype:
+            raise ValueError(
+                f"MoELayer: the expert store holds {expert_store.dtype} weights but the layer is "
+                f"{self.gate.weight.dtype}; pass dtype={expert_store.dtype}"
+            )
         if expert_buffer is not None:
             self.experts_backend = attach_expert_buffer(
                 self.experts, expert_buffer, buffer_policy, expert_store, device or torch.device("cpu")

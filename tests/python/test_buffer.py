@@ -522,6 +522,19 @@ def _parametrized(experts):
         (lambda: attach_expert_buffer(torch.nn.Linear(4, 4), 2), r"is not a stacked experts module"),
         (lambda: ExpertStore.from_tensors(torch.randn(0, 4, 4), torch.randn(0, 4, 4)), r"there are no experts"),
         (
+            lambda: moe_infer.MoELayer(
+                16,
+                8,
+                4,
+                2,
+                expert_buffer=2,
+                expert_store=ExpertStore.from_tensors(
+                    torch.randn(4, 16, 16, dtype=torch.bfloat16), torch.randn(4, 16, 8, dtype=torch.bfloat16)
+                ),
+            ),
+            r"the expert store holds torch.bfloat16 weights but the layer is torch.float32; pass dtype=torch.bfloat16",
+        ),
+        (
             lambda: ExpertStore.from_tensors(torch.randn(2, 4, 4), torch.randn(2, 4)),
             r"fc2_weight must be a 3-D floating tensor \[experts, ...\], got torch.float32 of shape \(2, 4\)",
         ),
