@@ -9,7 +9,8 @@ Plain `pip install .` builds in an isolated environment that has no torch; there
 the torch of the environment being installed into (pip's isolation keeps the interpreter, so
 sysconfig still names that environment's site-packages). The CUDA sources are compiled when that
 torch has CUDA and nvcc is found (MOE_INFER_CUDA=0/1 forces it); otherwise the extension is CPU-only.
-They are built for the visible GPU, else for TORCH_CUDA_ARCH_LIST, else for DEFAULT_CUDA_ARCHS.
+They are built for TORCH_CUDA_ARCH_LIST where it is set, else for the GPU visible, else for
+DEFAULT_CUDA_ARCHS.
 """
 
 import glob
@@ -19,7 +20,7 @@ import sys
 import sysconfig
 
 MIN_TORCH = (2, 6)
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _import_torch():
@@ -93,14 +94,14 @@ def _extension():
         )
     # The GPU's architecture; with no GPU visible (a build machine), torch's own choice can be an
     # empty list, on which its build fails with an IndexError: A100 and H100/H200 by default.
-    if os.environ.get("TORCH_CUDA_ARCH_LIST") is None:
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # unset or empty
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
             os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
             print(
-                f"moe_infer: no GPU visible, so the CUDA kernels are built for {DEFAULT_CUDA_ARCHS} (A100, H100/H200); "
+                f"moe_infer: no GPU visible, so the CUDA kernels are built for {DEFAULT_CUDA_ARCHS} (A100, H100/H200, PTX for newer); "
                 "set TORCH_CUDA_ARCH_LIST for another GPU, or MOE_INFER_CUDA=0 for a CPU-only build"
             )
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]

@@ -150,12 +150,18 @@ def tensor_names(experts: nn.Module) -> tuple[str, Optional[str], str, Optional[
     """The attributes of a stacked experts module that :func:`expert_spec` reads its fc1 weight,
     fc1 bias, fc2 weight and fc2 bias from (None: no bias), whether they are parameters or computed
     on each read (torch.nn.utils.parametrize)."""
-    if isinstance(experts, MoEExperts):
-        fc1_name, has_bias = "gate_up_proj", experts.gate_up_proj_bias is not None
-    else:
+    if isinstance(experts, MoEExperts):  # each bias on its own
+        fc1_name = "gate_up_proj"
+        biases = [experts.gate_up_proj_bias is not None, experts.down_proj_bias is not None]
+    else:  # transformers' experts: both biases or neither (has_bias)
         fc1_name = "gate_up_proj" if getattr(experts, "has_gate", hasattr(experts, "gate_up_proj")) else "up_proj"
-        has_bias = getattr(experts, "has_bias", getattr(experts, fc1_name + "_bias", None) is not None)
-    return fc1_name, fc1_name + "_bias" if has_bias else None, "down_proj", "down_proj_bias" if has_bias else None
+        biases = [getattr(experts, "has_bias", getattr(experts, fc1_name + "_bias", None) is not None)] * 2
+    return (
+        fc1_name,
+        fc1_name + "_bias" if biases[0] else None,
+        "down_proj",
+        "down_proj_bias" if biases[1] else None,
+    )
 
 
 def _is_gpt_oss(experts: nn.Module) -> bool:
@@ -297,8 +303,8 @@ def parameter_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
     forward of a decode step starts cold in the caches, and nn.Module.__getattr__ (after the
     failed ordinary lookup) costs tens of microseconds there. A parametrized or pruned weight, which
     is not in ``_parameters``, is read the usual way."""
-    value = module._parameters.get(name)
-    return value if value is not None else getattr(module, name)
+    parameters = module._parameters
+    return parameters[name] if name in parameters else getattr(module, name)
 
 
 def parameters_spec(module: nn.Module) -> ExpertSpec:
@@ -341,7 +347,8 @@ class ExpertsBackend:
     agree on one capacity (the largest) when the experts are spread over a group.
 
     Attributes:
-        inference_only: the backend computes without autograd (a layer in training refuses it).
+        inference_only: the backend computes outside autograd: a call autograd would record is
+            refused (refuse_gradients), and so is a fairseq layer in training mode.
         collective: every rank must call it, even one without tokens.
     """
 

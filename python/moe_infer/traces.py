@@ -187,7 +187,9 @@ class RoutingRecorder:
     One forward call of a layer is one batch. Works on moe_infer :class:`~moe_infer.MoELayer`
     (a hook on its router recomputes the layer's top-k with the same op, so the ids are the
     layer's own) and on transformers v5 models (a pre-hook on each experts module reads the
-    ``top_k_index`` its sparse block passes in). Layers are ordered as ``model.named_modules()``.
+    ``top_k_index`` its sparse block passes in; a block fused by ``moe_infer.optimize`` runs
+    transformers' forward while the hook is there, which calls it). Layers are ordered as
+    ``model.named_modules()``.
 
         with RoutingRecorder(model) as recorder:
             model(inputs)

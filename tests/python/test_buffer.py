@@ -422,6 +422,17 @@ def test_buffered_layer_refuses_gradients():
         layer.train()(x)
 
 
+def test_buffer_of_experts_with_one_bias():
+    """MoEExperts with an fc1 bias and no fc2 bias: each bias is its own part."""
+    experts = make_experts(4, 16, 16, bias=True)
+    experts.down_proj_bias = None
+    reference = copy.deepcopy(experts)
+    buffer = attach_expert_buffer(experts, 2)
+    x, ids, w = torch.randn(6, 16), torch.randint(0, 4, (6, 2), dtype=torch.int32), torch.rand(6, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(buffer(x, ids, w), resident_output(reference, x, ids, w), rtol=1e-6, atol=1e-6)
+
+
 def test_buffer_attachment_is_one_per_module():
     """A module takes one buffer (a second would swap the first's store from under it); a layer
     reports the buffer it runs its experts through, and runs one set as its backend."""

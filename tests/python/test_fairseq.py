@@ -381,3 +381,5 @@ def test_expert_buffer_gives_the_resident_layers_output(gating, num_slots):
     assert stats["misses"] >= min(num_slots, NUM_EXPERTS) and buffered.experts.expert_buffer.num_slots == num_slots
     with pytest.raises(RuntimeError, match="inference-only"):
         buffered.train()(x, input_padding_mask=padding)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"inference-only: call eval\(\)"):
+        buffered.train()(x, input_padding_mask=padding)  # training's expert-row dropout would be skipped

@@ -327,6 +327,8 @@ def test_reoptimize_reports_what_it_did(capsys):
     assert "2 already optimized" in out
     assert "attached expert buffers to 2 experts module(s) (2 slots per layer)" in out
     assert len(model.moe_infer_report.buffers) == 2
+    moe_infer.optimize(model, validate=False, verbose=False)  # the keywords reach the fused blocks again
+    assert all(not block.gate._moe_infer_validate for block in fused_blocks(model))
 
 
 def test_training_mode_runs_transformers_forward():
@@ -741,6 +743,21 @@ def test_experts_parametrized_before_optimize_are_fused(arch, monkeypatch):
         run(arch, model, ids, mask).logits, run(arch, plain, ids, mask).logits, rtol=1e-5, atol=1e-5
     )
     assert fused_runs
+    if arch in _SEPARATE_FC2:  # the stack is made again when the parametrization's tensors change, not each call
+        stacks = []
+        monkeypatch.setattr(
+            hf._ExpertStack, "_stack", lambda self, _stack=hf._ExpertStack._stack: stacks.append(1) or _stack(self)
+        )
+        run(arch, model, ids, mask)
+        assert not stacks
+        for m in (model, plain):
+            owner, name = _expert_tensor_owner(arch, _first_block(m))
+            with torch.no_grad():
+                owner.parametrizations[name].original.mul_(-2.0)
+        torch.testing.assert_close(
+            run(arch, model, ids, mask).logits, run(arch, plain, ids, mask).logits, rtol=1e-5, atol=1e-5
+        )
+        assert stacks
 
 
 def _double_output(module, args, output):
@@ -779,21 +796,24 @@ def test_hooks_on_the_experts_run_in_transformers_forward(arch, change, monkeypa
         assert len(fused_runs) == len(fused_blocks(model))
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "switch"])
-def test_experts_replaced_after_optimize(arch, monkeypatch):
-    """A block's experts module (or, where the experts are separate modules, one expert's module)
-    replaced after optimize(): the fused backend was built from the one before, so the block runs
-    transformers' forward with the new one; and optimize() again fuses the new one."""
+@pytest.mark.parametrize("arch,what", [("qwen3_moe", "experts"), ("qwen3_moe", "activation"), ("switch", "expert")])
+def test_experts_replaced_after_optimize(arch, what, monkeypatch):
+    """A block's experts module, its activation, or (where the experts are separate modules) one
+    expert's module replaced after optimize(): the fused backend was built from the one before, so
+    the block runs transformers' forward with the new one; and optimize() again fuses the new one."""
     ids, mask = padded_batch([9, 5], 9)
     model, plain = optimized(arch), reference(arch)
     run(arch, model, ids, mask)
     for m in (model, plain):
         experts = _first_block(m).experts
-        replacement = copy.deepcopy(experts.expert_2 if arch in _SEPARATE_FC2 else experts)
+        if what == "activation":
+            experts.act_fn = nn.GELU()
+            continue
+        replacement = copy.deepcopy(experts.expert_2 if what == "expert" else experts)
         with torch.no_grad():
             for p in replacement.parameters():
                 p.mul_(-1.0)
-        if arch in _SEPARATE_FC2:
+        if what == "expert":
             experts.expert_1 = replacement
         else:
             _first_block(m).experts = replacement

@@ -170,7 +170,8 @@ class SafetensorsCheckpoint:
 
 def _file_identity(path: str) -> tuple[int, int, int, int]:
     """(inode, size, mtime, ctime): a write changes the ctime even where the mtime is set back
-    (``cp -p``, ``rsync -t``)."""
+    (``cp -p``, ``rsync -t``). So does a change of metadata alone (``chmod``): a CPU buffer then
+    reloads its experts, a GPU one raises (as for any change to its file)."""
     info = os.stat(path)
     return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 

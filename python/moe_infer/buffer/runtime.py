@@ -156,20 +156,17 @@ class ExpertBuffer(ExpertsBackend):
     def _forward(self, hidden, top_k_index, top_k_weights):
         self._check_inputs(hidden, top_k_index, top_k_weights)
         self._follow_parameters()
-        outside = ValueError(f"ExpertBuffer: top_k_index has ids outside [-1, {self.num_experts})")
-        if top_k_index.dtype == torch.int64 and top_k_index.numel():
-            low, high = torch.aminmax(top_k_index)  # before int32, which would wrap ids of 2**31 and more
-            if low < -1 or high >= self.num_experts:
-                raise outside
+        num_experts = self.num_experts
+        # The one host sync: which experts the batch needs, and whether any id is out of range
+        # (clamped into the first and last buckets, in int64: int32 would wrap ids of 2**31 on).
+        counts = torch.bincount(
+            top_k_index.reshape(-1).long().clamp(-2, num_experts) + 2, minlength=num_experts + 3
+        ).cpu()
+        if counts[0] or counts[num_experts + 2]:
+            raise ValueError(f"ExpertBuffer: top_k_index has ids outside [-1, {num_experts})")
+        counts = counts[1 : num_experts + 2]  # id -1, then the experts
         ids = top_k_index if top_k_index.dtype == torch.int32 else top_k_index.to(torch.int32)
         top_k = ids.shape[1]
-        # The one host sync: which experts the batch needs (id -1 counts in bucket 0, dropped).
-        try:
-            counts = torch.bincount(ids.reshape(-1).long() + 1, minlength=self.num_experts + 1).cpu()
-        except RuntimeError:  # bincount rejects negative values: an id below -1
-            counts = None
-        if counts is None or counts.numel() > self.num_experts + 1:
-            raise outside
         self._core.begin_batch(counts[1:])
         try:
             return self._run_batch(hidden, ids, top_k_weights, counts[1:], top_k)

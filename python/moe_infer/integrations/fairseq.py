@@ -626,7 +626,13 @@ class MOELayer(nn.Module):
         return rows
 
     def _combine_weights(self, weights: torch.Tensor) -> torch.Tensor:
-        # (An inference-only backend refuses weights that need gradients: refuse_gradients.)
+        # An inference-only backend refuses weights that need gradients (refuse_gradients), and
+        # training mode even without: it would skip the training-mode expert-row dropout.
+        if self.experts_backend.inference_only and self.training:
+            raise RuntimeError(
+                "MOELayer: the expert-buffered and expert-parallel paths are inference-only: call eval() (and run "
+                "under torch.no_grad())"
+            )
         return weights * (1 - self.tok_dropout) if self.tok_dropout > 0.0 and not self.training else weights
 
     def _forward_static(self, tokens, mask, eval_capacity_length):
