@@ -174,6 +174,10 @@ RowSizes check_permute(MOE_INFER_PARAMS(permute)) {
   check_same_device(op, "sorted_pair_ids", sorted_pair_ids, hidden, "hidden");
   TORCH_CHECK_VALUE(top_k >= 1, op, ": top_k (", top_k, ") must be >= 1");
   RowSizes sizes{hidden.size(0), top_k, hidden.size(1)};
+  // Compared without forming the product, which could overflow.
+  TORCH_CHECK_VALUE(top_k <= kMaxPairs && sizes.num_tokens <= kMaxPairs / top_k, op,
+                    ": num_tokens * top_k (", sizes.num_tokens, " * ", top_k, ") exceeds ",
+                    kMaxPairs);
   TORCH_CHECK_VALUE(sorted_pair_ids.size(0) == sizes.num_tokens * top_k, op,
                     ": sorted_pair_ids has ", sorted_pair_ids.size(0),
                     " entries, expected num_tokens * top_k = ", sizes.num_tokens, " * ", top_k);
@@ -441,6 +445,8 @@ StaticGatingSizes check_static_gating(MOE_INFER_PARAMS(static_gating)) {
                     ") must be 1 or 2 (fairseq's Top1Gate or Top2Gate)");
   TORCH_CHECK_VALUE(sizes.num_experts >= top_k, op, ": top-", top_k,
                     " gating needs num_experts >= ", top_k, ", got ", sizes.num_experts);
+  TORCH_CHECK_VALUE(sizes.num_experts <= kMaxExperts, op, ": num_experts (", sizes.num_experts,
+                    ") exceeds ", kMaxExperts, " (the op allocates O(num_experts) per call)");
   TORCH_CHECK_VALUE(capacity >= 1, op, ": capacity (", capacity,
                     ") must be >= 1; a capacity of 0 drops every token (raise capacity_factor or "
                     "eval_capacity_token_fraction)");
@@ -519,9 +525,11 @@ StaticSlotSizes check_static_dispatch(MOE_INFER_PARAMS(static_dispatch)) {
   check_same_device(op, "dispatch_mask", dispatch_mask, hidden, "hidden");
   TORCH_CHECK_VALUE(dispatch_mask.size(0) == hidden.size(0), op, ": dispatch_mask has ",
                     dispatch_mask.size(0), " tokens but hidden has ", hidden.size(0));
-  TORCH_CHECK_VALUE(dispatch_mask.size(1) * dispatch_mask.size(2) <= kMaxPairs, op,
-                    ": num_experts * capacity (", dispatch_mask.size(1) * dispatch_mask.size(2),
-                    ") exceeds ", kMaxPairs);
+  // Compared without forming the product, which could overflow.
+  TORCH_CHECK_VALUE(
+      dispatch_mask.size(2) == 0 || dispatch_mask.size(1) <= kMaxPairs / dispatch_mask.size(2), op,
+      ": num_experts * capacity (", dispatch_mask.size(1), " * ", dispatch_mask.size(2),
+      ") exceeds ", kMaxPairs);
   return StaticSlotSizes{hidden.size(0), dispatch_mask.size(1), dispatch_mask.size(2),
                          hidden.size(1), 0};
 }

@@ -494,9 +494,16 @@ at::Tensor grouped_mlp_combine_op(MOE_INFER_PARAMS(grouped_mlp_combine)) {
       dispatcher_op<decltype(grouped_mlp_op)>("moe_infer::grouped_mlp");
   static const auto unpermute_combine_fn =
       dispatcher_op<decltype(unpermute_combine_op)>("moe_infer::unpermute_combine");
-  const at::Tensor row_of_pair = at::empty_like(sorted_pair_ids)
+  // -1 where sorted_pair_ids names no pair: it must name each once (the fused CPU kernel reads it
+  // as a list and accepts repeats; unpermute_combine cannot).
+  const at::Tensor row_of_pair = at::full_like(sorted_pair_ids, -1)
                                      .scatter_(0, sorted_pair_ids.to(at::kLong),
                                                at::arange(num_pairs, sorted_pair_ids.options()));
+  if (num_pairs > 0 && !graph_capture_in_progress(hidden)) {
+    TORCH_CHECK_VALUE(row_of_pair.min().item<int32_t>() >= 0,
+                      "grouped_mlp_combine: sorted_pair_ids must name every pair exactly once (a "
+                      "permutation of [0, num_tokens * top_k)); pass the output of dispatch_plan");
+  }
   const at::Tensor rows = permute_fn.call(hidden, sorted_pair_ids, sizes.top_k);
   const at::Tensor expert_rows = grouped_mlp_fn.call(rows, expert_offsets, MOE_INFER_EXPERT_ARGS);
   return unpermute_combine_fn.call(expert_rows, topk_weights, row_of_pair);

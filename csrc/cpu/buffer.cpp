@@ -598,11 +598,14 @@ at::Tensor simulate_expert_cache_cpu(MOE_INFER_PARAMS(simulate_expert_cache)) {
       "simulate_expert_cache: batch_offsets must start at 0 and end at the number of ",
       "accesses (", sizes.num_accesses, "), got ", offset_ptr[0], " and ",
       offset_ptr[sizes.num_batches]);
+  // Every offset first, then the accesses: an offset past the end read nothing before its check.
   for (int64_t b = 0; b < sizes.num_batches; ++b) {
     TORCH_CHECK_VALUE(
         offset_ptr[b] <= offset_ptr[b + 1],
         "simulate_expert_cache: batch_offsets must be non-decreasing, but batch_offsets[", b + 1,
         "] (", offset_ptr[b + 1], ") < batch_offsets[", b, "] (", offset_ptr[b], ")");
+  }
+  for (int64_t b = 0; b < sizes.num_batches; ++b) {
     for (int64_t i = offset_ptr[b]; i < offset_ptr[b + 1]; ++i) {
       TORCH_CHECK_VALUE(id_ptr[i] >= 0 && id_ptr[i] < num_experts,
                         "simulate_expert_cache: accesses[", i, "] = ", id_ptr[i],

@@ -44,7 +44,8 @@ bool routable_logits(const float* logits, int64_t num_experts, Scoring scoring) 
     if (std::isnan(l) || l == std::numeric_limits<float>::infinity()) return false;
     all_neg_inf = all_neg_inf && l == -std::numeric_limits<float>::infinity();
   }
-  return !(scoring == Scoring::kSoftmax && all_neg_inf);
+  // A softmax over E, or over the k best (all -inf too where every logit is), of only -inf is NaN.
+  return !(scoring != Scoring::kSigmoid && all_neg_inf);
 }
 
 void route_token(const float* scores, const float* selection_bias, const GatingConfig& config,

@@ -32,7 +32,7 @@ void check_router_logits_on_device(const at::Tensor& logits, const GatingSizes& 
                                           kernels::kGatingCheckWarpsPerBlock * kernels::kWarpSize,
                                           0, stream>>>(
         cuda_const_ptr<scalar_t>(rows), sizes.num_tokens, static_cast<int>(sizes.num_experts),
-        sizes.scoring == Scoring::kSoftmax, error);
+        sizes.scoring != Scoring::kSigmoid, error);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

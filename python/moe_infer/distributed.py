@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .experts import ExpertsBackend, ExpertSpec, MoEExperts, expert_spec, parameters_spec
+from .experts import ExpertsBackend, ExpertSpec, MoEExperts, check_layer_input, expert_spec, parameters_spec
 from .layer import MoELayer
 from .placement import LoadRecorder, Placement
 
@@ -478,6 +478,15 @@ class ExpertParallelExperts(nn.Module, ExpertsBackend):
         self._check_inputs(hidden, topk_weights, expert_ids)
         if self.placement.max_replicas != 1:
             raise ValueError("forward_static_positions: the placement must not replicate experts")
+        # The exchange's splits are capacity-sized: ranks that disagree would abort gloo, so every
+        # rank learns the range first and all raise the same error.
+        agreed = torch.tensor([capacity, -capacity], dtype=torch.int64, device=hidden.device)
+        self._collective("capacity all-reduce", dist.all_reduce, agreed, op=dist.ReduceOp.MAX)
+        if int(agreed[0]) != -int(agreed[1]):
+            raise ExpertParallelError(
+                f"forward_static_positions: the ranks disagree on capacity (from {-int(agreed[1])} to "
+                f"{int(agreed[0])}); every rank must pass the same capacity"
+            )
         with torch.no_grad():
             slots = self.physical_slots(expert_ids)
             positions = positions.long()
@@ -662,10 +671,7 @@ class ExpertParallelMoELayer(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"ExpertParallelMoELayer: hidden's last dimension ({hidden.shape[-1]}) must be hidden_size ({self.hidden_size})"
-            )
+        check_layer_input("ExpertParallelMoELayer", hidden, self.hidden_size, self.gate.weight.dtype)
         shape = hidden.shape
         x = hidden.reshape(-1, self.hidden_size)
         _, weights, ids = self.route(x)

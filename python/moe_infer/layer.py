@@ -65,6 +65,8 @@ class MoELayer(nn.Module):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"MoELayer: top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"MoELayer: dtype must be float32, bfloat16 or float16 (the ops' types), got {dtype}")
         if scoring not in ops.SCORINGS:
             raise ValueError(f"MoELayer: scoring must be one of {ops.SCORINGS}, got '{scoring}'")
         self.hidden_size = hidden_size

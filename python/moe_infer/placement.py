@@ -59,13 +59,14 @@ class Placement:
             raise ValueError(f"Placement: slot_expert must hold integer expert ids, got {slot_expert.dtype}")
         if num_experts < 1:
             raise ValueError(f"Placement: num_experts ({num_experts}) must be >= 1")
-        slot_expert = slot_expert.to(device="cpu", dtype=torch.int32).contiguous()
+        slot_expert = slot_expert.to(device="cpu", dtype=torch.int64)  # checked before int32, which wraps
         bad = (slot_expert < -1) | (slot_expert >= num_experts)
         if bad.any():
             r, s = bad.nonzero()[0].tolist()
             raise ValueError(
                 f"Placement: slot ({r}, {s}) holds expert {int(slot_expert[r, s])}, expected -1 (empty) or [0, {num_experts})"
             )
+        slot_expert = slot_expert.to(torch.int32).contiguous()
         flat = slot_expert.flatten().long()
         replicas = torch.bincount(flat[flat >= 0], minlength=num_experts)
         if (replicas == 0).any():
@@ -382,10 +383,22 @@ class LoadRecorder:
         tokens; the placement must be planned from the global load). Every rank must call it."""
         import torch.distributed as dist
 
+        world_size = dist.get_world_size(group)
+        # The shapes first, in a message of one size on every rank: collectives of different sizes
+        # abort gloo. Every rank sees every rank's, so all raise the same error.
+        shape = torch.tensor([self.num_layers, self.window, self.num_experts], dtype=torch.int64)
+        shape = shape.to(self.counts.device)
+        shapes = [torch.empty_like(shape) for _ in range(world_size)]
+        dist.all_gather(shapes, shape, group=group)
+        if any(not torch.equal(s, shapes[0]) for s in shapes):
+            found = ", ".join(f"rank {r}: {tuple(s.tolist())}" for r, s in enumerate(shapes))
+            raise ValueError(
+                f"LoadRecorder.all_reduce: the ranks' recorders differ in (num_layers, window, num_experts): {found}"
+            )
         steps = torch.tensor(self.steps, dtype=torch.int64, device=self.counts.device)
-        gathered = [torch.empty_like(steps) for _ in range(dist.get_world_size(group))]
+        gathered = [torch.empty_like(steps) for _ in range(world_size)]
         dist.all_gather(gathered, steps, group=group)
-        if any(not torch.equal(g, steps) for g in gathered):
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
             raise ValueError("LoadRecorder.all_reduce: ranks recorded different numbers of batches")
         dist.all_reduce(self.counts, group=group)
         dist.all_reduce(self.ema, group=group)

@@ -286,7 +286,7 @@ DIFFERING_SETTINGS = [
     ("num_experts", {"num_experts": EXPERTS * 2}, {}),
     ("top_k", {"top_k": TOP_K - 1}, {}),
     ("activation", {"activation": "gelu"}, {}),
-    ("weight dtype", {"dtype": torch.float64}, {}),
+    ("weight dtype", {"dtype": torch.float16}, {}),
     ("expert biases", {"expert_bias": False}, {}),
     ("weights_transposed", {"weights_transposed": True}, {}),
     ("scoring", {"scoring": "sigmoid"}, {}),
@@ -341,6 +341,25 @@ def _differing_settings_worker(rank, world_size):
         messages.append(str(error))
     else:
         raise AssertionError("no error when the ranks route with different k")
+    # Load recorders of other shapes: the same error, not a gloo abort on collectives of other sizes.
+    recorder = LoadRecorder(num_layers=1, num_experts=EXPERTS * (1 + rank), window=4)
+    try:
+        recorder.all_reduce()
+    except ValueError as error:
+        assert "differ in (num_layers, window, num_experts)" in str(error), str(error)
+        messages.append(str(error))
+    else:
+        raise AssertionError("no error when the ranks' recorders differ in shape")
+    # The static exchange with the caller's capacity: one capacity per rank is refused the same way.
+    ids = torch.zeros(4, TOP_K, dtype=torch.int32)
+    try:
+        with torch.no_grad():
+            ep.forward_static_positions(torch.randn(4, HIDDEN), torch.rand(4, TOP_K), ids, ids, 4 * (1 + rank))
+    except ExpertParallelError as error:
+        assert "disagree on capacity (from 4 to 8)" in str(error), str(error)
+        messages.append(str(error))
+    else:
+        raise AssertionError("no error when the ranks pass different capacities")
     with torch.no_grad():  # and the group still works
         layer = make_layer()
         x = torch.randn(3, HIDDEN)
@@ -351,7 +370,7 @@ def _differing_settings_worker(rank, world_size):
 def test_ranks_that_differ_in_any_setting_raise_the_same_error(tmp_path):
     results = run_ranks(_differing_settings_worker, 2, tmp_path)
     assert sorted(results) == [0, 1]
-    assert len(results[0]) == len(DIFFERING_SETTINGS) + 2
+    assert len(results[0]) == len(DIFFERING_SETTINGS) + 4
     assert results[0] == results[1]  # the very same message on both ranks
 
 

@@ -6,6 +6,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import moe_infer
 from moe_infer import ops
+from moe_infer.buffer import simulate_expert_cache
+from moe_infer.placement import Placement
 
 from conftest import argument_error
 
@@ -183,6 +185,8 @@ def test_layer_nan_input_is_an_error(device):
 def test_layer_configuration_errors():
     with pytest.raises(ValueError, match=r"top_k \(5\) must be in \[1, num_experts \(4\)\]"):
         moe_infer.MoELayer(16, 8, 4, 5)
+    with pytest.raises(ValueError, match=r"dtype must be float32, bfloat16 or float16 .*got torch.float64"):
+        moe_infer.MoELayer(16, 8, 4, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"activation must be one of"):
         moe_infer.MoELayer(16, 8, 4, 2, activation="tanh")
     with pytest.raises(ValueError, match=r"scoring must be one of"):
@@ -385,3 +389,40 @@ def test_argument_errors_are_the_same_eagerly_and_under_fake_tensors(call, messa
         call("cpu")
     with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(error, match=message):
         call("cpu")
+
+
+def test_sizes_that_would_overflow_or_exhaust_memory_are_refused():
+    """Products of sizes are bounded without being formed (4 * 2**62 wrapped to 0 and passed), and
+    static_gating bounds num_experts as the other ops do (an empty [0, 2**28] batch took 6 GiB)."""
+    with pytest.raises(ValueError, match=r"permute: num_tokens \* top_k \(4 \* 4611686018427387904\) exceeds"):
+        ops.permute(torch.randn(4, 8), torch.empty(0, dtype=torch.int32), 2**62)
+    with pytest.raises(ValueError, match=r"static_dispatch: num_experts \* capacity \(4294967296 \* 4294967296\)"):
+        ops.static_dispatch(torch.randn(0, 1), torch.zeros(0, 1, 1, dtype=torch.bool).expand(0, 2**32, 2**32))
+    with pytest.raises(ValueError, match=r"static_gating: num_experts \(33554432\) exceeds 16777216"):
+        ops.static_gating(torch.zeros(0, 2**25), 2, 4)
+
+
+def test_routing_input_that_has_no_answer_is_refused():
+    """A row of only -inf logits has no softmax over the k best either (NaN weights came out); a
+    placement id of 2**32 is refused before int32 (it wrapped to expert 0); simulate_expert_cache
+    checks every batch offset before it reads (one past the end read past the tensor)."""
+    with pytest.raises(ValueError, match=r"row 0 contains NaN or \+inf \(or only -inf"):
+        ops.topk_gating(torch.full((1, 4), float("-inf")), 2, "softmax_topk")
+    assert (
+        ops.topk_gating(torch.tensor([[0.0, float("-inf"), float("-inf"), 1.0]]), 2, "softmax_topk")[0].isfinite().all()
+    )
+    with pytest.raises(ValueError, match=r"slot \(0, 0\) holds expert 4294967296"):
+        Placement([[2**32, 2**32 + 1]], 2)
+    with pytest.raises(ValueError, match=r"batch_offsets must be non-decreasing, but batch_offsets\[2\] \(3\) < "):
+        simulate_expert_cache(torch.tensor([1, 2, 3]), torch.tensor([0, 2**40, 3]), 4, [2], ["lru"])
+
+
+def test_composite_combine_refuses_pair_ids_that_are_not_a_permutation():
+    """The composite grouped_mlp_combine (the path off the CPU) maps each pair to one row: pair ids
+    that repeat leave pairs unnamed, whose rows it read from uninitialised memory."""
+    w1, w2, h = torch.randn(2, 6, 4), torch.randn(2, 4, 3), torch.randn(5, 4)
+    pairs, offsets = torch.zeros(5, dtype=torch.int32), torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"sorted_pair_ids must name every pair exactly once"):
+        moe_infer._C.composite.grouped_mlp_combine(
+            h, torch.ones(5, 1), pairs, offsets, w1, None, w2, None, "silu_glu", False, 1.702, 7.0
+        )
