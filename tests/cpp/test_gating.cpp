@@ -133,8 +133,10 @@ TEST_CASE("NaN and +inf logits are refused", "[gating]") {
       moe_infer::routable_logits(std::vector<float>{0.0f, inf}.data(), 2, Scoring::kSigmoid));
   REQUIRE_FALSE(
       moe_infer::routable_logits(std::vector<float>{-inf, -inf}.data(), 2, Scoring::kSoftmax));
-  REQUIRE(
+  // The softmax over the k best of only -inf is NaN too; sigmoid scores of -inf are zeros.
+  REQUIRE_FALSE(
       moe_infer::routable_logits(std::vector<float>{-inf, -inf}.data(), 2, Scoring::kSoftmaxTopk));
+  REQUIRE(moe_infer::routable_logits(std::vector<float>{-inf, -inf}.data(), 2, Scoring::kSigmoid));
   GatingConfig config;
   config.top_k = 1;
   Routed r = route({-inf, 0.5f}, config);
