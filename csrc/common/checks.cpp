@@ -221,6 +221,9 @@ MlpSizes check_expert_mlp(const char* op, MOE_INFER_PARAMS(grouped_mlp)) {
   sizes.num_rows = hidden.size(0);
   sizes.hidden_size = hidden.size(1);
   sizes.num_experts = expert_offsets.size(0) - 1;
+  TORCH_CHECK_VALUE(std::isfinite(swiglu_alpha) && std::isfinite(swiglu_limit), op,
+                    ": swiglu_alpha and swiglu_limit must be finite, got ", swiglu_alpha, " and ",
+                    swiglu_limit);
   sizes.activation = {parse_activation(activation), static_cast<float>(swiglu_alpha),
                       static_cast<float>(swiglu_limit)};
   sizes.fc1_outputs = fc1_weight.size(weights_transposed ? 2 : 1);

@@ -224,8 +224,16 @@ def grouped_mlp(
 
 
 def _expert_args(fc1_weight, *rest) -> tuple:
-    """The ops' trailing expert arguments, from an ExpertSpec (a tuple of exactly those) or as given."""
-    return tuple(fc1_weight) if not isinstance(fc1_weight, torch.Tensor) else (fc1_weight, *rest)
+    """The ops' trailing expert arguments, from an ExpertSpec (a tuple of exactly those) or as given
+    (fc1_bias, fc2_weight, fc2_bias, activation, ...: fc2_weight and activation are required)."""
+    if not isinstance(fc1_weight, torch.Tensor):
+        return tuple(fc1_weight)
+    if rest[1] is None or rest[3] is None:
+        raise TypeError(
+            "moe_infer.ops: pass the experts as an ExpertSpec, or fc1_weight with fc2_weight and activation "
+            f"(missing: {', '.join(n for n, v in (('fc2_weight', rest[1]), ('activation', rest[3])) if v is None)})"
+        )
+    return (fc1_weight, *rest)
 
 
 # ---- static gating --------------------------------------------------------------------------

@@ -336,6 +336,10 @@ class LoadRecorder:
         self._check_layer(layer)
         if counts.shape != (self.num_experts,):
             raise ValueError(f"LoadRecorder: counts must have shape [{self.num_experts}], got {tuple(counts.shape)}")
+        if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
+            raise ValueError(f"LoadRecorder: counts must be integer token counts, got {counts.dtype}")
+        if counts.numel() and int(counts.min()) < 0:
+            raise ValueError(f"LoadRecorder: counts must be >= 0, got {int(counts.min())}")
         if self.counts.device != counts.device:
             self.counts = self.counts.to(counts.device)
             self.ema = self.ema.to(counts.device)
@@ -420,6 +424,11 @@ class LoadRecorder:
         if tuple(state["counts"].shape) != expected:
             raise ValueError(
                 f"LoadRecorder: saved counts have shape {tuple(state['counts'].shape)}, this recorder has {expected}"
+            )
+        if tuple(state["ema"].shape) != (self.num_layers, self.num_experts) or len(state["steps"]) != self.num_layers:
+            raise ValueError(
+                f"LoadRecorder: saved ema {tuple(state['ema'].shape)} and steps ({len(state['steps'])}) do not match "
+                f"this recorder's {self.num_layers} layers of {self.num_experts} experts"
             )
         self.counts = state["counts"].to(self.counts.device, torch.int64)
         self.ema = state["ema"].to(self.ema.device, torch.float64)

@@ -426,3 +426,26 @@ def test_composite_combine_refuses_pair_ids_that_are_not_a_permutation():
         moe_infer._C.composite.grouped_mlp_combine(
             h, torch.ones(5, 1), pairs, offsets, w1, None, w2, None, "silu_glu", False, 1.702, 7.0
         )
+
+
+def test_expert_arguments_and_load_counts_are_checked():
+    """The loose expert arguments name what is missing; swiGLU's parameters must be finite (NaN
+    gave NaN outputs); a LoadRecorder takes integer counts >= 0 (NaN became -9.2e18 in its window)
+    and a saved state of its own shape."""
+    from moe_infer.placement import LoadRecorder
+
+    hidden, offsets, fc1 = torch.randn(2, 4), torch.tensor([0, 2], dtype=torch.int32), torch.randn(1, 6, 4)
+    with pytest.raises(TypeError, match=r"missing: fc2_weight, activation"):
+        ops.grouped_mlp(hidden, offsets, fc1)
+    fc2 = torch.randn(1, 4, 3)
+    with pytest.raises(ValueError, match=r"swiglu_alpha and swiglu_limit must be finite, got nan"):
+        ops.grouped_mlp(hidden, offsets, fc1, None, fc2, None, "gpt_oss_swiglu", True, float("nan"), 7.0)
+    recorder = LoadRecorder(num_layers=1, num_experts=4, window=2)
+    with pytest.raises(ValueError, match=r"counts must be integer token counts, got torch.float32"):
+        recorder.record_counts(0, torch.tensor([1.0, float("nan"), 0.0, 2.0]))
+    with pytest.raises(ValueError, match=r"counts must be >= 0, got -3"):
+        recorder.record_counts(0, torch.tensor([1, -3, 0, 2]))
+    state = LoadRecorder(num_layers=1, num_experts=4, window=2).state_dict()
+    state["steps"] = [0, 0]
+    with pytest.raises(ValueError, match=r"saved ema \(1, 4\) and steps \(2\) do not match"):
+        recorder.load_state_dict(state)
