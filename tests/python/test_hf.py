@@ -347,6 +347,11 @@ def test_fused_block_pickles():
     hidden = torch.randn(1, 5, 64)
     with torch.no_grad():
         torch.testing.assert_close(copy_of_block(hidden), block(hidden))
+    # The copy's experts are its own modules: a hook on them is seen (and not on the original's).
+    for copied in (copy_of_block, copy.deepcopy(block)):
+        assert not copied._runs_transformers
+        copied.experts.register_forward_hook(_double_output)
+        assert copied._runs_transformers and not block._runs_transformers
 
 
 def test_import_without_transformers():

@@ -358,8 +358,9 @@ class _ExpertsSnapshot:
     go, listed once (at optimize()) so that each forward checks them in a few C-level passes:
     - ``where``: (the ``_modules`` dict, name, module) of the experts module, its children and
       theirs (an expert's module, activation and layers for experts kept as separate modules);
-    - every module's forward hook and pre-hook dicts, and its ``__dict__`` (accelerate's
-      ``_hf_hook``)."""
+    - every module among the experts, and its hook dicts and ``__dict__`` (accelerate's
+      ``_hf_hook``), listed again at the first check after a copy or unpickling (whose modules
+      have new ones)."""
 
     def __init__(self, block: nn.Module):
         experts = block._modules["experts"]
@@ -369,9 +370,11 @@ class _ExpertsSnapshot:
             if child is not None:
                 where += [(child._modules, n, grandchild) for n, grandchild in child._modules.items()]
         self.dicts, self.names, self.modules = (list(column) for column in zip(*where))
-        modules = list(experts.modules())
-        self.hook_dicts = [m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules]
-        self.attribute_dicts = [m.__dict__ for m in modules]
+        self.all_modules = list(experts.modules())
+        self._hook_places = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_hook_places": None}
 
     def unchanged(self) -> bool:
         """Every module still sits where it was."""
@@ -379,7 +382,12 @@ class _ExpertsSnapshot:
 
     def hooked(self) -> bool:
         """A forward hook or pre-hook on one of the modules, or accelerate's."""
-        return any(self.hook_dicts) or any(map(operator.contains, self.attribute_dicts, repeat("_hf_hook")))
+        if self._hook_places is None:
+            modules = self.all_modules
+            hooks = [m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules]
+            self._hook_places = (hooks, [m.__dict__ for m in modules])
+        hooks, attributes = self._hook_places
+        return any(hooks) or any(map(operator.contains, attributes, repeat("_hf_hook")))
 
 
 def _experts_need_transformers(block: nn.Module) -> bool:
