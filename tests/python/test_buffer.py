@@ -428,9 +428,11 @@ def test_buffer_of_experts_with_one_bias():
     experts.down_proj_bias = None
     reference = copy.deepcopy(experts)
     buffer = attach_expert_buffer(experts, 2)
-    x, ids, w = torch.randn(6, 16), torch.randint(0, 4, (6, 2), dtype=torch.int32), torch.rand(6, 2)
+    x, ids, w = torch.randn(6, 16), torch.randint(0, 4, (6, 2)), torch.rand(6, 2)
+    given = ids.clone()
     with torch.no_grad():
         torch.testing.assert_close(buffer(x, ids, w), resident_output(reference, x, ids, w), rtol=1e-6, atol=1e-6)
+    assert torch.equal(ids, given)  # the caller's int64 ids, which the range check clamps a copy of
 
 
 def test_buffer_attachment_is_one_per_module():

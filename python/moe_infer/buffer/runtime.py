@@ -160,16 +160,18 @@ class ExpertBuffer(ExpertsBackend):
         # The one host sync: which experts the batch needs, and whether any id is out of range
         # (clamped into the first and last buckets, in int64: int32 would wrap ids of 2**31 on).
         counts = torch.bincount(
-            top_k_index.reshape(-1).long().clamp(-2, num_experts) + 2, minlength=num_experts + 3
+            top_k_index.reshape(-1).to(torch.int64, copy=True).clamp_(-2, num_experts).add_(2),
+            minlength=num_experts + 3,
         ).cpu()
-        if counts[0] or counts[num_experts + 2]:
+        edges = counts.numpy()  # (numpy: a tensor's items cost microseconds each)
+        if edges[0] or edges[num_experts + 2]:
             raise ValueError(f"ExpertBuffer: top_k_index has ids outside [-1, {num_experts})")
-        counts = counts[1 : num_experts + 2]  # id -1, then the experts
+        counts = counts[2 : num_experts + 2]  # the experts
         ids = top_k_index if top_k_index.dtype == torch.int32 else top_k_index.to(torch.int32)
         top_k = ids.shape[1]
-        self._core.begin_batch(counts[1:])
+        self._core.begin_batch(counts)
         try:
-            return self._run_batch(hidden, ids, top_k_weights, counts[1:], top_k)
+            return self._run_batch(hidden, ids, top_k_weights, counts, top_k)
         except BaseException:
             self._core.cancel_batch()
             raise
